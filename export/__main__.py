@@ -1,0 +1,81 @@
+"""python -m export: diffusers checkpoint -> one ONNX graph per FLUX.2 [klein] KV component."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+DESCRIPTION = """\
+Export FLUX.2 [klein] KV (diffusers Flux2KleinKVPipeline layout) to ONNX: one graph per
+component, written to OUT/<component>/model.onnx, plus OUT/manifest.json describing them.
+
+  text_encoder         Qwen3 truncated after layer 27 -> prompt_embeds (hidden states 9/18/27)
+  vae_encoder          image -> packed, batch-norm-normalised reference tokens
+  transformer_prefill  reference tokens + positions -> K/V of every block (reference prefill)
+  transformer_cached   one denoising step given reference K/V (N_ref = 0: text-to-image)
+  vae_decoder          packed latents -> image
+
+Every graph is checked against TensorRT's ONNX parser support list after export.
+"""
+
+EPILOG = """\
+examples:
+  python -m export.checkpoint --out checkpoints/tiny
+  python -m export --model checkpoints/tiny --out build/onnx/fp32
+  python -m export --model black-forest-labs/FLUX.2-klein-9b-kv --out build/onnx/bf16 --dtype bf16
+"""
+
+
+def main(argv=None) -> int:
+    from .components import COMPONENTS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m export", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face id or local directory of a Flux2KleinKVPipeline checkpoint")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="weight and activation dtype of the graphs (default fp32; bf16 for production "
+                             "engines: TensorRT's strongly typed networks take precision from the ONNX types)")
+    parser.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS),
+                        metavar="NAME", help=f"subset to export (default: all of {', '.join(COMPONENTS)})")
+    parser.add_argument("--skip-check", action="store_true", help="skip the TensorRT compatibility check")
+    args = parser.parse_args(argv)
+
+    from . import components as C
+    from .onnx_export import OPSET, export_all, read_model_dims
+    from .trt_compat import check_graph
+
+    out = Path(args.out)
+    start = time.perf_counter()
+    print(f"exporting {len(args.components)} component(s) of {args.model} ({args.dtype}) to {out}", flush=True)
+    paths = export_all(args.model, out, args.dtype, args.components)
+    dims = read_model_dims(args.model)
+    manifest = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "opset": OPSET,
+        "dims": dims,
+        "graphs": {name: {"path": str(paths[name].relative_to(out)), **asdict(C.graph_specs(dims)[name])}
+                   for name in paths},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    failed = 0
+    if not args.skip_check:
+        for name, path in paths.items():
+            report = check_graph(path)
+            print(f"TensorRT check {name}: " + ("ok" if report.ok else "; ".join(report.problems[:5])), flush=True)
+            failed += not report.ok
+    print(f"done in {time.perf_counter() - start:.0f} s: {out / 'manifest.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""python -m export.build_engines: one TensorRT engine per exported ONNX graph.
+
+A thin layer over the TensorRT Python API (10 and 11): strongly typed networks (precision
+comes from the ONNX types: export bf16 graphs for production), one optimization profile
+per engine derived from the serving envelope (envelope.py), a shared timing cache, and
+engine names that carry the TensorRT version and the GPU's compute capability, because a
+plan only loads on the TensorRT version and GPU architecture that built it. Build engines
+with the same TensorRT as the Triton server that loads them (e.g. inside NVIDIA's
+tritonserver container of that release).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .components import COMPONENTS, GraphSpec, TensorSpec
+from .envelope import DEFAULT_ENVELOPE, profile_shapes
+
+WHERE = ("run it on a GPU host with TensorRT, e.g. inside NVIDIA's tritonserver container "
+         "(nvcr.io/nvidia/tritonserver:<release>-py3) whose TensorRT matches the serving Triton")
+
+
+class MissingRequirement(RuntimeError):
+    pass
+
+
+def load_manifest(onnx_dir: Path) -> dict:
+    path = onnx_dir / "manifest.json"
+    if not path.exists():
+        raise MissingRequirement(f"{path} not found: export the graphs first (python -m export --out {onnx_dir})")
+    return json.loads(path.read_text())
+
+
+def spec_from_manifest(name: str, entry: dict) -> GraphSpec:
+    def tensors(items):
+        return tuple(TensorSpec(t["name"], tuple(t["dims"]), t["dtype"]) for t in items)
+
+    return GraphSpec(name, tensors(entry["inputs"]), tensors(entry["outputs"]))
+
+
+def engine_name(component: str, trt_version: str, compute_capability: str) -> str:
+    return f"{component}.trt{trt_version}.sm{compute_capability}.plan"
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt  # noqa: PLC0415 - optional, only on GPU hosts
+    except ImportError as exc:
+        raise MissingRequirement(f"TensorRT Python package not found ({exc}); {WHERE}") from exc
+    return trt
+
+
+def compute_capability() -> str:
+    """'90' for an H100, read with nvidia-smi (present wherever an NVIDIA driver is)."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0].replace(".", "")
+    raise MissingRequirement(f"no NVIDIA GPU visible (nvidia-smi missing or failing); {WHERE}")
+
+
+def build_engine(trt, onnx_path: Path, plan_path: Path, shapes: dict, timing_cache: Path, log) -> None:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build {plan_path.name} (see the log above)")
+    plan_path.write_bytes(bytes(serialized))
+    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    log(f"  wrote {plan_path} ({plan_path.stat().st_size / 2**20:.1f} MiB)")
+
+
+def describe_profiles(specs: dict[str, GraphSpec]) -> str:
+    lines = []
+    for name, spec in specs.items():
+        lines.append(f"{name}:")
+        for tensor, (lo, opt, hi) in profile_shapes(spec, DEFAULT_ENVELOPE).items():
+            lines.append(f"  {tensor:<15} min {list(lo)}  opt {list(opt)}  max {list(hi)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.build_engines", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--onnx-dir", required=True, help="output of `python -m export` (has manifest.json)")
+    parser.add_argument("--out", default="build/engines", help="directory for the .plan files (default %(default)s)")
+    parser.add_argument("--components", nargs="+", choices=COMPONENTS, metavar="NAME",
+                        help="subset to build (default: every graph in the manifest)")
+    parser.add_argument("--timing-cache", default=None, help="timing cache file (default OUT/timing.cache)")
+    parser.add_argument("--dry-run", action="store_true", help="print the profiles and engine names; build nothing")
+    args = parser.parse_args(argv)
+
+    onnx_dir, out = Path(args.onnx_dir), Path(args.out)
+    try:
+        manifest = load_manifest(onnx_dir)
+        names = args.components or list(manifest["graphs"])
+        specs = {n: spec_from_manifest(n, manifest["graphs"][n]) for n in names}
+        print(f"serving envelope: {DEFAULT_ENVELOPE}")
+        print(describe_profiles(specs))
+        if args.dry_run:
+            for name in names:
+                print(f"would build {out / engine_name(name, '<trt>', '<sm>')} from {onnx_dir / manifest['graphs'][name]['path']}")
+            return 0
+        trt = import_tensorrt()
+        sm = compute_capability()
+    except MissingRequirement as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    out.mkdir(parents=True, exist_ok=True)
+    timing_cache = Path(args.timing_cache) if args.timing_cache else out / "timing.cache"
+    for index, name in enumerate(names, 1):
+        plan = out / engine_name(name, trt.__version__, sm)
+        print(f"[{index}/{len(names)}] building {plan.name} ...", flush=True)
+        start = time.perf_counter()
+        build_engine(trt, onnx_dir / manifest["graphs"][name]["path"], plan,
+                     profile_shapes(specs[name], DEFAULT_ENVELOPE), timing_cache, print)
+        print(f"[{index}/{len(names)}] {name} built in {time.perf_counter() - start:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""Write a small random FLUX.2 [klein] KV checkpoint with the exact diffusers layout.
+
+Model weights cannot be downloaded on the machines this project is developed and tested
+on, so the embedded default is a scaled-down, randomly initialised
+`Flux2KleinKVPipeline` saved with `save_pretrained`. It is structurally the real thing:
+
+* a Qwen3 text encoder with 28 layers, so `hidden_states[9/18/27]` exist and layer 28
+  is present (and dead weight, as in the 36-layer original);
+* a byte-level BPE `Qwen2TokenizerFast` with a Qwen-style chat template that honours
+  `enable_thinking`;
+* an `AutoencoderKLFlux2` with 2x2 patchify and non-trivial batch-norm running stats;
+* a `Flux2Transformer2DModel` with 2 double and 2 single blocks, 128 input channels,
+  4 RoPE axes and `guidance_embeds=False`.
+
+The same seed always writes the same weights. Usage::
+
+    python -m export.checkpoint --out checkpoints/tiny [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+# A Qwen-style ChatML template: with `add_generation_prompt=True, enable_thinking=False`
+# it ends with an empty think block, as the real Qwen3 template does.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# Scaled-down sizes. The real 9B model: Qwen3 hidden 4096 x 36 layers, transformer
+# 32 heads x 128, 8 double + 24 single blocks, VAE channels (128, 256, 512, 512).
+TEXT_HIDDEN = 64
+TEXT_LAYERS = 28
+HEADS = 4
+HEAD_DIM = 16  # = sum(axes_dims_rope)
+VAE_CHANNELS = (16, 32, 32, 32)
+
+
+def build_tokenizer():
+    """A byte-level BPE Qwen2 tokenizer: every byte is a token, plus ChatML specials."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|endoftext|>": 0}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.model_max_length = 131072
+    return tokenizer
+
+
+def build_text_encoder(vocab_size: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=2 * TEXT_HIDDEN,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def build_vae():
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(
+        block_out_channels=VAE_CHANNELS,
+        layers_per_block=1,
+        latent_channels=32,
+        norm_num_groups=8,
+        sample_size=256,
+    )
+    # Non-trivial batch-norm statistics, so that a missing (de)normalisation shows.
+    channels = vae.bn.running_mean.shape[0]
+    vae.bn.running_mean.copy_(0.5 * torch.randn(channels))
+    vae.bn.running_var.copy_(0.5 + torch.rand(channels))
+    return vae.eval()
+
+
+def build_transformer():
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=3 * TEXT_HIDDEN,
+        timestep_guidance_channels=256,
+        mlp_ratio=3.0,
+        axes_dims_rope=(4, 4, 4, 4),
+        rope_theta=2000,
+        guidance_embeds=False,
+    ).eval()
+
+
+def build_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+
+
+def build_pipeline(seed: int = 0):
+    """Build the tiny random `Flux2KleinKVPipeline` in memory (deterministic from `seed`)."""
+    from diffusers import Flux2KleinKVPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    with torch.no_grad():
+        text_encoder = build_text_encoder(vocab_size=max(512, len(tokenizer)))
+        vae = build_vae()
+        transformer = build_transformer()
+    return Flux2KleinKVPipeline(
+        scheduler=build_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+def write_checkpoint(out: str | Path, seed: int = 0) -> Path:
+    """Save the tiny pipeline to `out` with `save_pretrained` and return the path."""
+    out = Path(out)
+    pipe = build_pipeline(seed)
+    pipe.save_pretrained(out)
+    (out / "TINY_CHECKPOINT.json").write_text(json.dumps({"seed": seed, "random": True}) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.checkpoint",
+        description="Write a small random Flux2KleinKVPipeline checkpoint (diffusers layout).",
+    )
+    parser.add_argument("--out", required=True, help="directory to write (model_index.json and subfolders)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    args = parser.parse_args(argv)
+    path = write_checkpoint(args.out, args.seed)
+    print(f"wrote tiny Flux2KleinKVPipeline checkpoint (seed {args.seed}) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

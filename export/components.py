@@ -1,0 +1,306 @@
+"""One `torch.nn.Module` wrapper per exported component, and the I/O spec of each graph.
+
+The wrappers call the diffusers/transformers modules; the only logic written here is the
+KV split (prefill -> reference K/V, cached step <- reference K/V) and the tensor layout
+glue that the pipeline does between components (patchify, batch-norm, packing).
+
+I/O contract (B batch, L text tokens, N_* token counts, h/w the packed latent grid,
+H = 16h and W = 16w in pixels, NL = double + single blocks):
+
+=====================  ====================================  =============================
+graph                  inputs                                outputs
+=====================  ====================================  =============================
+text_encoder           input_ids, attention_mask [B, L] i64  prompt_embeds [B, L, 3*hidden]
+vae_encoder            image [B, 3, H, W] in [-1, 1]         ref_latents [B, h*w, 128]
+transformer_prefill    ref_latents [1, N_ref, 128],          ref_kv [NL, 2, N_ref, heads,
+                       ref_ids [N_ref, 4] i64                        head_dim]
+transformer_cached     latents [B, N_img, 128],              noise_pred [B, N_img, 128]
+                       prompt_embeds [B, L, 3*hidden],
+                       timestep [B] (sigma, i.e. t/1000),
+                       img_ids [N_img, 4] i64, txt_ids [L, 4] i64,
+                       ref_kv [NL, 2, N_ref, heads, head_dim]
+vae_decoder            latents [B, h, w, 128]                image [B, 3, H, W]
+=====================  ====================================  =============================
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from diffusers import Flux2KleinKVPipeline
+from diffusers.models.transformers import transformer_flux2
+from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
+
+# The pipeline's static helpers are the single source of the latent layout.
+_pipe = Flux2KleinKVPipeline
+TEXT_LAYERS = (9, 18, 27)  # hidden states the pipeline stacks into prompt_embeds
+
+
+@contextlib.contextmanager
+def float32_rope():
+    """Compute RoPE frequencies in float32 instead of diffusers' float64.
+
+    TensorRT has no DOUBLE type; positions here are small integers (< 1e4), for which
+    float32 frequencies differ from float64 ones by ~1e-7 relative.
+    """
+    original = transformer_flux2.maybe_adjust_dtype_for_device
+    transformer_flux2.maybe_adjust_dtype_for_device = lambda dtype, device: torch.float32
+    try:
+        yield
+    finally:
+        transformer_flux2.maybe_adjust_dtype_for_device = original
+
+
+def use_kv_processors(transformer) -> None:
+    """Install diffusers' KV-aware attention processors, as the KV pipeline does."""
+    _pipe._set_kv_attn_processors(SimpleNamespace(transformer=transformer))
+
+
+def num_kv_layers(transformer) -> int:
+    return len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+
+
+class TextEncoder(torch.nn.Module):
+    """Qwen3 -> prompt_embeds, the stack of hidden states 9/18/27 that the pipeline builds.
+
+    The model is truncated in place after the last used layer and its final norm is
+    replaced by identity: `output_hidden_states` puts the *normed* output last, so keeping
+    27 layers with the norm would change `hidden_states[27]`. The dropped layers and the
+    LM head are dead weight for this pipeline.
+    """
+
+    def __init__(self, text_encoder, layers=TEXT_LAYERS):
+        super().__init__()
+        model = text_encoder.model
+        keep = max(layers)
+        model.layers = model.layers[:keep]
+        model.config.num_hidden_layers = keep
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:keep]
+        model.norm = torch.nn.Identity()
+        self.model = model
+        self.layers = tuple(layers)
+
+    def forward(self, input_ids, attention_mask):
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+        )
+        stacked = torch.stack([out.hidden_states[k] for k in self.layers], dim=1)  # [B, 3, L, D]
+        batch, layers, length, hidden = stacked.shape
+        return stacked.permute(0, 2, 1, 3).reshape(batch, length, layers * hidden)
+
+
+def _bn_stats(vae, like: torch.Tensor):
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+    return mean, std
+
+
+class VaeEncoder(torch.nn.Module):
+    """Image in [-1, 1] -> packed, batch-norm-normalised reference tokens (argmax latents)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        latents = self.vae.encode(image).latent_dist.mode()
+        latents = _pipe._patchify_latents(latents)
+        mean, std = _bn_stats(self.vae, latents)
+        return _pipe._pack_latents((latents - mean) / std)
+
+
+class VaeDecoder(torch.nn.Module):
+    """Packed latents on their [h, w] grid -> image (batch-norm inverse, unpatchify, decode).
+
+    `latents` is the packed token sequence `[B, h*w, 128]` viewed as `[B, h, w, 128]`
+    (a free reshape for the caller): the graph needs h and w as shapes, not values.
+    """
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        latents = latents.permute(0, 3, 1, 2)
+        mean, std = _bn_stats(self.vae, latents)
+        latents = _pipe._unpatchify_latents(latents * std + mean)
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+def _stack_kv(cache: Flux2KVCache) -> torch.Tensor:
+    """Flux2KVCache (batch 1) -> one tensor [NL, 2, N_ref, heads, head_dim], double blocks first."""
+    layers = cache.double_block_caches + cache.single_block_caches
+    return torch.stack([torch.stack(layer.get(), dim=0)[:, 0] for layer in layers], dim=0)
+
+
+def _unstack_kv(ref_kv: torch.Tensor, batch: int, num_double: int, num_single: int) -> Flux2KVCache:
+    """One K/V tensor computed at batch 1 -> a Flux2KVCache broadcast to `batch`."""
+    cache = Flux2KVCache(num_double_layers=num_double, num_single_layers=num_single)
+    cache.num_ref_tokens = ref_kv.shape[2]
+    layers = cache.double_block_caches + cache.single_block_caches
+    for index, layer in enumerate(layers):
+        k, v = ref_kv[index, 0], ref_kv[index, 1]
+        layer.store(k.unsqueeze(0).expand(batch, -1, -1, -1), v.unsqueeze(0).expand(batch, -1, -1, -1))
+    return cache
+
+
+class TransformerPrefill(torch.nn.Module):
+    """Reference tokens alone -> post-RoPE K/V of every double and single block.
+
+    In `kv_cache_mode="extract"` reference tokens attend only to reference tokens and are
+    modulated with the fixed timestep 0, so their K/V depend on nothing else (DESIGN.md
+    section 3). This runs diffusers' own extract forward with a one-token dummy text and
+    a one-token dummy image around the references and keeps only the extracted K/V.
+    (A leaner graph over the image-stream weights alone would save ~1.9B parameters at 9B.)
+    """
+
+    def __init__(self, transformer):
+        super().__init__()
+        use_kv_processors(transformer)
+        self.transformer = transformer
+
+    def forward(self, ref_latents, ref_ids):
+        t = self.transformer
+        dtype = ref_latents.dtype
+        dummy_img = torch.zeros(1, 1, t.config.in_channels, dtype=dtype, device=ref_latents.device)
+        dummy_txt = torch.zeros(1, 1, t.config.joint_attention_dim, dtype=dtype, device=ref_latents.device)
+        dummy_ids = torch.zeros(1, 4, dtype=ref_ids.dtype, device=ref_ids.device)
+        _, cache = t(
+            hidden_states=torch.cat([ref_latents, dummy_img], dim=1),
+            encoder_hidden_states=dummy_txt,
+            timestep=torch.zeros(1, dtype=dtype, device=ref_latents.device),
+            img_ids=torch.cat([ref_ids, dummy_ids], dim=0),
+            txt_ids=dummy_ids,
+            guidance=None,
+            return_dict=False,
+            kv_cache_mode="extract",
+            num_ref_tokens=ref_latents.shape[1],
+        )
+        return _stack_kv(cache)
+
+
+class TransformerCached(torch.nn.Module):
+    """One denoising step given the reference K/V (diffusers' `kv_cache_mode="cached"`).
+
+    Text-to-image uses the same graph with N_ref = 0: an empty K/V adds nothing to the
+    attention, so the step equals diffusers' plain forward (tested). This avoids a third
+    full-size transformer engine; a TensorRT profile with min N_ref = 0 is the assumption
+    to confirm on a GPU host (see README).
+    """
+
+    def __init__(self, transformer):
+        super().__init__()
+        use_kv_processors(transformer)
+        self.transformer = transformer
+
+    def forward(self, latents, prompt_embeds, timestep, img_ids, txt_ids, ref_kv):
+        t = self.transformer
+        cache = _unstack_kv(ref_kv, latents.shape[0], len(t.transformer_blocks), len(t.single_transformer_blocks))
+        return t(
+            hidden_states=latents,
+            encoder_hidden_states=prompt_embeds,
+            timestep=timestep,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=None,
+            return_dict=False,
+            kv_cache=cache,
+            kv_cache_mode="cached",
+        )[0]
+
+
+# --------------------------------------------------------------------------------------
+# Declared I/O spec: names, dims (ints or dynamic-dim names) and dtypes of every graph.
+# The exporter, the engine builder's profiles and Triton's config.pbtxt derive from it.
+# --------------------------------------------------------------------------------------
+
+MODEL_DTYPE = "model"  # the export dtype (fp32, bf16 or fp16)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dims: tuple  # int for a static size, str for a dynamic dimension
+    dtype: str = MODEL_DTYPE  # MODEL_DTYPE or "int64"
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple
+    outputs: tuple
+
+
+def graph_specs(config: dict) -> dict[str, GraphSpec]:
+    """The I/O spec of each graph for a model described by `config` (see `model_dims`)."""
+    text_dim = 3 * config["text_hidden"]
+    kv = (config["kv_layers"], 2, "n_ref", config["heads"], config["head_dim"])
+    c = config["in_channels"]
+    specs = [
+        GraphSpec(
+            "text_encoder",
+            (TensorSpec("input_ids", ("batch", "text_len"), "int64"),
+             TensorSpec("attention_mask", ("batch", "text_len"), "int64")),
+            (TensorSpec("prompt_embeds", ("batch", "text_len", text_dim)),),
+        ),
+        GraphSpec(
+            "vae_encoder",
+            (TensorSpec("image", ("batch", 3, "height", "width")),),
+            (TensorSpec("ref_latents", ("batch", "n_tokens", c)),),
+        ),
+        GraphSpec(
+            "transformer_prefill",
+            (TensorSpec("ref_latents", (1, "n_ref", c)), TensorSpec("ref_ids", ("n_ref", 4), "int64")),
+            (TensorSpec("ref_kv", kv),),
+        ),
+        GraphSpec(
+            "transformer_cached",
+            (TensorSpec("latents", ("batch", "n_img", c)),
+             TensorSpec("prompt_embeds", ("batch", "text_len", text_dim)),
+             TensorSpec("timestep", ("batch",)),
+             TensorSpec("img_ids", ("n_img", 4), "int64"),
+             TensorSpec("txt_ids", ("text_len", 4), "int64"),
+             TensorSpec("ref_kv", kv)),
+            (TensorSpec("noise_pred", ("batch", "n_img", c)),),
+        ),
+        GraphSpec(
+            "vae_decoder",
+            (TensorSpec("latents", ("batch", "lat_h", "lat_w", c)),),
+            (TensorSpec("image", ("batch", 3, "height", "width")),),
+        ),
+    ]
+    return {spec.name: spec for spec in specs}
+
+
+COMPONENTS = ("text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached", "vae_decoder")
+
+
+def model_dims(text_encoder_config, transformer_config) -> dict:
+    """The sizes the I/O spec needs, read from the component configs."""
+    return {
+        "text_hidden": text_encoder_config.hidden_size,
+        "heads": transformer_config.num_attention_heads,
+        "head_dim": transformer_config.attention_head_dim,
+        "kv_layers": transformer_config.num_layers + transformer_config.num_single_layers,
+        "in_channels": transformer_config.in_channels,
+    }
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_sequence_length: int = 512):
+    """input_ids, attention_mask [B, max_sequence_length] exactly as the pipeline tokenizes.
+
+    `Flux2KleinKVPipeline._get_qwen3_prompt_embeds` tokenizes and encodes in one function;
+    the served pipeline runs the two on different models, so the tokenizer half lives here.
+    """
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                      add_generation_prompt=True, enable_thinking=False)
+        for prompt in prompts
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True,
+                      max_length=max_sequence_length)
+    return batch["input_ids"], batch["attention_mask"]

@@ -1,0 +1,44 @@
+"""Load the FLUX.2 [klein] KV components with diffusers/transformers.
+
+One code path for the embedded tiny checkpoint and for
+`black-forest-labs/FLUX.2-klein-9b-kv` (a Hugging Face id or a local directory with the
+same `save_pretrained` layout). Components load one at a time, so exporting the 9B model
+never holds the text encoder and the transformer in memory together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_text_encoder(model: str, dtype: torch.dtype = torch.float32):
+    from transformers import Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM.from_pretrained(model, subfolder="text_encoder", dtype=dtype).eval()
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+
+
+def load_vae(model: str, dtype: torch.dtype = torch.float32):
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2.from_pretrained(model, subfolder="vae", dtype=dtype).eval()
+
+
+def load_transformer(model: str, dtype: torch.dtype = torch.float32):
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel.from_pretrained(model, subfolder="transformer", dtype=dtype).eval()
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
+    """The reference `Flux2KleinKVPipeline` (parity tests and benchmarks)."""
+    from diffusers import Flux2KleinKVPipeline
+
+    return Flux2KleinKVPipeline.from_pretrained(model, dtype=dtype)

@@ -1,0 +1,170 @@
+"""Export each component wrapper to ONNX with `torch.onnx.export(dynamo=True)`.
+
+Dynamic axes come from the declared I/O spec (`components.graph_specs`). torch.export
+specialises any dimension whose sample size is 0 or 1, so every dynamic dimension is
+traced at a size >= 2, and sizes are distinct so no two dimensions get unified by accident.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from . import components as C
+from .loading import load_text_encoder, load_transformer, load_vae
+
+OPSET = 18  # within TensorRT 10's parser range (opset 9-20), see trt_supported_ops.tsv
+LARGE_GRAPH_BYTES = 1 << 30  # weights go to external data well before protobuf's 2 GB limit
+
+# Trace-time sizes of the dynamic dims (all >= 2 and distinct).
+TRACE = {"batch": 2, "text_len": 7, "lat_h": 3, "lat_w": 5, "n_img": 12, "n_ref": 10}
+# Upper bounds of the dynamic dims; the serving envelope (envelope.py) is well inside them.
+MAX = {"batch": 64, "text_len": 4096, "lat_h": 512, "lat_w": 512, "n_img": 65536, "n_ref": 65536}
+
+
+def _dims():
+    batch = Dim("batch", min=1, max=MAX["batch"])
+    text_len = Dim("text_len", min=1, max=MAX["text_len"])
+    lat_h = Dim("lat_h", min=1, max=MAX["lat_h"])
+    lat_w = Dim("lat_w", min=1, max=MAX["lat_w"])
+    n_img = Dim("n_img", min=1, max=MAX["n_img"])
+    return batch, text_len, lat_h, lat_w, n_img
+
+
+def sample_inputs(name: str, config: dict, dtype: torch.dtype, sizes: dict | None = None) -> tuple:
+    """Random inputs of graph `name` at `sizes` (defaults: the trace sizes)."""
+    s = {**TRACE, **(sizes or {})}
+    g = torch.Generator().manual_seed(0)
+    c = config["in_channels"]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    if name == "text_encoder":
+        ids = torch.randint(0, config.get("vocab_size", 256), (s["batch"], s["text_len"]), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, s["text_len"] // 2 :] = 0  # right padding, as the pipeline's tokenizer pads
+        return ids, mask
+    if name == "vae_encoder":
+        return (torch.rand(s["batch"], 3, 16 * s["lat_h"], 16 * s["lat_w"], generator=g) * 2 - 1).to(dtype),
+    if name == "transformer_prefill":
+        return randn(1, s["n_ref"], c), ref_ids_for(s["n_ref"])
+    if name == "transformer_cached":
+        kv = randn(config["kv_layers"], 2, s["n_ref"], config["heads"], config["head_dim"])
+        img_ids = torch.stack(torch.meshgrid(
+            torch.zeros(1, dtype=torch.long), torch.arange(s["n_img"]), torch.zeros(1, dtype=torch.long),
+            torch.zeros(1, dtype=torch.long), indexing="ij"), dim=-1).reshape(-1, 4)
+        txt_ids = torch.stack([torch.zeros(s["text_len"], dtype=torch.long)] * 3 + [torch.arange(s["text_len"])], -1)
+        timestep = torch.rand(s["batch"], generator=g).to(dtype)
+        return (randn(s["batch"], s["n_img"], c), randn(s["batch"], s["text_len"], 3 * config["text_hidden"]),
+                timestep, img_ids, txt_ids, kv)
+    if name == "vae_decoder":
+        return randn(s["batch"], s["lat_h"], s["lat_w"], c),
+    raise KeyError(name)
+
+
+def ref_ids_for(n_ref: int) -> torch.Tensor:
+    """Position ids of one reference of n_ref tokens laid out as a 1 x n_ref grid."""
+    return torch.stack([torch.full((n_ref,), 10), torch.zeros(n_ref, dtype=torch.long),
+                        torch.arange(n_ref), torch.zeros(n_ref, dtype=torch.long)], dim=-1)
+
+
+def dynamic_shapes(name: str) -> dict:
+    batch, text_len, lat_h, lat_w, n_img = _dims()
+    if name == "text_encoder":
+        return {"input_ids": {0: batch, 1: text_len}, "attention_mask": {0: batch, 1: text_len}}
+    if name == "vae_encoder":
+        return {"image": {0: batch, 2: 16 * lat_h, 3: 16 * lat_w}}
+    if name == "transformer_prefill":
+        n_ref = Dim("n_ref", min=1, max=MAX["n_ref"])  # >= 1: a prefill of nothing is no request
+        return {"ref_latents": {1: n_ref}, "ref_ids": {0: n_ref}}
+    if name == "transformer_cached":
+        n_ref = Dim("n_ref", min=0, max=MAX["n_ref"])  # 0 = text-to-image
+        return {"latents": {0: batch, 1: n_img}, "prompt_embeds": {0: batch, 1: text_len},
+                "timestep": {0: batch}, "img_ids": {0: n_img}, "txt_ids": {0: text_len}, "ref_kv": {2: n_ref}}
+    if name == "vae_decoder":
+        return {"latents": {0: batch, 1: lat_h, 2: lat_w}}
+    raise KeyError(name)
+
+
+def build_wrapper(name: str, model: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Load the component(s) graph `name` needs and wrap them."""
+    if name == "text_encoder":
+        return C.TextEncoder(load_text_encoder(model, dtype)).eval()
+    if name == "vae_encoder":
+        return C.VaeEncoder(load_vae(model, dtype)).eval()
+    if name == "vae_decoder":
+        return C.VaeDecoder(load_vae(model, dtype)).eval()
+    if name == "transformer_prefill":
+        return C.TransformerPrefill(load_transformer(model, dtype)).eval()
+    if name == "transformer_cached":
+        return C.TransformerCached(load_transformer(model, dtype)).eval()
+    raise KeyError(name)
+
+
+def read_model_dims(model: str) -> dict:
+    from diffusers import Flux2Transformer2DModel
+    from transformers import AutoConfig
+
+    text_cfg = AutoConfig.from_pretrained(model, subfolder="text_encoder")
+    transformer_cfg = SimpleConfig(Flux2Transformer2DModel.load_config(model, subfolder="transformer"))
+    dims = C.model_dims(text_cfg, transformer_cfg)
+    dims["vocab_size"] = text_cfg.vocab_size
+    return dims
+
+
+class SimpleConfig:
+    def __init__(self, d: dict):
+        self.__dict__.update(d)
+
+
+def _name_dims(path: Path, spec: C.GraphSpec) -> None:
+    """Give the graph's inputs and outputs the dimension names of the declared spec."""
+    proto = onnx.load(str(path), load_external_data=False)
+    for values, tensors in ((proto.graph.input, spec.inputs), (proto.graph.output, spec.outputs)):
+        by_name = {t.name: t for t in tensors}
+        for value in values:
+            tensor = by_name[value.name]
+            for dim, declared in zip(value.type.tensor_type.shape.dim, tensor.dims):
+                if isinstance(declared, str):
+                    dim.dim_param = declared
+    onnx.save(proto, str(path))
+
+
+def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, dims: dict) -> Path:
+    """Export graph `name` to `out_dir/name/model.onnx` and return the path."""
+    spec = C.graph_specs(dims)[name]
+    wrapper = build_wrapper(name, model, dtype)
+    args = sample_inputs(name, dims, dtype)
+    large = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > LARGE_GRAPH_BYTES
+    path = out_dir / name / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), C.float32_rope():
+        program = torch.onnx.export(
+            wrapper, args, dynamo=True, opset_version=OPSET,
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=dynamic_shapes(name), external_data=large, optimize=True,
+        )
+    for stale in path.parent.glob("model.onnx*"):
+        stale.unlink()
+    program.save(str(path), external_data=large)
+    _name_dims(path, spec)
+    return path
+
+
+def export_all(model: str, out_dir: str | Path, dtype: str = "fp32", components=C.COMPONENTS, log=print) -> dict:
+    from .loading import DTYPES
+
+    out_dir = Path(out_dir)
+    dims = read_model_dims(model)
+    paths = {}
+    for index, name in enumerate(components, 1):
+        start = time.perf_counter()
+        log(f"[{index}/{len(components)}] exporting {name} ({dtype}) ...", flush=True)
+        paths[name] = export_component(name, model, out_dir, DTYPES[dtype], dims)
+        log(f"[{index}/{len(components)}] {name} -> {paths[name]} ({time.perf_counter() - start:.1f} s)", flush=True)
+    return paths

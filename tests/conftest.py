@@ -1,0 +1,92 @@
+"""Session fixtures: the tiny checkpoint and its fp32/bf16 exports are made once per run.
+
+Export is slow on 2 cores (~1.5 min for all five fp32 graphs), so every test shares them.
+Set FLUX2_TEST_CACHE=DIR to keep them between runs while developing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import subprocess
+import sys
+
+from export.checkpoint import write_checkpoint
+
+
+def _workdir(tmp_path_factory, name: str) -> Path:
+    cache = os.environ.get("FLUX2_TEST_CACHE")
+    return Path(cache) / name if cache else tmp_path_factory.mktemp(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    path = _workdir(tmp_path_factory, "tiny")
+    if not (path / "model_index.json").exists():
+        write_checkpoint(path, seed=0)
+    return str(path)
+
+
+def _export(tmp_path_factory, checkpoint: str, dtype: str) -> Path:
+    """Export through the user-facing CLI, so its progress lines and manifest are exercised."""
+    out = _workdir(tmp_path_factory, f"onnx_{dtype}")
+    if not (out / "manifest.json").exists():
+        cmd = [sys.executable, "-m", "export", "--model", checkpoint, "--out", str(out), "--dtype", dtype]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        (out / "export.log").write_text(result.stdout + result.stderr)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32(tmp_path_factory, tiny_checkpoint) -> Path:
+    return _export(tmp_path_factory, tiny_checkpoint, "fp32")
+
+
+@pytest.fixture(scope="session")
+def onnx_bf16(tmp_path_factory, tiny_checkpoint) -> Path:
+    return _export(tmp_path_factory, tiny_checkpoint, "bf16")
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_checkpoint):
+    """The reference: diffusers' own Flux2KleinKVPipeline on the same weights."""
+    from export.loading import load_pipeline
+
+    return load_pipeline(tiny_checkpoint, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def ort_session(onnx_fp32):
+    import onnxruntime as ort
+
+    sessions = {}
+
+    def get(name: str):
+        if name not in sessions:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 2
+            sessions[name] = ort.InferenceSession(str(onnx_fp32 / name / "model.onnx"), options,
+                                                  providers=["CPUExecutionProvider"])
+        return sessions[name]
+
+    return get
+
+
+def run_graph(session, **inputs) -> list[np.ndarray]:
+    feeds = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    return session.run(None, feeds)
+
+
+def rel_l2(actual, expected) -> float:
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    err = float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+    print(f"rel_l2={err:.2e}")
+    return err
