@@ -1,0 +1,109 @@
+"""Parse and validate the public inputs of `flux2_klein_kv`; every failure names the field and
+the limit, and becomes a Triton INVALID_ARG. Nothing is clamped or dropped."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+
+class InvalidInput(ValueError):
+    """A client error: reported as INVALID_ARG, the server keeps serving."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_references: int = 4
+    max_input_pixels: int = 4096 * 4096  # declared size of an encoded reference, checked before decoding
+    min_side: int = 256
+    max_side: int = 1440
+    multiple_of: int = 16
+    max_images: int = 4
+    max_steps: int = 50
+    default_side: int = 1024
+
+    @classmethod
+    def from_parameters(cls, params: dict) -> "Limits":
+        return cls(**{k: int(v) for k, v in params.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    images: list = field(default_factory=list)  # decoded PIL images, in request order
+    height: int | None = None
+    width: int | None = None
+    seed: int | None = None
+    num_images: int = 1
+    steps: int = 4
+
+
+def _scalar(array, name: str):
+    if array.size != 1:
+        raise InvalidInput(f"'{name}' must hold exactly one value, got {array.size}")
+    value = array.reshape(-1)[0]
+    return value.item() if hasattr(value, "item") else value  # numpy scalar, or bytes for strings
+
+
+def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
+    """Decode one reference; the declared size is checked before any pixel is decoded."""
+    field_name = f"image[{index}]"
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad bytes
+        raise InvalidInput(f"'{field_name}' is not a decodable PNG/JPEG/WebP image ({type(exc).__name__})") from exc
+    width, height = image.size
+    if width * height > limits.max_input_pixels:
+        raise InvalidInput(f"'{field_name}' declares {width}x{height} = {width * height} pixels, "
+                           f"over the limit of {limits.max_input_pixels} pixels")
+    try:
+        image.load()
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidInput(f"'{field_name}' could not be decoded ({type(exc).__name__}: {exc})") from exc
+    if width < 64 or height < 64:
+        raise InvalidInput(f"'{field_name}' is {width}x{height}; both sides must be at least 64 px")
+    if max(width / height, height / width) > 8:
+        raise InvalidInput(f"'{field_name}' is {width}x{height}; the aspect ratio must be at most 8:1")
+    return image.convert("RGB")
+
+
+def parse(inputs: dict, limits: Limits) -> GenerationRequest:
+    """`inputs`: {name: numpy array} of the request's tensors (optional ones may be absent)."""
+    if "prompt" not in inputs:
+        raise InvalidInput("'prompt' is required")
+    prompt = _scalar(inputs["prompt"], "prompt")
+    prompt = prompt.decode("utf-8", errors="strict") if isinstance(prompt, bytes) else str(prompt)
+    if not prompt.strip():
+        raise InvalidInput("'prompt' must be a non-empty string")
+    request = GenerationRequest(prompt=prompt)
+
+    encoded = inputs.get("image")
+    if encoded is not None:
+        encoded = encoded.reshape(-1)
+        if len(encoded) > limits.max_references:
+            raise InvalidInput(f"'image' holds {len(encoded)} references; at most {limits.max_references} allowed")
+        request.images = [decode_image(bytes(data), i, limits) for i, data in enumerate(encoded)]
+
+    for name in ("height", "width"):
+        if name in inputs:
+            value = int(_scalar(inputs[name], name))
+            if value % limits.multiple_of or not limits.min_side <= value <= limits.max_side:
+                raise InvalidInput(f"'{name}' is {value}; it must be a multiple of {limits.multiple_of} "
+                                   f"in [{limits.min_side}, {limits.max_side}]")
+            setattr(request, name, value)
+    if "seed" in inputs:
+        request.seed = int(_scalar(inputs["seed"], "seed"))
+        if request.seed < 0:
+            raise InvalidInput(f"'seed' is {request.seed}; it must be >= 0")
+    if "num_images_per_prompt" in inputs:
+        request.num_images = int(_scalar(inputs["num_images_per_prompt"], "num_images_per_prompt"))
+        if not 1 <= request.num_images <= limits.max_images:
+            raise InvalidInput(f"'num_images_per_prompt' is {request.num_images}; it must be in "
+                               f"[1, {limits.max_images}]")
+    if "num_inference_steps" in inputs:
+        request.steps = int(_scalar(inputs["num_inference_steps"], "num_inference_steps"))
+        if not 1 <= request.steps <= limits.max_steps:
+            raise InvalidInput(f"'num_inference_steps' is {request.steps}; it must be in [1, {limits.max_steps}]")
+    return request

@@ -1,0 +1,110 @@
+"""python -m server.launch: start a real tritonserver on a model repository and wait until ready.
+
+Here it runs the `tritonserver` binary bundled in the `nvidia-pytriton` wheel (server 2.51,
+Python backend only); on a GPU host use NVIDIA's container instead (see README). The
+Python-backend stub embeds Python and ignores PYTHONPATH: it takes its prefix from the first
+`python3` on PATH, so the venv's bin/ goes first, and it links the system libpython, so the
+venv Python's LIBDIR goes first on LD_LIBRARY_PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bundled_server() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")  # locate without importing (its __init__ needs more deps)
+    if spec is None:
+        raise RuntimeError("nvidia-pytriton is not installed: run `make setup`")
+    return Path(spec.submodule_search_locations[0]) / "tritonserver"
+
+
+def prepare_backends(target: Path) -> Path:
+    """backends/python with the stub that matches this Python (the wheel ships one per version)."""
+    bundle = bundled_server()
+    python_dir = target / "python"
+    if not (python_dir / "triton_python_backend_stub").exists():
+        shutil.copytree(bundle / "backends" / "python", python_dir, dirs_exist_ok=True)
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        shutil.copy(bundle / "python_backend_stubs" / version / "triton_python_backend_stub", python_dir)
+    return target
+
+
+def server_env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    # The stub was copied out of the wheel, so its relative RPATH to the wheel's bundled libs is gone.
+    wheel_libs = bundled_server().parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = f"{sysconfig.get_config_var('LIBDIR')}:{wheel_libs}:{env.get('LD_LIBRARY_PATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path) -> list[str]:
+    return [str(bundled_server() / "bin" / "tritonserver"), f"--model-repository={repository}",
+            f"--backend-directory={backends}", f"--http-port={http}", f"--grpc-port={grpc}",
+            f"--metrics-port={metrics}", "--allow-metrics=true", "--log-verbose=0",
+            "--exit-timeout-secs=10"]
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with status {process.returncode} before it was ready")
+        try:
+            if client.is_server_ready():
+                return
+        except Exception:  # noqa: BLE001 - not listening yet
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s")
+
+
+def start(repository, http=8000, grpc=8001, metrics=8002, log_file=None) -> subprocess.Popen:
+    backends = prepare_backends(ROOT / "build" / "tritonserver" / "backends")
+    out = open(log_file, "w") if log_file else None  # noqa: SIM115 - owned by the process
+    process = subprocess.Popen(command(Path(repository).resolve(), http, grpc, metrics, backends),
+                               env=server_env(), stdout=out, stderr=subprocess.STDOUT if out else None)
+    try:
+        wait_ready(f"127.0.0.1:{http}", process)
+    except Exception:
+        process.terminate()
+        process.wait(30)
+        raise
+    return process
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repository", default="build/model_repository")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    args = parser.parse_args(argv)
+    process = start(args.repository, args.http_port, args.grpc_port, args.metrics_port)
+    print(f"tritonserver ready: HTTP 127.0.0.1:{args.http_port}, gRPC 127.0.0.1:{args.grpc_port}, "
+          f"metrics http://127.0.0.1:{args.metrics_port}/metrics (Ctrl-C stops it)", flush=True)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        return process.wait(30)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
