@@ -6,25 +6,32 @@ MODEL   ?= checkpoints/tiny
 DTYPE   ?= fp32
 ONNX    ?= build/onnx/$(DTYPE)
 ENGINES ?= build/engines
+REPO    ?= build/model_repository
+BACKEND ?= onnxruntime
 
-.PHONY: help setup checkpoint export check engines engines-dry-run demo test clean
+.PHONY: help setup checkpoint export repository serve check engines engines-dry-run demo test clean
 
 help:
 	@echo "make setup            create $(VENV) with the pinned CPU toolchain (idempotent)"
 	@echo "make checkpoint       write the embedded tiny random checkpoint to checkpoints/tiny"
 	@echo "make export           export MODEL (default: tiny) to ONNX in ONNX=$(ONNX) (DTYPE=fp32|bf16|fp16)"
+	@echo "make repository       assemble the Triton model repository in REPO=$(REPO) (BACKEND=onnxruntime|tensorrt)"
+	@echo "make serve            start tritonserver on REPO and wait (HTTP 8000, gRPC 8001, metrics 8002)"
 	@echo "make check            TensorRT compatibility check of the graphs in ONNX"
 	@echo "make engines          build TensorRT engines from ONNX (GPU host with TensorRT only)"
 	@echo "make engines-dry-run  print the TensorRT optimization profiles without building"
-	@echo "make demo             the main job end to end on the tiny checkpoint (setup included)"
+	@echo "make demo             setup, tiny checkpoint, export, repository, tritonserver, a text-to-image"
+	@echo "                      and a 2-reference edit over gRPC -> build/demo/*.png, server stopped"
 	@echo "make test             the test suite (setup included)"
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
+	# A real tritonserver (2.51, Python backend) ships inside this wheel; its own Python deps are not needed.
+	$(BIN)/python -m pip install -q --no-deps nvidia-pytriton==0.7.0
 	touch $@
 
 checkpoints/tiny/model_index.json: | setup
@@ -35,6 +42,16 @@ checkpoint: checkpoints/tiny/model_index.json
 export: setup $(if $(filter checkpoints/tiny,$(MODEL)),checkpoint)
 	$(BIN)/python -m export --model $(MODEL) --out $(ONNX) --dtype $(DTYPE)
 
+$(ONNX)/manifest.json:
+	$(MAKE) export
+
+repository: setup $(ONNX)/manifest.json
+	$(BIN)/python -m export.repository --onnx-dir $(ONNX) --checkpoint $(MODEL) --out $(REPO) \
+		--backend $(BACKEND) --engines-dir $(ENGINES)
+
+serve: repository
+	$(BIN)/python -m server.launch --repository $(REPO)
+
 check: setup
 	$(BIN)/python -m export.trt_compat $(ONNX)
 
@@ -44,9 +61,8 @@ engines: setup
 engines-dry-run: setup
 	$(BIN)/python -m export.build_engines --onnx-dir $(ONNX) --dry-run
 
-demo: export
-	$(BIN)/python -m export.trt_compat $(ONNX)
-	$(BIN)/python -m export.build_engines --onnx-dir $(ONNX) --dry-run
+demo: repository
+	$(BIN)/python -m clients.demo --repository $(REPO) --out build/demo
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -12,6 +12,7 @@ Two backends, same tensor names, shapes and types, so the BLS model cannot tell 
 from __future__ import annotations
 
 from .components import GraphSpec
+from .envelope import DEFAULT_ENVELOPE, ServingEnvelope
 
 TRITON_TYPES = {"fp32": "TYPE_FP32", "bf16": "TYPE_BF16", "fp16": "TYPE_FP16", "int64": "TYPE_INT64"}
 BACKENDS = ("tensorrt", "onnxruntime")
@@ -32,11 +33,14 @@ def batchable(spec: GraphSpec) -> bool:
     return all(t.dims and t.dims[0] == "batch" for t in spec.inputs + spec.outputs)
 
 
-def component_config(spec: GraphSpec, dtype: str, backend: str, max_batch: int = 4, instances: int = 1) -> str:
+def component_config(spec: GraphSpec, dtype: str, backend: str, instances: int = 1,
+                     envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     lines = [f'name: "{spec.name}"']
-    batch = backend == "tensorrt" and batchable(spec)
+    # Triton's max_batch_size must not exceed the engine profile's batch range.
+    max_batch = {**envelope.dim_ranges(), **envelope.graph_overrides(spec.name)}["batch"][2]
+    batch = backend == "tensorrt" and batchable(spec) and max_batch > 1
     if backend == "tensorrt":
         lines += ['platform: "tensorrt_plan"', f"max_batch_size: {max_batch if batch else 0}"]
     else:

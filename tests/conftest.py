@@ -90,3 +90,27 @@ def rel_l2(actual, expected) -> float:
     err = float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
     print(f"rel_l2={err:.2e}")
     return err
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory, onnx_fp32, tiny_checkpoint):
+    """A real tritonserver on the assembled (onnxruntime) repository of the tiny checkpoint."""
+    from export.repository import assemble
+    from server.launch import start
+
+    workdir = tmp_path_factory.mktemp("triton")
+    repository = assemble(onnx_fp32, tiny_checkpoint, workdir / "model_repository", backend="onnxruntime")
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    process = start(repository, ports["http"], ports["grpc"], ports["metrics"], log_file=workdir / "server.log")
+    yield {"http": f"127.0.0.1:{ports['http']}", "grpc": f"127.0.0.1:{ports['grpc']}",
+           "metrics": f"127.0.0.1:{ports['metrics']}", "process": process, "log": workdir / "server.log"}
+    process.terminate()
+    process.wait(60)

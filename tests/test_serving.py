@@ -1,0 +1,136 @@
+"""End to end through a real tritonserver, over gRPC and HTTP, against diffusers'
+Flux2KleinKVPipeline on the same tiny weights, inputs and seed."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+PROTOCOLS = ["grpc", "http"]
+
+
+def _client(server, protocol):
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        import tritonclient.http as module
+    return module, module.InferenceServerClient(server[protocol])
+
+
+def infer(server, protocol, prompt="a cat", images=(), outputs=("images",), raw=None, **scalars):
+    """Call flux2_klein_kv; `raw` maps extra input names to (array, triton dtype) as sent."""
+    module, client = _client(server, protocol)
+    tensors = {}
+    if prompt is not None:
+        tensors["prompt"] = (np.array([prompt.encode()], dtype=np.object_), "BYTES")
+    if images:
+        tensors["image"] = (np.array(list(images), dtype=np.object_), "BYTES")
+    types = {"height": np.int32, "width": np.int32, "seed": np.int64, "num_images_per_prompt": np.int32,
+             "num_inference_steps": np.int32}
+    for name, value in scalars.items():
+        tensors[name] = (np.array([value], dtype=types[name]), "INT64" if types[name] is np.int64 else "INT32")
+    tensors.update(raw or {})
+    inputs = []
+    for name, (array, dtype) in tensors.items():
+        tensor = module.InferInput(name, list(array.shape), dtype)
+        if protocol == "http":
+            tensor.set_data_from_numpy(array, binary_data=True)
+        else:
+            tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    requested = [module.InferRequestedOutput(name, **({"binary_data": True} if protocol == "http" else {}))
+                 for name in outputs]
+    return client.infer("flux2_klein_kv", inputs, outputs=requested)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def random_image(width, height, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def reference(pipe, prompt, images, seed, **kwargs) -> np.ndarray:
+    out = pipe(prompt=prompt, image=list(images) or None, generator=torch.Generator("cpu").manual_seed(seed),
+               output_type="np", **kwargs).images
+    return (out * 255).round().astype(np.uint8)
+
+
+def assert_matches(actual, expected):
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    diff = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+    within_one = float((diff <= 1).mean())
+    print(f"within 1 level: {within_one:.6f}, max diff {diff.max()}")
+    assert within_one >= 0.999 and diff.max() <= 4
+
+
+CASES = {
+    "text_to_image": dict(refs=[], kwargs=dict(height=256, width=256)),
+    "one_reference_default_size": dict(refs=[(320, 256)], kwargs={}),  # output size from the reference
+    "three_references": dict(refs=[(96, 128), (200, 72), (160, 160)], kwargs=dict(height=256, width=288)),
+    "two_images_per_prompt": dict(refs=[(128, 96)], kwargs=dict(height=256, width=256, num_images_per_prompt=2)),
+}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_served_output_equals_diffusers(pipe, triton_server, protocol, case):
+    refs = [random_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case]["refs"])]
+    kwargs = CASES[case]["kwargs"]
+    prompt, seed = f"a watercolor fox ({case})", 1234
+    result = infer(triton_server, protocol, prompt, [png_bytes(r) for r in refs], seed=seed, **kwargs)
+    assert_matches(result.as_numpy("images"), reference(pipe, prompt, refs, seed, **kwargs))
+
+
+def test_png_output_only_when_requested(triton_server):
+    both = infer(triton_server, "grpc", seed=1, height=256, width=256, outputs=("images", "png"))
+    images, pngs = both.as_numpy("images"), both.as_numpy("png")
+    assert len(pngs) == 1
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(pngs[0]))), images[0])
+    only = infer(triton_server, "grpc", seed=1, height=256, width=256)
+    assert only.as_numpy("png") is None
+
+
+# ------------------------------------------------------------------ bad input: INVALID_ARG, server keeps serving
+
+
+def _bomb() -> bytes:
+    return png_bytes(Image.new("1", (5000, 5000)))  # 25 M pixels declared, a few KB encoded
+
+
+BAD = {
+    "missing_prompt": (dict(prompt=None), "missing required input(s) ['prompt']"),  # Triton core
+    "empty_prompt": (dict(prompt="   "), "'prompt' must be a non-empty string"),
+    "undecodable_image": (dict(images=[b"not an image at all"]), "'image[0]' is not a decodable"),
+    "too_many_references": (dict(images=[b"x"] * 5), "at most 4 allowed"),
+    "decompression_bomb": (dict(images=[_bomb()]), "over the limit of 16777216 pixels"),
+    "height_not_multiple_of_16": (dict(height=260, width=256), "'height' is 260; it must be a multiple of 16"),
+    "width_outside_envelope": (dict(height=256, width=2048), "'width' is 2048; it must be a multiple of 16 in [256, 1440]"),
+    "steps_zero": (dict(num_inference_steps=0), "'num_inference_steps' is 0; it must be in [1, 50]"),
+    "steps_too_many": (dict(num_inference_steps=51), "'num_inference_steps' is 51; it must be in [1, 50]"),
+    "images_per_prompt": (dict(num_images_per_prompt=5), "'num_images_per_prompt' is 5; it must be in [1, 4]"),
+    "wrong_dtype": (dict(raw={"height": (np.array([256], dtype=np.float32), "FP32")}), "height"),
+    "wrong_shape": (dict(raw={"seed": (np.array([1, 2], dtype=np.int64), "INT64")}), "seed"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_invalid_arg_and_server_keeps_serving(triton_server, case):
+    kwargs, message = BAD[case]
+    protocol = "http" if case in ("empty_prompt", "wrong_dtype") else "grpc"
+    with pytest.raises(InferenceServerException) as error:
+        infer(triton_server, protocol, **{"prompt": "a cat", **kwargs})
+    status = str(error.value.status())
+    assert status in ("StatusCode.INVALID_ARGUMENT", "400"), (status, error.value.message())
+    assert message in error.value.message()
+    ok = infer(triton_server, "grpc", seed=3, height=256, width=256, num_inference_steps=1)
+    assert ok.as_numpy("images").shape == (1, 256, 256, 3)
