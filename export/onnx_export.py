@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnx
 import torch
@@ -111,15 +112,10 @@ def read_model_dims(model: str) -> dict:
     from transformers import AutoConfig
 
     text_cfg = AutoConfig.from_pretrained(model, subfolder="text_encoder")
-    transformer_cfg = SimpleConfig(Flux2Transformer2DModel.load_config(model, subfolder="transformer"))
+    transformer_cfg = SimpleNamespace(**Flux2Transformer2DModel.load_config(model, subfolder="transformer"))
     dims = C.model_dims(text_cfg, transformer_cfg)
     dims["vocab_size"] = text_cfg.vocab_size
     return dims
-
-
-class SimpleConfig:
-    def __init__(self, d: dict):
-        self.__dict__.update(d)
 
 
 def _name_dims(path: Path, spec: C.GraphSpec) -> None:
