@@ -73,7 +73,8 @@ def main(argv=None) -> int:
             for index, png in enumerate(pngs):
                 path = out / f"{name}_{index}.png"
                 path.write_bytes(png)
-                print(f"{name}: wrote {path} ({Image.open(path).size[0]}x{Image.open(path).size[1]}) "
+                width, height = Image.open(path).size
+                print(f"{name}: wrote {path} ({width}x{height}) "
                       f"in {time.perf_counter() - start_time:.1f} s", flush=True)
     finally:
         process.terminate()

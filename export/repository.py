@@ -80,8 +80,9 @@ def assemble(onnx_dir, checkpoint, out, backend="onnxruntime", engines_dir=None,
 
     bls = out / BLS / "1"
     shutil.copytree(SOURCES / BLS / "1", bls, ignore=shutil.ignore_patterns("__pycache__"))
+    local = Path(_local_checkpoint(checkpoint))
     for part in ("tokenizer", "scheduler"):
-        shutil.copytree(Path(_local_checkpoint(checkpoint)) / part, bls / part)
+        shutil.copytree(local / part, bls / part)
     (bls / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances))
     return out

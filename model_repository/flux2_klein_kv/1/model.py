@@ -25,7 +25,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).parent))
 from request_inputs import InvalidInput, Limits, parse  # noqa: E402
 
-OPTIONAL_INPUTS = ("image", "height", "width", "seed", "num_images_per_prompt", "num_inference_steps")
+INPUTS = ("prompt", "image", "height", "width", "seed", "num_images_per_prompt", "num_inference_steps")
 
 
 class TritonPythonModel:
@@ -65,13 +65,8 @@ class TritonPythonModel:
         return responses
 
     def _serve(self, request):
-        inputs = {"prompt": pb_utils.get_input_tensor_by_name(request, "prompt")}
-        for name in OPTIONAL_INPUTS:
-            inputs[name] = pb_utils.get_input_tensor_by_name(request, name)
-        arrays = {k: v.as_numpy() for k, v in inputs.items() if v is not None}
-        if "prompt" not in arrays:
-            raise InvalidInput("'prompt' is required")
-        parsed = parse(arrays, self.limits)
+        tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in INPUTS}
+        parsed = parse({k: v.as_numpy() for k, v in tensors.items() if v is not None}, self.limits)
         images = self.generate(parsed)  # [N, H, W, 3] uint8
         outputs = [pb_utils.Tensor("images", images)]
         if "png" in request.requested_output_names():
