@@ -7,45 +7,8 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
+from clients.api import Flux2Client, synthetic_reference
 from server.launch import start
-
-
-def synthetic_reference(size: tuple[int, int], hue: int) -> bytes:
-    """A deterministic reference picture (no image files ship with the repository)."""
-    import io
-
-    width, height = size
-    x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
-    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
-    pixels = np.stack([np.broadcast_to((x + hue) % 256, (height, width)), np.broadcast_to(y, (height, width)),
-                       np.full((height, width), hue, np.float32)], axis=-1).astype(np.uint8)
-    image = Image.fromarray(pixels)
-    ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(240, 240, 240))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def generate(url: str, prompt: str, images=(), **scalars) -> list[bytes]:
-    import tritonclient.grpc as grpc
-
-    client = grpc.InferenceServerClient(url)
-    tensors = [("prompt", np.array([prompt.encode()], dtype=np.object_), "BYTES")]
-    if images:
-        tensors.append(("image", np.array(list(images), dtype=np.object_), "BYTES"))
-    for name, value in scalars.items():
-        dtype, triton = (np.int64, "INT64") if name == "seed" else (np.int32, "INT32")
-        tensors.append((name, np.array([value], dtype=dtype), triton))
-    inputs = []
-    for name, array, triton in tensors:
-        tensor = grpc.InferInput(name, list(array.shape), triton)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    result = client.infer("flux2_klein_kv", inputs, outputs=[grpc.InferRequestedOutput("png")])
-    return list(result.as_numpy("png"))
 
 
 def main(argv=None) -> int:
@@ -69,12 +32,12 @@ def main(argv=None) -> int:
         ]
         for name, request in jobs:
             start_time = time.perf_counter()
-            pngs = generate(url, **request)
-            for index, png in enumerate(pngs):
+            with Flux2Client(url) as client:
+                images = client.generate(**request)
+            for index, image in enumerate(images):
                 path = out / f"{name}_{index}.png"
-                path.write_bytes(png)
-                width, height = Image.open(path).size
-                print(f"{name}: wrote {path} ({width}x{height}) "
+                image.save(path)
+                print(f"{name}: wrote {path} ({image.width}x{image.height}) "
                       f"in {time.perf_counter() - start_time:.1f} s", flush=True)
     finally:
         process.terminate()

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from clients.api import infer_inputs, request_tensors, requested_outputs
+
 PROTOCOLS = ["grpc", "http"]
 
 
@@ -25,27 +27,8 @@ def _client(server, protocol):
 def infer(server, protocol, prompt="a cat", images=(), outputs=("images",), raw=None, **scalars):
     """Call flux2_klein_kv; `raw` maps extra input names to (array, triton dtype) as sent."""
     module, client = _client(server, protocol)
-    tensors = {}
-    if prompt is not None:
-        tensors["prompt"] = (np.array([prompt.encode()], dtype=np.object_), "BYTES")
-    if images:
-        tensors["image"] = (np.array(list(images), dtype=np.object_), "BYTES")
-    types = {"height": np.int32, "width": np.int32, "seed": np.int64, "num_images_per_prompt": np.int32,
-             "num_inference_steps": np.int32}
-    for name, value in scalars.items():
-        tensors[name] = (np.array([value], dtype=types[name]), "INT64" if types[name] is np.int64 else "INT32")
-    tensors.update(raw or {})
-    inputs = []
-    for name, (array, dtype) in tensors.items():
-        tensor = module.InferInput(name, list(array.shape), dtype)
-        if protocol == "http":
-            tensor.set_data_from_numpy(array, binary_data=True)
-        else:
-            tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    requested = [module.InferRequestedOutput(name, **({"binary_data": True} if protocol == "http" else {}))
-                 for name in outputs]
-    return client.infer("flux2_klein_kv", inputs, outputs=requested)
+    tensors = {**request_tensors(prompt, images, **scalars), **(raw or {})}
+    return client.infer("flux2_klein_kv", infer_inputs(module, tensors), outputs=requested_outputs(module, outputs))
 
 
 def png_bytes(image: Image.Image) -> bytes:

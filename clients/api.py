@@ -1,0 +1,177 @@
+"""A small Python API for calling `flux2_klein_kv` from production code.
+
+    from clients.api import Flux2Client
+    images = Flux2Client("127.0.0.1:8001").generate("a red fox", images=["ref.png"], seed=7)
+
+`Flux2Client` is synchronous over gRPC or HTTP (binary tensors on HTTP, never JSON arrays of
+pixels); `AsyncFlux2Client` uses `tritonclient.grpc.aio` for many concurrent callers in one
+event loop. Both return PIL images. Server-side rejections raise `Flux2Error` whose message is
+the server's one line naming the field at fault.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MODEL = "flux2_klein_kv"
+DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+# Triton dtypes of the optional scalar inputs (config.pbtxt of flux2_klein_kv).
+SCALAR_TYPES = {"height": (np.int32, "INT32"), "width": (np.int32, "INT32"), "seed": (np.int64, "INT64"),
+                "num_images_per_prompt": (np.int32, "INT32"), "num_inference_steps": (np.int32, "INT32")}
+
+
+class Flux2Error(RuntimeError):
+    """The server refused or failed a request; `status` is Triton's code (e.g. INVALID_ARGUMENT / 400)."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def encode_image(image) -> bytes:
+    """Encoded image bytes from a path, raw bytes (sent as they are) or a PIL image (PNG)."""
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    if isinstance(image, (str, Path)):
+        return Path(image).read_bytes()
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def request_tensors(prompt: str | None, images=(), **scalars) -> dict[str, tuple[np.ndarray, str]]:
+    """name -> (array, Triton dtype) for one request; scalars left as None are not sent."""
+    tensors = {}
+    if prompt is not None:
+        tensors["prompt"] = (np.array([prompt.encode()], dtype=np.object_), "BYTES")
+    if images:
+        tensors["image"] = (np.array([encode_image(image) for image in images], dtype=np.object_), "BYTES")
+    for name, value in scalars.items():
+        if value is not None:
+            numpy_type, triton_type = SCALAR_TYPES[name]
+            tensors[name] = (np.array([value], dtype=numpy_type), triton_type)
+    return tensors
+
+
+def infer_inputs(module, tensors: dict[str, tuple[np.ndarray, str]]) -> list:
+    """tritonclient InferInputs; binary on HTTP (module is tritonclient.grpc or tritonclient.http)."""
+    binary = {"binary_data": True} if module.__name__.endswith("http") else {}
+    inputs = []
+    for name, (array, dtype) in tensors.items():
+        tensor = module.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array, **binary)
+        inputs.append(tensor)
+    return inputs
+
+
+def requested_outputs(module, names=("images",)) -> list:
+    binary = {"binary_data": True} if module.__name__.endswith("http") else {}
+    return [module.InferRequestedOutput(name, **binary) for name in names]
+
+
+def to_pil(result) -> list[Image.Image]:
+    return [Image.fromarray(array) for array in result.as_numpy("images")]
+
+
+def _error(exc) -> Flux2Error:
+    status = exc.status() if hasattr(exc, "status") else None
+    message = exc.message() if hasattr(exc, "message") else str(exc)
+    return Flux2Error(" ".join(str(message).split()), None if status is None else str(status))
+
+
+def _arguments(prompt, images, height, width, seed, num_images, steps):
+    return request_tensors(prompt, images, height=height, width=width, seed=seed, num_images_per_prompt=num_images,
+                           num_inference_steps=steps)
+
+
+class Flux2Client:
+    """Synchronous client; one instance per thread (tritonclient clients are not thread-safe)."""
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = MODEL,
+                 timeout_s: float | None = None):
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+        elif protocol == "http":
+            import tritonclient.http as module
+        else:
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        self.module, self.protocol, self.model, self.timeout_s = module, protocol, model, timeout_s
+        options = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" and timeout_s else {}
+        self.client = module.InferenceServerClient(url or DEFAULT_URLS[protocol], **options)
+
+    def infer(self, tensors: dict, outputs=("images",)):
+        """The raw tritonclient result for prepared `request_tensors`."""
+        from tritonclient.utils import InferenceServerException
+
+        timeout = {"client_timeout": self.timeout_s} if self.protocol == "grpc" and self.timeout_s else {}
+        try:
+            return self.client.infer(self.model, infer_inputs(self.module, tensors),
+                                     outputs=requested_outputs(self.module, outputs), **timeout)
+        except InferenceServerException as exc:
+            raise _error(exc) from None
+
+    def generate(self, prompt: str, images=(), *, height: int | None = None, width: int | None = None,
+                 seed: int | None = None, num_images: int = 1, steps: int | None = None) -> list[Image.Image]:
+        """Text-to-image without `images`; an edit with 1-4 reference images (paths, bytes or PIL)."""
+        tensors = _arguments(prompt, images, height, width, seed, num_images, steps)
+        return to_pil(self.infer(tensors))
+
+    def close(self):
+        self.client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncFlux2Client:
+    """asyncio gRPC client: `await client.generate(...)` from many tasks at once."""
+
+    def __init__(self, url: str | None = None, model: str = MODEL, timeout_s: float | None = None):
+        import tritonclient.grpc as module
+        import tritonclient.grpc.aio as aio
+
+        self.module, self.model, self.timeout_s = module, model, timeout_s
+        self.client = aio.InferenceServerClient(url or DEFAULT_URLS["grpc"])
+
+    async def generate(self, prompt: str, images=(), *, height: int | None = None, width: int | None = None,
+                       seed: int | None = None, num_images: int = 1, steps: int | None = None) -> list[Image.Image]:
+        from tritonclient.utils import InferenceServerException
+
+        tensors = _arguments(prompt, images, height, width, seed, num_images, steps)
+        timeout = {"client_timeout": self.timeout_s} if self.timeout_s else {}
+        try:
+            result = await self.client.infer(self.model, infer_inputs(self.module, tensors),
+                                             outputs=requested_outputs(self.module), **timeout)
+        except InferenceServerException as exc:
+            raise _error(exc) from None
+        return to_pil(result)
+
+    async def close(self):
+        await self.client.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+
+def synthetic_reference(size: tuple[int, int], hue: int) -> bytes:
+    """A deterministic PNG reference picture (no image files ship with the repository)."""
+    from PIL import ImageDraw
+
+    width, height = size
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    pixels = np.stack([np.broadcast_to((x + hue) % 256, (height, width)), np.broadcast_to(y, (height, width)),
+                       np.full((height, width), hue, np.float32)], axis=-1).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(240, 240, 240))
+    return encode_image(image)

@@ -1,0 +1,71 @@
+"""python -m clients.cli: generate or edit images with a running flux2_klein_kv server.
+
+Examples:
+  python -m clients.cli --prompt "a lighthouse at dawn" --height 512 --width 512 --seed 7
+  python -m clients.cli --protocol http --url 127.0.0.1:8000 --prompt "make it winter" --image ref.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from clients.api import DEFAULT_URLS, Flux2Client, Flux2Error
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    """`out` itself for one image; `<stem>_<i><suffix>` for several."""
+    path = Path(out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{index}{path.suffix or '.png'}") for index in range(count)]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clients.cli", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", required=True, help="the text prompt")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="a reference image (PNG/JPEG/WebP); repeat for up to 4, in order")
+    p.add_argument("--height", type=int, help="output height, multiple of 16 (default: first reference's, else 1024)")
+    p.add_argument("--width", type=int, help="output width, multiple of 16 (default: first reference's, else 1024)")
+    p.add_argument("--seed", type=int, help="noise seed (default: random on the server)")
+    p.add_argument("--num-images", type=int, default=1, help="images for this prompt (default 1)")
+    p.add_argument("--steps", type=int, help="denoising steps (default 4, the distilled schedule)")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--url", help=f"server address (default {DEFAULT_URLS['grpc']} for gRPC, {DEFAULT_URLS['http']} for HTTP)")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    p.add_argument("--out", default="flux2.png", help="PNG path; several images get _0, _1, ... (default flux2.png)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    for path in args.image:
+        if not Path(path).is_file():
+            print(f"error: --image {path}: no such file", file=sys.stderr)
+            return 2
+    start = time.perf_counter()
+    try:
+        with Flux2Client(args.url, args.protocol, timeout_s=args.timeout) as client:
+            images = client.generate(args.prompt, args.image, height=args.height, width=args.width, seed=args.seed,
+                                     num_images=args.num_images, steps=args.steps)
+    except Flux2Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # HTTP connection refused / reset; gRPC reports these as Flux2Error
+        print(f"error: cannot reach {args.url or DEFAULT_URLS[args.protocol]}: {exc}", file=sys.stderr)
+        return 1
+    latency = time.perf_counter() - start
+    for image, path in zip(images, output_paths(args.out, len(images))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        print(f"wrote {path} ({image.width}x{image.height})")
+    print(f"latency {latency * 1000:.0f} ms over {args.protocol} for {len(images)} image(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
