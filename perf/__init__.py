@@ -1,0 +1,1 @@
+"""perf_analyzer load tests of `flux2_klein_kv`: provisioning, input data, runs and the results table."""
