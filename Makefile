@@ -9,7 +9,7 @@ ENGINES ?= build/engines
 REPO    ?= build/model_repository
 BACKEND ?= onnxruntime
 
-.PHONY: help setup checkpoint export repository serve check engines engines-dry-run demo test clean
+.PHONY: help setup checkpoint export repository serve check engines engines-dry-run demo perf bench test clean
 
 help:
 	@echo "make setup            create $(VENV) with the pinned CPU toolchain (idempotent)"
@@ -22,6 +22,10 @@ help:
 	@echo "make engines-dry-run  print the TensorRT optimization profiles without building"
 	@echo "make demo             setup, tiny checkpoint, export, repository, tritonserver, a text-to-image"
 	@echo "                      and a 2-reference edit over gRPC -> build/demo/*.png, server stopped"
+	@echo "make perf             perf_analyzer load test of the served model (3 cases, gRPC + HTTP, concurrency 1-4)"
+	@echo "                      -> build/perf/results.md"
+	@echo "make bench            Triton vs diffusers (KV and no-KV), per-step cost, throughput, memory"
+	@echo "                      -> BENCHMARKS.md (a benchmark: numbers, no pass/fail)"
 	@echo "make test             the test suite (setup included)"
 
 setup: $(VENV)/.installed
@@ -63,6 +67,14 @@ engines-dry-run: setup
 
 demo: repository
 	$(BIN)/python -m clients.demo --repository $(REPO) --out build/demo
+
+perf: repository
+	$(BIN)/python -m perf.provision
+	$(BIN)/python -m perf.run --repository $(REPO) --out build/perf
+
+bench: repository
+	$(BIN)/python -m perf.provision
+	$(BIN)/python -m bench.bench --checkpoint $(MODEL) --onnx-dir $(ONNX)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

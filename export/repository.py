@@ -23,10 +23,12 @@ SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
 BLS = "flux2_klein_kv"
 
 
-def bls_config(device: str, instances: int) -> str:
+def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.text_len) -> str:
     env = DEFAULT_ENVELOPE
     params = {
         "device": device,
+        # Prompt length in tokens (padded), as the pipeline's max_sequence_length; 512 for the real model.
+        "max_sequence_length": text_tokens,
         "max_references": env.max_references,
         "min_side": env.output_side[0],
         "max_side": env.output_side[2],
@@ -60,7 +62,7 @@ def _find_engine(engines_dir: Path, component: str) -> Path:
 
 
 def assemble(onnx_dir, checkpoint, out, backend="onnxruntime", engines_dir=None, device="cpu",
-             bls_instances=2, threads=1) -> Path:
+             bls_instances=2, threads=1, text_tokens=DEFAULT_ENVELOPE.text_len) -> Path:
     onnx_dir, out = Path(onnx_dir), Path(out)
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
     if out.exists():
@@ -84,7 +86,7 @@ def assemble(onnx_dir, checkpoint, out, backend="onnxruntime", engines_dir=None,
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(local / part, bls / part)
     (bls / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances))
+    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens))
     return out
 
 

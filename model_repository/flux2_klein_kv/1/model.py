@@ -39,6 +39,7 @@ class TritonPythonModel:
         here = Path(args["model_repository"]) / args["model_version"]
         self.limits = Limits.from_parameters(params)
         self.device = torch.device(params.get("device", "cpu"))
+        self.max_sequence_length = int(params.get("max_sequence_length", 512))
         self.manifest = json.loads((here / "manifest.json").read_text())
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.manifest["dtype"]]
         self.tokenizer = AutoTokenizer.from_pretrained(here / "tokenizer")
@@ -124,7 +125,8 @@ class TritonPythonModel:
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                     add_generation_prompt=True, enable_thinking=False)]
-        tokens = self.tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True, max_length=512)
+        tokens = self.tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True,
+                                max_length=self.max_sequence_length)
         (embeds,) = self.infer("text_encoder", {"input_ids": tokens["input_ids"].to(self.device),
                                                 "attention_mask": tokens["attention_mask"].to(self.device)},
                                ["prompt_embeds"])

@@ -1,0 +1,90 @@
+"""Shared pieces of the benchmarks: medians, the machine's description, process memory, and
+BENCHMARKS.md sections that each benchmark rewrites without touching the others'."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> tuple[float, object]:
+    """Median wall time of `fn()` over `repeats` calls after `warmup` calls; also the last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    debian = Path("/etc/debian_version").read_text().strip() if Path("/etc/debian_version").exists() else "?"
+    return (f"{cpu}, {os.cpu_count()} cores available, {memory_gib:.0f} GiB RAM, Debian {debian}, "
+            f"Python {platform.python_version()}")
+
+
+def _status_kib(pid: int, key: str) -> int:
+    match = re.search(rf"^{key}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    return int(match.group(1)) if match else 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (tritonserver starts one Python-backend stub per model instance)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int(Path(entry, "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def tree_memory_gib(pid: int) -> dict[str, float]:
+    """Resident memory of a process tree: now (sum of VmRSS) and the sum of each process's peak (VmHWM),
+    an upper bound of the tree's peak, since the processes need not peak at the same moment."""
+    rss = hwm = 0
+    for member in process_tree(pid):
+        try:
+            rss += _status_kib(member, "VmRSS")
+            hwm += _status_kib(member, "VmHWM")
+        except OSError:
+            continue
+    return {"rss_gib": rss / 2**20, "peak_gib": hwm / 2**20}
+
+
+def write_section(name: str, text: str, path: Path = ROOT / "BENCHMARKS.md") -> Path:
+    """Replace (or append) the section between this benchmark's markers in BENCHMARKS.md."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    current = path.read_text() if path.exists() else (
+        "# Benchmarks\n\nEach section below is written by the command it names; rerun that command to refresh it.\n")
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        current = head + block + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip() + "\n\n" + block + "\n"
+    path.write_text(current)
+    return path
