@@ -362,7 +362,12 @@ class Probe:
                      return_dict=False, **kwargs)[0]
 
         def ours_cached_call(ref_kv):
-            return cached(x["latents"], x["prompt_embeds"], x["sigma"], x["img_ids"], x["txt_ids"], ref_kv)
+            # The graph's batched layout: latent grid [B, g, g, C], per-sample ids and K/V (views here).
+            b, g = x["latents"].shape[0], self.shape["img_grid"]
+            out = cached(x["latents"].reshape(b, g, g, -1), x["prompt_embeds"], x["sigma"].expand(b),
+                         x["img_ids"].reshape(1, g, g, 4).expand(b, -1, -1, -1),
+                         x["txt_ids"].unsqueeze(0).expand(b, -1, -1), ref_kv.unsqueeze(0).expand(b, *ref_kv.shape))
+            return out.reshape(b, g * g, -1)
 
         if refs == 0:
             reference = self.measure("diffusers_plain_0ref", "diffusers plain step (text-to-image)", 0,

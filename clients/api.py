@@ -21,7 +21,8 @@ MODEL = "flux2_klein_kv"
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 # Triton dtypes of the optional scalar inputs (config.pbtxt of flux2_klein_kv).
 SCALAR_TYPES = {"height": (np.int32, "INT32"), "width": (np.int32, "INT32"), "seed": (np.int64, "INT64"),
-                "num_images_per_prompt": (np.int32, "INT32"), "num_inference_steps": (np.int32, "INT32")}
+                "num_images_per_prompt": (np.int32, "INT32"), "num_inference_steps": (np.int32, "INT32"),
+                "reuse_reference_cache": (np.bool_, "BOOL")}
 
 
 class Flux2Error(RuntimeError):
@@ -83,9 +84,9 @@ def _error(exc) -> Flux2Error:
     return Flux2Error(" ".join(str(message).split()), None if status is None else str(status))
 
 
-def _arguments(prompt, images, height, width, seed, num_images, steps):
+def _arguments(prompt, images, height, width, seed, num_images, steps, reuse_reference_cache):
     return request_tensors(prompt, images, height=height, width=width, seed=seed, num_images_per_prompt=num_images,
-                           num_inference_steps=steps)
+                           num_inference_steps=steps, reuse_reference_cache=reuse_reference_cache)
 
 
 class Flux2Client:
@@ -115,9 +116,10 @@ class Flux2Client:
             raise _error(exc) from None
 
     def generate(self, prompt: str, images=(), *, height: int | None = None, width: int | None = None,
-                 seed: int | None = None, num_images: int = 1, steps: int | None = None) -> list[Image.Image]:
+                 seed: int | None = None, num_images: int = 1, steps: int | None = None,
+                 reuse_reference_cache: bool | None = None) -> list[Image.Image]:
         """Text-to-image without `images`; an edit with 1-4 reference images (paths, bytes or PIL)."""
-        tensors = _arguments(prompt, images, height, width, seed, num_images, steps)
+        tensors = _arguments(prompt, images, height, width, seed, num_images, steps, reuse_reference_cache)
         return to_pil(self.infer(tensors))
 
     def close(self):
@@ -141,10 +143,11 @@ class AsyncFlux2Client:
         self.client = aio.InferenceServerClient(url or DEFAULT_URLS["grpc"])
 
     async def generate(self, prompt: str, images=(), *, height: int | None = None, width: int | None = None,
-                       seed: int | None = None, num_images: int = 1, steps: int | None = None) -> list[Image.Image]:
+                       seed: int | None = None, num_images: int = 1, steps: int | None = None,
+                       reuse_reference_cache: bool | None = None) -> list[Image.Image]:
         from tritonclient.utils import InferenceServerException
 
-        tensors = _arguments(prompt, images, height, width, seed, num_images, steps)
+        tensors = _arguments(prompt, images, height, width, seed, num_images, steps, reuse_reference_cache)
         timeout = {"client_timeout": self.timeout_s} if self.timeout_s else {}
         try:
             result = await self.client.infer(self.model, infer_inputs(self.module, tensors),
@@ -161,6 +164,19 @@ class AsyncFlux2Client:
 
     async def __aexit__(self, *exc):
         await self.close()
+
+
+def reference_cache_metrics(metrics_url: str = "127.0.0.1:8002") -> dict[str, float]:
+    """The server's reference K/V cache metrics (hits_total, misses_total, evictions_total, bytes,
+    entries), summed over BLS instances, from Triton's Prometheus metrics endpoint."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10).read().decode()
+    totals: dict[str, float] = {}
+    for name, value in re.findall(r"^flux2_reference_cache_(\w+)\{[^}]*\} ([0-9.e+]+)$", text, re.M):
+        totals[name] = totals.get(name, 0.0) + float(value)
+    return totals
 
 
 def synthetic_reference(size: tuple[int, int], hue: int) -> bytes:

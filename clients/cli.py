@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="noise seed (default: random on the server)")
     p.add_argument("--num-images", type=int, default=1, help="images for this prompt (default 1)")
     p.add_argument("--steps", type=int, help="denoising steps (default 4, the distilled schedule)")
+    p.add_argument("--no-reference-cache", action="store_true",
+                   help="recompute the references' K/V instead of reusing the server's cached copy")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     p.add_argument("--url", help=f"server address (default {DEFAULT_URLS['grpc']} for gRPC, {DEFAULT_URLS['http']} for HTTP)")
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
@@ -51,7 +53,8 @@ def main(argv=None) -> int:
     try:
         with Flux2Client(args.url, args.protocol, timeout_s=args.timeout) as client:
             images = client.generate(args.prompt, args.image, height=args.height, width=args.width, seed=args.seed,
-                                     num_images=args.num_images, steps=args.steps)
+                                     num_images=args.num_images, steps=args.steps,
+                                     reuse_reference_cache=False if args.no_reference_cache else None)
     except Flux2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

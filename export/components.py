@@ -137,14 +137,13 @@ def _stack_kv(cache: Flux2KVCache) -> torch.Tensor:
     return torch.stack([torch.stack(layer.get(), dim=0)[:, 0] for layer in layers], dim=0)
 
 
-def _unstack_kv(ref_kv: torch.Tensor, batch: int, num_double: int, num_single: int) -> Flux2KVCache:
-    """One K/V tensor computed at batch 1 -> a Flux2KVCache broadcast to `batch`."""
+def _unstack_kv(ref_kv: torch.Tensor, num_double: int, num_single: int) -> Flux2KVCache:
+    """Per-sample K/V [B, NL, 2, N_ref, heads, head_dim] -> a Flux2KVCache."""
     cache = Flux2KVCache(num_double_layers=num_double, num_single_layers=num_single)
-    cache.num_ref_tokens = ref_kv.shape[2]
+    cache.num_ref_tokens = ref_kv.shape[3]
     layers = cache.double_block_caches + cache.single_block_caches
     for index, layer in enumerate(layers):
-        k, v = ref_kv[index, 0], ref_kv[index, 1]
-        layer.store(k.unsqueeze(0).expand(batch, -1, -1, -1), v.unsqueeze(0).expand(batch, -1, -1, -1))
+        layer.store(ref_kv[:, index, 0], ref_kv[:, index, 1])
     return cache
 
 
@@ -186,6 +185,12 @@ class TransformerPrefill(torch.nn.Module):
 class TransformerCached(torch.nn.Module):
     """One denoising step given the reference K/V (diffusers' `kv_cache_mode="cached"`).
 
+    Every input leads with the batch axis, and latents and image ids keep their latent grid
+    (lat_h, lat_w), so Triton's dynamic batcher may stack concurrent requests: it only merges
+    requests of equal shapes, and within equal shapes the position ids are equal (diffusers
+    takes the first sample's). Each sample brings its own reference K/V; the BLS repeats one
+    request's K/V (computed once, at batch 1) over its images.
+
     Text-to-image uses the same graph with N_ref = 0: an empty K/V adds nothing to the
     attention, so the step equals diffusers' plain forward (tested). This avoids a third
     full-size transformer engine; a TensorRT profile with min N_ref = 0 is the assumption
@@ -199,18 +204,20 @@ class TransformerCached(torch.nn.Module):
 
     def forward(self, latents, prompt_embeds, timestep, img_ids, txt_ids, ref_kv):
         t = self.transformer
-        cache = _unstack_kv(ref_kv, latents.shape[0], len(t.transformer_blocks), len(t.single_transformer_blocks))
-        return t(
-            hidden_states=latents,
+        batch, lat_h, lat_w, channels = latents.shape
+        cache = _unstack_kv(ref_kv, len(t.transformer_blocks), len(t.single_transformer_blocks))
+        noise_pred = t(
+            hidden_states=latents.reshape(batch, lat_h * lat_w, channels),
             encoder_hidden_states=prompt_embeds,
             timestep=timestep,
-            img_ids=img_ids,
+            img_ids=img_ids.reshape(batch, lat_h * lat_w, 4),
             txt_ids=txt_ids,
             guidance=None,
             return_dict=False,
             kv_cache=cache,
             kv_cache_mode="cached",
         )[0]
+        return noise_pred.reshape(batch, lat_h, lat_w, channels)
 
 
 # --------------------------------------------------------------------------------------
@@ -259,13 +266,13 @@ def graph_specs(config: dict) -> dict[str, GraphSpec]:
         ),
         GraphSpec(
             "transformer_cached",
-            (TensorSpec("latents", ("batch", "n_img", c)),
+            (TensorSpec("latents", ("batch", "lat_h", "lat_w", c)),
              TensorSpec("prompt_embeds", ("batch", "text_len", text_dim)),
              TensorSpec("timestep", ("batch",)),
-             TensorSpec("img_ids", ("n_img", 4), "int64"),
-             TensorSpec("txt_ids", ("text_len", 4), "int64"),
-             TensorSpec("ref_kv", kv)),
-            (TensorSpec("noise_pred", ("batch", "n_img", c)),),
+             TensorSpec("img_ids", ("batch", "lat_h", "lat_w", 4), "int64"),
+             TensorSpec("txt_ids", ("batch", "text_len", 4), "int64"),
+             TensorSpec("ref_kv", ("batch", *kv))),
+            (TensorSpec("noise_pred", ("batch", "lat_h", "lat_w", c)),),
         ),
         GraphSpec(
             "vae_decoder",

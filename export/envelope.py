@@ -35,9 +35,8 @@ class ServingEnvelope:
             "text_len": (self.text_len,) * 3,
             "height": (ref_lo, ref_opt, ref_hi),  # vae_encoder input (reference pixels)
             "width": (ref_lo, ref_opt, ref_hi),
-            "lat_h": (out_lo, out_opt, out_hi),  # vae_decoder input (output tokens per side)
+            "lat_h": (out_lo, out_opt, out_hi),  # output latent grid (cached step, vae_decoder)
             "lat_w": (out_lo, out_opt, out_hi),
-            "n_img": (out_lo**2, out_opt**2, out_hi**2),
             "n_ref": (0, ref_tokens_opt, ref_tokens_max),
         }
 

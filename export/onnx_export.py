@@ -22,9 +22,9 @@ OPSET = 18  # within TensorRT 10's parser range (opset 9-20), see trt_supported_
 LARGE_GRAPH_BYTES = 1 << 30  # weights go to external data well before protobuf's 2 GB limit
 
 # Trace-time sizes of the dynamic dims (all >= 2 and distinct).
-TRACE = {"batch": 2, "text_len": 7, "lat_h": 3, "lat_w": 5, "n_img": 12, "n_ref": 10}
+TRACE = {"batch": 2, "text_len": 7, "lat_h": 3, "lat_w": 5, "n_ref": 10}
 # Upper bounds of the dynamic dims; the serving envelope (envelope.py) is well inside them.
-MAX = {"batch": 64, "text_len": 4096, "lat_h": 512, "lat_w": 512, "n_img": 65536, "n_ref": 65536}
+MAX = {"batch": 64, "text_len": 4096, "lat_h": 512, "lat_w": 512, "n_ref": 65536}
 
 
 def _dims():
@@ -32,8 +32,7 @@ def _dims():
     text_len = Dim("text_len", min=1, max=MAX["text_len"])
     lat_h = Dim("lat_h", min=1, max=MAX["lat_h"])
     lat_w = Dim("lat_w", min=1, max=MAX["lat_w"])
-    n_img = Dim("n_img", min=1, max=MAX["n_img"])
-    return batch, text_len, lat_h, lat_w, n_img
+    return batch, text_len, lat_h, lat_w
 
 
 def sample_inputs(name: str, config: dict, dtype: torch.dtype, sizes: dict | None = None) -> tuple:
@@ -55,14 +54,14 @@ def sample_inputs(name: str, config: dict, dtype: torch.dtype, sizes: dict | Non
     if name == "transformer_prefill":
         return randn(1, s["n_ref"], c), ref_ids_for(s["n_ref"])
     if name == "transformer_cached":
-        kv = randn(config["kv_layers"], 2, s["n_ref"], config["heads"], config["head_dim"])
-        img_ids = torch.stack(torch.meshgrid(
-            torch.zeros(1, dtype=torch.long), torch.arange(s["n_img"]), torch.zeros(1, dtype=torch.long),
-            torch.zeros(1, dtype=torch.long), indexing="ij"), dim=-1).reshape(-1, 4)
-        txt_ids = torch.stack([torch.zeros(s["text_len"], dtype=torch.long)] * 3 + [torch.arange(s["text_len"])], -1)
-        timestep = torch.rand(s["batch"], generator=g).to(dtype)
-        return (randn(s["batch"], s["n_img"], c), randn(s["batch"], s["text_len"], 3 * config["text_hidden"]),
-                timestep, img_ids, txt_ids, kv)
+        b, h, w, t = s["batch"], s["lat_h"], s["lat_w"], s["text_len"]
+        kv = randn(b, config["kv_layers"], 2, s["n_ref"], config["heads"], config["head_dim"])
+        img_ids = torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.long), torch.arange(h), torch.arange(w),
+                                             torch.zeros(1, dtype=torch.long), indexing="ij"), dim=-1)
+        txt_ids = torch.stack([torch.zeros(t, dtype=torch.long)] * 3 + [torch.arange(t)], -1)
+        timestep = torch.rand(b, generator=g).to(dtype)
+        return (randn(b, h, w, c), randn(b, t, 3 * config["text_hidden"]), timestep,
+                img_ids.reshape(1, h, w, 4).expand(b, -1, -1, -1).contiguous(), txt_ids.expand(b, -1, -1).contiguous(), kv)
     if name == "vae_decoder":
         return randn(s["batch"], s["lat_h"], s["lat_w"], c),
     raise KeyError(name)
@@ -75,7 +74,7 @@ def ref_ids_for(n_ref: int) -> torch.Tensor:
 
 
 def dynamic_shapes(name: str) -> dict:
-    batch, text_len, lat_h, lat_w, n_img = _dims()
+    batch, text_len, lat_h, lat_w = _dims()
     if name == "text_encoder":
         return {"input_ids": {0: batch, 1: text_len}, "attention_mask": {0: batch, 1: text_len}}
     if name == "vae_encoder":
@@ -85,8 +84,9 @@ def dynamic_shapes(name: str) -> dict:
         return {"ref_latents": {1: n_ref}, "ref_ids": {0: n_ref}}
     if name == "transformer_cached":
         n_ref = Dim("n_ref", min=0, max=MAX["n_ref"])  # 0 = text-to-image
-        return {"latents": {0: batch, 1: n_img}, "prompt_embeds": {0: batch, 1: text_len},
-                "timestep": {0: batch}, "img_ids": {0: n_img}, "txt_ids": {0: text_len}, "ref_kv": {2: n_ref}}
+        return {"latents": {0: batch, 1: lat_h, 2: lat_w}, "prompt_embeds": {0: batch, 1: text_len},
+                "timestep": {0: batch}, "img_ids": {0: batch, 1: lat_h, 2: lat_w}, "txt_ids": {0: batch, 1: text_len},
+                "ref_kv": {0: batch, 3: n_ref}}
     if name == "vae_decoder":
         return {"latents": {0: batch, 1: lat_h, 2: lat_w}}
     raise KeyError(name)

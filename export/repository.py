@@ -23,12 +23,20 @@ SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
 BLS = "flux2_klein_kv"
 
 
-def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.text_len) -> str:
+# Reference K/V cache budget per BLS instance (each instance is a process with its own cache).
+# 4 GiB holds two 1024x1024 single-reference entries at 9B in bf16 (2 GiB each, DESIGN.md section 3);
+# with the ~44 GB of engines an 80 GB GPU keeps room for two instances' caches and activations.
+REFERENCE_CACHE_BYTES = 4 * 2**30
+
+
+def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.text_len,
+               cache_bytes: int = REFERENCE_CACHE_BYTES) -> str:
     env = DEFAULT_ENVELOPE
     params = {
         "device": device,
         # Prompt length in tokens (padded), as the pipeline's max_sequence_length; 512 for the real model.
         "max_sequence_length": text_tokens,
+        "reference_cache_bytes": cache_bytes,
         "max_references": env.max_references,
         "min_side": env.output_side[0],
         "max_side": env.output_side[2],
@@ -41,7 +49,7 @@ def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.
     }
     optional = [("image", "TYPE_STRING", [-1]), ("height", "TYPE_INT32", [1]), ("width", "TYPE_INT32", [1]),
                 ("seed", "TYPE_INT64", [1]), ("num_images_per_prompt", "TYPE_INT32", [1]),
-                ("num_inference_steps", "TYPE_INT32", [1])]
+                ("num_inference_steps", "TYPE_INT32", [1]), ("reuse_reference_cache", "TYPE_BOOL", [1])]
     inputs = ['  {\n    name: "prompt"\n    data_type: TYPE_STRING\n    dims: [1]\n  }']
     inputs += [f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: {d}\n    optional: true\n  }}'
                for n, t, d in optional]
@@ -62,7 +70,8 @@ def _find_engine(engines_dir: Path, component: str) -> Path:
 
 
 def assemble(onnx_dir, checkpoint, out, backend="onnxruntime", engines_dir=None, device="cpu",
-             bls_instances=2, threads=1, text_tokens=DEFAULT_ENVELOPE.text_len) -> Path:
+             bls_instances=2, threads=1, text_tokens=DEFAULT_ENVELOPE.text_len,
+             cache_bytes=REFERENCE_CACHE_BYTES) -> Path:
     onnx_dir, out = Path(onnx_dir), Path(out)
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
     if out.exists():
@@ -86,7 +95,7 @@ def assemble(onnx_dir, checkpoint, out, backend="onnxruntime", engines_dir=None,
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(local / part, bls / part)
     (bls / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens))
+    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens, cache_bytes))
     return out
 
 
@@ -111,9 +120,11 @@ def main(argv=None) -> int:
     parser.add_argument("--engines-dir", default="build/engines", help="TensorRT plans (with --backend tensorrt)")
     parser.add_argument("--device", default="cpu", help="device the BLS computes on: cpu or cuda:N")
     parser.add_argument("--bls-instances", type=int, default=2, help="BLS instances (overlapping requests)")
+    parser.add_argument("--reference-cache-bytes", type=int, default=REFERENCE_CACHE_BYTES,
+                        help="reference K/V cache budget per BLS instance, bytes (default %(default)s; 0 disables)")
     args = parser.parse_args(argv)
     out = assemble(args.onnx_dir, args.checkpoint, args.out, args.backend, args.engines_dir, args.device,
-                   args.bls_instances)
+                   args.bls_instances, cache_bytes=args.reference_cache_bytes)
     print(f"wrote Triton model repository ({args.backend}) to {out}")
     return 0
 

@@ -2,11 +2,15 @@
 
 Two backends, same tensor names, shapes and types, so the BLS model cannot tell them apart:
 
-* `tensorrt` (production): `platform: "tensorrt_plan"`, KIND_GPU. Graphs whose every input
-  leads with the batch dimension get `max_batch_size` and dynamic batching; the others
-  (position ids and K/V have no batch axis) take whole shapes (`max_batch_size: 0`).
+* `tensorrt` (production): `platform: "tensorrt_plan"`, KIND_GPU.
 * `onnxruntime` (this machine): a Python-backend model that runs the same ONNX graph with
-  onnxruntime on the CPU, since Triton's onnxruntime backend is not available here.
+  onnxruntime on the CPU, since Triton's onnxruntime backend is not available here; it runs
+  the requests Triton batches together as one batch, as an engine would.
+
+On both, graphs whose every tensor leads with the batch dimension (text encoder, cached step,
+VAE decoder) get `max_batch_size` and dynamic batching, so concurrent requests of equal shapes
+share one execution; the others (VAE encoder: references differ in size; prefill: one per
+request) take whole shapes (`max_batch_size: 0`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ def _tensor_block(kind: str, tensors, dtype: str, drop_batch: bool) -> str:
         if drop_batch:
             dims = dims[1:]
         data_type = TRITON_TYPES["int64" if t.dtype == "int64" else dtype]
-        entries.append(f'  {{\n    name: "{t.name}"\n    data_type: {data_type}\n    dims: {dims}\n  }}')
+        # A per-sample scalar (timestep [batch]) travels as [1] per sample, reshaped to [] for the model.
+        reshape = "\n    reshape: { shape: [ ] }" if not dims else ""
+        entries.append(f'  {{\n    name: "{t.name}"\n    data_type: {data_type}\n    dims: {dims or [1]}{reshape}\n  }}')
     return f"{kind} [\n" + ",\n".join(entries) + "\n]"
 
 
@@ -40,11 +46,12 @@ def component_config(spec: GraphSpec, dtype: str, backend: str, instances: int =
     lines = [f'name: "{spec.name}"']
     # Triton's max_batch_size must not exceed the engine profile's batch range.
     max_batch = {**envelope.dim_ranges(), **envelope.graph_overrides(spec.name)}["batch"][2]
-    batch = backend == "tensorrt" and batchable(spec) and max_batch > 1
+    batch = batchable(spec) and max_batch > 1
     if backend == "tensorrt":
-        lines += ['platform: "tensorrt_plan"', f"max_batch_size: {max_batch if batch else 0}"]
+        lines.append('platform: "tensorrt_plan"')
     else:
-        lines += ['backend: "python"', "max_batch_size: 0"]
+        lines.append('backend: "python"')
+    lines.append(f"max_batch_size: {max_batch if batch else 0}")
     lines.append(_tensor_block("input", spec.inputs, dtype, batch))
     lines.append(_tensor_block("output", spec.outputs, dtype, batch))
     kind = "KIND_GPU" if backend == "tensorrt" else "KIND_CPU"

@@ -100,6 +100,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+BLS_INSTANCES = 4
+CACHE_BYTES = 2**20
+
+
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory, onnx_fp32, tiny_checkpoint):
     """A real tritonserver on the assembled (onnxruntime) repository of the tiny checkpoint."""
@@ -107,7 +111,10 @@ def triton_server(tmp_path_factory, onnx_fp32, tiny_checkpoint):
     from server.launch import start
 
     workdir = tmp_path_factory.mktemp("triton")
-    repository = assemble(onnx_fp32, tiny_checkpoint, workdir / "model_repository", backend="onnxruntime")
+    # 4 BLS instances so concurrent requests overlap; a 1 MiB reference K/V cache per instance holds
+    # a few tiny-model entries (2 KiB per reference token), so eviction happens in the tests.
+    repository = assemble(onnx_fp32, tiny_checkpoint, workdir / "model_repository", backend="onnxruntime",
+                          bls_instances=BLS_INSTANCES, cache_bytes=CACHE_BYTES)
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     process = start(repository, ports["http"], ports["grpc"], ports["metrics"], log_file=workdir / "server.log")
     yield {"http": f"127.0.0.1:{ports['http']}", "grpc": f"127.0.0.1:{ports['grpc']}",

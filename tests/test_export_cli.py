@@ -40,8 +40,8 @@ def test_build_engines_dry_run_prints_every_profile(onnx_bf16):
     for name in COMPONENTS:
         assert f"{name}:" in out and engine_name(name, "<trt>", "<sm>") in out
     # 256-1440 px output (16-90 tokens a side), opt 1024 px, batch 1-4, 512 text tokens.
-    assert "latents         min [1, 256, 128]  opt [1, 4096, 128]  max [4, 8100, 128]" in out
-    assert "ref_kv          min [4, 2, 0, 4, 16]  opt [4, 2, 4096, 4, 16]  max [4, 2, 16384, 4, 16]" in out
+    assert "latents         min [1, 16, 16, 128]  opt [1, 64, 64, 128]  max [4, 90, 90, 128]" in out
+    assert "ref_kv          min [1, 4, 2, 0, 4, 16]  opt [1, 4, 2, 4096, 4, 16]  max [4, 4, 2, 16384, 4, 16]" in out
     assert "input_ids       min [1, 512]  opt [1, 512]  max [4, 512]" in out
 
 
@@ -60,6 +60,6 @@ def test_profiles_cover_every_dynamic_dim_in_order():
         for name, (lo, opt, hi) in profile_shapes(spec, DEFAULT_ENVELOPE).items():
             assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (spec.name, name)
     cached = profile_shapes(graph_specs(dims)["transformer_cached"])
-    assert cached["ref_kv"][2] == (32, 2, 16384, 32, 128)  # 4 references of 1024x1024
+    assert cached["ref_kv"][2] == (4, 32, 2, 16384, 32, 128)  # 4 images, 4 references of 1024x1024 each
     prefill = profile_shapes(graph_specs(dims)["transformer_prefill"])
     assert prefill["ref_latents"][0] == (1, 16, 128)

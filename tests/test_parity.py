@@ -79,9 +79,21 @@ def _diffusers_kv(cache: Flux2KVCache) -> np.ndarray:
     return np.stack([np.stack([layer.k_ref[0].numpy(), layer.v_ref[0].numpy()]) for layer in layers])
 
 
-def _cached_feeds(latents, embeds, sigma, img_ids, txt_ids, ref_kv):
-    return dict(latents=latents, prompt_embeds=embeds, timestep=torch.full((latents.shape[0],), sigma),
-                img_ids=img_ids, txt_ids=txt_ids, ref_kv=ref_kv)
+def _cached_feeds(latents, embeds, sigma, img_ids, txt_ids, ref_kv, lat_h, lat_w):
+    """The cached graph's batched layout from the pipeline's: [B, lat_h, lat_w, C] latents and ids,
+    per-sample ids and K/V (one K/V of batch 1 repeated, as the BLS sends it)."""
+    batch = latents.shape[0]
+    ref_kv = torch.as_tensor(ref_kv)
+    if ref_kv.dim() == 5:
+        ref_kv = ref_kv.unsqueeze(0).expand(batch, *ref_kv.shape).contiguous()
+    return dict(latents=latents.reshape(batch, lat_h, lat_w, -1), prompt_embeds=embeds,
+                timestep=torch.full((batch,), sigma), img_ids=img_ids.reshape(1, lat_h, lat_w, 4).repeat(batch, 1, 1, 1),
+                txt_ids=txt_ids.unsqueeze(0).repeat(batch, 1, 1), ref_kv=ref_kv)
+
+
+def _run_cached(session, *args):
+    (noise_pred,) = run_graph(session, **_cached_feeds(*args))
+    return noise_pred.reshape(noise_pred.shape[0], -1, noise_pred.shape[-1])
 
 
 @pytest.mark.parametrize("ref_sizes, batch, lat_h, lat_w, text_len", [
@@ -103,7 +115,7 @@ def test_prefill_and_cached_reproduce_extract_and_cached(pipe, ort_session, ref_
             timestep=torch.full((batch,), 0.9), img_ids=torch.cat([ref_ids, img_ids]), txt_ids=txt_ids,
             guidance=None, return_dict=False, kv_cache_mode="extract", num_ref_tokens=refs.shape[1])
     assert rel_l2(ref_kv, _diffusers_kv(cache)) <= TOL
-    (actual0,) = run_graph(cached, **_cached_feeds(latents, embeds, 0.9, img_ids, txt_ids, ref_kv))
+    actual0 = _run_cached(cached, latents, embeds, 0.9, img_ids, txt_ids, ref_kv, lat_h, lat_w)
     assert rel_l2(actual0, expected0) <= TOL
 
     for sigma, seed in ((0.6, 2), (0.3, 3)):
@@ -112,7 +124,7 @@ def test_prefill_and_cached_reproduce_extract_and_cached(pipe, ort_session, ref_
             expected = transformer(hidden_states=step_latents, encoder_hidden_states=embeds,
                                    timestep=torch.full((batch,), sigma), img_ids=img_ids, txt_ids=txt_ids,
                                    guidance=None, return_dict=False, kv_cache=cache, kv_cache_mode="cached")[0]
-        (actual,) = run_graph(cached, **_cached_feeds(step_latents, embeds, sigma, img_ids, txt_ids, ref_kv))
+        actual = _run_cached(cached, step_latents, embeds, sigma, img_ids, txt_ids, ref_kv, lat_h, lat_w)
         assert rel_l2(actual, expected) <= TOL
 
 
@@ -135,10 +147,37 @@ def test_cached_without_references_is_the_plain_forward(pipe, ort_session, batch
     """Text-to-image: the cached-step graph with N_ref = 0 equals diffusers' no-KV forward."""
     latents, embeds, img_ids, txt_ids = _step_inputs(batch, lat_h, lat_w, text_len, seed=7)
     empty_kv = np.zeros((4, 2, 0, 4, 16), dtype=np.float32)
-    (actual,) = run_graph(ort_session("transformer_cached"), **_cached_feeds(latents, embeds, 0.7, img_ids,
-                                                                              txt_ids, empty_kv))
+    actual = _run_cached(ort_session("transformer_cached"), latents, embeds, 0.7, img_ids, txt_ids, empty_kv,
+                         lat_h, lat_w)
     with torch.no_grad():
         expected = pipe.transformer(hidden_states=latents, encoder_hidden_states=embeds,
                                     timestep=torch.full((batch,), 0.7), img_ids=img_ids, txt_ids=txt_ids,
                                     guidance=None, return_dict=False)[0]
     assert rel_l2(actual, expected) <= TOL
+
+
+def test_cached_batch_of_different_requests_equals_each_alone(pipe, ort_session):
+    """What dynamic batching relies on: samples with their own K/V and timestep in one batch
+    give what each gives alone in diffusers."""
+    lat_h, lat_w, text_len = 3, 4, 20
+    latents, embeds, img_ids, txt_ids = _step_inputs(2, lat_h, lat_w, text_len, seed=8)
+    sigmas = (0.8, 0.35)
+    kvs, expected = [], []
+    for sample, sizes in enumerate(([(2, 4)], [(4, 1), (2, 2)])):  # 8 reference tokens each, different sets
+        refs, ref_ids = _references(sizes, seed=10 + sample)
+        (ref_kv,) = run_graph(ort_session("transformer_prefill"), ref_latents=refs, ref_ids=ref_ids)
+        kvs.append(ref_kv)
+        with torch.no_grad():
+            _, cache = pipe.transformer(
+                hidden_states=torch.cat([refs, latents[sample:sample + 1]], 1),
+                encoder_hidden_states=embeds[sample:sample + 1], timestep=torch.full((1,), 0.9),
+                img_ids=torch.cat([ref_ids, img_ids]), txt_ids=txt_ids, guidance=None, return_dict=False,
+                kv_cache_mode="extract", num_ref_tokens=refs.shape[1])
+            expected.append(pipe.transformer(
+                hidden_states=latents[sample:sample + 1], encoder_hidden_states=embeds[sample:sample + 1],
+                timestep=torch.full((1,), sigmas[sample]), img_ids=img_ids, txt_ids=txt_ids, guidance=None,
+                return_dict=False, kv_cache=cache, kv_cache_mode="cached")[0])
+    feeds = _cached_feeds(latents, embeds, 0.0, img_ids, txt_ids, np.stack(kvs), lat_h, lat_w)
+    feeds["timestep"] = torch.tensor(sigmas)
+    (actual,) = run_graph(ort_session("transformer_cached"), **feeds)
+    assert rel_l2(actual.reshape(2, lat_h * lat_w, -1), torch.cat(expected)) <= TOL

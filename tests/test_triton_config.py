@@ -28,21 +28,23 @@ def test_component_configs_parse(request, backend, dtype):
         assert [i.name for i in config.input] == [t["name"] for t in entry["inputs"]]
         float_type = model_config_pb2.TYPE_BF16 if dtype == "bf16" else model_config_pb2.TYPE_FP32
         assert {i.data_type for i in config.input} <= {float_type, model_config_pb2.TYPE_INT64}
+        # Every tensor leads with batch and the profile goes up to 4: batched across requests, on both backends.
+        batched = name in ("text_encoder", "transformer_cached", "vae_decoder")
+        assert config.max_batch_size == (4 if batched else 0)
+        assert config.HasField("dynamic_batching") == batched
         if backend == "tensorrt":
             assert config.platform == "tensorrt_plan"
             assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
-            batched = name in ("text_encoder", "vae_decoder")  # every tensor leads with batch, profile up to 4
-            assert config.max_batch_size == (4 if batched else 0)
-            assert config.HasField("dynamic_batching") == batched
         else:
-            assert config.backend == "python" and config.max_batch_size == 0
+            assert config.backend == "python"
 
 
 def test_bls_config_is_the_public_interface():
     config = parse(bls_config("cuda:0", 3))
     inputs = {i.name: i for i in config.input}
     assert list(inputs) == ["prompt", "image", "height", "width", "seed", "num_images_per_prompt",
-                            "num_inference_steps"]
+                            "num_inference_steps", "reuse_reference_cache"]
+    assert inputs["reuse_reference_cache"].data_type == model_config_pb2.TYPE_BOOL
     assert not inputs["prompt"].optional and all(inputs[n].optional for n in list(inputs)[1:])
     assert inputs["prompt"].data_type == model_config_pb2.TYPE_STRING and list(inputs["image"].dims) == [-1]
     assert inputs["seed"].data_type == model_config_pb2.TYPE_INT64
@@ -51,6 +53,8 @@ def test_bls_config_is_the_public_interface():
     assert outputs["png"].data_type == model_config_pb2.TYPE_STRING
     assert config.max_batch_size == 0 and config.instance_group[0].count == 3
     assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    assert int(config.parameters["reference_cache_bytes"].string_value) == 4 * 2**30
+    assert config.parameters["max_sequence_length"].string_value == "512"
 
 
 def test_assembled_repository_configs_parse(tmp_path, onnx_fp32, tiny_checkpoint):

@@ -8,6 +8,7 @@ config.pbtxt from the declared I/O spec. Production serves the same graphs as Te
 import json
 import os
 
+import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
@@ -22,17 +23,32 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.inputs = [tensor["name"] for tensor in config["input"]]
         self.outputs = [tensor["name"] for tensor in config["output"]]
+        self.batching = config.get("max_batch_size", 0) > 0
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
+        """With dynamic batching Triton hands over several requests at once: requests of equal
+        shapes (apart from the batch axis) run as one batch, as a TensorRT engine would run them."""
+        feeds = [{name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
+                 for request in requests]
+        groups = {}
+        for index, feed in enumerate(feeds):
+            key = tuple(feed[name].shape[1:] for name in self.inputs) if self.batching else index
+            groups.setdefault(key, []).append(index)
+        responses = [None] * len(requests)
+        for members in groups.values():
+            batch = {name: np.concatenate([feeds[i][name] for i in members]) for name in self.inputs}
             try:
-                results = self.session.run(self.outputs, feeds)
+                results = self.session.run(self.outputs, batch)
             except Exception as exc:  # onnxruntime rejects shapes outside what the graph takes
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INVALID_ARG)))
+                error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INVALID_ARG)
+                for i in members:
+                    responses[i] = pb_utils.InferenceResponse(error=error)
                 continue
-            responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor(name, value) for name, value in zip(self.outputs, results)]))
+            start = 0
+            for i in members:
+                size = len(feeds[i][self.inputs[0]]) if self.batching else None  # None: whole outputs
+                stop = None if size is None else start + size
+                responses[i] = pb_utils.InferenceResponse(
+                    [pb_utils.Tensor(name, value[start:stop]) for name, value in zip(self.outputs, results)])
+                start = stop
         return responses

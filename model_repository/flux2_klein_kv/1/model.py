@@ -12,6 +12,7 @@ FORCE_CPU_ONLY_INPUT_TENSORS "no" and preferred GPU memory for BLS outputs).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import secrets
@@ -23,9 +24,11 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).parent))
+from reference_cache import ReferenceKVCache, reference_key  # noqa: E402
 from request_inputs import InvalidInput, Limits, parse  # noqa: E402
 
-INPUTS = ("prompt", "image", "height", "width", "seed", "num_images_per_prompt", "num_inference_steps")
+INPUTS = ("prompt", "image", "height", "width", "seed", "num_images_per_prompt", "num_inference_steps",
+          "reuse_reference_cache")
 
 
 class TritonPythonModel:
@@ -46,6 +49,12 @@ class TritonPythonModel:
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(here / "scheduler")
         self.scheduler_cls = FlowMatchEulerDiscreteScheduler
         self.image_processor = Flux2ImageProcessor(vae_scale_factor=16)
+        # Reference K/V reuse across requests: one LRU per BLS instance (each instance is its own
+        # process), on the serving device, keyed on the references and this model's identity.
+        manifest_digest = hashlib.sha256((here / "manifest.json").read_bytes()).hexdigest()[:16]
+        self.model_identity = f"{args['model_name']}:{args['model_version']}:{manifest_digest}"
+        self.kv_cache = ReferenceKVCache(int(params.get("reference_cache_bytes", 4 * 2**30)))
+        self.metrics = _CacheMetrics(args["model_name"], args["model_instance_name"])
         self.preferred_memory = None
         if self.device.type == "cuda":
             self.preferred_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index or 0)
@@ -95,14 +104,19 @@ class TritonPythonModel:
             if not self.limits.min_side <= value <= self.limits.max_side:
                 raise InvalidInput(f"output {name} {value} (taken from image[0]) is outside "
                                    f"[{self.limits.min_side}, {self.limits.max_side}]; pass '{name}' explicitly")
-        ref_kv = self.prefill(references)
+        ref_kv = self.reference_kv(references, req.reuse_reference_cache)
 
         # Noise exactly as prepare_latents: [B, 128, H/16, W/16] from the seeded generator, packed.
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         generator = torch.Generator(self.device).manual_seed(seed)
         shape = (batch, self.manifest["dims"]["in_channels"], height // 16, width // 16)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-        img_ids = P._prepare_latent_ids(latents)[0].to(self.device)
+        # The cached-step graph takes per-sample K/V and ids, in the latent grid layout, so Triton
+        # can batch it with other requests' steps; one K/V (computed once) is repeated per image.
+        grid = (batch, height // 16, width // 16)
+        img_ids = P._prepare_latent_ids(latents)[0].reshape(1, *grid[1:], 4).expand(*grid, 4).contiguous()
+        txt_ids = txt_ids.unsqueeze(0).expand(batch, -1, -1).contiguous()
+        step_kv = ref_kv.unsqueeze(0).expand(batch, *ref_kv.shape).contiguous()
         latents = P._pack_latents(latents)
 
         scheduler = self.scheduler_cls.from_config(self.scheduler_config)
@@ -111,14 +125,14 @@ class TritonPythonModel:
         timesteps, _ = retrieve_timesteps(scheduler, req.steps, self.device, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
         for t in timesteps:
-            timestep = (t.expand(batch).to(latents.dtype) / 1000).contiguous()
+            timestep = (t.expand(batch, 1).to(latents.dtype) / 1000).contiguous()  # [B, 1]: see config reshape
             (noise_pred,) = self.infer("transformer_cached", {
-                "latents": latents, "prompt_embeds": prompt_embeds, "timestep": timestep,
-                "img_ids": img_ids, "txt_ids": txt_ids, "ref_kv": ref_kv}, ["noise_pred"])
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                "latents": latents.reshape(*grid, -1).contiguous(), "prompt_embeds": prompt_embeds,
+                "timestep": timestep, "img_ids": img_ids.to(self.device), "txt_ids": txt_ids.to(self.device),
+                "ref_kv": step_kv}, ["noise_pred"])
+            latents = scheduler.step(noise_pred.reshape(latents.shape), t, latents, return_dict=False)[0]
 
-        grid = latents.reshape(batch, height // 16, width // 16, -1).contiguous()
-        (image,) = self.infer("vae_decoder", {"latents": grid}, ["image"])
+        (image,) = self.infer("vae_decoder", {"latents": latents.reshape(*grid, -1).contiguous()}, ["image"])
         image = self.image_processor.postprocess(image.float().cpu(), output_type="np")
         return (image * 255).round().astype(np.uint8)
 
@@ -138,6 +152,22 @@ class TritonPythonModel:
             image = self.image_processor._resize_to_target_area(image, 1024 * 1024)
         width, height = (image.width // 16) * 16, (image.height // 16) * 16
         return self.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
+
+    def reference_kv(self, references, reuse: bool) -> torch.Tensor:
+        """K/V of the ordered reference set: from the cache when an identical set was seen, else
+        VAE encoding + prefill (stored unless the request opted out)."""
+        if not references:
+            return self.prefill(references)
+        key = reference_key(references, self.model_identity) if reuse else None
+        ref_kv = self.kv_cache.get(key) if key else None
+        if ref_kv is None:
+            ref_kv = self.prefill(references)
+            if key:
+                # A CPU output may view the response's shared memory: the cache keeps its own copy.
+                # (GPU outputs come through DLPack, which keeps their owner alive.)
+                self.kv_cache.put(key, ref_kv if ref_kv.is_cuda else ref_kv.clone())
+        self.metrics.update(self.kv_cache)
+        return ref_kv
 
     def prefill(self, references) -> torch.Tensor:
         """Reference K/V for the whole ordered reference set, once per request (batch 1)."""
@@ -171,6 +201,34 @@ class TritonPythonModel:
         if response.has_error():
             raise RuntimeError(f"{model}: {response.error().message()}")
         return [_from_triton(pb_utils.get_output_tensor_by_name(response, name)) for name in outputs]
+
+
+class _CacheMetrics:
+    """Triton custom metrics of the reference K/V cache, one series per BLS instance."""
+
+    COUNTERS = {"hits": "Requests whose reference K/V came from the cache",
+                "misses": "Cache lookups that ran VAE encoding and the prefill",
+                "evictions": "Entries evicted to stay within the byte budget"}
+    GAUGES = {"bytes": "Bytes of reference K/V held by the cache", "entries": "Reference sets held by the cache"}
+
+    def __init__(self, model: str, instance: str):
+        labels = {"model": model, "instance": instance}
+        family = pb_utils.MetricFamily
+        # The families must outlive their metrics: keep references to both.
+        self.families = {name: family(name=f"flux2_reference_cache_{name}_total", description=text, kind=family.COUNTER)
+                         for name, text in self.COUNTERS.items()}
+        self.families.update({name: family(name=f"flux2_reference_cache_{name}", description=text, kind=family.GAUGE)
+                              for name, text in self.GAUGES.items()})
+        self.metrics = {name: fam.Metric(labels=labels) for name, fam in self.families.items()}
+        self.seen = dict.fromkeys(self.COUNTERS, 0)
+
+    def update(self, cache: ReferenceKVCache) -> None:
+        for name in self.COUNTERS:
+            value = getattr(cache, name)
+            self.metrics[name].increment(value - self.seen[name])
+            self.seen[name] = value
+        self.metrics["bytes"].set(cache.bytes_held)
+        self.metrics["entries"].set(len(cache.entries))
 
 
 def _to_triton(name: str, value: torch.Tensor):

@@ -38,6 +38,7 @@ class GenerationRequest:
     seed: int | None = None
     num_images: int = 1
     steps: int = 4
+    reuse_reference_cache: bool = True  # False: neither look up nor store this request's reference K/V
 
 
 def _scalar(array, name: str):
@@ -106,4 +107,6 @@ def parse(inputs: dict, limits: Limits) -> GenerationRequest:
         request.steps = int(_scalar(inputs["num_inference_steps"], "num_inference_steps"))
         if not 1 <= request.steps <= limits.max_steps:
             raise InvalidInput(f"'num_inference_steps' is {request.steps}; it must be in [1, {limits.max_steps}]")
+    if "reuse_reference_cache" in inputs:
+        request.reuse_reference_cache = bool(_scalar(inputs["reuse_reference_cache"], "reuse_reference_cache"))
     return request

@@ -1,0 +1,48 @@
+"""The BLS's reference K/V cache on its own: key coverage and LRU under a byte budget."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_repository" / "flux2_klein_kv" / "1"))
+from reference_cache import ReferenceKVCache, reference_key  # noqa: E402
+
+
+def _refs(*shapes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.rand(1, 3, h, w, generator=generator) for h, w in shapes]
+
+
+def test_key_covers_order_size_pixels_and_model():
+    a, b = _refs((32, 48), (48, 32))
+    base = reference_key([a, b], "m:1")
+    assert reference_key([a.clone(), b.clone()], "m:1") == base  # content, not identity
+    assert reference_key([b, a], "m:1") != base  # order
+    assert reference_key([a], "m:1") != base  # a part of the set is a different key
+    assert reference_key([a, b], "m:2") != base  # model version
+    assert reference_key([a, b.reshape(1, 3, 32, 48)], "m:1") != base  # same pixels, other size
+    changed = b.clone()
+    changed[0, 1, 5, 7] += 1e-6
+    assert reference_key([a, changed], "m:1") != base  # one value
+
+
+def test_lru_evicts_least_recently_used_within_budget():
+    entry = torch.zeros(256)  # 1 KiB
+    cache = ReferenceKVCache(budget_bytes=3 * 1024)
+    for key in "abc":
+        assert cache.put(key, entry.clone())
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", entry.clone())  # evicts b
+    assert cache.get("b") is None and cache.get("c") is not None
+    assert list(cache.entries) == ["a", "d", "c"]  # least recent first
+    assert cache.bytes_held == 3 * 1024 <= cache.budget_bytes
+    assert (cache.hits, cache.misses, cache.evictions) == (2, 1, 1)
+
+
+def test_entry_larger_than_budget_is_not_stored():
+    cache = ReferenceKVCache(budget_bytes=100)
+    assert not cache.put("big", torch.zeros(1000))
+    assert cache.bytes_held == 0 and cache.get("big") is None

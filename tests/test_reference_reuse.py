@@ -1,0 +1,87 @@
+"""Reference K/V reuse across requests and one K/V per request, through a real tritonserver.
+
+The server fixture runs 4 BLS instances, each with its own 1 MiB cache (conftest); the tiny
+model's K/V is 2 KiB per reference token (4 layers x K,V x 4 heads x 16 x fp32), so a 256x256
+reference (256 tokens) takes 512 KiB: two fit in one instance's cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tritonclient.grpc as grpc
+
+from clients.api import Flux2Client, reference_cache_metrics, synthetic_reference
+from tests.conftest import BLS_INSTANCES, CACHE_BYTES
+
+
+def cache_metrics(server) -> dict[str, float]:
+    return reference_cache_metrics(server["metrics"])
+
+
+def model_counts(server, model: str) -> tuple[int, int]:
+    stats = grpc.InferenceServerClient(server["grpc"]).get_inference_statistics(model).model_stats[0]
+    return stats.inference_count, stats.execution_count
+
+
+def edit(server, references, seed=1, **kwargs) -> np.ndarray:
+    with Flux2Client(server["grpc"]) as client:
+        images = client.generate("paint it like a mosaic", references, height=256, width=256, seed=seed, steps=2,
+                                 **kwargs)
+    return np.stack([np.asarray(image) for image in images])
+
+
+def test_hit_skips_prefill_and_gives_the_identical_image(triton_server):
+    refs = [synthetic_reference((256, 256), 7), synthetic_reference((128, 192), 99)]
+    fresh = edit(triton_server, refs, reuse_reference_cache=False)
+    before = cache_metrics(triton_server)
+    prefill_before = model_counts(triton_server, "transformer_prefill")[0]
+    results = [edit(triton_server, refs) for _ in range(BLS_INSTANCES + 2)]  # every instance misses at most once
+    after = cache_metrics(triton_server)
+    prefills = model_counts(triton_server, "transformer_prefill")[0] - prefill_before
+    hits, misses = after["hits_total"] - before["hits_total"], after["misses_total"] - before["misses_total"]
+    print(f"hits {hits}, misses {misses}, prefills {prefills}")
+    assert hits >= 2 and hits + misses == len(results)
+    assert prefills == misses  # a hit ran neither the VAE encoder nor the prefill
+    for result in results:
+        assert np.array_equal(result, fresh)  # bit-identical on CPU, hit or miss
+    assert after["bytes"] <= BLS_INSTANCES * CACHE_BYTES and after["entries"] >= 1
+
+
+def test_opt_out_neither_reads_nor_stores(triton_server):
+    refs = [synthetic_reference((256, 256), 123)]
+    before = cache_metrics(triton_server)
+    prefill_before = model_counts(triton_server, "transformer_prefill")[0]
+    for _ in range(3):
+        edit(triton_server, refs, reuse_reference_cache=False)
+    after = cache_metrics(triton_server)
+    assert model_counts(triton_server, "transformer_prefill")[0] - prefill_before == 3
+    assert after["hits_total"] == before["hits_total"] and after["misses_total"] == before["misses_total"]
+
+
+def test_one_kv_per_request_shared_by_its_images(triton_server):
+    refs = [synthetic_reference((256, 256), 11), synthetic_reference((192, 128), 12)]
+    names = ("vae_encoder", "transformer_prefill", "transformer_cached")
+    before = {name: model_counts(triton_server, name) for name in names}
+    images = edit(triton_server, refs, seed=4, num_images=3, reuse_reference_cache=False)
+    delta = {name: tuple(a - b for a, b in zip(model_counts(triton_server, name), before[name])) for name in names}
+    print(delta)
+    assert images.shape == (3, 256, 256, 3)
+    assert delta["vae_encoder"][0] == 2  # once per reference, not per image
+    assert delta["transformer_prefill"] == (1, 1)  # one K/V, at batch 1
+    assert delta["transformer_cached"][0] >= 3 * 2  # 3 images x 2 steps, batched together
+    assert not np.array_equal(images[0], images[1])  # distinct noise per image
+
+
+def test_eviction_under_a_small_budget_never_returns_a_wrong_image(triton_server):
+    """Cycle through more reference sets than the caches hold (256x256 = 512 KiB each), twice;
+    every result equals the same request with the cache bypassed."""
+    sets = [[synthetic_reference((256, 256), 20 * i + 5)] for i in range(6)]
+    expected = [edit(triton_server, refs, seed=i, reuse_reference_cache=False) for i, refs in enumerate(sets)]
+    before = cache_metrics(triton_server)
+    for _ in range(2):
+        for i, refs in enumerate(sets):
+            assert np.array_equal(edit(triton_server, refs, seed=i), expected[i])
+    after = cache_metrics(triton_server)
+    print({k: after[k] - before.get(k, 0) for k in after})
+    assert after["evictions_total"] > before.get("evictions_total", 0)
+    assert after["bytes"] <= BLS_INSTANCES * CACHE_BYTES
