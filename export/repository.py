@@ -6,6 +6,7 @@
                             vae_decoder: config.pbtxt from the declared I/O spec, and either
                             1/model.plan (--backend tensorrt) or 1/model.onnx served by
                             onnxruntime in a Python-backend model (--backend onnxruntime)
+  OUT/reference_kv_cache/   one instance holding reference K/V shared by all BLS instances
 """
 
 from __future__ import annotations
@@ -17,26 +18,43 @@ from pathlib import Path
 
 from .build_engines import spec_from_manifest
 from .envelope import DEFAULT_ENVELOPE
-from .triton_config import BACKENDS, component_config
+from .triton_config import BACKENDS, TRITON_TYPES, component_config
 
 SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
 BLS = "flux2_klein_kv"
 
 
-# Reference K/V cache budget per BLS instance (each instance is a process with its own cache).
-# 4 GiB holds two 1024x1024 single-reference entries at 9B in bf16 (2 GiB each, DESIGN.md section 3);
-# with the ~44 GB of engines an 80 GB GPU keeps room for two instances' caches and activations.
-REFERENCE_CACHE_BYTES = 4 * 2**30
+CACHE = "reference_kv_cache"
+# Byte budget of the shared reference K/V cache. 8 GiB holds four 1024x1024 single-reference
+# entries at 9B in bf16 (2 GiB each, DESIGN.md section 3), or one entry of 4 such references;
+# next to ~44 GB of engines an 80 GB GPU keeps room for it and the activations (DESIGN.md section 7).
+REFERENCE_CACHE_BYTES = 8 * 2**30
 
 
-def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.text_len,
-               cache_bytes: int = REFERENCE_CACHE_BYTES) -> str:
+def _parameters(params: dict) -> str:
+    return "\n".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}' for k, v in params.items())
+
+
+def cache_config(device: str, dtype: str, cache_bytes: int = REFERENCE_CACHE_BYTES) -> str:
+    """The single-instance model holding the reference K/V shared by all BLS instances."""
+    kv_type = TRITON_TYPES[dtype]
+    params = {"device": device, "reference_cache_bytes": cache_bytes,
+              "FORCE_CPU_ONLY_INPUT_TENSORS": "no" if device.startswith("cuda") else "yes"}
+    return (f'name: "{CACHE}"\nbackend: "python"\nmax_batch_size: 0\n'
+            'input [\n  {\n    name: "key"\n    data_type: TYPE_STRING\n    dims: [1]\n  },\n'
+            f'  {{\n    name: "ref_kv"\n    data_type: {kv_type}\n    dims: [-1, -1, -1, -1, -1]\n    optional: true\n  }}\n]\n'
+            'output [\n  {\n    name: "hit"\n    data_type: TYPE_BOOL\n    dims: [1]\n  },\n'
+            f'  {{\n    name: "cached_kv"\n    data_type: {kv_type}\n    dims: [-1, -1, -1, -1, -1]\n  }}\n]\n'
+            "# One instance: one cache for every BLS instance.\n"
+            f"instance_group [\n  {{\n    count: 1\n    kind: KIND_CPU\n  }}\n]\n{_parameters(params)}\n")
+
+
+def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.text_len) -> str:
     env = DEFAULT_ENVELOPE
     params = {
         "device": device,
         # Prompt length in tokens (padded), as the pipeline's max_sequence_length; 512 for the real model.
         "max_sequence_length": text_tokens,
-        "reference_cache_bytes": cache_bytes,
         "max_references": env.max_references,
         "min_side": env.output_side[0],
         "max_side": env.output_side[2],
@@ -53,8 +71,7 @@ def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.
     inputs = ['  {\n    name: "prompt"\n    data_type: TYPE_STRING\n    dims: [1]\n  }']
     inputs += [f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: {d}\n    optional: true\n  }}'
                for n, t, d in optional]
-    parameters = "\n".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}'
-                           for k, v in params.items())
+    parameters = _parameters(params)
     return (f'name: "{BLS}"\nbackend: "python"\nmax_batch_size: 0\n'
             "input [\n" + ",\n".join(inputs) + "\n]\n"
             'output [\n  {\n    name: "images"\n    data_type: TYPE_UINT8\n    dims: [-1, -1, -1, 3]\n  },\n'
@@ -86,7 +103,7 @@ def assemble(onnx_dir, checkpoint, out, backend="onnxruntime", engines_dir=None,
             for graph_file in (onnx_dir / entry["path"]).parent.glob("model.onnx*"):
                 shutil.copy(graph_file, version / graph_file.name)
             shutil.copy(SOURCES / "onnxruntime_runner" / "model.py", version / "model.py")
-            config += f'parameters {{\n  key: "intra_op_threads"\n  value: {{ string_value: "{threads}" }}\n}}\n'
+            config += _parameters({"intra_op_threads": threads}) + "\n"
         (out / name / "config.pbtxt").write_text(config)
 
     bls = out / BLS / "1"
@@ -95,7 +112,9 @@ def assemble(onnx_dir, checkpoint, out, backend="onnxruntime", engines_dir=None,
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(local / part, bls / part)
     (bls / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens, cache_bytes))
+    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens))
+    shutil.copytree(SOURCES / CACHE / "1", out / CACHE / "1", ignore=shutil.ignore_patterns("__pycache__"))
+    (out / CACHE / "config.pbtxt").write_text(cache_config(device, manifest["dtype"], cache_bytes))
     return out
 
 
@@ -121,7 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="device the BLS computes on: cpu or cuda:N")
     parser.add_argument("--bls-instances", type=int, default=2, help="BLS instances (overlapping requests)")
     parser.add_argument("--reference-cache-bytes", type=int, default=REFERENCE_CACHE_BYTES,
-                        help="reference K/V cache budget per BLS instance, bytes (default %(default)s; 0 disables)")
+                        help="byte budget of the shared reference K/V cache (default %(default)s = 8 GiB; 0 disables)")
     args = parser.parse_args(argv)
     out = assemble(args.onnx_dir, args.checkpoint, args.out, args.backend, args.engines_dir, args.device,
                    args.bls_instances, cache_bytes=args.reference_cache_bytes)

@@ -111,8 +111,8 @@ def triton_server(tmp_path_factory, onnx_fp32, tiny_checkpoint):
     from server.launch import start
 
     workdir = tmp_path_factory.mktemp("triton")
-    # 4 BLS instances so concurrent requests overlap; a 1 MiB reference K/V cache per instance holds
-    # a few tiny-model entries (2 KiB per reference token), so eviction happens in the tests.
+    # 4 BLS instances so concurrent requests overlap; the shared 1 MiB reference K/V cache holds
+    # two 256x256 tiny-model entries (2 KiB per reference token), so eviction happens in the tests.
     repository = assemble(onnx_fp32, tiny_checkpoint, workdir / "model_repository", backend="onnxruntime",
                           bls_instances=BLS_INSTANCES, cache_bytes=CACHE_BYTES)
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}

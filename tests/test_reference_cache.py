@@ -1,4 +1,4 @@
-"""The BLS's reference K/V cache on its own: key coverage and LRU under a byte budget."""
+"""The reference K/V cache on its own: the BLS's key coverage and the cache model's LRU under a byte budget."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_repository" / "flux2_klein_kv" / "1"))
-from reference_cache import ReferenceKVCache, reference_key  # noqa: E402
+SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
+sys.path[:0] = [str(SOURCES / "flux2_klein_kv" / "1"), str(SOURCES / "reference_kv_cache" / "1")]
+from lru import ReferenceKVCache  # noqa: E402
+from reference_key import reference_key  # noqa: E402
 
 
 def _refs(*shapes, seed=0):

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export.build_engines import spec_from_manifest
-from export.repository import assemble, bls_config
+from export.repository import assemble, bls_config, cache_config
 from export.triton_config import component_config
 
 
@@ -53,15 +53,24 @@ def test_bls_config_is_the_public_interface():
     assert outputs["png"].data_type == model_config_pb2.TYPE_STRING
     assert config.max_batch_size == 0 and config.instance_group[0].count == 3
     assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
-    assert int(config.parameters["reference_cache_bytes"].string_value) == 4 * 2**30
     assert config.parameters["max_sequence_length"].string_value == "512"
+
+
+def test_cache_config_is_one_instance_holding_the_budget():
+    config = parse(cache_config("cuda:0", "bf16"))
+    assert config.instance_group[0].count == 1  # one cache for every BLS instance
+    assert int(config.parameters["reference_cache_bytes"].string_value) == 8 * 2**30
+    inputs, outputs = {i.name: i for i in config.input}, {o.name: o for o in config.output}
+    assert inputs["ref_kv"].optional and inputs["ref_kv"].data_type == model_config_pb2.TYPE_BF16
+    assert outputs["cached_kv"].data_type == model_config_pb2.TYPE_BF16
+    assert outputs["hit"].data_type == model_config_pb2.TYPE_BOOL
 
 
 def test_assembled_repository_configs_parse(tmp_path, onnx_fp32, tiny_checkpoint):
     repo = assemble(onnx_fp32, tiny_checkpoint, tmp_path / "repo")
     names = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
     assert names == sorted(["flux2_klein_kv", "text_encoder", "vae_encoder", "transformer_prefill",
-                            "transformer_cached", "vae_decoder"])
+                            "transformer_cached", "vae_decoder", "reference_kv_cache"])
     for path in repo.glob("*/config.pbtxt"):
         assert parse(path.read_text()).name == path.parent.name
     assert (repo / "text_encoder" / "1" / "model.onnx").exists()

@@ -24,7 +24,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reference_cache import ReferenceKVCache, reference_key  # noqa: E402
+from reference_key import reference_key  # noqa: E402
 from request_inputs import InvalidInput, Limits, parse  # noqa: E402
 
 INPUTS = ("prompt", "image", "height", "width", "seed", "num_images_per_prompt", "num_inference_steps",
@@ -49,12 +49,10 @@ class TritonPythonModel:
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(here / "scheduler")
         self.scheduler_cls = FlowMatchEulerDiscreteScheduler
         self.image_processor = Flux2ImageProcessor(vae_scale_factor=16)
-        # Reference K/V reuse across requests: one LRU per BLS instance (each instance is its own
-        # process), on the serving device, keyed on the references and this model's identity.
+        # Reference K/V reuse across requests goes through the single-instance reference_kv_cache
+        # model (shared by all BLS instances); keys cover the references and this model's identity.
         manifest_digest = hashlib.sha256((here / "manifest.json").read_bytes()).hexdigest()[:16]
         self.model_identity = f"{args['model_name']}:{args['model_version']}:{manifest_digest}"
-        self.kv_cache = ReferenceKVCache(int(params.get("reference_cache_bytes", 4 * 2**30)))
-        self.metrics = _CacheMetrics(args["model_name"], args["model_instance_name"])
         self.preferred_memory = None
         if self.device.type == "cuda":
             self.preferred_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index or 0)
@@ -154,19 +152,15 @@ class TritonPythonModel:
         return self.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
 
     def reference_kv(self, references, reuse: bool) -> torch.Tensor:
-        """K/V of the ordered reference set: from the cache when an identical set was seen, else
-        VAE encoding + prefill (stored unless the request opted out)."""
-        if not references:
+        """K/V of the ordered reference set: from reference_kv_cache when an identical set was
+        seen, else VAE encoding + prefill (and stored), unless the request opted out."""
+        if not references or not reuse:
             return self.prefill(references)
-        key = reference_key(references, self.model_identity) if reuse else None
-        ref_kv = self.kv_cache.get(key) if key else None
-        if ref_kv is None:
+        key = np.array([reference_key(references, self.model_identity).encode()], dtype=np.object_)
+        hit, ref_kv = self.infer("reference_kv_cache", {"key": key}, ["hit", "cached_kv"])
+        if not bool(hit.reshape(-1)[0]):
             ref_kv = self.prefill(references)
-            if key:
-                # A CPU output may view the response's shared memory: the cache keeps its own copy.
-                # (GPU outputs come through DLPack, which keeps their owner alive.)
-                self.kv_cache.put(key, ref_kv if ref_kv.is_cuda else ref_kv.clone())
-        self.metrics.update(self.kv_cache)
+            self.infer("reference_kv_cache", {"key": key, "ref_kv": ref_kv}, ["hit"])
         return ref_kv
 
     def prefill(self, references) -> torch.Tensor:
@@ -200,44 +194,20 @@ class TritonPythonModel:
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{model}: {response.error().message()}")
-        return [_from_triton(pb_utils.get_output_tensor_by_name(response, name)) for name in outputs]
+        return [_from_triton(pb_utils.get_output_tensor_by_name(response, name)) for name in outputs]  # None: absent
 
 
-class _CacheMetrics:
-    """Triton custom metrics of the reference K/V cache, one series per BLS instance."""
-
-    COUNTERS = {"hits": "Requests whose reference K/V came from the cache",
-                "misses": "Cache lookups that ran VAE encoding and the prefill",
-                "evictions": "Entries evicted to stay within the byte budget"}
-    GAUGES = {"bytes": "Bytes of reference K/V held by the cache", "entries": "Reference sets held by the cache"}
-
-    def __init__(self, model: str, instance: str):
-        labels = {"model": model, "instance": instance}
-        family = pb_utils.MetricFamily
-        # The families must outlive their metrics: keep references to both.
-        self.families = {name: family(name=f"flux2_reference_cache_{name}_total", description=text, kind=family.COUNTER)
-                         for name, text in self.COUNTERS.items()}
-        self.families.update({name: family(name=f"flux2_reference_cache_{name}", description=text, kind=family.GAUGE)
-                              for name, text in self.GAUGES.items()})
-        self.metrics = {name: fam.Metric(labels=labels) for name, fam in self.families.items()}
-        self.seen = dict.fromkeys(self.COUNTERS, 0)
-
-    def update(self, cache: ReferenceKVCache) -> None:
-        for name in self.COUNTERS:
-            value = getattr(cache, name)
-            self.metrics[name].increment(value - self.seen[name])
-            self.seen[name] = value
-        self.metrics["bytes"].set(cache.bytes_held)
-        self.metrics["entries"].set(len(cache.entries))
-
-
-def _to_triton(name: str, value: torch.Tensor):
+def _to_triton(name: str, value):
+    if isinstance(value, np.ndarray):
+        return pb_utils.Tensor(name, value)
     if value.device.type == "cpu" and value.dtype != torch.bfloat16:
         return pb_utils.Tensor(name, value.contiguous().numpy())
     return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
 
 
-def _from_triton(tensor) -> torch.Tensor:
+def _from_triton(tensor) -> torch.Tensor | None:
+    if tensor is None:
+        return None
     if tensor.is_cpu():
         try:
             return torch.from_numpy(tensor.as_numpy())
