@@ -8,6 +8,8 @@ ONNX    ?= build/onnx/$(DTYPE)
 ENGINES ?= build/engines
 REPO    ?= build/model_repository
 BACKEND ?= onnxruntime
+# Changing these re-exports (graph layouts are part of the serving contract).
+EXPORT_SOURCES := $(filter-out export/build_engines.py export/repository.py export/triton_config.py,$(wildcard export/*.py))
 
 .PHONY: help setup checkpoint export repository serve check engines engines-dry-run demo perf bench test clean
 
@@ -46,8 +48,7 @@ checkpoint: checkpoints/tiny/model_index.json
 export: setup $(if $(filter checkpoints/tiny,$(MODEL)),checkpoint)
 	$(BIN)/python -m export --model $(MODEL) --out $(ONNX) --dtype $(DTYPE)
 
-# Re-export when the export code changes (graph layouts are part of the serving contract).
-$(ONNX)/manifest.json: $(filter-out export/build_engines.py export/repository.py export/triton_config.py,$(wildcard export/*.py))
+$(ONNX)/manifest.json: $(EXPORT_SOURCES)
 	$(MAKE) export
 
 repository: setup $(ONNX)/manifest.json
@@ -73,9 +74,19 @@ perf: repository
 	$(BIN)/python -m perf.provision
 	$(BIN)/python -m perf.run --repository $(REPO) --out build/perf
 
-bench: repository
+# make bench runs on its own random checkpoint: the tiny one with a 512-wide transformer.
+BENCH_MODEL := checkpoints/bench
+BENCH_ONNX  := build/onnx/bench-fp32
+
+$(BENCH_MODEL)/model_index.json: export/checkpoint.py | setup
+	$(BIN)/python -m export.checkpoint --out $(BENCH_MODEL) --size bench
+
+$(BENCH_ONNX)/manifest.json: $(BENCH_MODEL)/model_index.json $(EXPORT_SOURCES)
+	$(BIN)/python -m export --model $(BENCH_MODEL) --out $(BENCH_ONNX) --dtype fp32
+
+bench: setup $(BENCH_ONNX)/manifest.json
 	$(BIN)/python -m perf.provision
-	$(BIN)/python -m bench.bench --checkpoint $(MODEL) --onnx-dir $(ONNX)
+	$(BIN)/python -m bench.bench --checkpoint $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

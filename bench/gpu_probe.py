@@ -86,6 +86,7 @@ KLEIN_9B_CONFIG = dict(
 SHAPES = {
     "9b": dict(text_len=512, ref_grid=64, img_grid=64),  # 1024x1024 references and output
     "tiny": dict(text_len=8, ref_grid=4, img_grid=4),  # 16 tokens per reference / image
+    "bench": dict(text_len=8, ref_grid=4, img_grid=4),  # make bench's width; it sets the token counts
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GIB = 2**30
@@ -192,10 +193,10 @@ def build_transformer(size: str, device: torch.device, dtype: torch.dtype, seed:
     from diffusers import Flux2Transformer2DModel
 
     torch.manual_seed(seed)
-    if size == "tiny":
-        from export.checkpoint import build_transformer as build_tiny
+    if size != "9b":
+        from export.checkpoint import build_transformer as build_small
 
-        model = build_tiny().to(device)
+        model = build_small(size).to(device)
         if dtype != torch.float32:  # (diffusers warns on any `.to(dtype)`, even to fp32)
             model = model.to(dtype)
         return model.eval()
@@ -213,8 +214,8 @@ def build_transformer(size: str, device: torch.device, dtype: torch.dtype, seed:
 
 def _tokens_desc(shape: dict, refs: int, size: str) -> dict:
     ref_tok, img_tok = shape["ref_grid"] ** 2, shape["img_grid"] ** 2
-    px = "" if size == "tiny" else f" ({shape['img_grid'] * 16}x{shape['img_grid'] * 16})"
-    ref_px = "" if size == "tiny" else f" ({shape['ref_grid'] * 16}x{shape['ref_grid'] * 16})"
+    px = "" if size != "9b" else f" ({shape['img_grid'] * 16}x{shape['img_grid'] * 16})"
+    ref_px = "" if size != "9b" else f" ({shape['ref_grid'] * 16}x{shape['ref_grid'] * 16})"
     refs_txt = f"{refs}x{ref_tok} ref tok{ref_px}"
     kv_txt = f"cached K/V of {refs_txt}" if refs else "empty K/V (N_ref = 0)"
     return {

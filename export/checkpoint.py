@@ -44,9 +44,11 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</t
 # 32 heads x 128, 8 double + 24 single blocks, VAE channels (128, 256, 512, 512).
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 28
-HEADS = 4
-HEAD_DIM = 16  # = sum(axes_dims_rope)
 VAE_CHANNELS = (16, 32, 32, 32)
+# Transformer (heads, head_dim = sum of the 4 RoPE axes). "tiny" is for tests; "bench" is for
+# `make bench`: width 512, so that per-token linear layers weigh against attention roughly as at
+# 9B (width 4096) instead of attention and per-call overheads dominating.
+TRANSFORMER_SIZES = {"tiny": (4, 16), "bench": (8, 64)}
 
 
 def build_tokenizer():
@@ -100,20 +102,21 @@ def build_vae():
     return vae.eval()
 
 
-def build_transformer():
+def build_transformer(size: str = "tiny"):
     from diffusers import Flux2Transformer2DModel
 
+    heads, head_dim = TRANSFORMER_SIZES[size]
     return Flux2Transformer2DModel(
         patch_size=1,
         in_channels=128,
         num_layers=2,
         num_single_layers=2,
-        attention_head_dim=HEAD_DIM,
-        num_attention_heads=HEADS,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
         joint_attention_dim=3 * TEXT_HIDDEN,
         timestep_guidance_channels=256,
         mlp_ratio=3.0,
-        axes_dims_rope=(4, 4, 4, 4),
+        axes_dims_rope=(head_dim // 4,) * 4,
         rope_theta=2000,
         guidance_embeds=False,
     ).eval()
@@ -134,8 +137,8 @@ def build_scheduler():
     )
 
 
-def build_pipeline(seed: int = 0):
-    """Build the tiny random `Flux2KleinKVPipeline` in memory (deterministic from `seed`)."""
+def build_pipeline(seed: int = 0, size: str = "tiny"):
+    """Build the small random `Flux2KleinKVPipeline` in memory (deterministic from `seed`)."""
     from diffusers import Flux2KleinKVPipeline
 
     torch.manual_seed(seed)
@@ -143,7 +146,7 @@ def build_pipeline(seed: int = 0):
     with torch.no_grad():
         text_encoder = build_text_encoder(vocab_size=max(512, len(tokenizer)))
         vae = build_vae()
-        transformer = build_transformer()
+        transformer = build_transformer(size)
     return Flux2KleinKVPipeline(
         scheduler=build_scheduler(),
         vae=vae,
@@ -153,12 +156,12 @@ def build_pipeline(seed: int = 0):
     )
 
 
-def write_checkpoint(out: str | Path, seed: int = 0) -> Path:
-    """Save the tiny pipeline to `out` with `save_pretrained` and return the path."""
+def write_checkpoint(out: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Save the small pipeline to `out` with `save_pretrained` and return the path."""
     out = Path(out)
-    pipe = build_pipeline(seed)
+    pipe = build_pipeline(seed, size)
     pipe.save_pretrained(out)
-    (out / "TINY_CHECKPOINT.json").write_text(json.dumps({"seed": seed, "random": True}) + "\n")
+    (out / "TINY_CHECKPOINT.json").write_text(json.dumps({"seed": seed, "size": size, "random": True}) + "\n")
     return out
 
 
@@ -169,9 +172,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", required=True, help="directory to write (model_index.json and subfolders)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    parser.add_argument("--size", choices=sorted(TRANSFORMER_SIZES), default="tiny",
+                        help="transformer width: tiny (tests, 4x16) or bench (make bench, 8x64); default tiny")
     args = parser.parse_args(argv)
-    path = write_checkpoint(args.out, args.seed)
-    print(f"wrote tiny Flux2KleinKVPipeline checkpoint (seed {args.seed}) to {path}")
+    path = write_checkpoint(args.out, args.seed, args.size)
+    print(f"wrote {args.size} Flux2KleinKVPipeline checkpoint (seed {args.seed}) to {path}")
     return 0
 
 
