@@ -102,7 +102,8 @@ class Flux2Client:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         self.module, self.protocol, self.model, self.timeout_s = module, protocol, model, timeout_s
         options = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" and timeout_s else {}
-        self.client = module.InferenceServerClient(url or DEFAULT_URLS[protocol], **options)
+        self.url = url or DEFAULT_URLS[protocol]
+        self.client = module.InferenceServerClient(self.url, **options)
 
     def infer(self, tensors: dict, outputs=("images",)):
         """The raw tritonclient result for prepared `request_tensors`."""
@@ -114,6 +115,8 @@ class Flux2Client:
                                      outputs=requested_outputs(self.module, outputs), **timeout)
         except InferenceServerException as exc:
             raise _error(exc) from None
+        except OSError as exc:  # HTTP: refused, reset or timed out (gRPC reports these as above)
+            raise Flux2Error(f"{self.url}: {type(exc).__name__}: {exc}", "UNAVAILABLE") from None
 
     def generate(self, prompt: str, images=(), *, height: int | None = None, width: int | None = None,
                  seed: int | None = None, num_images: int = 1, steps: int | None = None,

@@ -58,9 +58,6 @@ def main(argv=None) -> int:
     except Flux2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:  # HTTP connection refused / reset; gRPC reports these as Flux2Error
-        print(f"error: cannot reach {args.url or DEFAULT_URLS[args.protocol]}: {exc}", file=sys.stderr)
-        return 1
     latency = time.perf_counter() - start
     for image, path in zip(images, output_paths(args.out, len(images))):
         path.parent.mkdir(parents=True, exist_ok=True)
