@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import ROOT, machine, median_seconds, tree_memory_gib, write_section
+from bench.report import ROOT, machine, tree_memory_gib, write_section
 
 SIDE, REF_SIDE, TEXT_TOKENS, STEPS = 512, 512, 128, 4
 PROMPTS = ["turn the scene into a snowy winter evening", "a watercolor version with soft pastel colors",
@@ -66,12 +66,11 @@ def diffusers_edit(pipe, prompt: str, references, seed: int) -> np.ndarray:
 
 def start_server(args, workdir: Path):
     from export.repository import assemble
-    from server.launch import start
-    from tests.conftest import free_port
+    from server.launch import free_ports, start
 
     repository = assemble(args.onnx_dir, args.checkpoint, workdir / "model_repository", backend="onnxruntime",
                           threads=args.threads, text_tokens=TEXT_TOKENS)
-    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    ports = free_ports()
     process = start(repository, ports["http"], ports["grpc"], ports["metrics"], log_file=workdir / "server.log")
     return process, ports
 
@@ -93,8 +92,9 @@ def edit_latency(args, client, pipes, pils, pngs) -> tuple[list[dict], dict]:
             outputs[(name, count)] = job()
         for _ in range(args.repeats):  # interleaved, so drift on a noisy machine hits all three alike
             for name, job in jobs.items():
-                seconds, _ = median_seconds(job, repeats=1, warmup=0)
-                times[name].append(seconds)
+                start = time.perf_counter()
+                job()
+                times[name].append(time.perf_counter() - start)
         medians = {name: statistics.median(values) for name, values in times.items()}
         diff = np.abs(outputs[("triton", count)].astype(int) - outputs[("diffusers_kv", count)].astype(int)).max()
         rows.append(dict(references=count, **{f"{k}_s": v for k, v in medians.items()}, max_pixel_diff=int(diff)))

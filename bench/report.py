@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: medians, the machine's description, process memory, and
+"""Shared pieces of the benchmarks: the machine's description, process memory, and
 BENCHMARKS.md sections that each benchmark rewrites without touching the others'."""
 
 from __future__ import annotations
@@ -6,24 +6,9 @@ from __future__ import annotations
 import os
 import platform
 import re
-import statistics
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def median_seconds(fn, repeats: int, warmup: int = 1) -> tuple[float, object]:
-    """Median wall time of `fn()` over `repeats` calls after `warmup` calls; also the last result."""
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def machine() -> str:

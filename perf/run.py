@@ -209,14 +209,6 @@ def _parse_args(argv):
     return parser.parse_args(argv)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main(argv=None) -> int:
     args = _parse_args(argv)
     out = Path(args.out).resolve()
@@ -248,9 +240,9 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     else:
-        from server.launch import start
+        from server.launch import free_ports, start
 
-        ports = {"http": _free_port(), "grpc": _free_port(), "metrics": _free_port()}
+        ports = free_ports()
         print(f"starting tritonserver on {args.repository} (log: {out / 'server.log'}) ...", flush=True)
         started = time.perf_counter()
         try:

@@ -75,6 +75,19 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> Non
     raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s")
 
 
+def free_port() -> int:
+    """A port free on loopback now (for servers started next to others: tests, perf, bench)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_ports() -> dict[str, int]:
+    return {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+
+
 def start(repository, http=8000, grpc=8001, metrics=8002, log_file=None) -> subprocess.Popen:
     backends = prepare_backends(ROOT / "build" / "tritonserver" / "backends")
     out = open(log_file, "w") if log_file else None  # noqa: SIM115 - owned by the process

@@ -92,14 +92,6 @@ def rel_l2(actual, expected) -> float:
     return err
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 BLS_INSTANCES = 4
 CACHE_BYTES = 2**20
 
@@ -108,14 +100,14 @@ CACHE_BYTES = 2**20
 def triton_server(tmp_path_factory, onnx_fp32, tiny_checkpoint):
     """A real tritonserver on the assembled (onnxruntime) repository of the tiny checkpoint."""
     from export.repository import assemble
-    from server.launch import start
+    from server.launch import free_ports, start
 
     workdir = tmp_path_factory.mktemp("triton")
     # 4 BLS instances so concurrent requests overlap; the shared 1 MiB reference K/V cache holds
     # two 256x256 tiny-model entries (2 KiB per reference token), so eviction happens in the tests.
     repository = assemble(onnx_fp32, tiny_checkpoint, workdir / "model_repository", backend="onnxruntime",
                           bls_instances=BLS_INSTANCES, cache_bytes=CACHE_BYTES)
-    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    ports = free_ports()
     process = start(repository, ports["http"], ports["grpc"], ports["metrics"], log_file=workdir / "server.log")
     yield {"http": f"127.0.0.1:{ports['http']}", "grpc": f"127.0.0.1:{ports['grpc']}",
            "metrics": f"127.0.0.1:{ports['metrics']}", "process": process, "log": workdir / "server.log"}

@@ -49,7 +49,7 @@ def test_cli_bad_request_exits_nonzero_naming_the_field(triton_server, tmp_path,
 
 
 def test_cli_unreachable_server_is_one_line(tmp_path):
-    from tests.conftest import free_port
+    from server.launch import free_port
 
     for protocol in ("grpc", "http"):
         run = cli("--protocol", protocol, "--url", f"127.0.0.1:{free_port()}", "--prompt", "x",
