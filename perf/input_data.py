@@ -37,20 +37,24 @@ def bytes_tensor(items: list[bytes]) -> dict:
 
 def references(count: int, size: int) -> list[bytes]:
     """`count` deterministic PNG references of size x size pixels, each with its own hue."""
-    from clients.demo import synthetic_reference  # lazy: pulls PIL/numpy only when pictures are needed
+    from clients.api import synthetic_reference  # lazy: pulls PIL/numpy only when pictures are needed
 
     return [synthetic_reference((size, size), (40 + 97 * index) % 256) for index in range(count)]
 
 
 def request(case: str, height: int = 256, width: int = 256, ref_size: int = 256, steps: int = 4,
-            seed: int = 0) -> dict:
-    """One request of `case` as a perf_analyzer data entry."""
+            seed: int = 0, reuse_reference_cache: bool = True) -> dict:
+    """One request of `case` as a perf_analyzer data entry. perf_analyzer repeats it, so with the
+    reference K/V cache every request after the first reuses its K/V; `reuse_reference_cache=False`
+    measures the full path (VAE encoding and prefill every time)."""
     if case not in CASES:
         raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
     entry = {"prompt": [PROMPTS[case]], "height": [height], "width": [width], "seed": [seed],
              "num_inference_steps": [steps]}
     if CASES[case]:
         entry["image"] = bytes_tensor(references(CASES[case], ref_size))
+        if not reuse_reference_cache:
+            entry["reuse_reference_cache"] = [False]
     return entry
 
 

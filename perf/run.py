@@ -206,6 +206,9 @@ def _parse_args(argv):
     parser.add_argument("--width", type=int, default=256, help="output width, px")
     parser.add_argument("--ref-size", type=int, default=256, help="side of the square references, px")
     parser.add_argument("--steps", type=int, default=4, help="num_inference_steps")
+    parser.add_argument("--no-reference-cache", action="store_true",
+                        help="send reuse_reference_cache=false: every request encodes its references and runs the "
+                             "prefill (by default the repeated request reuses the cached reference K/V)")
     return parser.parse_args(argv)
 
 
@@ -229,7 +232,8 @@ def main(argv=None) -> int:
         return 2
 
     data = input_data.write_all(out / "inputs", cases, height=args.height, width=args.width,
-                                ref_size=args.ref_size, steps=args.steps)
+                                ref_size=args.ref_size, steps=args.steps,
+                                reuse_reference_cache=not args.no_reference_cache)
     external = args.grpc_url or args.http_url
     process = None
     if external:

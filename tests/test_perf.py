@@ -89,3 +89,9 @@ def test_perf_analyzer_measures_text_to_image_over_grpc(triton_server, perf_anal
 
     report = (out / "results.md").read_text()
     assert "| text_to_image | grpc | 1 |" in report and "failed" not in report
+
+
+def test_input_data_can_bypass_the_reference_cache():
+    assert "reuse_reference_cache" not in input_data.request("reference_1", ref_size=64)
+    assert input_data.request("reference_1", ref_size=64, reuse_reference_cache=False)["reuse_reference_cache"] == [False]
+    assert "reuse_reference_cache" not in input_data.request("text_to_image", reuse_reference_cache=False)
