@@ -75,9 +75,9 @@ def start_server(args, workdir: Path):
     return process, ports
 
 
-def edit_latency(args, client, pipes, pils, pngs) -> tuple[list[dict], dict]:
+def edit_latency(args, client, pipes, pils, pngs) -> list[dict]:
     """(a) and (b): medians of the same edit through Triton, diffusers KV and diffusers non-KV."""
-    rows, outputs = [], {}
+    rows = []
     for count in (1, 4):
         seed = 100 + count
         jobs = {
@@ -88,19 +88,18 @@ def edit_latency(args, client, pipes, pils, pngs) -> tuple[list[dict], dict]:
             "diffusers_no_kv": lambda: diffusers_edit(pipes[1], PROMPTS[0], pils[:count], seed),
         }
         times = {name: [] for name in jobs}
-        for name, job in jobs.items():  # warm-up
-            outputs[(name, count)] = job()
+        outputs = {name: job() for name, job in jobs.items()}  # warm-up
         for _ in range(args.repeats):  # interleaved, so drift on a noisy machine hits all three alike
             for name, job in jobs.items():
                 start = time.perf_counter()
                 job()
                 times[name].append(time.perf_counter() - start)
         medians = {name: statistics.median(values) for name, values in times.items()}
-        diff = np.abs(outputs[("triton", count)].astype(int) - outputs[("diffusers_kv", count)].astype(int)).max()
+        diff = np.abs(outputs["triton"].astype(int) - outputs["diffusers_kv"].astype(int)).max()
         rows.append(dict(references=count, **{f"{k}_s": v for k, v in medians.items()}, max_pixel_diff=int(diff)))
         log(f"{count} reference(s): " + ", ".join(f"{k} {v:.2f} s" for k, v in medians.items())
             + f" (Triton vs diffusers max pixel diff {diff})")
-    return rows, outputs
+    return rows
 
 
 def repeated_reference(args, client, pipe, ports) -> dict:
@@ -251,7 +250,7 @@ def main(argv=None) -> int:
         try:
             with Flux2Client(f"127.0.0.1:{ports['grpc']}") as client:
                 log("(a)/(b) edit latency")
-                rows, _ = edit_latency(args, client, pipes, pils, pngs)
+                rows = edit_latency(args, client, pipes, pils, pngs)
                 log("repeated-reference editing")
                 repeated = repeated_reference(args, client, pipes[0], ports)
             log("(c) per-step cost")

@@ -43,7 +43,8 @@ class TritonPythonModel:
         self.limits = Limits.from_parameters(params)
         self.device = torch.device(params.get("device", "cpu"))
         self.max_sequence_length = int(params.get("max_sequence_length", 512))
-        self.manifest = json.loads((here / "manifest.json").read_text())
+        manifest = (here / "manifest.json").read_bytes()
+        self.manifest = json.loads(manifest)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.manifest["dtype"]]
         self.tokenizer = AutoTokenizer.from_pretrained(here / "tokenizer")
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(here / "scheduler")
@@ -51,7 +52,7 @@ class TritonPythonModel:
         self.image_processor = Flux2ImageProcessor(vae_scale_factor=16)
         # Reference K/V reuse across requests goes through the single-instance reference_kv_cache
         # model (shared by all BLS instances); keys cover the references and this model's identity.
-        manifest_digest = hashlib.sha256((here / "manifest.json").read_bytes()).hexdigest()[:16]
+        manifest_digest = hashlib.sha256(manifest).hexdigest()[:16]
         self.model_identity = f"{args['model_name']}:{args['model_version']}:{manifest_digest}"
         self.preferred_memory = None
         if self.device.type == "cuda":

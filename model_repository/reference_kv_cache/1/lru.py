@@ -8,7 +8,7 @@ import torch
 
 
 class ReferenceKVCache:
-    """Least-recently-used K/V tensors (kept where they were computed) under a byte budget."""
+    """Least-recently-used K/V tensors under a byte budget (the caller decides where they live)."""
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
