@@ -31,7 +31,7 @@ examples:
 
 
 def main(argv=None) -> int:
-    from .components import COMPONENTS
+    from .specs import COMPONENTS, graph_specs
 
     parser = argparse.ArgumentParser(
         prog="python -m export", description=DESCRIPTION, epilog=EPILOG,
@@ -48,7 +48,6 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-check", action="store_true", help="skip the TensorRT compatibility check")
     args = parser.parse_args(argv)
 
-    from . import components as C
     from .onnx_export import OPSET, export_all, read_model_dims
     from .trt_compat import check_graph
 
@@ -58,11 +57,12 @@ def main(argv=None) -> int:
     paths = export_all(args.model, out, args.dtype, args.components)
     dims = read_model_dims(args.model)
     manifest = {
-        "model": args.model,
+        # The model the graphs came from: the repository assembler takes its tokenizer and scheduler.
+        "model": str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
         "dtype": args.dtype,
         "opset": OPSET,
         "dims": dims,
-        "graphs": {name: {"path": str(paths[name].relative_to(out)), **asdict(C.graph_specs(dims)[name])}
+        "graphs": {name: {"path": str(paths[name].relative_to(out)), **asdict(graph_specs(dims)[name])}
                    for name in paths},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from .components import COMPONENTS, GraphSpec, TensorSpec
 from .envelope import DEFAULT_ENVELOPE, profile_shapes
+from .specs import COMPONENTS, GraphSpec, spec_from_manifest
 
 WHERE = ("run it on a GPU host with TensorRT, e.g. inside NVIDIA's tritonserver container "
          "(nvcr.io/nvidia/tritonserver:<release>-py3) whose TensorRT matches the serving Triton")
@@ -35,13 +35,6 @@ def load_manifest(onnx_dir: Path) -> dict:
     if not path.exists():
         raise MissingRequirement(f"{path} not found: export the graphs first (python -m export --out {onnx_dir})")
     return json.loads(path.read_text())
-
-
-def spec_from_manifest(name: str, entry: dict) -> GraphSpec:
-    def tensors(items):
-        return tuple(TensorSpec(t["name"], tuple(t["dims"]), t["dtype"]) for t in items)
-
-    return GraphSpec(name, tensors(entry["inputs"]), tensors(entry["outputs"]))
 
 
 def engine_name(component: str, trt_version: str, compute_capability: str) -> str:

@@ -1,38 +1,22 @@
-"""One `torch.nn.Module` wrapper per exported component, and the I/O spec of each graph.
+"""One `torch.nn.Module` wrapper per exported component.
 
 The wrappers call the diffusers/transformers modules; the only logic written here is the
 KV split (prefill -> reference K/V, cached step <- reference K/V) and the tensor layout
-glue that the pipeline does between components (patchify, batch-norm, packing).
-
-I/O contract (B batch, L text tokens, N_* token counts, h/w the packed latent grid,
-H = 16h and W = 16w in pixels, NL = double + single blocks):
-
-=====================  ====================================  =============================
-graph                  inputs                                outputs
-=====================  ====================================  =============================
-text_encoder           input_ids, attention_mask [B, L] i64  prompt_embeds [B, L, 3*hidden]
-vae_encoder            image [B, 3, H, W] in [-1, 1]         ref_latents [B, h*w, 128]
-transformer_prefill    ref_latents [1, N_ref, 128],          ref_kv [NL, 2, N_ref, heads,
-                       ref_ids [N_ref, 4] i64                        head_dim]
-transformer_cached     latents [B, N_img, 128],              noise_pred [B, N_img, 128]
-                       prompt_embeds [B, L, 3*hidden],
-                       timestep [B] (sigma, i.e. t/1000),
-                       img_ids [N_img, 4] i64, txt_ids [L, 4] i64,
-                       ref_kv [NL, 2, N_ref, heads, head_dim]
-vae_decoder            latents [B, h, w, 128]                image [B, 3, H, W]
-=====================  ====================================  =============================
+glue that the pipeline does between components (patchify, batch-norm, packing). The I/O
+contract of each graph is declared in `specs.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 from diffusers import Flux2KleinKVPipeline
 from diffusers.models.transformers import transformer_flux2
 from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
+
+from .specs import COMPONENTS, graph_specs, model_dims  # noqa: F401 - re-exported for callers
 
 # The pipeline's static helpers are the single source of the latent layout.
 _pipe = Flux2KleinKVPipeline
@@ -57,10 +41,6 @@ def float32_rope():
 def use_kv_processors(transformer) -> None:
     """Install diffusers' KV-aware attention processors, as the KV pipeline does."""
     _pipe._set_kv_attn_processors(SimpleNamespace(transformer=transformer))
-
-
-def num_kv_layers(transformer) -> int:
-    return len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
 
 
 class TextEncoder(torch.nn.Module):
@@ -131,19 +111,20 @@ class VaeDecoder(torch.nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
-def _stack_kv(cache: Flux2KVCache) -> torch.Tensor:
-    """Flux2KVCache (batch 1) -> one tensor [NL, 2, N_ref, heads, head_dim], double blocks first."""
+def _split_kv(cache: Flux2KVCache) -> tuple[torch.Tensor, ...]:
+    """Flux2KVCache (batch 1) -> one [2, N_ref, heads, head_dim] tensor per block, double blocks first."""
     layers = cache.double_block_caches + cache.single_block_caches
-    return torch.stack([torch.stack(layer.get(), dim=0)[:, 0] for layer in layers], dim=0)
+    return tuple(torch.stack(layer.get(), dim=0)[:, 0] for layer in layers)
 
 
-def _unstack_kv(ref_kv: torch.Tensor, num_double: int, num_single: int) -> Flux2KVCache:
-    """Per-sample K/V [B, NL, 2, N_ref, heads, head_dim] -> a Flux2KVCache."""
+def _cache_from(ref_kv, batch: int, num_double: int, num_single: int) -> Flux2KVCache:
+    """One [2, N_ref, heads, head_dim] tensor per block -> a Flux2KVCache shared by `batch` samples."""
     cache = Flux2KVCache(num_double_layers=num_double, num_single_layers=num_single)
-    cache.num_ref_tokens = ref_kv.shape[3]
+    cache.num_ref_tokens = ref_kv[0].shape[1]
     layers = cache.double_block_caches + cache.single_block_caches
-    for index, layer in enumerate(layers):
-        layer.store(ref_kv[:, index, 0], ref_kv[:, index, 1])
+    for layer, kv in zip(layers, ref_kv, strict=True):
+        kv = kv.unsqueeze(1).expand(2, batch, *kv.shape[1:])  # a view: the images of a request share it
+        layer.store(kv[0], kv[1])
     return cache
 
 
@@ -151,8 +132,8 @@ class TransformerPrefill(torch.nn.Module):
     """Reference tokens alone -> post-RoPE K/V of every double and single block.
 
     In `kv_cache_mode="extract"` reference tokens attend only to reference tokens and are
-    modulated with the fixed timestep 0, so their K/V depend on nothing else (DESIGN.md
-    section 3). This runs diffusers' own extract forward with a one-token dummy text and
+    modulated with the fixed timestep 0, so their K/V depend on nothing else (README, "How it fits
+    together"). This runs diffusers' own extract forward with a one-token dummy text and
     a one-token dummy image around the references and keeps only the extracted K/V.
     (A leaner graph over the image-stream weights alone would save ~1.9B parameters at 9B.)
     """
@@ -179,17 +160,15 @@ class TransformerPrefill(torch.nn.Module):
             kv_cache_mode="extract",
             num_ref_tokens=ref_latents.shape[1],
         )
-        return _stack_kv(cache)
+        return _split_kv(cache)
 
 
 class TransformerCached(torch.nn.Module):
     """One denoising step given the reference K/V (diffusers' `kv_cache_mode="cached"`).
 
-    Every input leads with the batch axis, and latents and image ids keep their latent grid
-    (lat_h, lat_w), so Triton's dynamic batcher may stack concurrent requests: it only merges
-    requests of equal shapes, and within equal shapes the position ids are equal (diffusers
-    takes the first sample's). Each sample brings its own reference K/V; the BLS repeats one
-    request's K/V (computed once, at batch 1) over its images.
+    The B samples are the images of one request: they share the request's K/V (one tensor per
+    block, no batch axis, broadcast here), so neither the BLS nor the engine's profile holds B
+    copies of it. Latents keep their latent grid (lat_h, lat_w) so the graph knows the grid.
 
     Text-to-image uses the same graph with N_ref = 0: an empty K/V adds nothing to the
     attention, so the step equals diffusers' plain forward (tested). This avoids a third
@@ -202,15 +181,15 @@ class TransformerCached(torch.nn.Module):
         use_kv_processors(transformer)
         self.transformer = transformer
 
-    def forward(self, latents, prompt_embeds, timestep, img_ids, txt_ids, ref_kv):
+    def forward(self, latents, prompt_embeds, timestep, img_ids, txt_ids, *ref_kv):
         t = self.transformer
         batch, lat_h, lat_w, channels = latents.shape
-        cache = _unstack_kv(ref_kv, len(t.transformer_blocks), len(t.single_transformer_blocks))
+        cache = _cache_from(ref_kv, batch, len(t.transformer_blocks), len(t.single_transformer_blocks))
         noise_pred = t(
             hidden_states=latents.reshape(batch, lat_h * lat_w, channels),
             encoder_hidden_states=prompt_embeds,
             timestep=timestep,
-            img_ids=img_ids.reshape(batch, lat_h * lat_w, 4),
+            img_ids=img_ids.reshape(lat_h * lat_w, 4),
             txt_ids=txt_ids,
             guidance=None,
             return_dict=False,
@@ -218,83 +197,6 @@ class TransformerCached(torch.nn.Module):
             kv_cache_mode="cached",
         )[0]
         return noise_pred.reshape(batch, lat_h, lat_w, channels)
-
-
-# --------------------------------------------------------------------------------------
-# Declared I/O spec: names, dims (ints or dynamic-dim names) and dtypes of every graph.
-# The exporter, the engine builder's profiles and Triton's config.pbtxt derive from it.
-# --------------------------------------------------------------------------------------
-
-MODEL_DTYPE = "model"  # the export dtype (fp32, bf16 or fp16)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dims: tuple  # int for a static size, str for a dynamic dimension
-    dtype: str = MODEL_DTYPE  # MODEL_DTYPE or "int64"
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    name: str
-    inputs: tuple
-    outputs: tuple
-
-
-def graph_specs(config: dict) -> dict[str, GraphSpec]:
-    """The I/O spec of each graph for a model described by `config` (see `model_dims`)."""
-    text_dim = 3 * config["text_hidden"]
-    kv = (config["kv_layers"], 2, "n_ref", config["heads"], config["head_dim"])
-    c = config["in_channels"]
-    specs = [
-        GraphSpec(
-            "text_encoder",
-            (TensorSpec("input_ids", ("batch", "text_len"), "int64"),
-             TensorSpec("attention_mask", ("batch", "text_len"), "int64")),
-            (TensorSpec("prompt_embeds", ("batch", "text_len", text_dim)),),
-        ),
-        GraphSpec(
-            "vae_encoder",
-            (TensorSpec("image", ("batch", 3, "height", "width")),),
-            (TensorSpec("ref_latents", ("batch", "n_tokens", c)),),
-        ),
-        GraphSpec(
-            "transformer_prefill",
-            (TensorSpec("ref_latents", (1, "n_ref", c)), TensorSpec("ref_ids", ("n_ref", 4), "int64")),
-            (TensorSpec("ref_kv", kv),),
-        ),
-        GraphSpec(
-            "transformer_cached",
-            (TensorSpec("latents", ("batch", "lat_h", "lat_w", c)),
-             TensorSpec("prompt_embeds", ("batch", "text_len", text_dim)),
-             TensorSpec("timestep", ("batch",)),
-             TensorSpec("img_ids", ("batch", "lat_h", "lat_w", 4), "int64"),
-             TensorSpec("txt_ids", ("batch", "text_len", 4), "int64"),
-             TensorSpec("ref_kv", ("batch", *kv))),
-            (TensorSpec("noise_pred", ("batch", "lat_h", "lat_w", c)),),
-        ),
-        GraphSpec(
-            "vae_decoder",
-            (TensorSpec("latents", ("batch", "lat_h", "lat_w", c)),),
-            (TensorSpec("image", ("batch", 3, "height", "width")),),
-        ),
-    ]
-    return {spec.name: spec for spec in specs}
-
-
-COMPONENTS = ("text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached", "vae_decoder")
-
-
-def model_dims(text_encoder_config, transformer_config) -> dict:
-    """The sizes the I/O spec needs, read from the component configs."""
-    return {
-        "text_hidden": text_encoder_config.hidden_size,
-        "heads": transformer_config.num_attention_heads,
-        "head_dim": transformer_config.attention_head_dim,
-        "kv_layers": transformer_config.num_layers + transformer_config.num_single_layers,
-        "in_channels": transformer_config.in_channels,
-    }
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_sequence_length: int = 512):

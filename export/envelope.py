@@ -1,68 +1,120 @@
-"""The serving envelope: the one declaration TensorRT profiles (and request limits) derive from.
+"""The serving envelope: the one declaration that TensorRT profiles, Triton's batch sizes, the
+BLS's request limits and the memory plan derive from.
 
 Pixels map to tokens as the pipeline does: 8x VAE downsampling, then 2x2 patchify, so one
 token per 16x16 pixels; a 1024x1024 image is 64x64 = 4096 tokens. Text is always padded
-to 512 tokens.
+to 512 tokens. Standard library only (the engine builder runs without torch).
+
+The defaults fit an 80 GB GPU at 9B in bf16 with >= 15% headroom (`python -m export.memory_plan`).
+What sizes them: Triton's TensorRT backend allocates every input and output binding at its
+profile maximum when a model loads, and at 9B every reference token carries 512 KiB of K/V
+(prefill output, cached-step input, the BLS's copy and the cache each hold one).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PIXELS_PER_TOKEN_SIDE = 16
+
+
+def _engine_batch() -> dict[str, int]:
+    # Largest batch each engine runs. The text encoder batches requests (Triton's dynamic batcher):
+    # 512 tokens per prompt leave its GEMMs short. The cached step runs up to 2 images of one request
+    # at a time (the BLS splits larger requests): at 1024^2 a sample is 4096 + 512 tokens, already
+    # compute-bound, and each extra sample costs ~1 GiB of activations at 1440^2. The VAE decoder
+    # decodes one image per call: its activations at 1440^2 are ~1.6 GiB per image.
+    return {"text_encoder": 4, "vae_encoder": 1, "transformer_prefill": 1, "transformer_cached": 2,
+            "vae_decoder": 1}
 
 
 @dataclass(frozen=True)
 class ServingEnvelope:
     output_side: tuple[int, int, int] = (256, 1024, 1440)  # min, opt, max pixels per side, multiples of 16
     max_references: int = 4
-    reference_side: tuple[int, int, int] = (64, 1024, 2048)  # per side; diffusers rejects < 64
-    reference_max_area: int = 1024 * 1024  # pixels; larger references are resized down to it
-    batch: tuple[int, int, int] = (1, 1, 4)  # images per request (num_images_per_prompt)
+    # Per side of a preprocessed reference (the vae_encoder profile). diffusers rejects < 64 px; the
+    # maximum with reference_max_area bounds the aspect ratio: 2048^2 / 1024^2 = 4:1.
+    reference_side: tuple[int, int, int] = (64, 1024, 2048)
+    reference_max_area: int = 1024 * 1024  # pixels; larger references are resized down to it (as diffusers)
+    # Tokens of the whole ordered reference set after preprocessing (2 references of 1024^2, or 4 of
+    # ~724^2): the K/V of 8192 tokens is 4 GiB at 9B in bf16.
+    reference_tokens: tuple[int, int, int] = (0, 4096, 8192)
+    images_per_request: int = 4  # num_images_per_prompt
+    engine_batch: dict = field(default_factory=_engine_batch)
     text_len: int = 512
+    max_steps: int = 50
+    max_input_pixels: int = 4096 * 4096  # declared size of an encoded reference, checked before decoding
 
     def tokens(self, side_px: int) -> int:
         return side_px // PIXELS_PER_TOKEN_SIDE
 
-    def dim_ranges(self) -> dict[str, tuple[int, int, int]]:
-        """(min, opt, max) of every dynamic dimension name used in components.graph_specs."""
+    @property
+    def max_reference_aspect(self) -> int:
+        """Largest aspect ratio a reference may have: beyond it a side exceeds the vae_encoder profile."""
+        return self.reference_side[2] ** 2 // self.reference_max_area
+
+    def dim_ranges(self, graph: str) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of every dynamic dimension name used in specs.graph_specs, for `graph`."""
         out_lo, out_opt, out_hi = (self.tokens(s) for s in self.output_side)
         ref_lo, ref_opt, ref_hi = self.reference_side
-        ref_tokens_max = self.max_references * self.reference_max_area // PIXELS_PER_TOKEN_SIDE**2
-        ref_tokens_opt = self.tokens(ref_opt) ** 2
+        n_ref = self.reference_tokens
+        if graph == "transformer_prefill":  # a prefill has at least one reference (the smallest: 4x4 tokens)
+            n_ref = (self.tokens(ref_lo) ** 2, *n_ref[1:])
+        batch_hi = self.engine_batch[graph]
         return {
-            "batch": self.batch,
+            "batch": (1, 1, batch_hi),
             "text_len": (self.text_len,) * 3,
             "height": (ref_lo, ref_opt, ref_hi),  # vae_encoder input (reference pixels)
             "width": (ref_lo, ref_opt, ref_hi),
+            "image_tokens": tuple(self.tokens(side) ** 2 for side in (ref_lo, ref_opt, ref_hi)),  # vae_encoder output
             "lat_h": (out_lo, out_opt, out_hi),  # output latent grid (cached step, vae_decoder)
             "lat_w": (out_lo, out_opt, out_hi),
-            "n_ref": (0, ref_tokens_opt, ref_tokens_max),
+            "out_height": tuple(PIXELS_PER_TOKEN_SIDE * t for t in (out_lo, out_opt, out_hi)),
+            "out_width": tuple(PIXELS_PER_TOKEN_SIDE * t for t in (out_lo, out_opt, out_hi)),
+            "n_ref": n_ref,
         }
 
-    def graph_overrides(self, graph: str) -> dict[str, tuple[int, int, int]]:
-        """Per-graph exceptions to the shared ranges."""
-        if graph == "vae_encoder":
-            return {"batch": (1, 1, 1)}  # references differ in size: encoded one at a time
-        if graph == "transformer_prefill":
-            # A prefill always has at least one reference (the smallest gives 4x4 tokens).
-            _, opt, hi = self.dim_ranges()["n_ref"]
-            return {"n_ref": (self.tokens(self.reference_side[0]) ** 2, opt, hi)}
-        return {}
+    def request_limits(self) -> dict[str, int]:
+        """The BLS's request limits (config.pbtxt parameters), all derived from the envelope."""
+        return {
+            "max_references": self.max_references,
+            "max_reference_tokens": self.reference_tokens[2],
+            "min_reference_side": self.reference_side[0],
+            "max_reference_side": self.reference_side[2],
+            "max_reference_aspect": self.max_reference_aspect,
+            "reference_max_area": self.reference_max_area,
+            "max_input_pixels": self.max_input_pixels,
+            "min_side": self.output_side[0],
+            "max_side": self.output_side[2],
+            "default_side": self.output_side[1],
+            "multiple_of": PIXELS_PER_TOKEN_SIDE,
+            "max_images": self.images_per_request,
+            "max_steps": self.max_steps,
+            "max_batch_transformer_cached": self.engine_batch["transformer_cached"],
+            "max_batch_vae_decoder": self.engine_batch["vae_decoder"],
+        }
 
 
 DEFAULT_ENVELOPE = ServingEnvelope()
 
 
+def shape_range(dims, ranges: dict) -> tuple[tuple, tuple, tuple]:
+    """(min shape, opt shape, max shape) of a tensor whose dims are ints or names in `ranges`."""
+    lo, opt, hi = [], [], []
+    for dim in dims:
+        triple = ranges[dim] if isinstance(dim, str) else (dim, dim, dim)
+        for acc, value in zip((lo, opt, hi), triple):
+            acc.append(value)
+    return tuple(lo), tuple(opt), tuple(hi)
+
+
 def profile_shapes(spec, envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> dict[str, tuple[tuple, tuple, tuple]]:
     """{input name: (min shape, opt shape, max shape)} of a GraphSpec within the envelope."""
-    ranges = {**envelope.dim_ranges(), **envelope.graph_overrides(spec.name)}
-    shapes = {}
-    for tensor in spec.inputs:
-        lo, opt, hi = [], [], []
-        for dim in tensor.dims:
-            triple = ranges[dim] if isinstance(dim, str) else (dim, dim, dim)
-            for acc, value in zip((lo, opt, hi), triple):
-                acc.append(value)
-        shapes[tensor.name] = (tuple(lo), tuple(opt), tuple(hi))
-    return shapes
+    ranges = envelope.dim_ranges(spec.name)
+    return {tensor.name: shape_range(tensor.dims, ranges) for tensor in spec.inputs}
+
+
+def output_max_shapes(spec, envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> dict[str, tuple]:
+    """{output name: shape} at the profile maximum: what Triton allocates for each output at load."""
+    ranges = envelope.dim_ranges(spec.name)
+    return {tensor.name: shape_range(tensor.dims, ranges)[2] for tensor in spec.outputs}

@@ -1,6 +1,6 @@
 """Export each component wrapper to ONNX with `torch.onnx.export(dynamo=True)`.
 
-Dynamic axes come from the declared I/O spec (`components.graph_specs`). torch.export
+Dynamic axes come from the declared I/O spec (`specs.graph_specs`). torch.export
 specialises any dimension whose sample size is 0 or 1, so every dynamic dimension is
 traced at a size >= 2, and sizes are distinct so no two dimensions get unified by accident.
 """
@@ -17,6 +17,7 @@ from torch.export import Dim
 
 from . import components as C
 from .loading import load_text_encoder, load_transformer, load_vae
+from .specs import COMPONENTS, GraphSpec, graph_specs, model_dims
 
 OPSET = 18  # within TensorRT 10's parser range (opset 9-20), see trt_supported_ops.tsv
 LARGE_GRAPH_BYTES = 1 << 30  # weights go to external data well before protobuf's 2 GB limit
@@ -25,14 +26,6 @@ LARGE_GRAPH_BYTES = 1 << 30  # weights go to external data well before protobuf'
 TRACE = {"batch": 2, "text_len": 7, "lat_h": 3, "lat_w": 5, "n_ref": 10}
 # Upper bounds of the dynamic dims; the serving envelope (envelope.py) is well inside them.
 MAX = {"batch": 64, "text_len": 4096, "lat_h": 512, "lat_w": 512, "n_ref": 65536}
-
-
-def _dims():
-    batch = Dim("batch", min=1, max=MAX["batch"])
-    text_len = Dim("text_len", min=1, max=MAX["text_len"])
-    lat_h = Dim("lat_h", min=1, max=MAX["lat_h"])
-    lat_w = Dim("lat_w", min=1, max=MAX["lat_w"])
-    return batch, text_len, lat_h, lat_w
 
 
 def sample_inputs(name: str, config: dict, dtype: torch.dtype, sizes: dict | None = None) -> tuple:
@@ -55,13 +48,13 @@ def sample_inputs(name: str, config: dict, dtype: torch.dtype, sizes: dict | Non
         return randn(1, s["n_ref"], c), ref_ids_for(s["n_ref"])
     if name == "transformer_cached":
         b, h, w, t = s["batch"], s["lat_h"], s["lat_w"], s["text_len"]
-        kv = randn(b, config["kv_layers"], 2, s["n_ref"], config["heads"], config["head_dim"])
+        kv = tuple(randn(2, s["n_ref"], config["heads"], config["head_dim"]) for _ in range(config["kv_layers"]))
         img_ids = torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.long), torch.arange(h), torch.arange(w),
                                              torch.zeros(1, dtype=torch.long), indexing="ij"), dim=-1)
         txt_ids = torch.stack([torch.zeros(t, dtype=torch.long)] * 3 + [torch.arange(t)], -1)
         timestep = torch.rand(b, generator=g).to(dtype)
         return (randn(b, h, w, c), randn(b, t, 3 * config["text_hidden"]), timestep,
-                img_ids.reshape(1, h, w, 4).expand(b, -1, -1, -1).contiguous(), txt_ids.expand(b, -1, -1).contiguous(), kv)
+                img_ids.reshape(h, w, 4), txt_ids, *kv)
     if name == "vae_decoder":
         return randn(s["batch"], s["lat_h"], s["lat_w"], c),
     raise KeyError(name)
@@ -73,23 +66,19 @@ def ref_ids_for(n_ref: int) -> torch.Tensor:
                         torch.arange(n_ref), torch.zeros(n_ref, dtype=torch.long)], dim=-1)
 
 
-def dynamic_shapes(name: str) -> dict:
-    batch, text_len, lat_h, lat_w = _dims()
-    if name == "text_encoder":
-        return {"input_ids": {0: batch, 1: text_len}, "attention_mask": {0: batch, 1: text_len}}
-    if name == "vae_encoder":
-        return {"image": {0: batch, 2: 16 * lat_h, 3: 16 * lat_w}}
-    if name == "transformer_prefill":
-        n_ref = Dim("n_ref", min=1, max=MAX["n_ref"])  # >= 1: a prefill of nothing is no request
-        return {"ref_latents": {1: n_ref}, "ref_ids": {0: n_ref}}
-    if name == "transformer_cached":
-        n_ref = Dim("n_ref", min=0, max=MAX["n_ref"])  # 0 = text-to-image
-        return {"latents": {0: batch, 1: lat_h, 2: lat_w}, "prompt_embeds": {0: batch, 1: text_len},
-                "timestep": {0: batch}, "img_ids": {0: batch, 1: lat_h, 2: lat_w}, "txt_ids": {0: batch, 1: text_len},
-                "ref_kv": {0: batch, 3: n_ref}}
-    if name == "vae_decoder":
-        return {"latents": {0: batch, 1: lat_h, 2: lat_w}}
-    raise KeyError(name)
+def dynamic_shapes(spec: GraphSpec) -> tuple:
+    """torch.export dynamic shapes of every input, in order, from the declared dims of `spec`."""
+    n_ref_min = 0 if spec.name == "transformer_cached" else 1  # 0 = text-to-image; a prefill has references
+    dims = {name: Dim(name, min=1, max=MAX[name]) for name in ("batch", "text_len", "lat_h", "lat_w")}
+    dims["n_ref"] = Dim("n_ref", min=n_ref_min, max=MAX["n_ref"])
+    # Reference pixels: multiples of 16 (the VAE downsamples 8x, then 2x2 patches).
+    dims["height"] = 16 * Dim("ref_h", min=1, max=MAX["lat_h"])
+    dims["width"] = 16 * Dim("ref_w", min=1, max=MAX["lat_w"])
+    shapes = tuple({axis: dims[dim] for axis, dim in enumerate(tensor.dims) if isinstance(dim, str)}
+                   for tensor in spec.inputs)
+    if spec.name == "transformer_cached":  # forward(latents, ..., txt_ids, *ref_kv): the K/V are one varargs group
+        return (*shapes[:5], shapes[5:])
+    return shapes
 
 
 def build_wrapper(name: str, model: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -113,12 +102,12 @@ def read_model_dims(model: str) -> dict:
 
     text_cfg = AutoConfig.from_pretrained(model, subfolder="text_encoder")
     transformer_cfg = SimpleNamespace(**Flux2Transformer2DModel.load_config(model, subfolder="transformer"))
-    dims = C.model_dims(text_cfg, transformer_cfg)
+    dims = model_dims(text_cfg, transformer_cfg)
     dims["vocab_size"] = text_cfg.vocab_size
     return dims
 
 
-def _name_dims(path: Path, spec: C.GraphSpec) -> None:
+def _name_dims(path: Path, spec: GraphSpec) -> None:
     """Give the graph's inputs and outputs the dimension names of the declared spec."""
     proto = onnx.load(str(path), load_external_data=False)
     for values, tensors in ((proto.graph.input, spec.inputs), (proto.graph.output, spec.outputs)):
@@ -133,7 +122,7 @@ def _name_dims(path: Path, spec: C.GraphSpec) -> None:
 
 def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, dims: dict) -> Path:
     """Export graph `name` to `out_dir/name/model.onnx` and return the path."""
-    spec = C.graph_specs(dims)[name]
+    spec = graph_specs(dims)[name]
     wrapper = build_wrapper(name, model, dtype)
     args = sample_inputs(name, dims, dtype)
     large = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > LARGE_GRAPH_BYTES
@@ -143,7 +132,7 @@ def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, d
         program = torch.onnx.export(
             wrapper, args, dynamo=True, opset_version=OPSET,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-            dynamic_shapes=dynamic_shapes(name), external_data=large, optimize=True,
+            dynamic_shapes=dynamic_shapes(spec), external_data=large, optimize=True,
         )
     for stale in path.parent.glob("model.onnx*"):
         stale.unlink()
@@ -152,7 +141,7 @@ def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, d
     return path
 
 
-def export_all(model: str, out_dir: str | Path, dtype: str = "fp32", components=C.COMPONENTS, log=print) -> dict:
+def export_all(model: str, out_dir: str | Path, dtype: str = "fp32", components=COMPONENTS, log=print) -> dict:
     from .loading import DTYPES
 
     out_dir = Path(out_dir)

@@ -16,8 +16,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .build_engines import spec_from_manifest
 from .envelope import DEFAULT_ENVELOPE
+from .specs import spec_from_manifest
 from .triton_config import BACKENDS, TRITON_TYPES, component_config
 
 SOURCES = Path(__file__).resolve().parent.parent / "model_repository"

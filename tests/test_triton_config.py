@@ -8,7 +8,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from export.build_engines import spec_from_manifest
+from export.specs import spec_from_manifest
 from export.repository import assemble, bls_config, cache_config
 from export.triton_config import component_config
 
