@@ -64,23 +64,7 @@ from pathlib import Path
 
 import torch
 
-# klein 9B transformer (DESIGN.md section 2); the other keys are diffusers' defaults, which
-# the released config uses (patch 1, timestep channels 256, eps 1e-6).
-KLEIN_9B_CONFIG = dict(
-    patch_size=1,
-    in_channels=128,
-    num_layers=8,
-    num_single_layers=24,
-    attention_head_dim=128,
-    num_attention_heads=32,
-    joint_attention_dim=12288,
-    timestep_guidance_channels=256,
-    mlp_ratio=3.0,
-    axes_dims_rope=(32, 32, 32, 32),
-    rope_theta=2000,
-    eps=1e-6,
-    guidance_embeds=False,
-)
+from export.checkpoint import KLEIN_9B_TRANSFORMER as KLEIN_9B_CONFIG
 
 # Token shapes per size: text length, reference and output latent grid side (pixels / 16).
 SHAPES = {
@@ -363,19 +347,18 @@ class Probe:
                      return_dict=False, **kwargs)[0]
 
         def ours_cached_call(ref_kv):
-            # The graph's batched layout: latent grid [B, g, g, C], per-sample ids and K/V (views here).
+            # The graph's layout: latent grid [B, g, g, C], ids on the grid, one K/V tensor per block.
             b, g = x["latents"].shape[0], self.shape["img_grid"]
             out = cached(x["latents"].reshape(b, g, g, -1), x["prompt_embeds"], x["sigma"].expand(b),
-                         x["img_ids"].reshape(1, g, g, 4).expand(b, -1, -1, -1),
-                         x["txt_ids"].unsqueeze(0).expand(b, -1, -1), ref_kv.unsqueeze(0).expand(b, *ref_kv.shape))
+                         x["img_ids"].reshape(g, g, 4), x["txt_ids"], *ref_kv)
             return out.reshape(b, g * g, -1)
 
         if refs == 0:
             reference = self.measure("diffusers_plain_0ref", "diffusers plain step (text-to-image)", 0,
                                      desc["plain"], lambda: diffusers_cached_call(None))
             heads, head_dim = t.config.num_attention_heads, t.config.attention_head_dim
-            empty_kv = torch.zeros(len(t.transformer_blocks) + len(t.single_transformer_blocks), 2, 0, heads,
-                                   head_dim, dtype=self.dtype, device=self.dev.device)
+            empty_kv = [torch.zeros(2, 0, heads, head_dim, dtype=self.dtype, device=self.dev.device)] * (
+                len(t.transformer_blocks) + len(t.single_transformer_blocks))
             ours = self.measure("ours_cached_0ref", "ours: TransformerCached", 0, desc["cached"],
                                 lambda: ours_cached_call(empty_kv))
             self._check_cached(refs, ours, reference)

@@ -3,16 +3,21 @@
 A thin layer over the TensorRT Python API (10 and 11): strongly typed networks (precision
 comes from the ONNX types: export bf16 graphs for production), one optimization profile
 per engine derived from the serving envelope (envelope.py), a shared timing cache, and
-engine names that carry the TensorRT version and the GPU's compute capability, because a
-plan only loads on the TensorRT version and GPU architecture that built it. Build engines
-with the same TensorRT as the Triton server that loads them (e.g. inside NVIDIA's
-tritonserver container of that release).
+engine and timing cache names that carry the TensorRT version and the GPU's compute
+capability, because a plan only loads on the TensorRT version and GPU architecture that
+built it. Build engines with the same TensorRT as the Triton server that loads them
+(docker/engines.Dockerfile: NVIDIA's TensorRT container of the serving release).
+
+Standard library + tensorrt only (no torch, diffusers or onnx), so it runs in that container
+as it is. Plans are written through a temporary file and renamed: a crash never leaves a
+truncated plan under the final name.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,8 +27,8 @@ from pathlib import Path
 from .envelope import DEFAULT_ENVELOPE, profile_shapes
 from .specs import COMPONENTS, GraphSpec, spec_from_manifest
 
-WHERE = ("run it on a GPU host with TensorRT, e.g. inside NVIDIA's tritonserver container "
-         "(nvcr.io/nvidia/tritonserver:<release>-py3) whose TensorRT matches the serving Triton")
+WHERE = ("run it on a GPU host with the TensorRT of the serving Triton, e.g. docker/engines.Dockerfile: NVIDIA's "
+         "TensorRT container of the release of the serving tritonserver container (nvcr.io/nvidia/tritonserver:<release>-py3)")
 
 
 class MissingRequirement(RuntimeError):
@@ -37,8 +42,58 @@ def load_manifest(onnx_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+class TimingCacheRejected(RuntimeError):
+    pass
+
+
 def engine_name(component: str, trt_version: str, compute_capability: str) -> str:
     return f"{component}.trt{trt_version}.sm{compute_capability}.plan"
+
+
+def timing_cache_name(trt_version: str, compute_capability: str) -> str:
+    """A timing cache from another TensorRT version or GPU is useless or rejected: name it after both."""
+    return f"timing.trt{trt_version}.sm{compute_capability}.cache"
+
+
+WRITE_CHUNK = 1 << 30  # one write(2) moves at most ~2 GiB on Linux
+
+
+def write_buffer(path: Path, buffer) -> int:
+    """Write a buffer-protocol object (TensorRT's IHostMemory, bytes, bytearray) to `path` without
+    copying it (a plan of 18 GB is not held twice in host RAM), through a temporary file in the same
+    directory renamed onto `path`, so a crash never leaves a truncated file under the final name.
+    Returns the number of bytes written."""
+    path = Path(path)
+    view = memoryview(buffer).cast("B")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb", buffering=0) as f:
+            written = 0
+            while written < view.nbytes:
+                written += f.write(view[written:written + WRITE_CHUNK])
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        view.release()
+    return written
+
+
+def apply_timing_cache(config, path: Path, trt_version: str, compute_capability: str):
+    """Load the timing cache at `path` (a new, empty one if absent) into an IBuilderConfig.
+
+    TensorRT 10's set_timing_cache returns False when it rejects a cache (ignore_mismatch=False: one
+    written by another TensorRT version or GPU); building on would silently re-time every layer."""
+    path = Path(path)
+    cache = config.create_timing_cache(path.read_bytes() if path.exists() else b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        what = f"timing cache {path}" if path.exists() else f"a new, empty timing cache (for {path})"
+        raise TimingCacheRejected(
+            f"{what} was not accepted by TensorRT {trt_version} on sm{compute_capability} (built by another "
+            f"TensorRT version or GPU?); delete it or pass --timing-cache NEW")
+    return cache
 
 
 def import_tensorrt():
@@ -60,7 +115,7 @@ def compute_capability() -> str:
     raise MissingRequirement(f"no NVIDIA GPU visible (nvidia-smi missing or failing); {WHERE}")
 
 
-def build_engine(trt, onnx_path: Path, plan_path: Path, shapes: dict, timing_cache: Path, log) -> None:
+def build_engine(trt, onnx_path: Path, plan_path: Path, shapes: dict, timing_cache: Path, sm: str, log) -> None:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -72,8 +127,7 @@ def build_engine(trt, onnx_path: Path, plan_path: Path, shapes: dict, timing_cac
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    apply_timing_cache(config, timing_cache, trt.__version__, sm)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
@@ -81,9 +135,10 @@ def build_engine(trt, onnx_path: Path, plan_path: Path, shapes: dict, timing_cac
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {plan_path.name} (see the log above)")
-    plan_path.write_bytes(bytes(serialized))
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    log(f"  wrote {plan_path} ({plan_path.stat().st_size / 2**20:.1f} MiB)")
+    size = write_buffer(plan_path, serialized)
+    del serialized
+    write_buffer(timing_cache, config.get_timing_cache().serialize())
+    log(f"  wrote {plan_path} ({size / 2**20:.1f} MiB)")
 
 
 def describe_profiles(specs: dict[str, GraphSpec]) -> str:
@@ -103,7 +158,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="build/engines", help="directory for the .plan files (default %(default)s)")
     parser.add_argument("--components", nargs="+", choices=COMPONENTS, metavar="NAME",
                         help="subset to build (default: every graph in the manifest)")
-    parser.add_argument("--timing-cache", default=None, help="timing cache file (default OUT/timing.cache)")
+    parser.add_argument("--timing-cache", default=None,
+                        help=f"timing cache file (default OUT/{timing_cache_name('<trt>', '<sm>')})")
     parser.add_argument("--dry-run", action="store_true", help="print the profiles and engine names; build nothing")
     args = parser.parse_args(argv)
 
@@ -117,6 +173,7 @@ def main(argv=None) -> int:
         if args.dry_run:
             for name in names:
                 print(f"would build {out / engine_name(name, '<trt>', '<sm>')} from {onnx_dir / manifest['graphs'][name]['path']}")
+            print(f"timing cache: {args.timing_cache or out / timing_cache_name('<trt>', '<sm>')}")
             return 0
         trt = import_tensorrt()
         sm = compute_capability()
@@ -125,13 +182,17 @@ def main(argv=None) -> int:
         return 2
 
     out.mkdir(parents=True, exist_ok=True)
-    timing_cache = Path(args.timing_cache) if args.timing_cache else out / "timing.cache"
+    timing_cache = Path(args.timing_cache) if args.timing_cache else out / timing_cache_name(trt.__version__, sm)
     for index, name in enumerate(names, 1):
         plan = out / engine_name(name, trt.__version__, sm)
         print(f"[{index}/{len(names)}] building {plan.name} ...", flush=True)
         start = time.perf_counter()
-        build_engine(trt, onnx_dir / manifest["graphs"][name]["path"], plan,
-                     profile_shapes(specs[name], DEFAULT_ENVELOPE), timing_cache, print)
+        try:
+            build_engine(trt, onnx_dir / manifest["graphs"][name]["path"], plan,
+                         profile_shapes(specs[name], DEFAULT_ENVELOPE), timing_cache, sm, print)
+        except TimingCacheRejected as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"[{index}/{len(names)}] {name} built in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
 

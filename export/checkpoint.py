@@ -51,6 +51,21 @@ VAE_CHANNELS = (16, 32, 32, 32)
 TRANSFORMER_SIZES = {"tiny": (4, 16), "bench": (8, 64)}
 
 
+# klein 9B (dims only; the weights come from black-forest-labs/FLUX.2-klein-9b-kv). The transformer
+# config's other keys are diffusers' defaults, which the released config uses (patch 1, timestep
+# channels 256, eps 1e-6). The text encoder is Qwen3-8B; the VAE is AutoencoderKLFlux2's defaults.
+KLEIN_9B_TRANSFORMER = dict(
+    patch_size=1, in_channels=128, num_layers=8, num_single_layers=24, attention_head_dim=128,
+    num_attention_heads=32, joint_attention_dim=12288, timestep_guidance_channels=256, mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False,
+)
+KLEIN_9B_TEXT_ENCODER = dict(
+    vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0,
+    tie_word_embeddings=False,
+)
+
+
 def build_tokenizer():
     """A byte-level BPE Qwen2 tokenizer: every byte is a token, plus ChatML specials."""
     from tokenizers import pre_tokenizers

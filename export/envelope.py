@@ -36,9 +36,11 @@ class ServingEnvelope:
     # maximum with reference_max_area bounds the aspect ratio: 2048^2 / 1024^2 = 4:1.
     reference_side: tuple[int, int, int] = (64, 1024, 2048)
     reference_max_area: int = 1024 * 1024  # pixels; larger references are resized down to it (as diffusers)
-    # Tokens of the whole ordered reference set after preprocessing (2 references of 1024^2, or 4 of
-    # ~724^2): the K/V of 8192 tokens is 4 GiB at 9B in bf16.
-    reference_tokens: tuple[int, int, int] = (0, 4096, 8192)
+    # Tokens of the whole ordered reference set after preprocessing: one reference of 1024^2, or two
+    # of ~724^2, or four of 512^2. At 9B in bf16 the K/V of 4096 tokens is 2 GiB, held by the prefill's
+    # outputs, the cached step's inputs, each BLS instance and the cache: 8192 tokens (two references
+    # of 1024^2) do not fit 80 GB with 15% headroom next to ~45 GiB of weights (memory_plan).
+    reference_tokens: tuple[int, int, int] = (0, 4096, 4096)
     images_per_request: int = 4  # num_images_per_prompt
     engine_batch: dict = field(default_factory=_engine_batch)
     text_len: int = 512

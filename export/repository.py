@@ -16,8 +16,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .envelope import DEFAULT_ENVELOPE
-from .specs import spec_from_manifest
+from .envelope import DEFAULT_ENVELOPE, ServingEnvelope
+from .specs import kv_names, spec_from_manifest
 from .triton_config import BACKENDS, TRITON_TYPES, component_config
 
 SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
@@ -25,58 +25,61 @@ BLS = "flux2_klein_kv"
 
 
 CACHE = "reference_kv_cache"
-# Byte budget of the shared reference K/V cache. 8 GiB holds four 1024x1024 single-reference
-# entries at 9B in bf16 (2 GiB each, DESIGN.md section 3), or one entry of 4 such references;
-# next to ~44 GB of engines an 80 GB GPU keeps room for it and the activations (DESIGN.md section 7).
-REFERENCE_CACHE_BYTES = 8 * 2**30
+# Byte budget of the shared reference K/V cache: 4 GiB holds two 1024x1024 single-reference entries
+# at 9B in bf16 (2 GiB each), or one entry of the largest reference set (8192 tokens). The memory plan
+# (python -m export.memory_plan) counts it next to the engines; 8 GiB does not fit 80 GB with headroom.
+REFERENCE_CACHE_BYTES = 4 * 2**30
 
 
 def _parameters(params: dict) -> str:
     return "\n".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}' for k, v in params.items())
 
 
-def cache_config(device: str, dtype: str, cache_bytes: int = REFERENCE_CACHE_BYTES) -> str:
-    """The single-instance model holding the reference K/V shared by all BLS instances."""
+def _io(name: str, data_type: str, dims: list, optional: bool = False) -> str:
+    return (f'  {{\n    name: "{name}"\n    data_type: {data_type}\n    dims: {dims}'
+            + ("\n    optional: true" if optional else "") + "\n  }")
+
+
+def _cpu_only(device: str) -> str:
+    # GPU tensors from the client or other models stay on the device (DLPack) when the model runs on one.
+    return "no" if device.startswith("cuda") else "yes"
+
+
+def cache_config(device: str, dtype: str, kv_layers: int, cache_bytes: int = REFERENCE_CACHE_BYTES) -> str:
+    """The single-instance model holding the reference K/V shared by all BLS instances.
+
+    Lookup: `key` alone -> `hit` and, on a hit, `cached_kv_NN`; store: `key` + every `ref_kv_NN`.
+    """
     kv_type = TRITON_TYPES[dtype]
-    params = {"device": device, "reference_cache_bytes": cache_bytes,
-              "FORCE_CPU_ONLY_INPUT_TENSORS": "no" if device.startswith("cuda") else "yes"}
+    params = {"device": device, "reference_cache_bytes": cache_bytes, "FORCE_CPU_ONLY_INPUT_TENSORS": _cpu_only(device)}
+    inputs = [_io("key", "TYPE_STRING", [1])] + [_io(n, kv_type, [2, -1, -1, -1], optional=True) for n in kv_names(kv_layers)]
+    outputs = [_io("hit", "TYPE_BOOL", [1])] + [_io("cached" + n[3:], kv_type, [2, -1, -1, -1]) for n in kv_names(kv_layers)]
     return (f'name: "{CACHE}"\nbackend: "python"\nmax_batch_size: 0\n'
-            'input [\n  {\n    name: "key"\n    data_type: TYPE_STRING\n    dims: [1]\n  },\n'
-            f'  {{\n    name: "ref_kv"\n    data_type: {kv_type}\n    dims: [-1, -1, -1, -1, -1]\n    optional: true\n  }}\n]\n'
-            'output [\n  {\n    name: "hit"\n    data_type: TYPE_BOOL\n    dims: [1]\n  },\n'
-            f'  {{\n    name: "cached_kv"\n    data_type: {kv_type}\n    dims: [-1, -1, -1, -1, -1]\n  }}\n]\n'
+            "input [\n" + ",\n".join(inputs) + "\n]\n"
+            "output [\n" + ",\n".join(outputs) + "\n]\n"
             "# One instance: one cache for every BLS instance.\n"
             f"instance_group [\n  {{\n    count: 1\n    kind: KIND_CPU\n  }}\n]\n{_parameters(params)}\n")
 
 
-def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.text_len) -> str:
-    env = DEFAULT_ENVELOPE
+def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.text_len,
+               envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> str:
     params = {
         "device": device,
         # Prompt length in tokens (padded), as the pipeline's max_sequence_length; 512 for the real model.
         "max_sequence_length": text_tokens,
-        "max_references": env.max_references,
-        "min_side": env.output_side[0],
-        "max_side": env.output_side[2],
-        "default_side": env.output_side[1],
-        "max_images": env.batch[2],
-        "max_steps": 50,
-        "max_input_pixels": 4096 * 4096,
-        # GPU tensors from the client or other models stay on the device (DLPack).
-        "FORCE_CPU_ONLY_INPUT_TENSORS": "no" if device.startswith("cuda") else "yes",
+        **envelope.request_limits(),
+        "FORCE_CPU_ONLY_INPUT_TENSORS": _cpu_only(device),
     }
-    optional = [("image", "TYPE_STRING", [-1]), ("height", "TYPE_INT32", [1]), ("width", "TYPE_INT32", [1]),
-                ("seed", "TYPE_INT64", [1]), ("num_images_per_prompt", "TYPE_INT32", [1]),
-                ("num_inference_steps", "TYPE_INT32", [1]), ("reuse_reference_cache", "TYPE_BOOL", [1])]
-    inputs = ['  {\n    name: "prompt"\n    data_type: TYPE_STRING\n    dims: [1]\n  }']
-    inputs += [f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: {d}\n    optional: true\n  }}'
-               for n, t, d in optional]
-    parameters = _parameters(params)
+    inputs = [_io("prompt", "TYPE_STRING", [1])]
+    inputs += [_io(n, t, d, optional=True) for n, t, d in (
+        ("image", "TYPE_STRING", [-1]), ("height", "TYPE_INT32", [1]), ("width", "TYPE_INT32", [1]),
+        ("seed", "TYPE_INT64", [1]), ("num_images_per_prompt", "TYPE_INT32", [1]),
+        ("num_inference_steps", "TYPE_INT32", [1]), ("reuse_reference_cache", "TYPE_BOOL", [1]))]
+    outputs = [_io("images", "TYPE_UINT8", [-1, -1, -1, 3]), _io("png", "TYPE_STRING", [-1])]
     return (f'name: "{BLS}"\nbackend: "python"\nmax_batch_size: 0\n'
             "input [\n" + ",\n".join(inputs) + "\n]\n"
-            'output [\n  {\n    name: "images"\n    data_type: TYPE_UINT8\n    dims: [-1, -1, -1, 3]\n  },\n'
-            '  {\n    name: "png"\n    data_type: TYPE_STRING\n    dims: [-1]\n  }\n]\n'
-            f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n{parameters}\n")
+            "output [\n" + ",\n".join(outputs) + "\n]\n"
+            f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n{_parameters(params)}\n")
 
 
 def _find_engine(engines_dir: Path, component: str) -> Path:
@@ -86,19 +89,30 @@ def _find_engine(engines_dir: Path, component: str) -> Path:
     return plans[0]
 
 
-def assemble(onnx_dir, checkpoint, out, backend="onnxruntime", engines_dir=None, device="cpu",
-             bls_instances=2, threads=1, text_tokens=DEFAULT_ENVELOPE.text_len,
+def default_device(backend: str) -> str:
+    """Where the BLS computes: next to the engines for TensorRT (outputs stay on the GPU), else the CPU."""
+    return "cuda:0" if backend == "tensorrt" else "cpu"
+
+
+def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="onnxruntime", engines_dir=None,
+             device=None, bls_instances=2, threads=1, text_tokens=DEFAULT_ENVELOPE.text_len,
              cache_bytes=REFERENCE_CACHE_BYTES) -> Path:
+    """Write the repository to `out`. Tokenizer and scheduler come from the model recorded in the
+    export's manifest; `checkpoint`, if given, must be that model (a local copy of it is fine)."""
     onnx_dir, out = Path(onnx_dir), Path(out)
+    device = device or default_device(backend)
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
+    source = _tokenizer_source(manifest, checkpoint)
+    engines = {name: _find_engine(Path(engines_dir), name) for name in manifest["graphs"]} if backend == "tensorrt" else {}
+    gpu = torch_device_index(device)
     if out.exists():
         shutil.rmtree(out)
     for name, entry in manifest["graphs"].items():
         version = out / name / "1"
         version.mkdir(parents=True)
-        config = component_config(spec_from_manifest(name, entry), manifest["dtype"], backend)
+        config = component_config(spec_from_manifest(name, entry), manifest["dtype"], backend, gpu=gpu)
         if backend == "tensorrt":
-            shutil.copy(_find_engine(Path(engines_dir), name), version / "model.plan")
+            shutil.copy(engines[name], version / "model.plan")
         else:
             for graph_file in (onnx_dir / entry["path"]).parent.glob("model.onnx*"):
                 shutil.copy(graph_file, version / graph_file.name)
@@ -108,14 +122,44 @@ def assemble(onnx_dir, checkpoint, out, backend="onnxruntime", engines_dir=None,
 
     bls = out / BLS / "1"
     shutil.copytree(SOURCES / BLS / "1", bls, ignore=shutil.ignore_patterns("__pycache__"))
-    local = Path(_local_checkpoint(checkpoint))
+    local = Path(_local_checkpoint(source))
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(local / part, bls / part)
     (bls / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens))
     shutil.copytree(SOURCES / CACHE / "1", out / CACHE / "1", ignore=shutil.ignore_patterns("__pycache__"))
-    (out / CACHE / "config.pbtxt").write_text(cache_config(device, manifest["dtype"], cache_bytes))
+    (out / CACHE / "config.pbtxt").write_text(
+        cache_config(device, manifest["dtype"], manifest["dims"]["kv_layers"], cache_bytes))
     return out
+
+
+def torch_device_index(device: str) -> int:
+    """The GPU index of 'cuda:N' (0 for 'cuda' or 'cpu'): where the TensorRT instances are pinned."""
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+
+
+def _tokenizer_source(manifest: dict, checkpoint) -> str:
+    """The model whose tokenizer and scheduler the BLS gets: the one the graphs were exported from."""
+    recorded = manifest.get("model")
+    if checkpoint is None:
+        if not recorded:
+            raise SystemExit("error: the manifest records no model; pass --checkpoint (the model that was exported)")
+        return recorded
+    if recorded and not _same_model(checkpoint, recorded):
+        raise SystemExit(f"error: the graphs were exported from {recorded}, not {checkpoint}: the tokenizer and "
+                         "scheduler must come from the exported model (omit --checkpoint to use it)")
+    return checkpoint
+
+
+def _same_model(given: str, recorded: str) -> bool:
+    """True unless `given` is provably another model: two local folders or two hub ids that differ.
+    (A local folder for a hub id is taken as a downloaded copy of it.)"""
+    given_local, recorded_local = Path(given).is_dir(), Path(recorded).is_dir()
+    if given_local and recorded_local:
+        return Path(given).resolve() == Path(recorded).resolve()
+    if not given_local and not recorded_local:
+        return given == recorded
+    return given_local
 
 
 def _local_checkpoint(checkpoint: str) -> str:
@@ -132,15 +176,19 @@ def main(argv=None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx-dir", required=True, help="output of `python -m export` (has manifest.json)")
-    parser.add_argument("--checkpoint", required=True, help="the checkpoint exported (tokenizer, scheduler)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="local copy of the exported model (tokenizer, scheduler); default: the model recorded "
+                             "in the manifest")
     parser.add_argument("--out", default="build/model_repository", help="repository to write (default %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                         help="tensorrt (production, GPU) or onnxruntime (CPU, Python backend)")
     parser.add_argument("--engines-dir", default="build/engines", help="TensorRT plans (with --backend tensorrt)")
-    parser.add_argument("--device", default="cpu", help="device the BLS computes on: cpu or cuda:N")
+    parser.add_argument("--device", default=None,
+                        help="device the BLS and the reference cache compute on: cpu or cuda:N "
+                             "(default: cuda:0 with --backend tensorrt, else cpu); TensorRT instances are pinned to it")
     parser.add_argument("--bls-instances", type=int, default=2, help="BLS instances (overlapping requests)")
     parser.add_argument("--reference-cache-bytes", type=int, default=REFERENCE_CACHE_BYTES,
-                        help="byte budget of the shared reference K/V cache (default %(default)s = 8 GiB; 0 disables)")
+                        help="byte budget of the shared reference K/V cache (default %(default)s = 4 GiB; 0 disables)")
     args = parser.parse_args(argv)
     out = assemble(args.onnx_dir, args.checkpoint, args.out, args.backend, args.engines_dir, args.device,
                    args.bls_instances, cache_bytes=args.reference_cache_bytes)

@@ -7,16 +7,19 @@ Two backends, same tensor names, shapes and types, so the BLS model cannot tell 
   onnxruntime on the CPU, since Triton's onnxruntime backend is not available here; it runs
   the requests Triton batches together as one batch, as an engine would.
 
-On both, graphs whose every tensor leads with the batch dimension (text encoder, cached step,
-VAE decoder) get `max_batch_size` and dynamic batching, so concurrent requests of equal shapes
-share one execution; the others (VAE encoder: references differ in size; prefill: one per
-request) take whole shapes (`max_batch_size: 0`).
+On both, a graph whose every tensor leads with the batch dimension and whose engine batch
+(envelope.engine_batch) exceeds 1 gets `max_batch_size` and dynamic batching, so concurrent
+requests of equal shapes share one execution: the text encoder. The others take whole shapes
+(`max_batch_size: 0`): the VAE encoder (references differ in size), the prefill (one per request),
+the cached step (its K/V has no batch axis: the images of one request share it) and the VAE
+decoder (one image per call). KIND_GPU instances are pinned to one GPU (`gpus: [N]`): without
+it Triton loads every engine on every visible GPU.
 """
 
 from __future__ import annotations
 
-from .components import GraphSpec
 from .envelope import DEFAULT_ENVELOPE, ServingEnvelope
+from .specs import GraphSpec
 
 TRITON_TYPES = {"fp32": "TYPE_FP32", "bf16": "TYPE_BF16", "fp16": "TYPE_FP16", "int64": "TYPE_INT64"}
 BACKENDS = ("tensorrt", "onnxruntime")
@@ -40,12 +43,12 @@ def batchable(spec: GraphSpec) -> bool:
 
 
 def component_config(spec: GraphSpec, dtype: str, backend: str, instances: int = 1,
-                     envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> str:
+                     envelope: ServingEnvelope = DEFAULT_ENVELOPE, gpu: int = 0) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     lines = [f'name: "{spec.name}"']
     # Triton's max_batch_size must not exceed the engine profile's batch range.
-    max_batch = {**envelope.dim_ranges(), **envelope.graph_overrides(spec.name)}["batch"][2]
+    max_batch = envelope.engine_batch[spec.name]
     batch = batchable(spec) and max_batch > 1
     if backend == "tensorrt":
         lines.append('platform: "tensorrt_plan"')
@@ -54,8 +57,8 @@ def component_config(spec: GraphSpec, dtype: str, backend: str, instances: int =
     lines.append(f"max_batch_size: {max_batch if batch else 0}")
     lines.append(_tensor_block("input", spec.inputs, dtype, batch))
     lines.append(_tensor_block("output", spec.outputs, dtype, batch))
-    kind = "KIND_GPU" if backend == "tensorrt" else "KIND_CPU"
-    lines.append(f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]")
+    placement = f"kind: KIND_GPU\n    gpus: [ {gpu} ]" if backend == "tensorrt" else "kind: KIND_CPU"
+    lines.append(f"instance_group [\n  {{\n    count: {instances}\n    {placement}\n  }}\n]")
     if batch:
         lines.append("dynamic_batching {\n  max_queue_delay_microseconds: 2000\n}")
     return "\n".join(lines) + "\n"

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from export.build_engines import engine_name
-from export.components import COMPONENTS, graph_specs
 from export.envelope import DEFAULT_ENVELOPE, profile_shapes
+from export.specs import COMPONENTS, graph_specs
 
 
 def _run(*args):
@@ -39,9 +39,10 @@ def test_build_engines_dry_run_prints_every_profile(onnx_bf16):
     out = result.stdout
     for name in COMPONENTS:
         assert f"{name}:" in out and engine_name(name, "<trt>", "<sm>") in out
-    # 256-1440 px output (16-90 tokens a side), opt 1024 px, batch 1-4, 512 text tokens.
-    assert "latents         min [1, 16, 16, 128]  opt [1, 64, 64, 128]  max [4, 90, 90, 128]" in out
-    assert "ref_kv          min [1, 4, 2, 0, 4, 16]  opt [1, 4, 2, 4096, 4, 16]  max [4, 4, 2, 16384, 4, 16]" in out
+    # 256-1440 px output (16-90 tokens a side), opt 1024 px, 2 images per cached step, 512 text tokens,
+    # up to 4096 reference tokens (one K/V tensor per block, no batch axis), 4 prompts per text encoder call.
+    assert "latents         min [1, 16, 16, 128]  opt [1, 64, 64, 128]  max [2, 90, 90, 128]" in out
+    assert "ref_kv_00       min [2, 0, 4, 16]  opt [2, 4096, 4, 16]  max [2, 4096, 4, 16]" in out
     assert "input_ids       min [1, 512]  opt [1, 512]  max [4, 512]" in out
 
 
@@ -60,6 +61,6 @@ def test_profiles_cover_every_dynamic_dim_in_order():
         for name, (lo, opt, hi) in profile_shapes(spec, DEFAULT_ENVELOPE).items():
             assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (spec.name, name)
     cached = profile_shapes(graph_specs(dims)["transformer_cached"])
-    assert cached["ref_kv"][2] == (4, 32, 2, 16384, 32, 128)  # 4 images, 4 references of 1024x1024 each
+    assert cached["ref_kv_31"][2] == (2, 4096, 32, 128)  # one reference of 1024x1024, shared by the images
     prefill = profile_shapes(graph_specs(dims)["transformer_prefill"])
     assert prefill["ref_latents"][0] == (1, 16, 128)

@@ -79,16 +79,18 @@ def _diffusers_kv(cache: Flux2KVCache) -> np.ndarray:
     return np.stack([np.stack([layer.k_ref[0].numpy(), layer.v_ref[0].numpy()]) for layer in layers])
 
 
+def _prefill(ort_session, refs, ref_ids) -> np.ndarray:
+    """The prefill graph's per-block K/V, stacked [NL, 2, N_ref, heads, head_dim] for comparison."""
+    return np.stack(run_graph(ort_session("transformer_prefill"), ref_latents=refs, ref_ids=ref_ids))
+
+
 def _cached_feeds(latents, embeds, sigma, img_ids, txt_ids, ref_kv, lat_h, lat_w):
-    """The cached graph's batched layout from the pipeline's: [B, lat_h, lat_w, C] latents and ids,
-    per-sample ids and K/V (one K/V of batch 1 repeated, as the BLS sends it)."""
+    """The cached graph's layout from the pipeline's: [B, lat_h, lat_w, C] latents, ids on the grid,
+    one K/V tensor per block shared by the batch (as the BLS sends them)."""
     batch = latents.shape[0]
-    ref_kv = torch.as_tensor(ref_kv)
-    if ref_kv.dim() == 5:
-        ref_kv = ref_kv.unsqueeze(0).expand(batch, *ref_kv.shape).contiguous()
+    kv = {f"ref_kv_{index:02d}": np.ascontiguousarray(layer) for index, layer in enumerate(np.asarray(ref_kv))}
     return dict(latents=latents.reshape(batch, lat_h, lat_w, -1), prompt_embeds=embeds,
-                timestep=torch.full((batch,), sigma), img_ids=img_ids.reshape(1, lat_h, lat_w, 4).repeat(batch, 1, 1, 1),
-                txt_ids=txt_ids.unsqueeze(0).repeat(batch, 1, 1), ref_kv=ref_kv)
+                timestep=torch.full((batch,), sigma), img_ids=img_ids.reshape(lat_h, lat_w, 4), txt_ids=txt_ids, **kv)
 
 
 def _run_cached(session, *args):
@@ -106,7 +108,7 @@ def test_prefill_and_cached_reproduce_extract_and_cached(pipe, ort_session, ref_
     refs, ref_ids = _references(ref_sizes)
     latents, embeds, img_ids, txt_ids = _step_inputs(batch, lat_h, lat_w, text_len)
 
-    (ref_kv,) = run_graph(ort_session("transformer_prefill"), ref_latents=refs, ref_ids=ref_ids)
+    ref_kv = _prefill(ort_session, refs, ref_ids)
     cached = ort_session("transformer_cached")
 
     with torch.no_grad():
@@ -137,7 +139,7 @@ def test_prefill_ignores_text_and_image(pipe, ort_session):
             hidden_states=torch.cat([refs, latents], 1), encoder_hidden_states=embeds * 3,
             timestep=torch.full((1,), 0.25), img_ids=torch.cat([ref_ids, img_ids]), txt_ids=txt_ids,
             guidance=None, return_dict=False, kv_cache_mode="extract", num_ref_tokens=refs.shape[1])
-    (ref_kv,) = run_graph(ort_session("transformer_prefill"), ref_latents=refs, ref_ids=ref_ids)
+    ref_kv = _prefill(ort_session, refs, ref_ids)
     assert ref_kv.shape == (4, 2, 12, 4, 16)
     assert rel_l2(ref_kv, _diffusers_kv(cache)) <= TOL
 
@@ -156,17 +158,15 @@ def test_cached_without_references_is_the_plain_forward(pipe, ort_session, batch
     assert rel_l2(actual, expected) <= TOL
 
 
-def test_cached_batch_of_different_requests_equals_each_alone(pipe, ort_session):
-    """What dynamic batching relies on: samples with their own K/V and timestep in one batch
-    give what each gives alone in diffusers."""
+def test_cached_batch_sharing_kv_equals_each_sample_alone(pipe, ort_session):
+    """What the BLS relies on: the images of a request (different latents, here also different
+    prompts and timesteps) share one K/V in one call and give what each gives alone in diffusers."""
     lat_h, lat_w, text_len = 3, 4, 20
-    latents, embeds, img_ids, txt_ids = _step_inputs(2, lat_h, lat_w, text_len, seed=8)
-    sigmas = (0.8, 0.35)
-    kvs, expected = [], []
-    for sample, sizes in enumerate(([(2, 4)], [(4, 1), (2, 2)])):  # 8 reference tokens each, different sets
-        refs, ref_ids = _references(sizes, seed=10 + sample)
-        (ref_kv,) = run_graph(ort_session("transformer_prefill"), ref_latents=refs, ref_ids=ref_ids)
-        kvs.append(ref_kv)
+    latents, embeds, img_ids, txt_ids = _step_inputs(3, lat_h, lat_w, text_len, seed=8)
+    sigmas = (0.8, 0.35, 0.5)
+    refs, ref_ids = _references([(4, 1), (2, 2)], seed=10)
+    expected = []
+    for sample in range(3):
         with torch.no_grad():
             _, cache = pipe.transformer(
                 hidden_states=torch.cat([refs, latents[sample:sample + 1]], 1),
@@ -177,7 +177,7 @@ def test_cached_batch_of_different_requests_equals_each_alone(pipe, ort_session)
                 hidden_states=latents[sample:sample + 1], encoder_hidden_states=embeds[sample:sample + 1],
                 timestep=torch.full((1,), sigmas[sample]), img_ids=img_ids, txt_ids=txt_ids, guidance=None,
                 return_dict=False, kv_cache=cache, kv_cache_mode="cached")[0])
-    feeds = _cached_feeds(latents, embeds, 0.0, img_ids, txt_ids, np.stack(kvs), lat_h, lat_w)
+    feeds = _cached_feeds(latents, embeds, 0.0, img_ids, txt_ids, _prefill(ort_session, refs, ref_ids), lat_h, lat_w)
     feeds["timestep"] = torch.tensor(sigmas)
     (actual,) = run_graph(ort_session("transformer_cached"), **feeds)
-    assert rel_l2(actual.reshape(2, lat_h * lat_w, -1), torch.cat(expected)) <= TOL
+    assert rel_l2(actual.reshape(3, lat_h * lat_w, -1), torch.cat(expected)) <= TOL

@@ -32,12 +32,12 @@ def test_key_covers_order_size_pixels_and_model():
 
 
 def test_lru_evicts_least_recently_used_within_budget():
-    entry = torch.zeros(256)  # 1 KiB
+    entry = torch.zeros(2, 128)  # two blocks of 512 B: 1 KiB
     cache = ReferenceKVCache(budget_bytes=3 * 1024)
     for key in "abc":
-        assert cache.put(key, entry.clone())
+        assert cache.put(key, list(entry.clone()))
     assert cache.get("a") is not None  # a is now the most recent
-    cache.put("d", entry.clone())  # evicts b
+    cache.put("d", list(entry.clone()))  # evicts b
     assert cache.get("b") is None and cache.get("c") is not None
     assert list(cache.entries) == ["a", "d", "c"]  # least recent first
     assert cache.bytes_held == 3 * 1024 <= cache.budget_bytes
@@ -46,5 +46,5 @@ def test_lru_evicts_least_recently_used_within_budget():
 
 def test_entry_larger_than_budget_is_not_stored():
     cache = ReferenceKVCache(budget_bytes=100)
-    assert not cache.put("big", torch.zeros(1000))
+    assert not cache.put("big", [torch.zeros(20), torch.zeros(20)])  # 160 B in two blocks
     assert cache.bytes_held == 0 and cache.get("big") is None

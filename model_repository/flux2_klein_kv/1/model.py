@@ -6,8 +6,13 @@ transformer_prefill) -> transformer_cached for every step, step 0 included -> Eu
 `Flux2KleinKVPipeline.__call__`: same tokenization, reference preprocessing, noise
 (`torch.Generator(device).manual_seed(seed)`), sigmas, mu and scheduler.
 
-Tensors pass between models by DLPack, so on a GPU they stay on the device (with
-FORCE_CPU_ONLY_INPUT_TENSORS "no" and preferred GPU memory for BLS outputs).
+Every component output is requested in the BLS's own memory (`preferred_memory`: GPU for
+`cuda:N`, CPU for `cpu`), and checked to be there, so the scheduler step never mixes devices.
+Tensors go to other models as DLPack producers (the torch tensor itself, not a capsule): the
+Python backend then synchronises the producing stream before the request runs.
+
+Per-block reference K/V (`ref_kv_00` ...) travel as a list, never stacked: at 9B one stacked
+tensor of the largest reference set would be 4 GiB more and over 2^31 elements.
 """
 
 from __future__ import annotations
@@ -54,9 +59,13 @@ class TritonPythonModel:
         # model (shared by all BLS instances); keys cover the references and this model's identity.
         manifest_digest = hashlib.sha256(manifest).hexdigest()[:16]
         self.model_identity = f"{args['model_name']}:{args['model_version']}:{manifest_digest}"
-        self.preferred_memory = None
+        self.kv_names = [f"ref_kv_{index:02d}" for index in range(self.manifest["dims"]["kv_layers"])]
+        # Outputs of every model we call arrive in our memory: TensorRT would otherwise hand GPU
+        # tensors to a CPU BLS (and the scheduler step would mix devices).
         if self.device.type == "cuda":
             self.preferred_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index or 0)
+        else:
+            self.preferred_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
 
     # ------------------------------------------------------------------ Triton entry point
 
@@ -89,20 +98,13 @@ class TritonPythonModel:
         from diffusers.pipelines.flux2.pipeline_flux2_klein_kv import compute_empirical_mu, retrieve_timesteps
         from diffusers.utils.torch_utils import randn_tensor
 
+        # Everything a request can get wrong is checked before the first component runs.
+        references = [self.preprocess_reference(image) for image in req.images]
+        height, width = self.output_size(req, references)
+
         batch = req.num_images
         prompt_embeds = self.encode_prompt(req.prompt).repeat(batch, 1, 1)
         txt_ids = P._prepare_text_ids(prompt_embeds)[0]
-
-        references = [self.preprocess_reference(image) for image in req.images]
-        height, width = req.height, req.width
-        if references:
-            ref_h, ref_w = references[0].shape[-2:]
-            height, width = height or ref_h, width or ref_w
-        height, width = height or self.limits.default_side, width or self.limits.default_side
-        for name, value in (("height", height), ("width", width)):
-            if not self.limits.min_side <= value <= self.limits.max_side:
-                raise InvalidInput(f"output {name} {value} (taken from image[0]) is outside "
-                                   f"[{self.limits.min_side}, {self.limits.max_side}]; pass '{name}' explicitly")
         ref_kv = self.reference_kv(references, req.reuse_reference_cache)
 
         # Noise exactly as prepare_latents: [B, 128, H/16, W/16] from the seeded generator, packed.
@@ -110,12 +112,8 @@ class TritonPythonModel:
         generator = torch.Generator(self.device).manual_seed(seed)
         shape = (batch, self.manifest["dims"]["in_channels"], height // 16, width // 16)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-        # The cached-step graph takes per-sample K/V and ids, in the latent grid layout, so Triton
-        # can batch it with other requests' steps; one K/V (computed once) is repeated per image.
         grid = (batch, height // 16, width // 16)
-        img_ids = P._prepare_latent_ids(latents)[0].reshape(1, *grid[1:], 4).expand(*grid, 4).contiguous()
-        txt_ids = txt_ids.unsqueeze(0).expand(batch, -1, -1).contiguous()
-        step_kv = ref_kv.unsqueeze(0).expand(batch, *ref_kv.shape).contiguous()
+        img_ids = P._prepare_latent_ids(latents)[0].reshape(*grid[1:], 4).to(self.device)
         latents = P._pack_latents(latents)
 
         scheduler = self.scheduler_cls.from_config(self.scheduler_config)
@@ -123,17 +121,41 @@ class TritonPythonModel:
         mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=req.steps)
         timesteps, _ = retrieve_timesteps(scheduler, req.steps, self.device, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
+        shared = {"txt_ids": txt_ids.to(self.device), "img_ids": img_ids, **dict(zip(self.kv_names, ref_kv))}
         for t in timesteps:
-            timestep = (t.expand(batch, 1).to(latents.dtype) / 1000).contiguous()  # [B, 1]: see config reshape
-            (noise_pred,) = self.infer("transformer_cached", {
-                "latents": latents.reshape(*grid, -1).contiguous(), "prompt_embeds": prompt_embeds,
-                "timestep": timestep, "img_ids": img_ids.to(self.device), "txt_ids": txt_ids.to(self.device),
-                "ref_kv": step_kv}, ["noise_pred"])
+            timestep = (t.expand(batch).to(latents.dtype) / 1000).contiguous()
+            # The images of a request share one K/V; the engine takes up to max_batch_transformer_cached
+            # of them per call. Samples are independent, so splitting changes no value.
+            noise_pred = self.infer_in_chunks("transformer_cached", {
+                "latents": latents.reshape(*grid, -1), "prompt_embeds": prompt_embeds, "timestep": timestep},
+                shared, "noise_pred", self.limits.max_batch_transformer_cached)
             latents = scheduler.step(noise_pred.reshape(latents.shape), t, latents, return_dict=False)[0]
 
-        (image,) = self.infer("vae_decoder", {"latents": latents.reshape(*grid, -1).contiguous()}, ["image"])
+        image = self.infer_in_chunks("vae_decoder", {"latents": latents.reshape(*grid, -1)}, {}, "image",
+                                     self.limits.max_batch_vae_decoder)
         image = self.image_processor.postprocess(image.float().cpu(), output_type="np")
         return (image * 255).round().astype(np.uint8)
+
+    def output_size(self, req, references) -> tuple[int, int]:
+        """Output height and width: as asked, else the first reference's, else the default; and the
+        reference set's token count within the envelope (its K/V size)."""
+        limits = self.limits
+        tokens = sum((r.shape[-2] // 16) * (r.shape[-1] // 16) for r in references)
+        if tokens > limits.max_reference_tokens:
+            sizes = ", ".join(f"{r.shape[-1]}x{r.shape[-2]}" for r in references)
+            raise InvalidInput(f"'image': the references hold {tokens} tokens after preprocessing ({sizes} px, one "
+                               f"token per 16x16 px); at most {limits.max_reference_tokens} allowed: send fewer or "
+                               "smaller references")
+        height, width = req.height, req.width
+        if references:
+            ref_h, ref_w = references[0].shape[-2:]
+            height, width = height or ref_h, width or ref_w
+        height, width = height or limits.default_side, width or limits.default_side
+        for name, value in (("height", height), ("width", width)):
+            if not limits.min_side <= value <= limits.max_side:
+                raise InvalidInput(f"output {name} {value} (taken from image[0]) is outside "
+                                   f"[{limits.min_side}, {limits.max_side}]; pass '{name}' explicitly")
+        return height, width
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -147,41 +169,41 @@ class TritonPythonModel:
 
     def preprocess_reference(self, image) -> torch.Tensor:
         """As Flux2KleinKVPipeline.__call__: cap the area at 1024^2, crop to multiples of 16."""
-        if image.width * image.height > 1024 * 1024:
-            image = self.image_processor._resize_to_target_area(image, 1024 * 1024)
+        area = self.limits.reference_max_area
+        if image.width * image.height > area:
+            image = self.image_processor._resize_to_target_area(image, area)
         width, height = (image.width // 16) * 16, (image.height // 16) * 16
         return self.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
 
-    def reference_kv(self, references, reuse: bool) -> torch.Tensor:
-        """K/V of the ordered reference set: from reference_kv_cache when an identical set was
-        seen, else VAE encoding + prefill (and stored), unless the request opted out."""
+    def reference_kv(self, references, reuse: bool) -> list[torch.Tensor]:
+        """Per-block K/V of the ordered reference set: from reference_kv_cache when an identical set
+        was seen, else VAE encoding + prefill (and stored), unless the request opted out."""
         if not references or not reuse:
             return self.prefill(references)
         key = np.array([reference_key(references, self.model_identity).encode()], dtype=np.object_)
-        hit, ref_kv = self.infer("reference_kv_cache", {"key": key}, ["hit", "cached_kv"])
+        cached_names = ["cached" + name[3:] for name in self.kv_names]
+        hit, *ref_kv = self.infer("reference_kv_cache", {"key": key}, ["hit", *cached_names])
         if not bool(hit.reshape(-1)[0]):
             ref_kv = self.prefill(references)
-            self.infer("reference_kv_cache", {"key": key, "ref_kv": ref_kv}, ["hit"])
+            self.infer("reference_kv_cache", {"key": key, **dict(zip(self.kv_names, ref_kv))}, ["hit"])
         return ref_kv
 
-    def prefill(self, references) -> torch.Tensor:
-        """Reference K/V for the whole ordered reference set, once per request (batch 1)."""
+    def prefill(self, references) -> list[torch.Tensor]:
+        """Per-block reference K/V for the whole ordered reference set, once per request."""
         from diffusers import Flux2KleinKVPipeline as P
 
         dims = self.manifest["dims"]
         if not references:
-            return torch.zeros(dims["kv_layers"], 2, 0, dims["heads"], dims["head_dim"],
-                               dtype=self.dtype, device=self.device)
+            empty = torch.zeros(2, 0, dims["heads"], dims["head_dim"], dtype=self.dtype, device=self.device)
+            return [empty] * len(self.kv_names)
         tokens, grids = [], []
         for image in references:
-            (packed,) = self.infer("vae_encoder", {"image": image.to(self.device, self.dtype).contiguous()},
-                                   ["ref_latents"])
+            (packed,) = self.infer("vae_encoder", {"image": image.to(self.device, self.dtype)}, ["ref_latents"])
             tokens.append(packed)
             grids.append(torch.empty(1, 1, image.shape[-2] // 16, image.shape[-1] // 16))
         ref_ids = P._prepare_image_ids(grids)[0].to(self.device)
-        (ref_kv,) = self.infer("transformer_prefill", {"ref_latents": torch.cat(tokens, dim=1).contiguous(),
-                                                       "ref_ids": ref_ids.contiguous()}, ["ref_kv"])
-        return ref_kv
+        return self.infer("transformer_prefill", {"ref_latents": torch.cat(tokens, dim=1), "ref_ids": ref_ids},
+                          self.kv_names)
 
     # ------------------------------------------------------------------ BLS call
 
@@ -190,20 +212,38 @@ class TritonPythonModel:
             model_name=model,
             inputs=[_to_triton(name, value) for name, value in inputs.items()],
             requested_output_names=outputs,
-            **({"preferred_memory": self.preferred_memory} if self.preferred_memory else {}),
+            preferred_memory=self.preferred_memory,
         )
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{model}: {response.error().message()}")
-        return [_from_triton(pb_utils.get_output_tensor_by_name(response, name)) for name in outputs]  # None: absent
+        results = [_from_triton(pb_utils.get_output_tensor_by_name(response, name)) for name in outputs]
+        for name, tensor in zip(outputs, results):  # None: an output the model left out (a cache miss)
+            if tensor is not None and tensor.device.type != self.device.type:
+                raise RuntimeError(f"{model} returned '{name}' on {tensor.device}, not on the BLS's {self.device}")
+        return results
+
+    def infer_in_chunks(self, model: str, batched: dict, shared: dict, output: str, max_batch: int) -> torch.Tensor:
+        """Run `model` on the batch axis of `batched` in chunks of at most `max_batch` samples (the
+        engine's batch), with `shared` inputs (no batch axis) in every call; outputs concatenated."""
+        size = next(iter(batched.values())).shape[0]
+        chunks = []
+        for start in range(0, size, max_batch):
+            inputs = {name: value[start:start + max_batch] for name, value in batched.items()}
+            (result,) = self.infer(model, {**inputs, **shared}, [output])
+            chunks.append(result)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 def _to_triton(name: str, value):
     if isinstance(value, np.ndarray):
         return pb_utils.Tensor(name, value)
+    value = value.contiguous()
     if value.device.type == "cpu" and value.dtype != torch.bfloat16:
-        return pb_utils.Tensor(name, value.contiguous().numpy())
-    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+        return pb_utils.Tensor(name, value.numpy())
+    # The tensor itself, not a capsule: Python backend calls __dlpack__(stream=...) and synchronises,
+    # so the request never reads a GPU buffer that a kernel is still writing.
+    return pb_utils.Tensor.from_dlpack(name, value)
 
 
 def _from_triton(tensor) -> torch.Tensor | None:

@@ -15,7 +15,14 @@ class InvalidInput(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
+    """Request limits; the repository assembler writes them from export/envelope.py into config.pbtxt."""
+
     max_references: int = 4
+    max_reference_tokens: int = 8192  # the whole ordered set after preprocessing (K/V size)
+    min_reference_side: int = 64
+    max_reference_side: int = 2048
+    max_reference_aspect: int = 4
+    reference_max_area: int = 1024 * 1024  # larger references are resized down to it, as diffusers does
     max_input_pixels: int = 4096 * 4096  # declared size of an encoded reference, checked before decoding
     min_side: int = 256
     max_side: int = 1440
@@ -23,6 +30,8 @@ class Limits:
     max_images: int = 4
     max_steps: int = 50
     default_side: int = 1024
+    max_batch_transformer_cached: int = 2  # images per cached-step call (the engine's batch)
+    max_batch_vae_decoder: int = 1
 
     @classmethod
     def from_parameters(cls, params: dict) -> "Limits":
@@ -63,10 +72,12 @@ def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
         image.load()
     except Exception as exc:  # noqa: BLE001
         raise InvalidInput(f"'{field_name}' could not be decoded ({type(exc).__name__}: {exc})") from exc
-    if width < 64 or height < 64:
-        raise InvalidInput(f"'{field_name}' is {width}x{height}; both sides must be at least 64 px")
-    if max(width / height, height / width) > 8:
-        raise InvalidInput(f"'{field_name}' is {width}x{height}; the aspect ratio must be at most 8:1")
+    low = limits.min_reference_side
+    if width < low or height < low:
+        raise InvalidInput(f"'{field_name}' is {width}x{height}; both sides must be at least {low} px")
+    if max(width, height) > limits.max_reference_aspect * min(width, height):
+        raise InvalidInput(f"'{field_name}' is {width}x{height}; the aspect ratio must be at most "
+                           f"{limits.max_reference_aspect}:1")
     return image.convert("RGB")
 
 
@@ -75,7 +86,10 @@ def parse(inputs: dict, limits: Limits) -> GenerationRequest:
     if "prompt" not in inputs:
         raise InvalidInput("'prompt' is required")
     prompt = _scalar(inputs["prompt"], "prompt")
-    prompt = prompt.decode("utf-8", errors="strict") if isinstance(prompt, bytes) else str(prompt)
+    try:
+        prompt = prompt.decode("utf-8", errors="strict") if isinstance(prompt, bytes) else str(prompt)
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"'prompt' is not valid UTF-8 (byte {exc.start})") from exc
     if not prompt.strip():
         raise InvalidInput("'prompt' must be a non-empty string")
     request = GenerationRequest(prompt=prompt)

@@ -8,19 +8,20 @@ import torch
 
 
 class ReferenceKVCache:
-    """Least-recently-used K/V tensors under a byte budget (the caller decides where they live)."""
+    """Least-recently-used K/V (a list of per-block tensors each) under a byte budget (the caller
+    decides where they live)."""
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.entries: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
         self.bytes_held = 0
         self.hits = self.misses = self.evictions = 0
 
     @staticmethod
-    def nbytes(tensor: torch.Tensor) -> int:
-        return tensor.numel() * tensor.element_size()
+    def nbytes(tensors: list[torch.Tensor]) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str) -> list[torch.Tensor] | None:
         tensor = self.entries.get(key)
         if tensor is None:
             self.misses += 1
@@ -29,8 +30,9 @@ class ReferenceKVCache:
         self.hits += 1
         return tensor
 
-    def put(self, key: str, tensor: torch.Tensor) -> bool:
-        """Store `tensor`, evicting the least recently used entries; False if it alone exceeds the budget."""
+    def put(self, key: str, tensor: list[torch.Tensor]) -> bool:
+        """Store `tensor` (per-block K/V), evicting the least recently used entries; False if it alone
+        exceeds the budget."""
         size = self.nbytes(tensor)
         if size > self.budget_bytes or key in self.entries:
             return False

@@ -4,9 +4,10 @@ Triton runs each BLS instance in its own process and spreads requests over them,
 inside the BLS would be split (with 2 instances, sequential requests alternate and half the
 repeats miss). This single-instance model holds the one LRU instead; the BLS asks it by key:
 
-  key [1] (BYTES), no ref_kv   -> lookup: outputs hit [1] (BOOL) and, on a hit, cached_kv
-  key [1] and ref_kv            -> store:  output hit [1] = false (kept, evicting the least
-                                   recently used entries to stay within the byte budget)
+  key [1] (BYTES) alone           -> lookup: outputs hit [1] (BOOL) and, on a hit, the per-block
+                                     K/V cached_kv_00 ... (one per transformer block)
+  key [1] and ref_kv_00 ...        -> store:  output hit [1] = false (kept, evicting the least
+                                     recently used entries to stay within the byte budget)
 
 Tensors stay on the serving device (parameter `device`; DLPack in and out). The budget is the
 parameter `reference_cache_bytes`. Hits, misses, evictions, bytes and entries are Triton
@@ -38,6 +39,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.device = torch.device(params.get("device", "cpu"))
         self.cache = ReferenceKVCache(int(params["reference_cache_bytes"]))
+        self.kv_names = [tensor["name"] for tensor in config["input"] if tensor["name"].startswith("ref_kv_")]
         labels = {"model": args["model_name"], "version": args["model_version"]}
         family = pb_utils.MetricFamily
         # Metric families must outlive their metrics: keep both.
@@ -52,16 +54,20 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             key = pb_utils.get_input_tensor_by_name(request, "key").as_numpy().reshape(-1)[0].decode()
-            value = pb_utils.get_input_tensor_by_name(request, "ref_kv")
-            if value is not None:
-                # The request's memory is freed after the response: keep a copy on the serving device.
-                self.cache.put(key, _to_torch(value).to(self.device, copy=True))
+            values = [pb_utils.get_input_tensor_by_name(request, name) for name in self.kv_names]
+            if values[0] is not None:
+                # The request's memory is freed after the response: keep copies on the serving device,
+                # and wait for the copies before answering (they run on the current CUDA stream).
+                self.cache.put(key, [_to_torch(value).to(self.device, copy=True) for value in values])
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()
                 responses.append(pb_utils.InferenceResponse([_hit(False)]))
             else:
                 found = self.cache.get(key)
                 outputs = [_hit(found is not None)]
                 if found is not None:
-                    outputs.append(pb_utils.Tensor.from_dlpack("cached_kv", torch.utils.dlpack.to_dlpack(found)))
+                    outputs += [pb_utils.Tensor.from_dlpack("cached" + name[3:], tensor)
+                                for name, tensor in zip(self.kv_names, found)]
                 responses.append(pb_utils.InferenceResponse(outputs))
         self._report()
         return responses

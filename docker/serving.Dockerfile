@@ -1,0 +1,39 @@
+# Triton serving image for FLUX.2 [klein] 9B-KV: NVIDIA's Triton 24.10 (server 2.51.0, the version of
+# the tritonserver binary the tests run here) plus the BLS's Python packages.
+# Not built or run yet: the development machines have neither docker nor a GPU.
+#
+# Build (the context is docker/, which holds requirements-serving.txt):
+#   docker build -f docker/serving.Dockerfile -t flux2-klein-kv-serving docker/
+# Run, on the model repository assembled for TensorRT (make repository BACKEND=tensorrt, BLS on cuda:0),
+# with plans built by docker/engines.Dockerfile of the same release:
+#   docker run --gpus '"device=0"' --shm-size=8g -p 8000:8000 -p 8001:8001 -p 8002:8002 \
+#     -v $PWD/build/model_repository:/models [-e CUDA_POOL_BYTES=N] flux2-klein-kv-serving
+# --shm-size: the Python backend moves its CPU tensors (requests, BLS calls) through /dev/shm, and
+#   Docker's default /dev/shm is 64 MB.
+# --disable-auto-complete-config (below): every config.pbtxt is complete; auto-complete would have the
+#   TensorRT backend deserialize every plan a second time at load just to read its I/O.
+#
+# Python: diffusers 0.42.1 and transformers 5.24.0 require Python >= 3.11, and the Python backend's stub
+# runs the container's python3. NVIDIA's compatibility matrix lists Python 3.10.12 for the 24.10
+# trtllm-python-py3 and vllm-python-py3 images; the plain -py3 image's Python was not confirmed. The
+# check below stops the build with that message rather than letting pip fail on "no matching
+# distribution". Ways out if it fires: a release whose python3 is >= 3.11 (change the tag of both
+# Dockerfiles together, then rebuild the engines), or a Python backend stub built for Python 3.11 with
+# a packed environment (the Python backend's EXECUTION_ENV_PATH).
+FROM nvcr.io/nvidia/tritonserver:24.10-py3
+
+RUN python3 -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v >= (3, 11) else "python3 of this image is %d.%d; the BLS pins (diffusers 0.42.1, transformers 5.24.0) need >= 3.11" % v)'
+
+COPY requirements-serving.txt /opt/flux2/requirements-serving.txt
+RUN python3 -m pip install --no-cache-dir -r /opt/flux2/requirements-serving.txt
+
+# The model repository is mounted, not baked in: /models (plans of ~50 GB, built per GPU architecture).
+VOLUME /models
+
+# Bytes of Triton's CUDA memory pool on GPU 0 (tensors between models: BLS <-> engines).
+# `python -m export.memory_plan` prints the value to use for the serving envelope; override with -e.
+ENV CUDA_POOL_BYTES=1073741824
+
+EXPOSE 8000 8001 8002
+
+CMD ["/bin/sh", "-c", "exec tritonserver --model-repository=/models --disable-auto-complete-config --cuda-memory-pool-byte-size=0:${CUDA_POOL_BYTES}"]

@@ -1,0 +1,175 @@
+"""The engine builder's checks that run without TensorRT, and the Docker files that run it.
+
+TensorRT is not installable on the development machines: the timing cache check is exercised with
+a stand-in for TensorRT's IBuilderConfig (FakeBuilderConfig below), not with TensorRT. Nothing here
+needs exported ONNX graphs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from export.build_engines import (TimingCacheRejected, apply_timing_cache, engine_name, timing_cache_name,
+                                  write_buffer)
+from export.specs import graph_specs
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+TINY_DIMS = {"text_hidden": 64, "heads": 4, "head_dim": 16, "kv_layers": 4, "in_channels": 128}
+
+
+class FakeBuilderConfig:
+    """Stand-in for tensorrt.IBuilderConfig: create_timing_cache / set_timing_cache only; set_timing_cache
+    returns `accept`, as TensorRT 10's does (False: a cache from another TensorRT version or GPU)."""
+
+    def __init__(self, accept: bool):
+        self.accept = accept
+        self.loaded = None
+        self.set_calls = []
+
+    def create_timing_cache(self, data: bytes):
+        self.loaded = bytes(data)
+        return ("cache", self.loaded)
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        self.set_calls.append((cache, ignore_mismatch))
+        return self.accept
+
+
+def test_timing_cache_name_carries_trt_version_and_sm():
+    assert timing_cache_name("10.5.0", "90") == "timing.trt10.5.0.sm90.cache"
+    assert engine_name("vae_decoder", "10.5.0", "90") == "vae_decoder.trt10.5.0.sm90.plan"
+    # export.repository picks plans by `{component}.trt*.plan`: the cache must never match it.
+    assert not timing_cache_name("10.5.0", "90").endswith(".plan")
+
+
+def test_rejected_timing_cache_raises_naming_the_file(tmp_path):
+    cache = tmp_path / timing_cache_name("10.5.0", "90")
+    cache.write_bytes(b"written by another TensorRT")
+    config = FakeBuilderConfig(accept=False)
+    with pytest.raises(TimingCacheRejected) as info:
+        apply_timing_cache(config, cache, "10.5.0", "90")
+    message = str(info.value)
+    assert str(cache) in message
+    assert "TensorRT 10.5.0" in message and "--timing-cache" in message and "delete it" in message
+    assert config.set_calls[0][1] is False  # never ignore_mismatch
+
+
+def test_accepted_timing_cache_is_loaded(tmp_path):
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"\x01\x02cache")
+    config = FakeBuilderConfig(accept=True)
+    assert apply_timing_cache(config, cache, "10.5.0", "90") == ("cache", b"\x01\x02cache")
+    assert config.set_calls == [(("cache", b"\x01\x02cache"), False)]
+
+
+def test_missing_timing_cache_starts_empty(tmp_path):
+    config = FakeBuilderConfig(accept=True)
+    apply_timing_cache(config, tmp_path / "absent.cache", "10.5.0", "90")
+    assert config.loaded == b""
+
+
+@pytest.mark.parametrize("make", [bytearray, lambda data: memoryview(bytes(data))])
+def test_write_buffer_writes_exact_bytes_and_leaves_no_temp_file(tmp_path, make):
+    data = bytes(range(256)) * 4099  # not a multiple of any chunk size
+    target = tmp_path / "model.plan"
+    target.write_bytes(b"old plan")  # replaced atomically
+    assert write_buffer(target, make(data)) == len(data)
+    assert target.read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == ["model.plan"]
+
+
+def test_write_buffer_crash_keeps_old_file_and_no_temp_file(tmp_path, monkeypatch):
+    target = tmp_path / "model.plan"
+    target.write_bytes(b"old plan")
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("export.build_engines.os.replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_buffer(target, bytearray(b"new plan, never complete"))
+    assert target.read_bytes() == b"old plan"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.plan"]
+
+
+def test_builder_imports_neither_torch_nor_diffusers():
+    code = ("import sys, export.build_engines; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnx', 'numpy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def _manifest_dir(tmp_path) -> Path:
+    specs = graph_specs(TINY_DIMS)
+    manifest = {"model": "tiny", "dtype": "bf16", "opset": 18, "dims": TINY_DIMS,
+                "graphs": {name: {"path": f"{name}/model.onnx", **asdict(spec)} for name, spec in specs.items()}}
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "manifest.json").write_text(json.dumps(manifest))
+    return onnx_dir
+
+
+def test_without_tensorrt_exits_2_with_one_line(tmp_path):
+    onnx_dir = _manifest_dir(tmp_path)
+    # `python -m export.build_engines` with `import tensorrt` failing, whether or not it is installed.
+    code = ("import runpy, sys; sys.modules['tensorrt'] = None; "
+            f"sys.argv = ['build_engines', '--onnx-dir', {str(onnx_dir)!r}, '--out', {str(tmp_path / 'engines')!r}]; "
+            "runpy.run_module('export.build_engines', run_name='__main__', alter_sys=True)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: TensorRT Python package not found")
+    assert not (tmp_path / "engines").exists()
+
+
+# --- docker/ -------------------------------------------------------------------------------------
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        match = re.match(r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?\s*(==|<|<=|>=)\s*([^\s;]+)", line)
+        if match:
+            pins[match.group(1).lower()] = match.group(2) + match.group(3)
+    return pins
+
+
+def _from_tag(dockerfile: Path) -> str:
+    images = re.findall(r"^FROM\s+(\S+)", dockerfile.read_text(), flags=re.MULTILINE)
+    assert len(images) == 1, images
+    return images[0].rsplit(":", 1)[1]
+
+
+def test_dockerfiles_share_the_release_and_serve_with_complete_configs():
+    serving, engines = DOCKER / "serving.Dockerfile", DOCKER / "engines.Dockerfile"
+    # Engines only load on the TensorRT that built them: both images come from one NVIDIA release.
+    assert _from_tag(serving) == _from_tag(engines) == "24.10-py3"
+    text = serving.read_text()
+    cmd = [line for line in text.splitlines() if line.startswith("CMD")]
+    assert len(cmd) == 1
+    for flag in ("tritonserver", "--model-repository=/models", "--disable-auto-complete-config",
+                 "--cuda-memory-pool-byte-size=0:${CUDA_POOL_BYTES}"):
+        assert flag in cmd[0]
+    assert re.search(r"^(ARG|ENV) CUDA_POOL_BYTES=1073741824$", text, flags=re.MULTILINE)
+    assert re.search(r"^EXPOSE 8000 8001 8002$", text, flags=re.MULTILINE)
+    assert "python3 -m export.build_engines --onnx-dir /work/onnx --out /work/engines" in engines.read_text()
+    for path in (serving, engines):
+        assert "not built or run yet" in path.read_text().lower()
+
+
+def test_serving_requirements_match_the_toolchain_pins():
+    serving, toolchain = _pins(DOCKER / "requirements-serving.txt"), _pins(ROOT / "requirements.txt")
+    for name in ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pillow", "numpy"):
+        assert serving[name] == toolchain[name], name
+    assert serving["numpy"].startswith("==1.")  # numpy < 2: the Python backend's BLS tensors
+    assert "--index-url" not in (DOCKER / "requirements-serving.txt").read_text()  # torch with CUDA, not the CPU index
