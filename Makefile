@@ -8,20 +8,37 @@ ONNX    ?= build/onnx/$(DTYPE)
 ENGINES ?= build/engines
 REPO    ?= build/model_repository
 BACKEND ?= onnxruntime
+# Where the BLS computes: empty = cuda:0 for BACKEND=tensorrt, cpu otherwise. Inside a container
+# started with --gpus '"device=N"' the one visible GPU is cuda:0.
+DEVICE  ?=
+# The engine builder needs only the standard library and tensorrt: no venv (python3 of NVIDIA's container).
+ENGINE_PYTHON ?= python3
+# Host GPU for the docker-* targets; CUDA_POOL_BYTES overrides the serving image's pool size (its
+# default is what python -m export.memory_plan prints for the shipped envelope).
+GPU ?= 0
+CUDA_POOL_BYTES ?=
+RELEASE := 24.12
 # Changing these re-exports (graph layouts are part of the serving contract).
-EXPORT_SOURCES := $(filter-out export/build_engines.py export/repository.py export/triton_config.py,$(wildcard export/*.py))
+EXPORT_SOURCES := $(filter-out export/build_engines.py export/repository.py export/triton_config.py export/memory_plan.py,$(wildcard export/*.py))
 
-.PHONY: help setup checkpoint export repository serve check engines engines-dry-run demo perf bench test clean
+.PHONY: help setup checkpoint export repository serve check engines engines-dry-run memory-plan docker-engines \
+	docker-serving demo perf bench test clean
 
 help:
 	@echo "make setup            create $(VENV) with the pinned CPU toolchain (idempotent)"
 	@echo "make checkpoint       write the embedded tiny random checkpoint to checkpoints/tiny"
 	@echo "make export           export MODEL (default: tiny) to ONNX in ONNX=$(ONNX) (DTYPE=fp32|bf16|fp16)"
-	@echo "make repository       assemble the Triton model repository in REPO=$(REPO) (BACKEND=onnxruntime|tensorrt)"
+	@echo "make repository       assemble the Triton model repository in REPO=$(REPO) (BACKEND=onnxruntime|tensorrt,"
+	@echo "                      DEVICE=cpu|cuda:N for the BLS; default cuda:0 with tensorrt); tokenizer and"
+	@echo "                      scheduler come from the model recorded in ONNX/manifest.json"
 	@echo "make serve            start tritonserver on REPO and wait (HTTP 8000, gRPC 8001, metrics 8002)"
 	@echo "make check            TensorRT compatibility check of the graphs in ONNX"
-	@echo "make engines          build TensorRT engines from ONNX (GPU host with TensorRT only)"
+	@echo "make engines          build TensorRT engines from ONNX (GPU host with TensorRT only; ENGINE_PYTHON=python3)"
+	@echo "make docker-engines   the same inside NVIDIA's TensorRT $(RELEASE) container (docker/engines.Dockerfile), GPU=$(GPU)"
+	@echo "make docker-serving   tritonserver $(RELEASE) on REPO (docker/serving.Dockerfile), GPU=$(GPU)"
 	@echo "make engines-dry-run  print the TensorRT optimization profiles without building"
+	@echo "make memory-plan      GPU memory of the served klein 9B (bf16, 80 GiB): weights, profile-max I/O,"
+	@echo "                      activations, BLS, cache; fails when under 15% headroom"
 	@echo "make demo             setup, tiny checkpoint, export, repository, tritonserver, a text-to-image"
 	@echo "                      and a 2-reference edit over gRPC -> build/demo/*.png, server stopped"
 	@echo "make perf             perf_analyzer load test of the served model (3 cases, gRPC + HTTP, concurrency 1-4)"
@@ -48,12 +65,16 @@ checkpoint: checkpoints/tiny/model_index.json
 export: setup $(if $(filter checkpoints/tiny,$(MODEL)),checkpoint)
 	$(BIN)/python -m export --model $(MODEL) --out $(ONNX) --dtype $(DTYPE)
 
+# Re-export by itself only the embedded tiny model (a minute): never over an export of another
+# model (a 9B export takes hours and a GPU host's memory).
 $(ONNX)/manifest.json: $(EXPORT_SOURCES)
-	$(MAKE) export
+	@if [ -f $@ ] && ! grep -q '"model": ".*checkpoints/tiny"' $@; then \
+		echo "note: $@ (not the tiny model) is older than export/*.py; re-export it (make export MODEL=...) if the graph layout changed"; \
+	else $(MAKE) export; fi
 
 repository: setup $(ONNX)/manifest.json
-	$(BIN)/python -m export.repository --onnx-dir $(ONNX) --checkpoint $(MODEL) --out $(REPO) \
-		--backend $(BACKEND) --engines-dir $(ENGINES)
+	$(BIN)/python -m export.repository --onnx-dir $(ONNX) --out $(REPO) \
+		--backend $(BACKEND) --engines-dir $(ENGINES) $(if $(DEVICE),--device $(DEVICE))
 
 serve: repository
 	$(BIN)/python -m server.launch --repository $(REPO)
@@ -61,11 +82,26 @@ serve: repository
 check: setup
 	$(BIN)/python -m export.trt_compat $(ONNX)
 
-engines: setup
-	$(BIN)/python -m export.build_engines --onnx-dir $(ONNX) --out $(ENGINES)
+engines:
+	$(ENGINE_PYTHON) -m export.build_engines --onnx-dir $(ONNX) --out $(ENGINES)
 
-engines-dry-run: setup
-	$(BIN)/python -m export.build_engines --onnx-dir $(ONNX) --dry-run
+engines-dry-run:
+	$(ENGINE_PYTHON) -m export.build_engines --onnx-dir $(ONNX) --out $(ENGINES) --dry-run
+
+docker-engines:
+	docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines:$(RELEASE) export/
+	mkdir -p $(ENGINES)
+	docker run --rm --gpus '"device=$(GPU)"' -v $(CURDIR)/$(ONNX):/work/onnx:ro \
+		-v $(CURDIR)/$(ENGINES):/work/engines flux2-klein-kv-engines:$(RELEASE)
+
+docker-serving:
+	docker build -f docker/serving.Dockerfile -t flux2-klein-kv-serving:$(RELEASE) docker/
+	docker run --rm --gpus '"device=$(GPU)"' --shm-size=8g -p 8000:8000 -p 8001:8001 -p 8002:8002 \
+		-v $(CURDIR)/$(REPO):/models $(if $(CUDA_POOL_BYTES),-e CUDA_POOL_BYTES=$(CUDA_POOL_BYTES)) \
+		flux2-klein-kv-serving:$(RELEASE)
+
+memory-plan: setup
+	$(BIN)/python -m export.memory_plan --dtype bf16 --gpu-gib 80
 
 demo: repository
 	$(BIN)/python -m clients.demo --repository $(REPO) --out build/demo

@@ -182,6 +182,20 @@ def reference_cache_metrics(metrics_url: str = "127.0.0.1:8002") -> dict[str, fl
     return totals
 
 
+def bls_output_devices(metrics_url: str = "127.0.0.1:8002") -> dict[str, float]:
+    """{device: tensors} the BLS received from component models (all instances), from the metrics
+    endpoint: on a GPU server every one should have arrived on cuda."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10).read().decode()
+    totals: dict[str, float] = {}
+    for labels, value in re.findall(r"^flux2_bls_component_outputs_total\{([^}]*)\} ([0-9.e+]+)$", text, re.M):
+        device = re.search(r'device="([^"]*)"', labels).group(1)
+        totals[device] = totals.get(device, 0.0) + float(value)
+    return totals
+
+
 def synthetic_reference(size: tuple[int, int], hue: int) -> bytes:
     """A deterministic PNG reference picture (no image files ship with the repository)."""
     from PIL import ImageDraw

@@ -4,19 +4,23 @@
 #
 # A plan only loads on the TensorRT version (and GPU architecture) that built it, so this image must
 # carry exactly the TensorRT of the Triton image that serves the plans (docker/serving.Dockerfile,
-# tritonserver:24.10-py3). Both are NVIDIA release 24.10, and NVIDIA ships one TensorRT per monthly
-# release across its containers. Not confirmed: the TensorRT version of release 24.10, and whether the
-# tritonserver -py3 image has TensorRT's *Python* package (hence this TensorRT image rather than the
-# tritonserver one plus a PyPI `tensorrt` of a version we could not confirm). After a build, compare:
+# tritonserver:24.12-py3): both are NVIDIA release 24.12. Not confirmed: that the tensorrt and
+# tritonserver -py3 images of 24.12 carry the same TensorRT (variants of one release can differ: NVIDIA's
+# matrix lists TensorRT 10.4.0 and CUDA 12.5.1 for tritonserver:24.10-trtllm-python-py3, while release
+# 24.10 is based on CUDA 12.6.2), which TensorRT version that is, and whether the tritonserver -py3 image has
+# TensorRT's *Python* package (hence this TensorRT image, not the tritonserver one plus a PyPI
+# `tensorrt` of an unconfirmed version). Before building 50 GB of plans, compare
 #   docker run --rm IMAGE python3 -c 'import tensorrt; print(tensorrt.__version__)'
-# with the version in the plan names the server loads (e.g. transformer_cached.trt10.x.y.sm90.plan).
+# with the libnvinfer.so.X.Y.Z of the serving image:
+#   docker run --rm SERVING_IMAGE sh -c 'find / -name "libnvinfer.so.*" 2>/dev/null'
+# The plan names carry the builder's version (e.g. transformer_cached.trt10.x.y.sm90.plan).
 #
 # Build (the context is export/: the builder needs only these four files):
 #   docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines export/
-# Run on the GPU that will serve (plans are per architecture), with build/ mounted at /work:
-#   docker run --rm --gpus '"device=0"' -v $PWD/build/onnx/bf16:/work/onnx:ro -v $PWD/build:/work \
-#     flux2-klein-kv-engines            # -> build/engines/*.plan and the timing cache
-FROM nvcr.io/nvidia/tensorrt:24.10-py3
+# Run on the kind of GPU that will serve (plans are per architecture), the bf16 export at /work/onnx:
+#   docker run --rm --gpus '"device=0"' -v $PWD/build/onnx/bf16:/work/onnx:ro \
+#     -v $PWD/build/engines:/work/engines flux2-klein-kv-engines   # -> *.plan and the timing cache
+FROM nvcr.io/nvidia/tensorrt:24.12-py3
 
 # Fail the build, not the run, if this image has no TensorRT Python package.
 RUN python3 -c 'import tensorrt; print("TensorRT", tensorrt.__version__)'

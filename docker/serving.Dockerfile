@@ -1,5 +1,5 @@
-# Triton serving image for FLUX.2 [klein] 9B-KV: NVIDIA's Triton 24.10 (server 2.51.0, the version of
-# the tritonserver binary the tests run here) plus the BLS's Python packages.
+# Triton serving image for FLUX.2 [klein] 9B-KV: NVIDIA's Triton 24.12 (server 2.53.0) plus the BLS's
+# Python packages.
 # Not built or run yet: the development machines have neither docker nor a GPU.
 #
 # Build (the context is docker/, which holds requirements-serving.txt):
@@ -13,26 +13,27 @@
 # --disable-auto-complete-config (below): every config.pbtxt is complete; auto-complete would have the
 #   TensorRT backend deserialize every plan a second time at load just to read its I/O.
 #
-# Python: diffusers 0.42.1 and transformers 5.24.0 require Python >= 3.11, and the Python backend's stub
-# runs the container's python3. NVIDIA's compatibility matrix lists Python 3.10.12 for the 24.10
-# trtllm-python-py3 and vllm-python-py3 images; the plain -py3 image's Python was not confirmed. The
-# check below stops the build with that message rather than letting pip fail on "no matching
-# distribution". Ways out if it fires: a release whose python3 is >= 3.11 (change the tag of both
-# Dockerfiles together, then rebuild the engines), or a Python backend stub built for Python 3.11 with
-# a packed environment (the Python backend's EXECUTION_ENV_PATH).
-FROM nvcr.io/nvidia/tritonserver:24.10-py3
+# Release 24.12 (Triton 2.53.0): its release notes list Ubuntu 24.04 with Python 3.12, and the Python
+# backend's stub runs the container's python3; diffusers 0.42.1 and transformers 5.24.0 need Python
+# >= 3.11, which rules out the 24.10 image (Python 3.10) whose server (2.51) the CPU tests use. The
+# check below stops the build with a clear message if that ever changes. torch 2.13.0 from PyPI is
+# its CUDA 13.0 build: the host driver must support CUDA 13.0, whatever CUDA the image has (12.6.3).
+FROM nvcr.io/nvidia/tritonserver:24.12-py3
 
 RUN python3 -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v >= (3, 11) else "python3 of this image is %d.%d; the BLS pins (diffusers 0.42.1, transformers 5.24.0) need >= 3.11" % v)'
 
 COPY requirements-serving.txt /opt/flux2/requirements-serving.txt
+# Ubuntu 24.04 marks its python3 as externally managed (PEP 668); this image is that Python's only user.
+ENV PIP_BREAK_SYSTEM_PACKAGES=1
 RUN python3 -m pip install --no-cache-dir -r /opt/flux2/requirements-serving.txt
 
 # The model repository is mounted, not baked in: /models (plans of ~50 GB, built per GPU architecture).
 VOLUME /models
 
 # Bytes of Triton's CUDA memory pool on GPU 0 (tensors between models: BLS <-> engines).
-# `python -m export.memory_plan` prints the value to use for the serving envelope; override with -e.
-ENV CUDA_POOL_BYTES=1073741824
+# The default is what `python -m export.memory_plan` prints for the shipped envelope (what 2 BLS
+# instances hold at once: a request's K/V, prompt embeddings, ...); override with -e.
+ENV CUDA_POOL_BYTES=4428808192
 
 EXPOSE 8000 8001 8002
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
         version.mkdir(parents=True)
         config = component_config(spec_from_manifest(name, entry), manifest["dtype"], backend, gpu=gpu)
         if backend == "tensorrt":
-            shutil.copy(engines[name], version / "model.plan")
+            _link_or_copy(engines[name], version / "model.plan")
         else:
             for graph_file in (onnx_dir / entry["path"]).parent.glob("model.onnx*"):
                 shutil.copy(graph_file, version / graph_file.name)
@@ -131,6 +132,14 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
     (out / CACHE / "config.pbtxt").write_text(
         cache_config(device, manifest["dtype"], manifest["dims"]["kv_layers"], cache_bytes))
     return out
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link a plan into the repository (tens of GB at 9B), copying only across file systems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy(source, target)
 
 
 def torch_device_index(device: str) -> int:

@@ -153,14 +153,14 @@ def _from_tag(dockerfile: Path) -> str:
 def test_dockerfiles_share_the_release_and_serve_with_complete_configs():
     serving, engines = DOCKER / "serving.Dockerfile", DOCKER / "engines.Dockerfile"
     # Engines only load on the TensorRT that built them: both images come from one NVIDIA release.
-    assert _from_tag(serving) == _from_tag(engines) == "24.10-py3"
+    assert _from_tag(serving) == _from_tag(engines) == "24.12-py3"
     text = serving.read_text()
     cmd = [line for line in text.splitlines() if line.startswith("CMD")]
     assert len(cmd) == 1
     for flag in ("tritonserver", "--model-repository=/models", "--disable-auto-complete-config",
                  "--cuda-memory-pool-byte-size=0:${CUDA_POOL_BYTES}"):
         assert flag in cmd[0]
-    assert re.search(r"^(ARG|ENV) CUDA_POOL_BYTES=1073741824$", text, flags=re.MULTILINE)
+    assert re.search(r"^(ARG|ENV) CUDA_POOL_BYTES=\d+$", text, flags=re.MULTILINE)  # the plan's value: test_envelope
     assert re.search(r"^EXPOSE 8000 8001 8002$", text, flags=re.MULTILINE)
     assert "python3 -m export.build_engines --onnx-dir /work/onnx --out /work/engines" in engines.read_text()
     for path in (serving, engines):

@@ -74,6 +74,20 @@ def test_served_output_equals_diffusers(pipe, triton_server, protocol, case):
     assert_matches(result.as_numpy("images"), reference(pipe, prompt, refs, seed, **kwargs))
 
 
+def test_every_component_output_arrives_on_the_bls_device(triton_server):
+    """The BLS asks every model for outputs in its own memory and counts where they arrive (CPU here;
+    cuda on a GPU server, where TensorRT would otherwise hand GPU tensors to a CPU BLS)."""
+    from clients.api import bls_output_devices
+
+    before = bls_output_devices(triton_server["metrics"]).get("cpu", 0)
+    infer(triton_server, "grpc", images=[png_bytes(random_image(128, 128, seed=5))], seed=2, height=256, width=256,
+          num_inference_steps=2, reuse_reference_cache=False)
+    devices = bls_output_devices(triton_server["metrics"])
+    assert set(devices) == {"cpu"}, devices
+    # text encoder 1 + VAE encoder 1 + prefill (4 blocks of K/V) + 2 steps + 1 decode = 9 tensors
+    assert devices["cpu"] - before == 9
+
+
 def test_png_output_only_when_requested(triton_server):
     both = infer(triton_server, "grpc", seed=1, height=256, width=256, outputs=("images", "png"))
     images, pngs = both.as_numpy("images"), both.as_numpy("png")

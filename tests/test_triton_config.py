@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export.specs import spec_from_manifest
+from export.envelope import DEFAULT_ENVELOPE
 from export.repository import assemble, bls_config, cache_config
 from export.triton_config import component_config
 
@@ -28,13 +33,15 @@ def test_component_configs_parse(request, backend, dtype):
         assert [i.name for i in config.input] == [t["name"] for t in entry["inputs"]]
         float_type = model_config_pb2.TYPE_BF16 if dtype == "bf16" else model_config_pb2.TYPE_FP32
         assert {i.data_type for i in config.input} <= {float_type, model_config_pb2.TYPE_INT64}
-        # Every tensor leads with batch and the profile goes up to 4: batched across requests, on both backends.
-        batched = name in ("text_encoder", "transformer_cached", "vae_decoder")
+        # Only the text encoder batches across requests (every tensor leads with batch, engine batch 4); the
+        # cached step's K/V has no batch axis and the VAE decoder decodes one image per call.
+        batched = name == "text_encoder"
         assert config.max_batch_size == (4 if batched else 0)
         assert config.HasField("dynamic_batching") == batched
         if backend == "tensorrt":
             assert config.platform == "tensorrt_plan"
             assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+            assert list(config.instance_group[0].gpus) == [0]  # pinned: not one copy per visible GPU
         else:
             assert config.backend == "python"
 
@@ -54,15 +61,19 @@ def test_bls_config_is_the_public_interface():
     assert config.max_batch_size == 0 and config.instance_group[0].count == 3
     assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     assert config.parameters["max_sequence_length"].string_value == "512"
+    limits = DEFAULT_ENVELOPE.request_limits()  # the BLS's limits are the envelope's, written once
+    assert {k: int(config.parameters[k].string_value) for k in limits} == limits
 
 
 def test_cache_config_is_one_instance_holding_the_budget():
-    config = parse(cache_config("cuda:0", "bf16"))
+    config = parse(cache_config("cuda:0", "bf16", kv_layers=32))
     assert config.instance_group[0].count == 1  # one cache for every BLS instance
-    assert int(config.parameters["reference_cache_bytes"].string_value) == 8 * 2**30
+    assert int(config.parameters["reference_cache_bytes"].string_value) == 4 * 2**30
     inputs, outputs = {i.name: i for i in config.input}, {o.name: o for o in config.output}
-    assert inputs["ref_kv"].optional and inputs["ref_kv"].data_type == model_config_pb2.TYPE_BF16
-    assert outputs["cached_kv"].data_type == model_config_pb2.TYPE_BF16
+    assert list(inputs) == ["key"] + [f"ref_kv_{i:02d}" for i in range(32)]
+    assert list(outputs) == ["hit"] + [f"cached_kv_{i:02d}" for i in range(32)]
+    assert inputs["ref_kv_31"].optional and inputs["ref_kv_31"].data_type == model_config_pb2.TYPE_BF16
+    assert outputs["cached_kv_00"].data_type == model_config_pb2.TYPE_BF16
     assert outputs["hit"].data_type == model_config_pb2.TYPE_BOOL
 
 
@@ -75,3 +86,50 @@ def test_assembled_repository_configs_parse(tmp_path, onnx_fp32, tiny_checkpoint
         assert parse(path.read_text()).name == path.parent.name
     assert (repo / "text_encoder" / "1" / "model.onnx").exists()
     assert (repo / "flux2_klein_kv" / "1" / "tokenizer" / "tokenizer.json").exists()
+
+
+# ------------------------------------------------------------------ the repository serves the exported model
+
+
+def test_repository_takes_tokenizer_and_scheduler_from_the_exported_model(tmp_path, onnx_fp32, tiny_checkpoint):
+    manifest = json.loads((onnx_fp32 / "manifest.json").read_text())
+    assert Path(manifest["model"]).resolve() == Path(tiny_checkpoint).resolve()  # recorded by the export
+    repo = assemble(onnx_fp32, out=tmp_path / "repo")  # no checkpoint given: the manifest's model
+    for part in ("tokenizer/tokenizer.json", "scheduler/scheduler_config.json"):
+        assert (repo / "flux2_klein_kv" / "1" / part).read_bytes() == (Path(tiny_checkpoint) / part).read_bytes()
+    # Another model's folder (here: a copy of the tiny one elsewhere) is refused, not silently mixed in.
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_checkpoint, other, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(SystemExit, match="exported from"):
+        assemble(onnx_fp32, str(other), tmp_path / "repo2")
+    with pytest.raises(SystemExit, match="exported from"):
+        assemble(onnx_fp32, "black-forest-labs/FLUX.2-klein-9b-kv", tmp_path / "repo3")
+
+
+def test_tensorrt_repository_puts_the_bls_on_the_gpu_by_default(tmp_path, onnx_bf16):
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    manifest = json.loads((onnx_bf16 / "manifest.json").read_text())
+    for name in manifest["graphs"]:
+        (engines / f"{name}.trt10.5.0.sm90.plan").write_bytes(b"not a real plan: only copied")
+    repo = assemble(onnx_bf16, out=tmp_path / "repo", backend="tensorrt", engines_dir=engines)
+    for model in ("flux2_klein_kv", "reference_kv_cache"):
+        config = parse((repo / model / "config.pbtxt").read_text())
+        assert config.parameters["device"].string_value == "cuda:0"
+        assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    repo = assemble(onnx_bf16, out=tmp_path / "repo", backend="tensorrt", engines_dir=engines, device="cuda:1")
+    assert list(parse((repo / "transformer_cached" / "config.pbtxt").read_text()).instance_group[0].gpus) == [1]
+
+
+def test_make_never_reexports_over_another_models_export(tmp_path):
+    """The manifest rule re-exports only the tiny model; an older 9B export is left alone."""
+    onnx = tmp_path / "onnx"
+    onnx.mkdir()
+    manifest = onnx / "manifest.json"
+    manifest.write_text(json.dumps({"model": "black-forest-labs/FLUX.2-klein-9b-kv", "dtype": "bf16"}))
+    os.utime(manifest, (0, 0))  # older than every export source
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(["make", "-C", str(root), f"ONNX={onnx}", str(manifest)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "note:" in result.stdout and "exporting" not in result.stdout
+    assert json.loads(manifest.read_text())["model"] == "black-forest-labs/FLUX.2-klein-9b-kv"

@@ -30,7 +30,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_key import reference_key  # noqa: E402
-from request_inputs import InvalidInput, Limits, parse  # noqa: E402
+from request_inputs import InvalidInput, Limits, output_size, parse, preprocess_reference  # noqa: E402
 
 INPUTS = ("prompt", "image", "height", "width", "seed", "num_images_per_prompt", "num_inference_steps",
           "reuse_reference_cache")
@@ -66,6 +66,12 @@ class TritonPythonModel:
             self.preferred_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index or 0)
         else:
             self.preferred_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+        # Where component outputs arrived, counted per device: on a GPU server everything should say cuda.
+        self.output_family = pb_utils.MetricFamily(
+            name="flux2_bls_component_outputs_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="Tensors the BLS received from component models, by the device they arrived on")
+        self.output_labels = {"model": args["model_name"], "version": args["model_version"]}
+        self.output_metrics = {}
 
     # ------------------------------------------------------------------ Triton entry point
 
@@ -99,8 +105,8 @@ class TritonPythonModel:
         from diffusers.utils.torch_utils import randn_tensor
 
         # Everything a request can get wrong is checked before the first component runs.
-        references = [self.preprocess_reference(image) for image in req.images]
-        height, width = self.output_size(req, references)
+        references = [preprocess_reference(image, self.image_processor, self.limits) for image in req.images]
+        height, width = output_size(req, references, self.limits)
 
         batch = req.num_images
         prompt_embeds = self.encode_prompt(req.prompt).repeat(batch, 1, 1)
@@ -136,27 +142,6 @@ class TritonPythonModel:
         image = self.image_processor.postprocess(image.float().cpu(), output_type="np")
         return (image * 255).round().astype(np.uint8)
 
-    def output_size(self, req, references) -> tuple[int, int]:
-        """Output height and width: as asked, else the first reference's, else the default; and the
-        reference set's token count within the envelope (its K/V size)."""
-        limits = self.limits
-        tokens = sum((r.shape[-2] // 16) * (r.shape[-1] // 16) for r in references)
-        if tokens > limits.max_reference_tokens:
-            sizes = ", ".join(f"{r.shape[-1]}x{r.shape[-2]}" for r in references)
-            raise InvalidInput(f"'image': the references hold {tokens} tokens after preprocessing ({sizes} px, one "
-                               f"token per 16x16 px); at most {limits.max_reference_tokens} allowed: send fewer or "
-                               "smaller references")
-        height, width = req.height, req.width
-        if references:
-            ref_h, ref_w = references[0].shape[-2:]
-            height, width = height or ref_h, width or ref_w
-        height, width = height or limits.default_side, width or limits.default_side
-        for name, value in (("height", height), ("width", width)):
-            if not limits.min_side <= value <= limits.max_side:
-                raise InvalidInput(f"output {name} {value} (taken from image[0]) is outside "
-                                   f"[{limits.min_side}, {limits.max_side}]; pass '{name}' explicitly")
-        return height, width
-
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                     add_generation_prompt=True, enable_thinking=False)]
@@ -166,14 +151,6 @@ class TritonPythonModel:
                                                 "attention_mask": tokens["attention_mask"].to(self.device)},
                                ["prompt_embeds"])
         return embeds
-
-    def preprocess_reference(self, image) -> torch.Tensor:
-        """As Flux2KleinKVPipeline.__call__: cap the area at 1024^2, crop to multiples of 16."""
-        area = self.limits.reference_max_area
-        if image.width * image.height > area:
-            image = self.image_processor._resize_to_target_area(image, area)
-        width, height = (image.width // 16) * 16, (image.height // 16) * 16
-        return self.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
 
     def reference_kv(self, references, reuse: bool) -> list[torch.Tensor]:
         """Per-block K/V of the ordered reference set: from reference_kv_cache when an identical set
@@ -219,9 +196,17 @@ class TritonPythonModel:
             raise RuntimeError(f"{model}: {response.error().message()}")
         results = [_from_triton(pb_utils.get_output_tensor_by_name(response, name)) for name in outputs]
         for name, tensor in zip(outputs, results):  # None: an output the model left out (a cache miss)
-            if tensor is not None and tensor.device.type != self.device.type:
+            if tensor is None:
+                continue
+            self._count_output(tensor.device.type)
+            if tensor.device.type != self.device.type:
                 raise RuntimeError(f"{model} returned '{name}' on {tensor.device}, not on the BLS's {self.device}")
         return results
+
+    def _count_output(self, device: str) -> None:
+        if device not in self.output_metrics:
+            self.output_metrics[device] = self.output_family.Metric(labels={**self.output_labels, "device": device})
+        self.output_metrics[device].increment(1)
 
     def infer_in_chunks(self, model: str, batched: dict, shared: dict, output: str, max_batch: int) -> torch.Tensor:
         """Run `model` on the batch axis of `batched` in chunks of at most `max_batch` samples (the

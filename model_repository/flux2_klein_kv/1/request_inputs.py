@@ -124,3 +124,36 @@ def parse(inputs: dict, limits: Limits) -> GenerationRequest:
     if "reuse_reference_cache" in inputs:
         request.reuse_reference_cache = bool(_scalar(inputs["reuse_reference_cache"], "reuse_reference_cache"))
     return request
+
+
+def preprocess_reference(image: Image.Image, processor, limits: Limits):
+    """As Flux2KleinKVPipeline.__call__: resize down to the area cap, crop to multiples of 16.
+    `processor` is diffusers' Flux2ImageProcessor; returns [1, 3, H, W] in [-1, 1]."""
+    if image.width * image.height > limits.reference_max_area:
+        image = processor._resize_to_target_area(image, limits.reference_max_area)
+    step = limits.multiple_of
+    width, height = (image.width // step) * step, (image.height // step) * step
+    return processor.preprocess(image, height=height, width=width, resize_mode="crop")
+
+
+def output_size(request: GenerationRequest, references: list, limits: Limits) -> tuple[int, int]:
+    """Output (height, width): as asked, else the first preprocessed reference's, else the default.
+    Also checks the reference set's token count (its K/V size), so every limit is checked before
+    the first component model runs."""
+    step = limits.multiple_of
+    tokens = sum((r.shape[-2] // step) * (r.shape[-1] // step) for r in references)
+    if tokens > limits.max_reference_tokens:
+        sizes = ", ".join(f"{r.shape[-1]}x{r.shape[-2]}" for r in references)
+        raise InvalidInput(f"'image': the references hold {tokens} tokens after preprocessing ({sizes} px, one "
+                           f"token per {step}x{step} px); at most {limits.max_reference_tokens} allowed: send fewer "
+                           "or smaller references")
+    height, width = request.height, request.width
+    if references:
+        ref_h, ref_w = references[0].shape[-2:]
+        height, width = height or ref_h, width or ref_w
+    height, width = height or limits.default_side, width or limits.default_side
+    for name, value in (("height", height), ("width", width)):
+        if not limits.min_side <= value <= limits.max_side:
+            raise InvalidInput(f"output {name} {value} (taken from image[0]) is outside "
+                               f"[{limits.min_side}, {limits.max_side}]; pass '{name}' explicitly")
+    return height, width
