@@ -46,21 +46,31 @@ def main(argv=None) -> int:
     parser.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS),
                         metavar="NAME", help=f"subset to export (default: all of {', '.join(COMPONENTS)})")
     parser.add_argument("--skip-check", action="store_true", help="skip the TensorRT compatibility check")
+    parser.add_argument("--manifest-only", action="store_true",
+                        help="write OUT/manifest.json without exporting any graph: all that the torch serving "
+                             "flavor (python -m export.repository --backend torch) needs")
     args = parser.parse_args(argv)
 
-    from .onnx_export import OPSET, export_all, read_model_dims
-    from .trt_compat import check_graph
+    from .loading import read_model_dims
 
     out = Path(args.out)
     start = time.perf_counter()
-    print(f"exporting {len(args.components)} component(s) of {args.model} ({args.dtype}) to {out}", flush=True)
-    paths = export_all(args.model, out, args.dtype, args.components)
     dims = read_model_dims(args.model)
+    if args.manifest_only:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {name: out / name / "model.onnx" for name in args.components}  # where an export would put them
+        opset = None
+    else:
+        from .onnx_export import OPSET, export_all
+
+        print(f"exporting {len(args.components)} component(s) of {args.model} ({args.dtype}) to {out}", flush=True)
+        paths = export_all(args.model, out, args.dtype, args.components)
+        opset = OPSET
     manifest = {
         # The model the graphs came from: the repository assembler takes its tokenizer and scheduler.
         "model": str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
         "dtype": args.dtype,
-        "opset": OPSET,
+        "opset": opset,  # None: no graph exported (--manifest-only)
         "dims": dims,
         "graphs": {name: {"path": str(paths[name].relative_to(out)), **asdict(graph_specs(dims)[name])}
                    for name in paths},
@@ -68,7 +78,9 @@ def main(argv=None) -> int:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
     failed = 0
-    if not args.skip_check:
+    if not args.skip_check and not args.manifest_only:
+        from .trt_compat import check_graph
+
         for name, path in paths.items():
             report = check_graph(path)
             print(f"TensorRT check {name}: " + ("ok" if report.ok else "; ".join(report.problems[:5])), flush=True)

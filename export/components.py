@@ -199,6 +199,23 @@ class TransformerCached(torch.nn.Module):
         return noise_pred.reshape(batch, lat_h, lat_w, channels)
 
 
+WRAPPERS = {"text_encoder": TextEncoder, "vae_encoder": VaeEncoder, "transformer_prefill": TransformerPrefill,
+            "transformer_cached": TransformerCached, "vae_decoder": VaeDecoder}
+
+
+def build(name: str, model: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+    """Load the module(s) graph `name` needs from checkpoint `model` and wrap them, in eval mode.
+
+    The ONNX exporter traces these modules; the `torch` serving flavor runs them as they are.
+    """
+    from .loading import load_text_encoder, load_transformer, load_vae
+
+    loader = {"text_encoder": load_text_encoder, "vae_encoder": load_vae, "vae_decoder": load_vae,
+              "transformer_prefill": load_transformer, "transformer_cached": load_transformer}[name]
+    # Wrap on the CPU, then move: the text encoder drops its unused layers before reaching the GPU.
+    return WRAPPERS[name](loader(model, dtype)).to(device).eval()
+
+
 def tokenize_prompts(tokenizer, prompts: list[str], max_sequence_length: int = 512):
     """input_ids, attention_mask [B, max_sequence_length] exactly as the pipeline tokenizes.
 

@@ -42,3 +42,19 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
     from diffusers import Flux2KleinKVPipeline
 
     return Flux2KleinKVPipeline.from_pretrained(model, dtype=dtype)
+
+
+def read_model_dims(model: str) -> dict:
+    """The sizes the I/O spec needs (specs.model_dims), plus the vocabulary size, from the configs."""
+    from types import SimpleNamespace
+
+    from diffusers import Flux2Transformer2DModel
+    from transformers import AutoConfig
+
+    from .specs import model_dims
+
+    text_cfg = AutoConfig.from_pretrained(model, subfolder="text_encoder")
+    transformer_cfg = SimpleNamespace(**Flux2Transformer2DModel.load_config(model, subfolder="transformer"))
+    dims = model_dims(text_cfg, transformer_cfg)
+    dims["vocab_size"] = text_cfg.vocab_size
+    return dims

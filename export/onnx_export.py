@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import onnx
 import torch
 from torch.export import Dim
 
 from . import components as C
-from .loading import load_text_encoder, load_transformer, load_vae
-from .specs import COMPONENTS, GraphSpec, graph_specs, model_dims
+from .loading import read_model_dims
+from .specs import COMPONENTS, GraphSpec, graph_specs
 
 OPSET = 18  # within TensorRT 10's parser range (opset 9-20), see trt_supported_ops.tsv
 LARGE_GRAPH_BYTES = 1 << 30  # weights go to external data well before protobuf's 2 GB limit
@@ -81,32 +80,6 @@ def dynamic_shapes(spec: GraphSpec) -> tuple:
     return shapes
 
 
-def build_wrapper(name: str, model: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Load the component(s) graph `name` needs and wrap them."""
-    if name == "text_encoder":
-        return C.TextEncoder(load_text_encoder(model, dtype)).eval()
-    if name == "vae_encoder":
-        return C.VaeEncoder(load_vae(model, dtype)).eval()
-    if name == "vae_decoder":
-        return C.VaeDecoder(load_vae(model, dtype)).eval()
-    if name == "transformer_prefill":
-        return C.TransformerPrefill(load_transformer(model, dtype)).eval()
-    if name == "transformer_cached":
-        return C.TransformerCached(load_transformer(model, dtype)).eval()
-    raise KeyError(name)
-
-
-def read_model_dims(model: str) -> dict:
-    from diffusers import Flux2Transformer2DModel
-    from transformers import AutoConfig
-
-    text_cfg = AutoConfig.from_pretrained(model, subfolder="text_encoder")
-    transformer_cfg = SimpleNamespace(**Flux2Transformer2DModel.load_config(model, subfolder="transformer"))
-    dims = model_dims(text_cfg, transformer_cfg)
-    dims["vocab_size"] = text_cfg.vocab_size
-    return dims
-
-
 def _name_dims(path: Path, spec: GraphSpec) -> None:
     """Give the graph's inputs and outputs the dimension names of the declared spec."""
     proto = onnx.load(str(path), load_external_data=False)
@@ -123,7 +96,7 @@ def _name_dims(path: Path, spec: GraphSpec) -> None:
 def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, dims: dict) -> Path:
     """Export graph `name` to `out_dir/name/model.onnx` and return the path."""
     spec = graph_specs(dims)[name]
-    wrapper = build_wrapper(name, model, dtype)
+    wrapper = C.build(name, model, dtype)
     args = sample_inputs(name, dims, dtype)
     large = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > LARGE_GRAPH_BYTES
     path = out_dir / name / "model.onnx"

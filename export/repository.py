@@ -3,9 +3,10 @@
   OUT/flux2_klein_kv/       the public BLS model (sources from model_repository/flux2_klein_kv,
                             plus the tokenizer, scheduler config and export manifest)
   OUT/<component>/          text_encoder, vae_encoder, transformer_prefill, transformer_cached,
-                            vae_decoder: config.pbtxt from the declared I/O spec, and either
-                            1/model.plan (--backend tensorrt) or 1/model.onnx served by
-                            onnxruntime in a Python-backend model (--backend onnxruntime)
+                            vae_decoder: config.pbtxt from the declared I/O spec, and
+                            1/model.plan (--backend tensorrt), or a Python-backend model that runs
+                            1/model.onnx in onnxruntime (--backend onnxruntime) or the exported
+                            wrapper module in PyTorch (--backend torch, from the manifest's model)
   OUT/reference_kv_cache/   one instance holding reference K/V shared by all BLS instances
 """
 
@@ -21,7 +22,8 @@ from .envelope import DEFAULT_ENVELOPE, ServingEnvelope
 from .specs import kv_names, spec_from_manifest
 from .triton_config import BACKENDS, TRITON_TYPES, component_config
 
-SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
+EXPORT = Path(__file__).resolve().parent
+SOURCES = EXPORT.parent / "model_repository"
 BLS = "flux2_klein_kv"
 
 
@@ -114,11 +116,20 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
         config = component_config(spec_from_manifest(name, entry), manifest["dtype"], backend, gpu=gpu)
         if backend == "tensorrt":
             _link_or_copy(engines[name], version / "model.plan")
-        else:
+        elif backend == "onnxruntime":
             for graph_file in (onnx_dir / entry["path"]).parent.glob("model.onnx*"):
                 shutil.copy(graph_file, version / graph_file.name)
-            shutil.copy(SOURCES / "onnxruntime_runner" / "model.py", version / "model.py")
-            config += _parameters({"intra_op_threads": threads}) + "\n"
+            shutil.copy(SOURCES / "component_runner" / "model.py", version / "model.py")
+            config += _parameters({"runtime": "onnxruntime", "intra_op_threads": threads}) + "\n"
+        else:  # torch: the wrapper modules themselves, loaded from the exported model
+            shutil.copy(SOURCES / "component_runner" / "model.py", version / "model.py")
+            package = version / "flux2_export"
+            package.mkdir()
+            for module in ("__init__.py", "components.py", "loading.py", "specs.py"):
+                shutil.copy(EXPORT / module, package / module)
+            config += _parameters({"runtime": "torch", "checkpoint": _local_checkpoint(source, weights=True),
+                                   "dtype": manifest["dtype"], "device": device,
+                                   "FORCE_CPU_ONLY_INPUT_TENSORS": _cpu_only(device)}) + "\n"
         (out / name / "config.pbtxt").write_text(config)
 
     bls = out / BLS / "1"
@@ -171,13 +182,14 @@ def _same_model(given: str, recorded: str) -> bool:
     return given_local
 
 
-def _local_checkpoint(checkpoint: str) -> str:
-    """A local directory for `checkpoint` (downloads only the small tokenizer/scheduler files)."""
+def _local_checkpoint(checkpoint: str, weights: bool = False) -> str:
+    """A local directory for `checkpoint`: downloads only the small tokenizer/scheduler files, or
+    everything with `weights` (the torch backend loads the components from it)."""
     if Path(checkpoint).is_dir():
-        return checkpoint
+        return str(Path(checkpoint).resolve())
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(checkpoint, allow_patterns=["tokenizer/*", "scheduler/*"])
+    return snapshot_download(checkpoint, allow_patterns=None if weights else ["tokenizer/*", "scheduler/*"])
 
 
 def main(argv=None) -> int:
@@ -190,7 +202,8 @@ def main(argv=None) -> int:
                              "in the manifest")
     parser.add_argument("--out", default="build/model_repository", help="repository to write (default %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                        help="tensorrt (production, GPU) or onnxruntime (CPU, Python backend)")
+                        help="tensorrt (production, GPU), onnxruntime (CPU, Python backend) or torch (the exported "
+                             "modules in PyTorch on --device, Python backend: a GPU host before its engines exist)")
     parser.add_argument("--engines-dir", default="build/engines", help="TensorRT plans (with --backend tensorrt)")
     parser.add_argument("--device", default=None,
                         help="device the BLS and the reference cache compute on: cpu or cuda:N "

@@ -1,11 +1,13 @@
 """Triton `config.pbtxt` for each component, from the declared I/O spec (components.graph_specs).
 
-Two backends, same tensor names, shapes and types, so the BLS model cannot tell them apart:
+Three backends, same tensor names, shapes and types, so the BLS model cannot tell them apart:
 
 * `tensorrt` (production): `platform: "tensorrt_plan"`, KIND_GPU.
 * `onnxruntime` (this machine): a Python-backend model that runs the same ONNX graph with
   onnxruntime on the CPU, since Triton's onnxruntime backend is not available here; it runs
   the requests Triton batches together as one batch, as an engine would.
+* `torch`: the same Python-backend model running the wrapper module the graph is exported
+  from, on the BLS's device in the export dtype (a GPU host before its engines exist).
 
 On both, a graph whose every tensor leads with the batch dimension and whose engine batch
 (envelope.engine_batch) exceeds 1 gets `max_batch_size` and dynamic batching, so concurrent
@@ -22,7 +24,7 @@ from .envelope import DEFAULT_ENVELOPE, ServingEnvelope
 from .specs import GraphSpec
 
 TRITON_TYPES = {"fp32": "TYPE_FP32", "bf16": "TYPE_BF16", "fp16": "TYPE_FP16", "int64": "TYPE_INT64"}
-BACKENDS = ("tensorrt", "onnxruntime")
+BACKENDS = ("tensorrt", "onnxruntime", "torch")
 
 
 def _tensor_block(kind: str, tensors, dtype: str, drop_batch: bool) -> str:

@@ -64,14 +64,26 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-@pytest.mark.parametrize("case", list(CASES))
-def test_served_output_equals_diffusers(pipe, triton_server, protocol, case):
+def _served_equals_diffusers(pipe, server, protocol, case):
     refs = [random_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case]["refs"])]
     kwargs = CASES[case]["kwargs"]
     prompt, seed = f"a watercolor fox ({case})", 1234
-    result = infer(triton_server, protocol, prompt, [png_bytes(r) for r in refs], seed=seed, **kwargs)
+    result = infer(server, protocol, prompt, [png_bytes(r) for r in refs], seed=seed, **kwargs)
     assert_matches(result.as_numpy("images"), reference(pipe, prompt, refs, seed, **kwargs))
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_served_output_equals_diffusers(pipe, triton_server, protocol, case):
+    _served_equals_diffusers(pipe, triton_server, protocol, case)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_flavor_output_equals_diffusers(pipe, torch_server, case):
+    """--backend torch: the wrapper modules themselves in Python-backend models, same BLS and configs."""
+    _served_equals_diffusers(pipe, torch_server, "grpc", case)
+    config = (torch_server["repository"] / "transformer_cached" / "config.pbtxt").read_text()
+    assert 'string_value: "torch"' in config
 
 
 def test_every_component_output_arrives_on_the_bls_device(triton_server):

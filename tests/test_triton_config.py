@@ -22,7 +22,7 @@ def parse(text: str) -> model_config_pb2.ModelConfig:
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
-@pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime", "torch"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_component_configs_parse(request, backend, dtype):
     onnx_dir = request.getfixturevalue(f"onnx_{dtype}")

@@ -1,0 +1,130 @@
+"""Triton Python-backend model that serves one FLUX.2 [klein] KV component, in place of its
+TensorRT engine. The parameter `runtime` picks how:
+
+* `onnxruntime`: the exported ONNX graph (`model.onnx` next to this file) on the CPU, since
+  Triton's onnxruntime backend is not available on the development machines;
+* `torch`: the very wrapper module the graph is exported from (`export/components.py`, copied
+  next to this file as `flux2_export/`), loaded from the checkpoint the export recorded, in the
+  export dtype on the parameter `device`. It serves on a GPU before any engine is built (a 9B
+  build takes long) and is the baseline the engines are checked against.
+
+Not a model on its own: `python -m export.repository --backend onnxruntime|torch` copies this
+file into each component's version folder and writes its config.pbtxt from the declared I/O spec,
+the same as the TensorRT engine's. With dynamic batching Triton hands over several requests at
+once: requests of equal shapes (apart from the batch axis) run as one batch, as an engine would.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class OnnxRuntime:
+    """The exported graph in onnxruntime (CPU); numpy in and out."""
+
+    def __init__(self, args, params, output_names):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.output_names = output_names
+
+    @staticmethod
+    def read(tensor):
+        return tensor.as_numpy()
+
+    @staticmethod
+    def concat(values):
+        return np.concatenate(values)
+
+    def __call__(self, inputs: dict) -> list:
+        return self.session.run(self.output_names, inputs)
+
+    @staticmethod
+    def write(name, value):
+        return pb_utils.Tensor(name, value)
+
+
+class Torch:
+    """The wrapper module in PyTorch on `device`; tensors stay there (DLPack in and out)."""
+
+    def __init__(self, args, params, output_names):
+        import torch
+
+        here = os.path.join(args["model_repository"], args["model_version"])
+        sys.path.insert(0, here)
+        from flux2_export.components import build  # noqa: PLC0415 - copied next to this file
+        from flux2_export.loading import DTYPES  # noqa: PLC0415
+
+        self.torch = torch
+        self.device = torch.device(params.get("device", "cpu"))
+        self.module = build(args["model_name"], params["checkpoint"], DTYPES[params["dtype"]], self.device)
+
+    def read(self, tensor):
+        torch = self.torch
+        if tensor.is_cpu():
+            try:
+                return torch.from_numpy(tensor.as_numpy()).to(self.device)
+            except Exception:  # noqa: BLE001 - bf16 has no numpy type: go through DLPack
+                pass
+        return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).to(self.device)
+
+    def concat(self, values):
+        return self.torch.cat(values)
+
+    def __call__(self, inputs: dict) -> list:
+        with self.torch.inference_mode():
+            outputs = self.module(*inputs.values())
+        return [outputs] if isinstance(outputs, self.torch.Tensor) else list(outputs)
+
+    def write(self, name, value):
+        value = value.contiguous()
+        if value.device.type == "cpu" and value.dtype != self.torch.bfloat16:
+            return pb_utils.Tensor(name, value.numpy())
+        return pb_utils.Tensor.from_dlpack(name, value)  # the producer's stream is synchronised
+
+
+RUNTIMES = {"onnxruntime": OnnxRuntime, "torch": Torch}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.inputs = [tensor["name"] for tensor in config["input"]]
+        self.outputs = [tensor["name"] for tensor in config["output"]]
+        self.batching = config.get("max_batch_size", 0) > 0
+        self.runtime = RUNTIMES[params.get("runtime", "onnxruntime")](args, params, self.outputs)
+
+    def execute(self, requests):
+        rt = self.runtime
+        feeds = [{name: rt.read(pb_utils.get_input_tensor_by_name(request, name)) for name in self.inputs}
+                 for request in requests]
+        groups = {}
+        for index, feed in enumerate(feeds):
+            key = tuple(tuple(feed[name].shape[1:]) for name in self.inputs) if self.batching else index
+            groups.setdefault(key, []).append(index)
+        responses = [None] * len(requests)
+        for members in groups.values():
+            batch = {name: rt.concat([feeds[i][name] for i in members]) if len(members) > 1 else feeds[members[0]][name]
+                     for name in self.inputs}
+            try:
+                results = rt(batch)
+            except Exception as exc:  # noqa: BLE001 - e.g. shapes the graph does not take, as an engine rejects them
+                error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INVALID_ARG)
+                for i in members:
+                    responses[i] = pb_utils.InferenceResponse(error=error)
+                continue
+            start = 0
+            for i in members:
+                size = len(feeds[i][self.inputs[0]]) if self.batching else None  # None: whole outputs
+                stop = None if size is None else start + size
+                responses[i] = pb_utils.InferenceResponse(
+                    [rt.write(name, value[start:stop]) for name, value in zip(self.outputs, results)])
+                start = stop
+        return responses
