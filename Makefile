@@ -22,7 +22,7 @@ RELEASE := 24.12
 EXPORT_SOURCES := $(filter-out export/build_engines.py export/repository.py export/triton_config.py export/memory_plan.py,$(wildcard export/*.py))
 
 .PHONY: help setup checkpoint export repository serve check engines engines-dry-run memory-plan docker-engines \
-	docker-serving demo perf bench test clean
+	docker-serving demo perf bench gpu-bundle gpu-check test clean
 
 help:
 	@echo "make setup            create $(VENV) with the pinned CPU toolchain (idempotent)"
@@ -45,6 +45,10 @@ help:
 	@echo "                      -> build/perf/results.md"
 	@echo "make bench            Triton vs diffusers (KV and no-KV), per-step cost, throughput, memory"
 	@echo "                      -> BENCHMARKS.md (a benchmark: numbers, no pass/fail)"
+	@echo "make gpu-bundle       gather what a bare GPU machine lacks (tritonserver, diffusers, numpy<2, ...) into"
+	@echo "                      build/gpu_bundle (< 60 MiB; run where packages install)"
+	@echo "make gpu-check        the prepared GPU check: environment, served stack vs diffusers (tiny, then 9B dims),"
+	@echo "                      transformer probe, 9B export -> build/gpu_check, BENCHMARKS.md (CPU: tiny stages)"
 	@echo "make test             the test suite (setup included)"
 
 setup: $(VENV)/.installed
@@ -123,6 +127,14 @@ $(BENCH_ONNX)/manifest.json: $(BENCH_MODEL)/model_index.json $(EXPORT_SOURCES)
 bench: setup $(BENCH_ONNX)/manifest.json
 	$(BIN)/python -m perf.provision
 	$(BIN)/python -m bench.bench --checkpoint $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX)
+
+gpu-bundle: setup
+	$(BIN)/python -m bench.gpu_bundle --out build/gpu_bundle
+
+# No setup here: a GPU machine may have no network. Without the venv, python3 uses build/gpu_bundle.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check --bundle build/gpu_bundle --benchmarks BENCHMARKS.md
 
 test: setup
 	$(BIN)/python -m pytest -q tests

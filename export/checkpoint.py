@@ -152,6 +152,35 @@ def build_scheduler():
     )
 
 
+# Seeds of `random_module`: each component is built from its own seed, so a component built in one
+# process (a served model) has exactly the weights of the same component built in another.
+RANDOM_SEEDS = {"text_encoder": 1, "vae": 2, "transformer": 3}
+
+
+def random_module(kind: str, size: str, dtype: torch.dtype, device: str = "cpu"):
+    """A randomly initialised component ("text_encoder", "vae" or "transformer") of klein 9B dims
+    (`size` "9b") or of the tiny checkpoint's (`size` "tiny"), built directly on `device` in `dtype`
+    (no fp32 copy, nothing read from disk). Deterministic for a given device type and dtype."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    default_dtype = torch.get_default_dtype()
+    torch.manual_seed(RANDOM_SEEDS[kind])
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device), torch.no_grad():
+            if kind == "text_encoder":
+                module = (Qwen3ForCausalLM(Qwen3Config(**KLEIN_9B_TEXT_ENCODER)) if size == "9b"
+                          else build_text_encoder(vocab_size=max(512, len(build_tokenizer()))))
+            elif kind == "vae":
+                module = AutoencoderKLFlux2() if size == "9b" else build_vae()
+            else:
+                module = Flux2Transformer2DModel(**KLEIN_9B_TRANSFORMER) if size == "9b" else build_transformer(size)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return module.eval()
+
+
 def build_pipeline(seed: int = 0, size: str = "tiny"):
     """Build the small random `Flux2KleinKVPipeline` in memory (deterministic from `seed`)."""
     from diffusers import Flux2KleinKVPipeline

@@ -203,15 +203,24 @@ WRAPPERS = {"text_encoder": TextEncoder, "vae_encoder": VaeEncoder, "transformer
             "transformer_cached": TransformerCached, "vae_decoder": VaeDecoder}
 
 
+KINDS = {"text_encoder": "text_encoder", "vae_encoder": "vae", "vae_decoder": "vae",
+         "transformer_prefill": "transformer", "transformer_cached": "transformer"}
+
+
 def build(name: str, model: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
     """Load the module(s) graph `name` needs from checkpoint `model` and wrap them, in eval mode.
 
     The ONNX exporter traces these modules; the `torch` serving flavor runs them as they are.
+    `model` "random:9b" or "random:tiny" builds random weights of those dims on `device` instead
+    (checkpoint.random_module: the GPU check serves klein 9B dims without downloading anything).
     """
+    if model.startswith("random:"):
+        from .checkpoint import random_module
+
+        return WRAPPERS[name](random_module(KINDS[name], model.split(":", 1)[1], dtype, device)).eval()
     from .loading import load_text_encoder, load_transformer, load_vae
 
-    loader = {"text_encoder": load_text_encoder, "vae_encoder": load_vae, "vae_decoder": load_vae,
-              "transformer_prefill": load_transformer, "transformer_cached": load_transformer}[name]
+    loader = {"text_encoder": load_text_encoder, "vae": load_vae, "transformer": load_transformer}[KINDS[name]]
     # Wrap on the CPU, then move: the text encoder drops its unused layers before reaching the GPU.
     return WRAPPERS[name](loader(model, dtype)).to(device).eval()
 

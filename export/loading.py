@@ -53,8 +53,15 @@ def read_model_dims(model: str) -> dict:
 
     from .specs import model_dims
 
-    text_cfg = AutoConfig.from_pretrained(model, subfolder="text_encoder")
-    transformer_cfg = SimpleNamespace(**Flux2Transformer2DModel.load_config(model, subfolder="transformer"))
+    if model.startswith("random:"):  # checkpoint.random_module's dims: read off modules built on the meta device
+        from .checkpoint import random_module
+
+        size = model.split(":", 1)[1]
+        text_cfg = random_module("text_encoder", size, torch.float32, "meta").config
+        transformer_cfg = random_module("transformer", size, torch.float32, "meta").config
+    else:
+        text_cfg = AutoConfig.from_pretrained(model, subfolder="text_encoder")
+        transformer_cfg = SimpleNamespace(**Flux2Transformer2DModel.load_config(model, subfolder="transformer"))
     dims = model_dims(text_cfg, transformer_cfg)
     dims["vocab_size"] = text_cfg.vocab_size
     return dims

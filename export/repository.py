@@ -125,9 +125,10 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
             shutil.copy(SOURCES / "component_runner" / "model.py", version / "model.py")
             package = version / "flux2_export"
             package.mkdir()
-            for module in ("__init__.py", "components.py", "loading.py", "specs.py"):
+            for module in ("__init__.py", "checkpoint.py", "components.py", "loading.py", "specs.py"):
                 shutil.copy(EXPORT / module, package / module)
-            config += _parameters({"runtime": "torch", "checkpoint": _local_checkpoint(source, weights=True),
+            weights = manifest["model"] if manifest["model"].startswith("random:") else _local_checkpoint(source, True)
+            config += _parameters({"runtime": "torch", "checkpoint": weights,
                                    "dtype": manifest["dtype"], "device": device,
                                    "FORCE_CPU_ONLY_INPUT_TENSORS": _cpu_only(device)}) + "\n"
         (out / name / "config.pbtxt").write_text(config)

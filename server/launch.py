@@ -22,8 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def bundled_server() -> Path:
+    """The tritonserver folder of the nvidia-pytriton wheel, or $FLUX2_TRITONSERVER_DIR (the same
+    layout, unpacked from build/gpu_bundle on a machine without the wheel)."""
     import importlib.util
 
+    if os.environ.get("FLUX2_TRITONSERVER_DIR"):
+        return Path(os.environ["FLUX2_TRITONSERVER_DIR"])
     spec = importlib.util.find_spec("pytriton")  # locate without importing (its __init__ needs more deps)
     if spec is None:
         raise RuntimeError("nvidia-pytriton is not installed: run `make setup`")

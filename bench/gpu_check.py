@@ -1,0 +1,608 @@
+"""python -m bench.gpu_check (make gpu-check): the one prepared check for a machine with a GPU.
+
+Stages, each in its own process under its own time limit, each result written as soon as it
+exists (OUT/gpu_check.json; with --benchmarks also the GPU section of BENCHMARKS.md); a failed
+stage is reported in one line and the next stage runs:
+
+  a environment   GPU, memory, driver, torch and CUDA versions; whether tritonserver and the
+                  Python-backend stub of this Python load here (the stub needs libpython3.X.so)
+  b served_tiny   the served stack at the tiny size in the torch flavor, BLS on the device (bf16 on a
+                  GPU, fp32 on the CPU): text-to-image, 1 and 3 references, 2 images per prompt, each
+                  against Flux2KleinKVPipeline on the same device; a reference-cache hit equals the
+                  miss; every component output arrived on the device (the BLS's metric)
+  c probe_9b      bench.gpu_probe: the transformer steps at 9B (GPU only)
+  d served        the served stack with random weights built on the device (klein 9B dims on a GPU,
+                  tiny dims on the CPU; nothing downloaded): end-to-end latency of text-to-image, 1 and
+                  4 references against Flux2KleinKVPipeline and the non-KV Flux2KleinPipeline in the same
+                  run; time outside the component models (BLS overhead); peak memory
+  e export        bf16 ONNX export of transformer_cached at those dims (time, peak host RAM, size) and
+                  the TensorRT compatibility check, if time remains
+
+On a machine with only PyTorch and no network: `python -m bench.gpu_bundle` (where packages
+install) writes build/gpu_bundle (tritonserver and the missing packages, < 60 MiB); this script
+then builds build/gpu_venv from it and re-runs itself there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"a": "environment", "b": "served_tiny", "c": "probe_9b", "d": "served", "e": "export"}
+LIMITS_S = {"a": 60, "b": 180, "c": 200, "d": 240, "e": 240}  # each stage's own time box
+GPU_ONLY = {"c"}
+MIB, GIB = 2**20, 2**30
+
+
+# ---------------------------------------------------------------------------------- preparation
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def ready_here() -> list[str]:
+    """What this Python lacks for the check (empty: ready)."""
+    missing = [m for m in ("torch", "diffusers", "transformers", "tritonclient", "PIL") if not _have(m)]
+    try:
+        import numpy
+
+        if int(numpy.__version__.split(".")[0]) >= 2:
+            missing.append("numpy<2")
+    except ImportError:
+        missing.append("numpy")
+    if not (_have("pytriton") or os.environ.get("FLUX2_TRITONSERVER_DIR")):
+        missing.append("tritonserver")
+    return missing
+
+
+def enter_bundle_venv(bundle: Path, argv: list[str]) -> None:
+    """Build build/gpu_venv from the bundle and re-run there. The venv sees this interpreter's packages
+    (torch with CUDA) through a .pth file, behind its own (numpy < 2 wins over a numpy 2.x here)."""
+    import site
+    import sysconfig
+    import tarfile
+
+    venv = ROOT / "build" / "gpu_venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        with tarfile.open(bundle / "site.tar.xz") as tar:
+            tar.extractall(purelib)
+        here = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+        Path(purelib, "flux2_host_packages.pth").write_text("".join(f"{path}\n" for path in here if Path(path).is_dir()))
+        with tarfile.open(bundle / "tritonserver.tar.xz") as tar:
+            tar.extractall(venv / "triton")
+    env = {**os.environ, "FLUX2_GPU_VENV": "1",
+           "FLUX2_TRITONSERVER_DIR": str(venv / "triton" / "pytriton" / "tritonserver")}
+    print(f"gpu_check: using {venv} (from {bundle})", flush=True)
+    os.execve(str(python), [str(python), "-m", "bench.gpu_check", *argv], env)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _log(message: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _device_memory_sampler(device: str):
+    """Peak memory in use while a stage runs: GPU (nvidia-smi, whole card) or the process tree (CPU)."""
+    state = {"peak_gib": 0.0, "stop": False}
+
+    def used_gib() -> float:
+        if device.startswith("cuda"):
+            index = device.split(":")[1] if ":" in device else "0"
+            out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, check=False).stdout.strip()
+            return float(out) / 1024 if out else 0.0
+        from bench.report import tree_memory_gib
+
+        return tree_memory_gib(os.getpid())["rss_gib"]
+
+    def loop():
+        while not state["stop"]:
+            state["peak_gib"] = max(state["peak_gib"], used_gib())
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+
+    def stop() -> float:
+        state["stop"] = True
+        thread.join(2)
+        return round(state["peak_gib"], 2)
+
+    return stop
+
+
+def _dtype_name(device: str) -> str:
+    return "bf16" if device.startswith("cuda") else "fp32"
+
+
+def _tiny_checkpoint(out: Path) -> Path:
+    from export.checkpoint import write_checkpoint
+
+    path = out / "tiny"
+    if not (path / "model_index.json").exists():
+        write_checkpoint(path, seed=0)
+    return path
+
+
+def _manifest(model: str, out: Path, dtype: str) -> Path:
+    from export.__main__ import main as export_main
+
+    folder = out / f"manifest_{model.replace(':', '_').replace('/', '_')}_{dtype}"
+    if not (folder / "manifest.json").exists():
+        assert export_main(["--model", model, "--out", str(folder), "--dtype", dtype, "--manifest-only"]) == 0
+    return folder
+
+
+class Server:
+    """A torch-flavor repository on `device`, served by a real tritonserver on free loopback ports."""
+
+    def __init__(self, manifest_dir: Path, checkpoint: Path, out: Path, device: str, name: str):
+        from export.repository import assemble
+        from server.launch import free_ports, start
+
+        repository = assemble(manifest_dir, str(checkpoint), out / f"repo_{name}", backend="torch", device=device,
+                              bls_instances=1, cache_bytes=8 * GIB)
+        self.ports = free_ports()
+        self.log = out / f"server_{name}.log"
+        self.process = start(repository, self.ports["http"], self.ports["grpc"], self.ports["metrics"],
+                             log_file=self.log)
+        self.grpc, self.metrics = f"127.0.0.1:{self.ports['grpc']}", f"127.0.0.1:{self.ports['metrics']}"
+
+    def component_seconds(self) -> float:
+        """Queue + compute time of every component model so far (Triton's statistics)."""
+        import tritonclient.grpc as grpc
+
+        client = grpc.InferenceServerClient(self.grpc)
+        total = 0
+        for model in ("text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached", "vae_decoder"):
+            stats = client.get_inference_statistics(model).model_stats[0].inference_stats
+            total += sum(getattr(stats, part).ns for part in ("queue", "compute_input", "compute_infer", "compute_output"))
+        return total / 1e9
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _compare(served, expected, dtype: str) -> dict:
+    import numpy as np
+
+    diff = np.abs(served.astype(np.int16) - expected.astype(np.int16))
+    result = {"shape": list(served.shape), "max_diff": int(diff.max()), "mean_diff": round(float(diff.mean()), 3),
+              "within_1": round(float((diff <= 1).mean()), 5), "within_8": round(float((diff <= 8).mean()), 5)}
+    if dtype == "fp32":  # as the test suite: the same arithmetic, up to float32 rounding
+        result["ok"] = result["within_1"] >= 0.999 and result["max_diff"] <= 4
+    else:  # bf16 keeps 8 significant bits and the KV split reorders the references' arithmetic
+        result["ok"] = result["mean_diff"] <= 2.0 and result["within_8"] >= 0.95
+    return result
+
+
+def _pipelines(checkpoint, device: str, dtype, modules=None):
+    """Flux2KleinKVPipeline and the non-KV Flux2KleinPipeline (distilled: no CFG) on the same modules."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline, Flux2KleinPipeline
+    from transformers import AutoTokenizer
+
+    if modules is None:
+        kv = Flux2KleinKVPipeline.from_pretrained(checkpoint, dtype=dtype).to(device)
+    else:
+        kv = Flux2KleinKVPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint, subfolder="scheduler"),
+                                  tokenizer=AutoTokenizer.from_pretrained(checkpoint, subfolder="tokenizer"), **modules)
+    parts = {k: getattr(kv, k) for k in ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")}
+    plain = Flux2KleinPipeline(**parts, is_distilled=True)
+    for pipe in (kv, plain):
+        pipe.set_progress_bar_config(disable=True)
+    return kv, plain
+
+
+def _pipeline_images(pipe, device: str, prompt, refs, seed, **kwargs):
+    import numpy as np
+    import torch
+
+    extra = {"guidance_scale": 1.0} if type(pipe).__name__ == "Flux2KleinPipeline" else {}
+    out = pipe(prompt=prompt, image=list(refs) or None, generator=torch.Generator(device).manual_seed(seed),
+               output_type="np", **extra, **kwargs).images
+    return (out * 255).round().astype(np.uint8)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+def stage_environment(args) -> dict:
+    import platform
+    import sysconfig
+
+    import torch
+
+    from server.launch import bundled_server
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(), "device": args.device}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GIB, 1),
+                    compute_capability=f"{props.major}.{props.minor}")
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=False)
+        info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 else "?"
+    for module in ("numpy", "diffusers", "transformers", "tritonclient"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception as exc:  # noqa: BLE001
+            info[module] = f"missing ({type(exc).__name__})"
+    server = bundled_server()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
+    libdir = sysconfig.get_config_var("LIBDIR")
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{libdir}:{server.parent.parent / 'nvidia_pytriton.libs'}"}
+    missing = {}
+    for binary in (server / "bin" / "tritonserver", stub):
+        if not binary.exists():
+            missing[binary.name] = "file not found"
+            continue
+        ldd = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env, check=False).stdout
+        lost = [line.split()[0] for line in ldd.splitlines() if "not found" in line]
+        if lost:
+            missing[binary.name] = ", ".join(lost)
+    info.update(tritonserver=str(server), stub=str(stub), libpython_dir=libdir, unresolved=missing)
+    info["ok"] = not missing
+    if missing:
+        info["error"] = "; ".join(f"{name}: {what}" for name, what in missing.items())
+    return info
+
+
+CASES = {  # name: (references as (width, height), request arguments)
+    "text_to_image": ([], dict(height=256, width=256)),
+    "one_reference": ([(320, 256)], {}),
+    "three_references": ([(96, 128), (200, 72), (160, 160)], dict(height=256, width=288)),
+    "two_images_per_prompt": ([(128, 96)], dict(height=256, width=256, num_images=2)),
+}
+
+
+def stage_served_tiny(args) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from clients.api import Flux2Client, bls_output_devices, reference_cache_metrics
+    from export.loading import DTYPES
+
+    out, device, dtype = args.out, args.device, _dtype_name(args.device)
+    checkpoint = _tiny_checkpoint(out)
+    server = Server(_manifest(str(checkpoint), out, dtype), checkpoint, out, device, "tiny")
+    result = {"dtype": dtype, "cases": {}}
+    try:
+        kv, _ = _pipelines(str(checkpoint), device, DTYPES[dtype])
+        rng = np.random.default_rng(0)
+        with Flux2Client(server.grpc) as client:
+            for name, (sizes, kwargs) in CASES.items():
+                refs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+                prompt, seed = f"a watercolor fox ({name})", 1234
+                served = np.stack([np.asarray(i) for i in client.generate(prompt, refs, seed=seed, **kwargs)])
+                pipe_kwargs = {("num_images_per_prompt" if k == "num_images" else k): v for k, v in kwargs.items()}
+                expected = _pipeline_images(kv, device, prompt, refs, seed, **pipe_kwargs)
+                result["cases"][name] = _compare(served, expected, dtype)
+            # A cache hit gives the miss's image: the same 1-reference request twice.
+            ref = [Image.fromarray(rng.integers(0, 256, (192, 192, 3), dtype=np.uint8))]
+            before = reference_cache_metrics(server.metrics).get("hits_total", 0)
+            miss, hit = (np.asarray(client.generate("cache check", ref, seed=5, height=256, width=256)[0])
+                         for _ in range(2))
+            hits = reference_cache_metrics(server.metrics).get("hits_total", 0) - before
+        result["cache_hit_equals_miss"] = bool(np.array_equal(miss, hit)) and hits == 1
+        devices = bls_output_devices(server.metrics)
+        result["bls_output_devices"] = devices
+        result["outputs_stay_on_device"] = set(devices) == {torch.device(device).type}
+    finally:
+        server.stop()
+    failed = [n for n, c in result["cases"].items() if not c["ok"]]
+    failed += [k for k in ("cache_hit_equals_miss", "outputs_stay_on_device") if not result[k]]
+    result["ok"] = not failed
+    if failed:
+        result["error"] = "failed: " + ", ".join(failed)
+    result["tolerance"] = ("fp32: >= 99.9% of values within 1 level, none over 4 (as the tests)" if dtype == "fp32" else
+                           "bf16: mean |diff| <= 2 levels and >= 95% within 8: bf16 keeps 8 significant bits and the "
+                           "KV split computes the references' K/V in a separate forward, so rounding differs; a layout "
+                           "or device bug moves values by tens of levels")
+    return result
+
+
+def stage_probe(args, limit_s: float) -> dict:
+    path = args.out / "probe.json"
+    cmd = [sys.executable, "-m", "bench.gpu_probe", "--json", str(path), "--budget-s", str(max(30, limit_s - 30))]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result["ok"] = run.returncode == 0 and bool(result)
+    if not result["ok"]:
+        result["error"] = (run.stderr.strip().splitlines() or ["no output"])[-1]
+    return result
+
+
+def stage_served(args) -> dict:
+    """Served stack vs diffusers, same random weights (checkpoint.random_module), same device, same run."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from clients.api import Flux2Client
+    from export.checkpoint import random_module
+    from export.loading import DTYPES
+
+    out, device, dtype = args.out, args.device, _dtype_name(args.device)
+    size = "9b" if device.startswith("cuda") else "tiny"
+    side = 1024 if size == "9b" else 256
+    text_len = 512  # the BLS's max_sequence_length (the envelope's) at both sizes
+    checkpoint = _tiny_checkpoint(out)  # tokenizer and scheduler only
+    rng = np.random.default_rng(1)
+    image = lambda s: Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8))  # noqa: E731
+    cases = {"text_to_image": [], "one_reference": [image(side)], "four_references": [image(side // 2) for _ in range(4)]}
+    repeats = args.repeats
+    result = {"size": size, "dtype": dtype, "side": side, "steps": 4, "repeats": repeats, "rows": []}
+    stop_sampler = _device_memory_sampler(device)
+    served_images = {}
+    server = Server(_manifest(f"random:{size}", out, dtype), checkpoint, out, device, size)
+    try:
+        with Flux2Client(server.grpc) as client:
+            for name, refs in cases.items():
+                call = lambda: client.generate(f"served {name}", refs, seed=7, height=side, width=side,  # noqa: E731
+                                               reuse_reference_cache=False)
+                served_images[name] = np.asarray(call()[0])  # warm-up
+                e2e, outside = [], []
+                for _ in range(repeats):
+                    components = server.component_seconds()
+                    start = time.perf_counter()
+                    call()
+                    e2e.append(time.perf_counter() - start)
+                    outside.append(e2e[-1] - (server.component_seconds() - components))
+                result["rows"].append({"case": name, "refs": len(refs), "served_s": statistics.median(e2e),
+                                       "outside_components_s": statistics.median(outside)})
+    finally:
+        server.stop()
+        result["served_peak_memory_gib"] = stop_sampler()
+    # diffusers on the very same random weights, in this process, after the server has gone.
+    stop_sampler = _device_memory_sampler(device)
+    modules = {"text_encoder": random_module("text_encoder", size, DTYPES[dtype], device),
+               "vae": random_module("vae", size, DTYPES[dtype], device),
+               "transformer": random_module("transformer", size, DTYPES[dtype], device)}
+    kv, plain = _pipelines(str(checkpoint), device, DTYPES[dtype], modules)
+    for row in result["rows"]:
+        refs = cases[row["case"]]
+        for key, pipe in (("diffusers_kv_s", kv), ("diffusers_no_kv_s", plain)):
+            run = lambda: _pipeline_images(pipe, device, f"served {row['case']}", refs, 7, height=side,  # noqa: E731
+                                           width=side, num_inference_steps=4, max_sequence_length=text_len)
+            first = run()
+            if key == "diffusers_kv_s":
+                row["vs_served"] = _compare(served_images[row["case"]], first[0], dtype)
+            times = []
+            for _ in range(repeats):
+                _sync(device)
+                start = time.perf_counter()
+                run()
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            row[key] = statistics.median(times)
+        row["served_vs_kv"] = row["diffusers_kv_s"] / row["served_s"]
+        row["served_vs_no_kv"] = row["diffusers_no_kv_s"] / row["served_s"]
+        row["outside_share"] = row["outside_components_s"] / row["served_s"]
+    result["diffusers_peak_memory_gib"] = stop_sampler()
+    result["ok"] = True
+    del modules, kv, plain
+    torch.cuda.empty_cache() if device.startswith("cuda") else None
+    return result
+
+
+def stage_export(args, limit_s: float) -> dict:
+    """The cached-step graph at the served dims, bf16, exported as `python -m export` does (the onnxscript
+    optimizer included: without it the graph keeps sequence ops that TensorRT's parser lacks)."""
+    import resource
+    import tempfile
+
+    import torch
+
+    from export import components as C
+    from export.checkpoint import random_module
+    from export.onnx_export import OPSET, dynamic_shapes, sample_inputs
+    from export.specs import graph_specs
+    from export.loading import read_model_dims
+    from export.trt_compat import check_graph
+
+    size = "9b" if args.device.startswith("cuda") else "tiny"
+    dims = read_model_dims(f"random:{size}")
+    spec = graph_specs(dims)["transformer_cached"]
+    start = time.perf_counter()
+    wrapper = C.TransformerCached(random_module("transformer", size, torch.bfloat16, "cpu")).eval()
+    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+        path = Path(tmp) / "model.onnx"
+        with torch.no_grad(), C.float32_rope():
+            program = torch.onnx.export(wrapper, sample_inputs("transformer_cached", dims, torch.bfloat16), dynamo=True,
+                                        opset_version=OPSET, input_names=[t.name for t in spec.inputs],
+                                        output_names=[t.name for t in spec.outputs],
+                                        dynamic_shapes=dynamic_shapes(spec), external_data=True, optimize=True)
+        program.save(str(path), external_data=True)
+        export_s = time.perf_counter() - start
+        size_bytes = sum(p.stat().st_size for p in Path(tmp).iterdir())
+        report = check_graph(path)
+    return {"size": size, "export_s": round(export_s, 1), "file_gib": round(size_bytes / GIB, 2),
+            "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),
+            "trt_check_ok": report.ok, "trt_problems": report.problems[:5], "ok": report.ok,
+            **({} if report.ok else {"error": "; ".join(report.problems[:3])})}
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def markdown(results: dict) -> str:
+    env = results["stages"].get("a", {})
+    card = env.get("gpu") or "no GPU (CPU run)"
+    lines = ["## GPU check (`make gpu-check`)", "",
+             f"Card: {card}; device {results['device']}; driver {env.get('driver', '-')}; torch {env.get('torch', '-')} "
+             f"(CUDA {env.get('cuda', '-')}); Python {env.get('python', '-')}; {results['started']}; "
+             f"{results['seconds']:.0f} s.", "", "| stage | status | result |", "|---|---|---|"]
+    for letter, name in STAGES.items():
+        stage = results["stages"].get(letter)
+        if stage is None:
+            continue
+        status = "skipped" if stage.get("skipped") else ("ok" if stage.get("ok") else "FAILED")
+        lines.append(f"| {letter} {name} | {status} | {_summary(letter, stage)} |")
+    served = results["stages"].get("d", {})
+    if served.get("rows"):
+        lines += ["", f"Served stack (torch flavor, {served['size']} dims, random weights, {served['dtype']}, "
+                      f"{served['side']}x{served['side']}, 4 steps, medians of {served['repeats']}; references recomputed "
+                      "every request):", "",
+                  "| case | served e2e (s) | outside components | diffusers KV (s) | no-KV (s) | served vs KV | "
+                  "served vs no-KV | served vs KV image |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for row in served["rows"]:
+            vs = row.get("vs_served", {})
+            lines.append(f"| {row['case']} | {row['served_s']:.3f} | {row['outside_components_s'] * 1e3:.0f} ms "
+                         f"({row['outside_share']:.0%}) | {row['diffusers_kv_s']:.3f} | {row['diffusers_no_kv_s']:.3f} | "
+                         f"{row['served_vs_kv']:.2f}x | {row['served_vs_no_kv']:.2f}x | mean diff {vs.get('mean_diff')} |")
+        lines.append("")
+        lines.append(f"Peak memory: served {served['served_peak_memory_gib']} GiB, diffusers "
+                     f"{served['diffusers_peak_memory_gib']} GiB ({'whole GPU, nvidia-smi' if results['device'] != 'cpu' else 'process tree RSS'}).")
+    return "\n".join(lines)
+
+
+def _summary(letter: str, stage: dict) -> str:
+    if stage.get("skipped"):
+        return stage["skipped"]
+    if not stage.get("ok"):
+        return str(stage.get("error", "failed"))[:300]
+    if letter == "a":
+        return f"{stage.get('gpu', 'CPU')}, {stage.get('gpu_memory_gib', '-')} GiB; tritonserver and stub load"
+    if letter == "b":
+        worst = max(c["mean_diff"] for c in stage["cases"].values())
+        return (f"{len(stage['cases'])} cases equal diffusers ({stage['dtype']}, worst mean diff {worst} levels); "
+                f"cache hit = miss; outputs on {', '.join(stage['bls_output_devices'])}")
+    if letter == "c":
+        return "see the GPU probe section"
+    if letter == "d":
+        return "; ".join(f"{r['case']} {r['served_s']:.2f} s" for r in stage["rows"])
+    if letter == "e":
+        return (f"{stage['size']} transformer_cached: {stage['export_s']} s, {stage['file_gib']} GiB, peak RSS "
+                f"{stage['peak_host_rss_gib']} GiB, TensorRT check {'ok' if stage['trt_check_ok'] else 'failed'}")
+    return ""
+
+
+# ---------------------------------------------------------------------------------- driver
+
+
+def run_stage(args) -> dict:
+    letter = args.stage
+    if letter == "a":
+        return stage_environment(args)
+    if letter == "b":
+        return stage_served_tiny(args)
+    if letter == "c":
+        return stage_probe(args, args.limit_s)
+    if letter == "d":
+        return stage_served(args)
+    return stage_export(args, args.limit_s)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cuda:N or cpu (default: cuda:0 when a GPU is visible)")
+    parser.add_argument("--stages", default=None,
+                        help="letters to run (default abcde; on the CPU c is skipped and b, d, e run at the tiny size)")
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "gpu_check", help="results folder")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="all stages together (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed requests per case in stage d (default 3)")
+    parser.add_argument("--bundle", type=Path, default=ROOT / "build" / "gpu_bundle",
+                        help="what python -m bench.gpu_bundle wrote, used where packages are missing")
+    parser.add_argument("--benchmarks", type=Path, default=None, help="also write the GPU section of this BENCHMARKS.md")
+    parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)  # child process: one stage
+    parser.add_argument("--limit-s", type=float, default=0, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.stage:  # child: run one stage, write its result
+        try:
+            result = run_stage(args)
+        except Exception as exc:  # noqa: BLE001 - one line for the report, the traceback for the log
+            traceback.print_exc()
+            result = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        (args.out / f"stage_{args.stage}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        return 0
+
+    missing = ready_here()
+    if missing and not os.environ.get("FLUX2_GPU_VENV"):
+        if (args.bundle / "site.tar.xz").exists():
+            enter_bundle_venv(args.bundle, argv)  # does not return
+        print(f"error: this Python lacks {', '.join(missing)}; run `python -m bench.gpu_bundle` where packages "
+              "install and bring build/gpu_bundle here", file=sys.stderr)
+        return 2
+    import torch
+
+    device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    stages = args.stages or "abcde"  # on the CPU, c reports itself skipped
+    results = {"device": device, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "stages": {},
+               "seconds": 0.0}
+    start = time.monotonic()
+    for letter in stages:
+        left = args.budget_s - (time.monotonic() - start)
+        limit = min(LIMITS_S[letter], left)
+        if letter in GPU_ONLY and not device.startswith("cuda"):
+            results["stages"][letter] = {"skipped": "needs a GPU"}
+        elif limit < 30:
+            results["stages"][letter] = {"skipped": f"{left:.0f} s of the {args.budget_s:.0f} s budget left"}
+        else:
+            _log(f"stage {letter} ({STAGES[letter]}), up to {limit:.0f} s ...")
+            result_path = args.out / f"stage_{letter}.json"
+            result_path.unlink(missing_ok=True)
+            cmd = [sys.executable, "-m", "bench.gpu_check", "--stage", letter, "--device", device, "--out", str(args.out),
+                   "--limit-s", str(limit), "--repeats", str(args.repeats)]
+            with open(args.out / f"stage_{letter}.log", "w") as log:
+                try:
+                    subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=limit, check=False)
+                except subprocess.TimeoutExpired:
+                    pass
+            results["stages"][letter] = (json.loads(result_path.read_text()) if result_path.exists() else
+                                         {"ok": False, "error": f"no result within {limit:.0f} s (see {log.name})"})
+        stage = results["stages"][letter]
+        _log(f"stage {letter}: " + ("skipped: " if stage.get("skipped") else "ok: " if stage.get("ok") else "FAILED: ")
+             + _summary(letter, stage))
+        results["seconds"] = time.monotonic() - start
+        (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        if args.benchmarks:
+            from bench.report import write_section
+
+            write_section("gpu_check", markdown(results), args.benchmarks)
+    print(markdown(results))
+    failed = [k for k, v in results["stages"].items() if not v.get("ok") and not v.get("skipped")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
