@@ -28,7 +28,7 @@ help:
 	@echo "make setup            create $(VENV) with the pinned CPU toolchain (idempotent)"
 	@echo "make checkpoint       write the embedded tiny random checkpoint to checkpoints/tiny"
 	@echo "make export           export MODEL (default: tiny) to ONNX in ONNX=$(ONNX) (DTYPE=fp32|bf16|fp16)"
-	@echo "make repository       assemble the Triton model repository in REPO=$(REPO) (BACKEND=onnxruntime|tensorrt,"
+	@echo "make repository       assemble the Triton model repository in REPO=$(REPO) (BACKEND=onnxruntime|tensorrt|torch,"
 	@echo "                      DEVICE=cpu|cuda:N for the BLS; default cuda:0 with tensorrt); tokenizer and"
 	@echo "                      scheduler come from the model recorded in ONNX/manifest.json"
 	@echo "make serve            start tritonserver on REPO and wait (HTTP 8000, gRPC 8001, metrics 8002)"

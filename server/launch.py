@@ -63,17 +63,19 @@ def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
-    import tritonclient.http as http
+    """Poll Triton's /v2/health/ready (plain HTTP: no client library needed)."""
+    import urllib.error
+    import urllib.request
 
-    client = http.InferenceServerClient(url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"tritonserver exited with status {process.returncode} before it was ready")
         try:
-            if client.is_server_ready():
-                return
-        except Exception:  # noqa: BLE001 - not listening yet
+            with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):  # not listening yet, or not ready (400)
             pass
         time.sleep(0.5)
     raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s")
