@@ -65,14 +65,13 @@ def diffusers_edit(pipe, prompt: str, references, seed: int) -> np.ndarray:
 
 
 def start_server(args, workdir: Path):
+    """A context manager: tritonserver on the bench checkpoint's repository (server.launch.Running)."""
     from export.repository import assemble
-    from server.launch import free_ports, start
+    from server.launch import running
 
     repository = assemble(args.onnx_dir, args.checkpoint, workdir / "model_repository", backend="onnxruntime",
                           threads=args.threads, text_tokens=TEXT_TOKENS)
-    ports = free_ports()
-    process = start(repository, ports["http"], ports["grpc"], ports["metrics"], log_file=workdir / "server.log")
-    return process, ports
+    return running(repository, log_file=workdir / "server.log")
 
 
 def edit_latency(args, client, pipes, pils, pngs) -> list[dict]:
@@ -102,7 +101,7 @@ def edit_latency(args, client, pipes, pils, pngs) -> list[dict]:
     return rows
 
 
-def repeated_reference(args, client, pipe, ports) -> dict:
+def repeated_reference(args, client, pipe, server) -> dict:
     """Issue 5's workload: one reference, 4 different prompts, sequentially; a new reference each
     repeat (so each sequence starts with a miss). Triton reuses the reference K/V across requests;
     diffusers' KV pipeline recomputes it every call."""
@@ -113,7 +112,7 @@ def repeated_reference(args, client, pipe, ports) -> dict:
     from clients.api import reference_cache_metrics, synthetic_reference
 
     triton, diffusers, first, later = [], [], [], []
-    before = reference_cache_metrics(f"127.0.0.1:{ports['metrics']}")
+    before = reference_cache_metrics(server.metrics)
     for repeat in range(args.repeats + 1):  # the first sequence is the warm-up
         png = synthetic_reference((REF_SIDE, REF_SIDE), 200 + 7 * repeat)
         pil = Image.open(io.BytesIO(png)).convert("RGB")
@@ -130,7 +129,7 @@ def repeated_reference(args, client, pipe, ports) -> dict:
         for i, prompt in enumerate(PROMPTS):
             diffusers_edit(pipe, prompt, [pil], i)
         diffusers.append(time.perf_counter() - start)
-    after = reference_cache_metrics(f"127.0.0.1:{ports['metrics']}")
+    after = reference_cache_metrics(server.metrics)
     hits, misses = (after[k] - before.get(k, 0) for k in ("hits_total", "misses_total"))
     result = dict(triton_s=statistics.median(triton[1:]), diffusers_s=statistics.median(diffusers[1:]),
                   first_s=statistics.median(first), later_s=statistics.median(later),
@@ -153,14 +152,14 @@ def per_step_costs(args) -> list[dict]:
         return json.loads(out.read_text())["measurements"]
 
 
-def throughput(args, ports, workdir: Path) -> str:
+def throughput(args, server, workdir: Path) -> str:
     """(d) perf_analyzer over gRPC on the 1-reference edit, concurrency 1 to 4."""
     from perf import run as perf_run
     from perf.provision import provision
 
     provision(log=log)
     out = workdir / "perf"
-    perf_run.main(["--grpc-url", f"127.0.0.1:{ports['grpc']}", "--protocols", "grpc", "--cases", "reference_1",
+    perf_run.main(["--grpc-url", server.grpc, "--protocols", "grpc", "--cases", "reference_1",
                    "--concurrency", "1:4", "--height", str(SIDE), "--width", str(SIDE), "--ref-size", str(REF_SIDE),
                    "--out", str(out)])
     table = (out / "results.md").read_text()
@@ -246,20 +245,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="flux2-bench-") as tmp:
         workdir = Path(tmp)
         log("starting tritonserver")
-        process, ports = start_server(args, workdir)
-        try:
-            with Flux2Client(f"127.0.0.1:{ports['grpc']}") as client:
+        with start_server(args, workdir) as server:
+            with Flux2Client(server.grpc) as client:
                 log("(a)/(b) edit latency")
                 rows = edit_latency(args, client, pipes, pils, pngs)
                 log("repeated-reference editing")
-                repeated = repeated_reference(args, client, pipes[0], ports)
+                repeated = repeated_reference(args, client, pipes[0], server)
             log("(c) per-step cost")
             steps = per_step_costs(args)
-            perf_table = "(skipped)" if args.skip_perf else throughput(args, ports, workdir)
-            memory = tree_memory_gib(process.pid)
-        finally:
-            process.terminate()
-            process.wait(60)
+            perf_table = "(skipped)" if args.skip_perf else throughput(args, server, workdir)
+            memory = tree_memory_gib(server.process.pid)
     text = markdown(args, rows, steps, perf_table, memory, repeated, time.perf_counter() - started)
     print(text)
     if not args.no_write:

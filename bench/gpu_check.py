@@ -156,15 +156,13 @@ class Server:
 
     def __init__(self, manifest_dir: Path, checkpoint: Path, out: Path, device: str, name: str):
         from export.repository import assemble
-        from server.launch import free_ports, start
+        from server.launch import running
 
         repository = assemble(manifest_dir, str(checkpoint), out / f"repo_{name}", backend="torch", device=device,
                               bls_instances=1, cache_bytes=8 * GIB)
-        self.ports = free_ports()
-        self.log = out / f"server_{name}.log"
-        self.process = start(repository, self.ports["http"], self.ports["grpc"], self.ports["metrics"],
-                             log_file=self.log)
-        self.grpc, self.metrics = f"127.0.0.1:{self.ports['grpc']}", f"127.0.0.1:{self.ports['metrics']}"
+        self.context = running(repository, log_file=out / f"server_{name}.log")
+        running_server = self.context.__enter__()
+        self.grpc, self.metrics = running_server.grpc, running_server.metrics
 
     def component_seconds(self) -> float:
         """Queue + compute time of every component model so far (Triton's statistics)."""
@@ -178,11 +176,7 @@ class Server:
         return total / 1e9
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        self.context.__exit__(None, None, None)
 
 
 def _compare(served, expected, dtype: str) -> dict:

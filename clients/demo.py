@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from clients.api import Flux2Client, synthetic_reference
-from server.launch import start
+from server.launch import free_port, running
 
 
 def main(argv=None) -> int:
@@ -21,9 +21,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     print("starting tritonserver ...", flush=True)
-    process = start(args.repository, grpc=args.grpc_port, log_file=out / "server.log")
-    url = f"127.0.0.1:{args.grpc_port}"
-    try:
+    with running(args.repository, ports={"http": free_port(), "grpc": args.grpc_port, "metrics": free_port()},
+                 log_file=out / "server.log") as server:
+        url = server.grpc
         jobs = [
             ("text_to_image", dict(prompt="a lighthouse on a cliff at dawn", height=512, width=512, seed=7)),
             ("edit_2_references", dict(prompt="combine both pictures into one poster", seed=11,
@@ -39,10 +39,7 @@ def main(argv=None) -> int:
                 image.save(path)
                 print(f"{name}: wrote {path} ({image.width}x{image.height}) "
                       f"in {time.perf_counter() - start_time:.1f} s", flush=True)
-    finally:
-        process.terminate()
-        process.wait(60)
-        print("tritonserver stopped")
+    print("tritonserver stopped")
     return 0
 
 

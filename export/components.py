@@ -223,19 +223,3 @@ def build(name: str, model: str, dtype: torch.dtype = torch.float32, device: str
     loader = {"text_encoder": load_text_encoder, "vae": load_vae, "transformer": load_transformer}[KINDS[name]]
     # Wrap on the CPU, then move: the text encoder drops its unused layers before reaching the GPU.
     return WRAPPERS[name](loader(model, dtype)).to(device).eval()
-
-
-def tokenize_prompts(tokenizer, prompts: list[str], max_sequence_length: int = 512):
-    """input_ids, attention_mask [B, max_sequence_length] exactly as the pipeline tokenizes.
-
-    `Flux2KleinKVPipeline._get_qwen3_prompt_embeds` tokenizes and encodes in one function;
-    the served pipeline runs the two on different models, so the tokenizer half lives here.
-    """
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                      add_generation_prompt=True, enable_thinking=False)
-        for prompt in prompts
-    ]
-    batch = tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True,
-                      max_length=max_sequence_length)
-    return batch["input_ids"], batch["attention_mask"]

@@ -119,10 +119,10 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
         elif backend == "onnxruntime":
             for graph_file in (onnx_dir / entry["path"]).parent.glob("model.onnx*"):
                 shutil.copy(graph_file, version / graph_file.name)
-            shutil.copy(SOURCES / "component_runner" / "model.py", version / "model.py")
+            _python_model(SOURCES / "component_runner", version)
             config += _parameters({"runtime": "onnxruntime", "intra_op_threads": threads}) + "\n"
         else:  # torch: the wrapper modules themselves, loaded from the exported model
-            shutil.copy(SOURCES / "component_runner" / "model.py", version / "model.py")
+            _python_model(SOURCES / "component_runner", version)
             package = version / "flux2_export"
             package.mkdir()
             for module in ("__init__.py", "checkpoint.py", "components.py", "loading.py", "specs.py"):
@@ -134,16 +134,23 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
         (out / name / "config.pbtxt").write_text(config)
 
     bls = out / BLS / "1"
-    shutil.copytree(SOURCES / BLS / "1", bls, ignore=shutil.ignore_patterns("__pycache__"))
+    _python_model(SOURCES / BLS / "1", bls)
     local = Path(_local_checkpoint(source))
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(local / part, bls / part)
     (bls / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens))
-    shutil.copytree(SOURCES / CACHE / "1", out / CACHE / "1", ignore=shutil.ignore_patterns("__pycache__"))
+    _python_model(SOURCES / CACHE / "1", out / CACHE / "1")
     (out / CACHE / "config.pbtxt").write_text(
         cache_config(device, manifest["dtype"], manifest["dims"]["kv_layers"], cache_bytes))
     return out
+
+
+def _python_model(sources: Path, version: Path) -> None:
+    """A Python-backend model's sources, plus the plumbing every one of them shares (triton_io.py):
+    each Triton model folder stands on its own."""
+    shutil.copytree(sources, version, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    shutil.copy(SOURCES / "common" / "triton_io.py", version / "triton_io.py")
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

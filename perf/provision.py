@@ -1,6 +1,6 @@
 """python -m perf.provision: put a working perf_analyzer under build/tools/perf_analyzer (idempotent).
 
-Two routes, picked per machine (DESIGN.md section 4):
+Two routes, picked per machine (both kinds of machine occur here: Debian 12 and 13):
   pypi         `perf-analyzer==2.60.0` from PyPI (`pip install --target`); its wheel needs glibc >= 2.38
                (Debian 13), so it is tried only there.
   tritonclient the `perf_analyzer` binary inside the `tritonclient==2.48.0` wheel, with Debian's

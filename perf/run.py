@@ -16,6 +16,7 @@ import argparse
 import csv
 import os
 import re
+import contextlib
 import subprocess
 import sys
 import time
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
                                 ref_size=args.ref_size, steps=args.steps,
                                 reuse_reference_cache=not args.no_reference_cache)
     external = args.grpc_url or args.http_url
-    process = None
+    server = contextlib.ExitStack()  # holds the tritonserver we start, if any
     if external:
         urls = {"grpc": args.grpc_url, "http": args.http_url}
         missing = [p for p in protocols if not urls[p]]
@@ -244,19 +245,17 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     else:
-        from server.launch import free_ports, start
+        from server.launch import running
 
-        ports = free_ports()
         print(f"starting tritonserver on {args.repository} (log: {out / 'server.log'}) ...", flush=True)
         started = time.perf_counter()
         try:
-            process = start(args.repository, ports["http"], ports["grpc"], ports["metrics"],
-                            log_file=out / "server.log")
+            running_server = server.enter_context(running(args.repository, log_file=out / "server.log"))
         except Exception as exc:  # noqa: BLE001 - one line for the user
             print(f"error: tritonserver did not start: {exc} (see {out / 'server.log'})", file=sys.stderr)
             return 1
         print(f"tritonserver ready in {time.perf_counter() - started:.0f} s", flush=True)
-        urls = {p: f"127.0.0.1:{ports[p]}" for p in PROTOCOLS}
+        urls = {p: getattr(running_server, p) for p in PROTOCOLS}
 
     results = []
     try:
@@ -272,9 +271,8 @@ def main(argv=None) -> int:
                                         for r in result.rows)
                     print(f"  done in {result.seconds:.0f} s: {summary}", flush=True)
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait(60)
+        if not external:
+            server.close()
             print("tritonserver stopped", flush=True)
 
     tool = perf_analyzer_version(perf_analyzer) or "perf_analyzer"

@@ -10,12 +10,15 @@ venv Python's LIBDIR goes first on LD_LIBRARY_PATH.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,21 +111,61 @@ def start(repository, http=8000, grpc=8001, metrics=8002, log_file=None) -> subp
     return process
 
 
+def stop(process: subprocess.Popen, timeout: float = 60) -> int:
+    """Terminate tritonserver (it unloads its models and stops their stubs), kill it if it hangs."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
+
+
+@dataclass
+class Running:
+    """A started server: its process and where to reach it (host:port strings)."""
+    process: subprocess.Popen
+    http: str
+    grpc: str
+    metrics: str
+    log: Path | None
+
+
+@contextlib.contextmanager
+def running(repository, ports: dict | None = None, log_file=None):
+    """Start tritonserver on `repository` (free loopback ports unless given), yield a Running, and
+    stop it on the way out, whatever happened."""
+    ports = ports or free_ports()
+    process = start(repository, ports["http"], ports["grpc"], ports["metrics"], log_file=log_file)
+    try:
+        yield Running(process, *(f"127.0.0.1:{ports[k]}" for k in ("http", "grpc", "metrics")),
+                      Path(log_file) if log_file else None)
+    finally:
+        stop(process)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.launch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repository", default="build/model_repository")
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser = argparse.ArgumentParser(prog="python -m server.launch", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--repository", default="build/model_repository", help="model repository to serve")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     args = parser.parse_args(argv)
     process = start(args.repository, args.http_port, args.grpc_port, args.metrics_port)
+
+    def forward(signum, frame):  # SIGTERM or SIGINT to us: stop tritonserver too, never leave it orphaned.
+        process.terminate()  # only signal here: process.wait() below (interrupted, holding its lock) returns
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
     print(f"tritonserver ready: HTTP 127.0.0.1:{args.http_port}, gRPC 127.0.0.1:{args.grpc_port}, "
           f"metrics http://127.0.0.1:{args.metrics_port}/metrics (Ctrl-C stops it)", flush=True)
     try:
         return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        return process.wait(30)
+    finally:
+        stop(process)
 
 
 if __name__ == "__main__":

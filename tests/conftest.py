@@ -97,18 +97,19 @@ CACHE_BYTES = 2**20
 
 
 def _serve(tmp_path_factory, onnx_dir, checkpoint, backend: str, bls_instances: int = BLS_INSTANCES):
-    """Assemble a repository of the tiny checkpoint for `backend`, start a real tritonserver on it."""
+    """Assemble a repository of the tiny checkpoint for `backend`; a real tritonserver on it."""
     from export.repository import assemble
-    from server.launch import free_ports, start
+    from server.launch import running
 
     workdir = tmp_path_factory.mktemp(f"triton_{backend}")
     repository = assemble(onnx_dir, checkpoint, workdir / "model_repository", backend=backend,
                           bls_instances=bls_instances, cache_bytes=CACHE_BYTES)
-    ports = free_ports()
-    process = start(repository, ports["http"], ports["grpc"], ports["metrics"], log_file=workdir / "server.log")
-    return {"http": f"127.0.0.1:{ports['http']}", "grpc": f"127.0.0.1:{ports['grpc']}",
-            "metrics": f"127.0.0.1:{ports['metrics']}", "process": process, "log": workdir / "server.log",
-            "repository": repository}
+    return repository, running(repository, log_file=workdir / "server.log")
+
+
+def _as_dict(repository, server) -> dict:
+    return {"http": server.http, "grpc": server.grpc, "metrics": server.metrics, "process": server.process,
+            "log": server.log, "repository": repository}
 
 
 @pytest.fixture(scope="session")
@@ -117,16 +118,14 @@ def triton_server(tmp_path_factory, onnx_fp32, tiny_checkpoint):
 
     4 BLS instances so concurrent requests overlap; the shared 1 MiB reference K/V cache holds
     two 256x256 tiny-model entries (2 KiB per reference token), so eviction happens in the tests."""
-    server = _serve(tmp_path_factory, onnx_fp32, tiny_checkpoint, "onnxruntime")
-    yield server
-    server["process"].terminate()
-    server["process"].wait(60)
+    repository, context = _serve(tmp_path_factory, onnx_fp32, tiny_checkpoint, "onnxruntime")
+    with context as server:
+        yield _as_dict(repository, server)
 
 
 @pytest.fixture(scope="session")
 def torch_server(tmp_path_factory, onnx_fp32, tiny_checkpoint):
     """The same repository in the torch flavor: every component runs its wrapper module in PyTorch."""
-    server = _serve(tmp_path_factory, onnx_fp32, tiny_checkpoint, "torch", bls_instances=1)
-    yield server
-    server["process"].terminate()
-    server["process"].wait(60)
+    repository, context = _serve(tmp_path_factory, onnx_fp32, tiny_checkpoint, "torch", bls_instances=1)
+    with context as server:
+        yield _as_dict(repository, server)

@@ -6,14 +6,19 @@ error <= 1e-4 (measured ~1e-7 to 1e-6; see the assertion messages with -v).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinKVPipeline as P
 from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 
-from export.components import tokenize_prompts
 from tests.conftest import rel_l2, run_graph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_repository" / "flux2_klein_kv" / "1"))
+from pipeline import tokenize  # noqa: E402 - the served tokenization, the one tested here
 
 TOL = 1e-4
 
@@ -21,7 +26,7 @@ TOL = 1e-4
 @pytest.mark.parametrize("prompts, max_len", [(["a red fox in the snow"], 512),
                                               (["cat", "a much longer prompt about a dog", "ok"], 40)])
 def test_text_encoder(pipe, ort_session, prompts, max_len):
-    ids, mask = tokenize_prompts(pipe.tokenizer, prompts, max_len)
+    ids, mask = tokenize(pipe.tokenizer, prompts, max_len)
     (actual,) = run_graph(ort_session("text_encoder"), input_ids=ids, attention_mask=mask)
     with torch.no_grad():
         expected = P._get_qwen3_prompt_embeds(pipe.text_encoder, pipe.tokenizer, prompts,

@@ -14,12 +14,14 @@ the same as the TensorRT engine's. With dynamic batching Triton hands over sever
 once: requests of equal shapes (apart from the batch axis) run as one batch, as an engine would.
 """
 
-import json
 import os
 import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(__file__))
+from triton_io import model_config, to_torch, to_triton  # noqa: E402 - copied here by the assembler
 
 
 class OnnxRuntime:
@@ -66,13 +68,7 @@ class Torch:
         self.module = build(args["model_name"], params["checkpoint"], DTYPES[params["dtype"]], self.device)
 
     def read(self, tensor):
-        torch = self.torch
-        if tensor.is_cpu():
-            try:
-                return torch.from_numpy(tensor.as_numpy()).to(self.device)
-            except Exception:  # noqa: BLE001 - bf16 has no numpy type: go through DLPack
-                pass
-        return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).to(self.device)
+        return to_torch(tensor, self.device)
 
     def concat(self, values):
         return self.torch.cat(values)
@@ -82,11 +78,9 @@ class Torch:
             outputs = self.module(*inputs.values())
         return [outputs] if isinstance(outputs, self.torch.Tensor) else list(outputs)
 
-    def write(self, name, value):
-        value = value.contiguous()
-        if value.device.type == "cpu" and value.dtype != self.torch.bfloat16:
-            return pb_utils.Tensor(name, value.numpy())
-        return pb_utils.Tensor.from_dlpack(name, value)  # the producer's stream is synchronised
+    @staticmethod
+    def write(name, value):
+        return to_triton(name, value)
 
 
 RUNTIMES = {"onnxruntime": OnnxRuntime, "torch": Torch}
@@ -94,8 +88,7 @@ RUNTIMES = {"onnxruntime": OnnxRuntime, "torch": Torch}
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        config, params = model_config(args)
         self.inputs = [tensor["name"] for tensor in config["input"]]
         self.outputs = [tensor["name"] for tensor in config["output"]]
         self.batching = config.get("max_batch_size", 0) > 0

@@ -1,4 +1,4 @@
-"""The key of the cross-request reference K/V cache (DESIGN.md section 3).
+"""The key of the cross-request reference K/V cache.
 
 Reference K/V is a function of the ordered set of preprocessed references alone, so a request
 whose references hash the same as an earlier one's can skip VAE encoding and the prefill. The

@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 
+# The public inputs of flux2_klein_kv, in config.pbtxt order.
+INPUTS = ("prompt", "image", "height", "width", "seed", "num_images_per_prompt", "num_inference_steps",
+          "reuse_reference_cache")
+
+
 class InvalidInput(ValueError):
     """A client error: reported as INVALID_ARG, the server keeps serving."""
 
@@ -70,6 +75,7 @@ def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
                            f"over the limit of {limits.max_input_pixels} pixels")
     try:
         image.load()
+        rgb = image.convert("RGB")  # RGBA, grayscale, palette, CMYK, 16-bit: as diffusers accepts them
     except Exception as exc:  # noqa: BLE001
         raise InvalidInput(f"'{field_name}' could not be decoded ({type(exc).__name__}: {exc})") from exc
     low = limits.min_reference_side
@@ -78,7 +84,7 @@ def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
     if max(width, height) > limits.max_reference_aspect * min(width, height):
         raise InvalidInput(f"'{field_name}' is {width}x{height}; the aspect ratio must be at most "
                            f"{limits.max_reference_aspect}:1")
-    return image.convert("RGB")
+    return rgb
 
 
 def parse(inputs: dict, limits: Limits) -> GenerationRequest:

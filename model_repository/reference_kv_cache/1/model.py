@@ -16,7 +16,6 @@ custom metrics on the metrics endpoint.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lru import ReferenceKVCache  # noqa: E402
+from triton_io import model_config, to_torch, to_triton  # noqa: E402 - copied here by the assembler
 
 COUNTERS = {"hits": "Lookups answered from the cache (VAE encoding and prefill skipped)",
             "misses": "Lookups that found nothing (the BLS ran VAE encoding and the prefill)",
@@ -35,8 +35,7 @@ GAUGES = {"bytes": "Bytes of reference K/V held", "entries": "Reference sets hel
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        config, params = model_config(args)
         self.device = torch.device(params.get("device", "cpu"))
         self.cache = ReferenceKVCache(int(params["reference_cache_bytes"]))
         self.kv_names = [tensor["name"] for tensor in config["input"] if tensor["name"].startswith("ref_kv_")]
@@ -58,7 +57,7 @@ class TritonPythonModel:
             if values[0] is not None:
                 # The request's memory is freed after the response: keep copies on the serving device,
                 # and wait for the copies before answering (they run on the current CUDA stream).
-                self.cache.put(key, [_to_torch(value).to(self.device, copy=True) for value in values])
+                self.cache.put(key, [to_torch(value).to(self.device, copy=True) for value in values])
                 if self.device.type == "cuda":
                     torch.cuda.current_stream(self.device).synchronize()
                 responses.append(pb_utils.InferenceResponse([_hit(False)]))
@@ -66,8 +65,7 @@ class TritonPythonModel:
                 found = self.cache.get(key)
                 outputs = [_hit(found is not None)]
                 if found is not None:
-                    outputs += [pb_utils.Tensor.from_dlpack("cached" + name[3:], tensor)
-                                for name, tensor in zip(self.kv_names, found)]
+                    outputs += [to_triton("cached" + name[3:], tensor) for name, tensor in zip(self.kv_names, found)]
                 responses.append(pb_utils.InferenceResponse(outputs))
         self._report()
         return responses
@@ -83,12 +81,3 @@ class TritonPythonModel:
 
 def _hit(value: bool):
     return pb_utils.Tensor("hit", np.array([value], dtype=np.bool_))
-
-
-def _to_torch(tensor) -> torch.Tensor:
-    if tensor.is_cpu():
-        try:
-            return torch.from_numpy(tensor.as_numpy())
-        except Exception:  # noqa: BLE001 - bf16 has no numpy type: go through DLPack
-            pass
-    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
