@@ -19,7 +19,7 @@ GPU ?= 0
 CUDA_POOL_BYTES ?=
 RELEASE := 24.12
 # Changing these re-exports (graph layouts are part of the serving contract).
-EXPORT_SOURCES := $(filter-out export/build_engines.py export/repository.py export/triton_config.py export/memory_plan.py,$(wildcard export/*.py))
+EXPORT_SOURCES := $(filter-out export/build_engines.py export/memory_plan.py,$(wildcard export/*.py))
 
 .PHONY: help setup checkpoint export repository serve check engines engines-dry-run memory-plan docker-engines \
 	docker-serving demo perf bench gpu-bundle gpu-check test clean
@@ -77,7 +77,7 @@ $(ONNX)/manifest.json: $(EXPORT_SOURCES)
 	else $(MAKE) export; fi
 
 repository: setup $(ONNX)/manifest.json
-	$(BIN)/python -m export.repository --onnx-dir $(ONNX) --out $(REPO) \
+	$(BIN)/python -m serving.repository --onnx-dir $(ONNX) --out $(REPO) \
 		--backend $(BACKEND) --engines-dir $(ENGINES) $(if $(DEVICE),--device $(DEVICE))
 
 serve: repository

@@ -66,7 +66,7 @@ def diffusers_edit(pipe, prompt: str, references, seed: int) -> np.ndarray:
 
 def start_server(args, workdir: Path):
     """A context manager: tritonserver on the bench checkpoint's repository (server.launch.Running)."""
-    from export.repository import assemble
+    from serving.repository import assemble
     from server.launch import running
 
     repository = assemble(args.onnx_dir, args.checkpoint, workdir / "model_repository", backend="onnxruntime",

@@ -155,7 +155,7 @@ class Server:
     """A torch-flavor repository on `device`, served by a real tritonserver on free loopback ports."""
 
     def __init__(self, manifest_dir: Path, checkpoint: Path, out: Path, device: str, name: str):
-        from export.repository import assemble
+        from serving.repository import assemble
         from server.launch import running
 
         repository = assemble(manifest_dir, str(checkpoint), out / f"repo_{name}", backend="torch", device=device,

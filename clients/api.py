@@ -19,10 +19,23 @@ from PIL import Image
 
 MODEL = "flux2_klein_kv"
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
-# Triton dtypes of the optional scalar inputs (config.pbtxt of flux2_klein_kv).
-SCALAR_TYPES = {"height": (np.int32, "INT32"), "width": (np.int32, "INT32"), "seed": (np.int64, "INT64"),
-                "num_images_per_prompt": (np.int32, "INT32"), "num_inference_steps": (np.int32, "INT32"),
-                "reuse_reference_cache": (np.bool_, "BOOL")}
+
+
+def public_inputs():
+    """The served model's public inputs, as its BLS declares them (request_inputs.PUBLIC_INPUTS)."""
+    from serving.repository import served_module
+
+    return served_module("request_inputs").PUBLIC_INPUTS
+
+
+def _scalar_types() -> dict:
+    """name -> (numpy type, Triton wire type) of the scalar inputs, from the served model's declaration."""
+    from tritonclient.utils import triton_to_np_dtype
+
+    return {f.name: (triton_to_np_dtype(f.datatype), f.datatype) for f in public_inputs() if f.datatype != "BYTES"}
+
+
+SCALAR_TYPES = _scalar_types()
 
 
 class Flux2Error(RuntimeError):

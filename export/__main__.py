@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 DESCRIPTION = """\
@@ -31,7 +29,7 @@ examples:
 
 
 def main(argv=None) -> int:
-    from .specs import COMPONENTS, graph_specs
+    from .specs import COMPONENTS
 
     parser = argparse.ArgumentParser(
         prog="python -m export", description=DESCRIPTION, epilog=EPILOG,
@@ -48,10 +46,12 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-check", action="store_true", help="skip the TensorRT compatibility check")
     parser.add_argument("--manifest-only", action="store_true",
                         help="write OUT/manifest.json without exporting any graph: all that the torch serving "
-                             "flavor (python -m export.repository --backend torch) needs")
+                             "flavor (python -m serving.repository --backend torch) needs")
     args = parser.parse_args(argv)
 
     from .loading import read_model_dims
+    from .manifest import Manifest
+    from .manifest import write as write_manifest
 
     out = Path(args.out)
     start = time.perf_counter()
@@ -66,16 +66,11 @@ def main(argv=None) -> int:
         print(f"exporting {len(args.components)} component(s) of {args.model} ({args.dtype}) to {out}", flush=True)
         paths = export_all(args.model, out, args.dtype, args.components)
         opset = OPSET
-    manifest = {
+    write_manifest(out, Manifest(
         # The model the graphs came from: the repository assembler takes its tokenizer and scheduler.
-        "model": str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
-        "dtype": args.dtype,
-        "opset": opset,  # None: no graph exported (--manifest-only)
-        "dims": dims,
-        "graphs": {name: {"path": str(paths[name].relative_to(out)), **asdict(graph_specs(dims)[name])}
-                   for name in paths},
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        model=str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
+        dtype=args.dtype, opset=opset, dims=dims,  # opset None: no graph exported (--manifest-only)
+        paths={name: str(paths[name].relative_to(out)) for name in paths}))
 
     failed = 0
     if not args.skip_check and not args.manifest_only:

@@ -16,7 +16,6 @@ truncated plan under the final name.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -25,7 +24,9 @@ import time
 from pathlib import Path
 
 from .envelope import DEFAULT_ENVELOPE, profile_shapes
-from .specs import COMPONENTS, GraphSpec, spec_from_manifest
+from .manifest import MissingManifest
+from .manifest import read as read_manifest
+from .specs import COMPONENTS, GraphSpec
 
 WHERE = ("run it on a GPU host with the TensorRT of the serving Triton, e.g. docker/engines.Dockerfile: NVIDIA's "
          "TensorRT container of the release of the serving tritonserver container (nvcr.io/nvidia/tritonserver:<release>-py3)")
@@ -33,13 +34,6 @@ WHERE = ("run it on a GPU host with the TensorRT of the serving Triton, e.g. doc
 
 class MissingRequirement(RuntimeError):
     pass
-
-
-def load_manifest(onnx_dir: Path) -> dict:
-    path = onnx_dir / "manifest.json"
-    if not path.exists():
-        raise MissingRequirement(f"{path} not found: export the graphs first (python -m export --out {onnx_dir})")
-    return json.loads(path.read_text())
 
 
 class TimingCacheRejected(RuntimeError):
@@ -165,19 +159,19 @@ def main(argv=None) -> int:
 
     onnx_dir, out = Path(args.onnx_dir), Path(args.out)
     try:
-        manifest = load_manifest(onnx_dir)
-        names = args.components or list(manifest["graphs"])
-        specs = {n: spec_from_manifest(n, manifest["graphs"][n]) for n in names}
+        manifest = read_manifest(onnx_dir)
+        names = args.components or list(manifest.paths)
+        specs = {n: manifest.specs[n] for n in names}
         print(f"serving envelope: {DEFAULT_ENVELOPE}")
         print(describe_profiles(specs))
         if args.dry_run:
             for name in names:
-                print(f"would build {out / engine_name(name, '<trt>', '<sm>')} from {onnx_dir / manifest['graphs'][name]['path']}")
+                print(f"would build {out / engine_name(name, '<trt>', '<sm>')} from {onnx_dir / manifest.paths[name]}")
             print(f"timing cache: {args.timing_cache or out / timing_cache_name('<trt>', '<sm>')}")
             return 0
         trt = import_tensorrt()
         sm = compute_capability()
-    except MissingRequirement as exc:
+    except (MissingRequirement, MissingManifest) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -188,7 +182,7 @@ def main(argv=None) -> int:
         print(f"[{index}/{len(names)}] building {plan.name} ...", flush=True)
         start = time.perf_counter()
         try:
-            build_engine(trt, onnx_dir / manifest["graphs"][name]["path"], plan,
+            build_engine(trt, onnx_dir / manifest.paths[name], plan,
                          profile_shapes(specs[name], DEFAULT_ENVELOPE), timing_cache, sm, print)
         except TimingCacheRejected as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -16,7 +16,6 @@ from diffusers import Flux2KleinKVPipeline
 from diffusers.models.transformers import transformer_flux2
 from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 
-from .specs import COMPONENTS, graph_specs, model_dims  # noqa: F401 - re-exported for callers
 
 # The pipeline's static helpers are the single source of the latent layout.
 _pipe = Flux2KleinKVPipeline

@@ -174,7 +174,7 @@ def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, cache_bytes: in
 def render(rows, gpu_gib: float, headroom: float, size: ModelSize, dtype: str, envelope: ServingEnvelope) -> str:
     total = sum(b for _, _, b in rows)
     budget = gpu_gib * GIB
-    lines = [f"| what | component | GiB |", "|---|---|---:|"]
+    lines = ["| what | component | GiB |", "|---|---|---:|"]
     lines += [f"| {what} | {who} | {value / GIB:.2f} |" for what, who, value in rows]
     lines.append(f"| **total** | | **{total / GIB:.2f}** |")
     free = 1 - total / budget
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bls-instances", type=int, default=2, help="BLS instances on the GPU (default %(default)s)")
     args = parser.parse_args(argv)
 
-    from .repository import REFERENCE_CACHE_BYTES
+    from serving.repository import REFERENCE_CACHE_BYTES
 
     envelope = ServingEnvelope(reference_tokens=(0, min(4096, args.reference_tokens), args.reference_tokens))
     cache = REFERENCE_CACHE_BYTES if args.reference_cache_bytes is None else args.reference_cache_bytes

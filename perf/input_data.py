@@ -55,6 +55,10 @@ def request(case: str, height: int = 256, width: int = 256, ref_size: int = 256,
         entry["image"] = bytes_tensor(references(CASES[case], ref_size))
         if not reuse_reference_cache:
             entry["reuse_reference_cache"] = [False]
+    from clients.api import public_inputs  # the served model's own declaration of its inputs
+
+    unknown = set(entry) - {f.name for f in public_inputs()}
+    assert not unknown, f"not inputs of flux2_klein_kv: {unknown}"
     return entry
 
 

@@ -98,7 +98,7 @@ CACHE_BYTES = 2**20
 
 def _serve(tmp_path_factory, onnx_dir, checkpoint, backend: str, bls_instances: int = BLS_INSTANCES):
     """Assemble a repository of the tiny checkpoint for `backend`; a real tritonserver on it."""
-    from export.repository import assemble
+    from serving.repository import assemble
     from server.launch import running
 
     workdir = tmp_path_factory.mktemp(f"triton_{backend}")

@@ -46,7 +46,7 @@ class FakeBuilderConfig:
 def test_timing_cache_name_carries_trt_version_and_sm():
     assert timing_cache_name("10.5.0", "90") == "timing.trt10.5.0.sm90.cache"
     assert engine_name("vae_decoder", "10.5.0", "90") == "vae_decoder.trt10.5.0.sm90.plan"
-    # export.repository picks plans by `{component}.trt*.plan`: the cache must never match it.
+    # serving.repository picks plans by `{component}.trt*.plan`: the cache must never match it.
     assert not timing_cache_name("10.5.0", "90").endswith(".plan")
 
 

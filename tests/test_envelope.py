@@ -131,7 +131,7 @@ def test_the_old_envelope_does_not_fit_80_gb(size_9b):
 
 
 def test_the_shipped_envelope_fits_80_gb_with_15_percent_headroom(size_9b):
-    from export.repository import REFERENCE_CACHE_BYTES
+    from serving.repository import REFERENCE_CACHE_BYTES
 
     rows = memory_plan.plan(size_9b, "bf16", DEFAULT_ENVELOPE, REFERENCE_CACHE_BYTES, bls_instances=2)
     assert memory_plan.total_bytes(rows) <= 0.85 * 80 * 2**30

@@ -14,8 +14,8 @@ from tritonclient.grpc import model_config_pb2
 
 from export.specs import spec_from_manifest
 from export.envelope import DEFAULT_ENVELOPE
-from export.repository import assemble, bls_config, cache_config
-from export.triton_config import component_config
+from serving.repository import assemble, bls_config, cache_config
+from serving.triton_config import component_config
 
 
 def parse(text: str) -> model_config_pb2.ModelConfig:

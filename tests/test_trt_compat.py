@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from export.components import COMPONENTS
+from export.specs import COMPONENTS
 from export.trt_compat import check_graph, load_supported_ops, main
 
 

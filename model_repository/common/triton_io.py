@@ -1,5 +1,5 @@
 """Triton Python-backend plumbing shared by every Python model of the repository (the BLS, the
-reference cache, the component runners). `python -m export.repository` copies this file into each
+reference cache, the component runners). `python -m serving.repository` copies this file into each
 model's version folder, next to its model.py: a Triton model folder must stand on its own."""
 
 from __future__ import annotations

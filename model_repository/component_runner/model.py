@@ -8,7 +8,7 @@ TensorRT engine. The parameter `runtime` picks how:
   export dtype on the parameter `device`. It serves on a GPU before any engine is built (a 9B
   build takes long) and is the baseline the engines are checked against.
 
-Not a model on its own: `python -m export.repository --backend onnxruntime|torch` copies this
+Not a model on its own: `python -m serving.repository --backend onnxruntime|torch` copies this
 file into each component's version folder and writes its config.pbtxt from the declared I/O spec,
 the same as the TensorRT engine's. With dynamic batching Triton hands over several requests at
 once: requests of equal shapes (apart from the batch axis) run as one batch, as an engine would.

@@ -1,5 +1,8 @@
-"""Parse and validate the public inputs of `flux2_klein_kv`; every failure names the field and
-the limit, and becomes a Triton INVALID_ARG. Nothing is clamped or dropped."""
+"""The public interface of `flux2_klein_kv`, declared once (PUBLIC_INPUTS, PUBLIC_OUTPUTS: its
+config.pbtxt, the clients' tensors and the perf_analyzer data derive from them), and the parsing
+and validation of a request: every failure names the field and the limit and becomes a Triton
+INVALID_ARG. Nothing is clamped or dropped. The limits themselves come from export/envelope.py
+through the model's config.pbtxt parameters (Limits has no defaults of its own)."""
 
 from __future__ import annotations
 
@@ -9,9 +12,32 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 
-# The public inputs of flux2_klein_kv, in config.pbtxt order.
-INPUTS = ("prompt", "image", "height", "width", "seed", "num_images_per_prompt", "num_inference_steps",
-          "reuse_reference_cache")
+@dataclass(frozen=True)
+class Field:
+    """One tensor of the public interface: Triton wire type (BYTES, INT32, ...) and config.pbtxt dims."""
+
+    name: str
+    datatype: str
+    dims: tuple
+    optional: bool
+    doc: str
+
+
+PUBLIC_INPUTS = (
+    Field("prompt", "BYTES", (1,), False, "UTF-8 prompt, non-empty"),
+    Field("image", "BYTES", (-1,), True, "0-max_references encoded references (PNG/JPEG/WebP), in order"),
+    Field("height", "INT32", (1,), True, "output height, multiple of 16 (default: the first reference's, else 1024)"),
+    Field("width", "INT32", (1,), True, "output width, multiple of 16 (default: the first reference's, else 1024)"),
+    Field("seed", "INT64", (1,), True, ">= 0: torch.Generator(device).manual_seed(seed); random if absent"),
+    Field("num_images_per_prompt", "INT32", (1,), True, "images per request (default 1)"),
+    Field("num_inference_steps", "INT32", (1,), True, "denoising steps (default 4)"),
+    Field("reuse_reference_cache", "BOOL", (1,), True, "false: compute this request's reference K/V afresh"),
+)
+PUBLIC_OUTPUTS = (
+    Field("images", "UINT8", (-1, -1, -1, 3), False, "[N, H, W, 3] RGB images"),
+    Field("png", "BYTES", (-1,), False, "the same images PNG-encoded, only when requested"),
+)
+INPUTS = tuple(f.name for f in PUBLIC_INPUTS)
 
 
 class InvalidInput(ValueError):
@@ -20,23 +46,23 @@ class InvalidInput(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Request limits; the repository assembler writes them from export/envelope.py into config.pbtxt."""
+    """Request limits: export/envelope.py's request_limits(), written into config.pbtxt by the assembler."""
 
-    max_references: int = 4
-    max_reference_tokens: int = 8192  # the whole ordered set after preprocessing (K/V size)
-    min_reference_side: int = 64
-    max_reference_side: int = 2048
-    max_reference_aspect: int = 4
-    reference_max_area: int = 1024 * 1024  # larger references are resized down to it, as diffusers does
-    max_input_pixels: int = 4096 * 4096  # declared size of an encoded reference, checked before decoding
-    min_side: int = 256
-    max_side: int = 1440
-    multiple_of: int = 16
-    max_images: int = 4
-    max_steps: int = 50
-    default_side: int = 1024
-    max_batch_transformer_cached: int = 2  # images per cached-step call (the engine's batch)
-    max_batch_vae_decoder: int = 1
+    max_references: int
+    max_reference_tokens: int  # the whole ordered set after preprocessing (its K/V size)
+    min_reference_side: int
+    max_reference_side: int
+    max_reference_aspect: int
+    reference_max_area: int  # larger references are resized down to it, as diffusers does
+    max_input_pixels: int  # declared size of an encoded reference, checked before decoding
+    min_side: int
+    max_side: int
+    multiple_of: int
+    max_images: int
+    max_steps: int
+    default_side: int
+    max_batch_transformer_cached: int  # images per cached-step call (the engine's batch)
+    max_batch_vae_decoder: int
 
     @classmethod
     def from_parameters(cls, params: dict) -> "Limits":

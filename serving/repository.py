@@ -1,4 +1,4 @@
-"""python -m export.repository: assemble a servable Triton model repository.
+"""python -m serving.repository: assemble a servable Triton model repository.
 
   OUT/flux2_klein_kv/       the public BLS model (sources from model_repository/flux2_klein_kv,
                             plus the tokenizer, scheduler config and export manifest)
@@ -13,16 +13,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 from pathlib import Path
 
-from .envelope import DEFAULT_ENVELOPE, ServingEnvelope
-from .specs import kv_names, spec_from_manifest
-from .triton_config import BACKENDS, TRITON_TYPES, component_config
+from export.envelope import DEFAULT_ENVELOPE, ServingEnvelope
+from export.manifest import Manifest
+from export.manifest import read as read_manifest
+from export.manifest import write as write_manifest
 
-EXPORT = Path(__file__).resolve().parent
+from . import triton_config
+from .triton_config import BACKENDS, component_config, cpu_only
+
+EXPORT = Path(__file__).resolve().parent.parent / "export"
 SOURCES = EXPORT.parent / "model_repository"
 BLS = "flux2_klein_kv"
 
@@ -34,55 +37,15 @@ CACHE = "reference_kv_cache"
 REFERENCE_CACHE_BYTES = 4 * 2**30
 
 
-def _parameters(params: dict) -> str:
-    return "\n".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}' for k, v in params.items())
-
-
-def _io(name: str, data_type: str, dims: list, optional: bool = False) -> str:
-    return (f'  {{\n    name: "{name}"\n    data_type: {data_type}\n    dims: {dims}'
-            + ("\n    optional: true" if optional else "") + "\n  }")
-
-
-def _cpu_only(device: str) -> str:
-    # GPU tensors from the client or other models stay on the device (DLPack) when the model runs on one.
-    return "no" if device.startswith("cuda") else "yes"
-
-
 def cache_config(device: str, dtype: str, kv_layers: int, cache_bytes: int = REFERENCE_CACHE_BYTES) -> str:
-    """The single-instance model holding the reference K/V shared by all BLS instances.
-
-    Lookup: `key` alone -> `hit` and, on a hit, `cached_kv_NN`; store: `key` + every `ref_kv_NN`.
-    """
-    kv_type = TRITON_TYPES[dtype]
-    params = {"device": device, "reference_cache_bytes": cache_bytes, "FORCE_CPU_ONLY_INPUT_TENSORS": _cpu_only(device)}
-    inputs = [_io("key", "TYPE_STRING", [1])] + [_io(n, kv_type, [2, -1, -1, -1], optional=True) for n in kv_names(kv_layers)]
-    outputs = [_io("hit", "TYPE_BOOL", [1])] + [_io("cached" + n[3:], kv_type, [2, -1, -1, -1]) for n in kv_names(kv_layers)]
-    return (f'name: "{CACHE}"\nbackend: "python"\nmax_batch_size: 0\n'
-            "input [\n" + ",\n".join(inputs) + "\n]\n"
-            "output [\n" + ",\n".join(outputs) + "\n]\n"
-            "# One instance: one cache for every BLS instance.\n"
-            f"instance_group [\n  {{\n    count: 1\n    kind: KIND_CPU\n  }}\n]\n{_parameters(params)}\n")
+    """config.pbtxt of the shared reference K/V cache (triton_config.cache_config)."""
+    return triton_config.cache_config(CACHE, device, dtype, kv_layers, cache_bytes)
 
 
 def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.text_len,
                envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> str:
-    params = {
-        "device": device,
-        # Prompt length in tokens (padded), as the pipeline's max_sequence_length; 512 for the real model.
-        "max_sequence_length": text_tokens,
-        **envelope.request_limits(),
-        "FORCE_CPU_ONLY_INPUT_TENSORS": _cpu_only(device),
-    }
-    inputs = [_io("prompt", "TYPE_STRING", [1])]
-    inputs += [_io(n, t, d, optional=True) for n, t, d in (
-        ("image", "TYPE_STRING", [-1]), ("height", "TYPE_INT32", [1]), ("width", "TYPE_INT32", [1]),
-        ("seed", "TYPE_INT64", [1]), ("num_images_per_prompt", "TYPE_INT32", [1]),
-        ("num_inference_steps", "TYPE_INT32", [1]), ("reuse_reference_cache", "TYPE_BOOL", [1]))]
-    outputs = [_io("images", "TYPE_UINT8", [-1, -1, -1, 3]), _io("png", "TYPE_STRING", [-1])]
-    return (f'name: "{BLS}"\nbackend: "python"\nmax_batch_size: 0\n'
-            "input [\n" + ",\n".join(inputs) + "\n]\n"
-            "output [\n" + ",\n".join(outputs) + "\n]\n"
-            f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n{_parameters(params)}\n")
+    """config.pbtxt of the public BLS model, from its own declaration of its interface."""
+    return triton_config.bls_config(BLS, served_module("request_inputs"), device, instances, text_tokens, envelope)
 
 
 def _find_engine(engines_dir: Path, component: str) -> Path:
@@ -90,6 +53,19 @@ def _find_engine(engines_dir: Path, component: str) -> Path:
     if len(plans) != 1:
         raise SystemExit(f"error: expected one {component}.trt*.plan in {engines_dir}, found {len(plans)}")
     return plans[0]
+
+
+def served_module(name: str):
+    """A module of the BLS's sources (model_repository/flux2_klein_kv/1), e.g. its public interface."""
+    import importlib.util
+    import sys
+
+    qualified = f"flux2_bls_{name}"
+    if qualified not in sys.modules:  # registered before it runs: dataclasses look their module up
+        spec = importlib.util.spec_from_file_location(qualified, SOURCES / BLS / "1" / f"{name}.py")
+        sys.modules[qualified] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[qualified])
+    return sys.modules[qualified]
 
 
 def default_device(backend: str) -> str:
@@ -104,33 +80,33 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
     export's manifest; `checkpoint`, if given, must be that model (a local copy of it is fine)."""
     onnx_dir, out = Path(onnx_dir), Path(out)
     device = device or default_device(backend)
-    manifest = json.loads((onnx_dir / "manifest.json").read_text())
+    manifest = read_manifest(onnx_dir)
     source = _tokenizer_source(manifest, checkpoint)
-    engines = {name: _find_engine(Path(engines_dir), name) for name in manifest["graphs"]} if backend == "tensorrt" else {}
+    engines = {name: _find_engine(Path(engines_dir), name) for name in manifest.paths} if backend == "tensorrt" else {}
     gpu = torch_device_index(device)
     if out.exists():
         shutil.rmtree(out)
-    for name, entry in manifest["graphs"].items():
+    for name, path in manifest.paths.items():
         version = out / name / "1"
         version.mkdir(parents=True)
-        config = component_config(spec_from_manifest(name, entry), manifest["dtype"], backend, gpu=gpu)
+        params = {}
         if backend == "tensorrt":
             _link_or_copy(engines[name], version / "model.plan")
         elif backend == "onnxruntime":
-            for graph_file in (onnx_dir / entry["path"]).parent.glob("model.onnx*"):
+            for graph_file in (onnx_dir / path).parent.glob("model.onnx*"):
                 shutil.copy(graph_file, version / graph_file.name)
             _python_model(SOURCES / "component_runner", version)
-            config += _parameters({"runtime": "onnxruntime", "intra_op_threads": threads}) + "\n"
+            params = {"runtime": "onnxruntime", "intra_op_threads": threads}
         else:  # torch: the wrapper modules themselves, loaded from the exported model
             _python_model(SOURCES / "component_runner", version)
             package = version / "flux2_export"
             package.mkdir()
             for module in ("__init__.py", "checkpoint.py", "components.py", "loading.py", "specs.py"):
                 shutil.copy(EXPORT / module, package / module)
-            weights = manifest["model"] if manifest["model"].startswith("random:") else _local_checkpoint(source, True)
-            config += _parameters({"runtime": "torch", "checkpoint": weights,
-                                   "dtype": manifest["dtype"], "device": device,
-                                   "FORCE_CPU_ONLY_INPUT_TENSORS": _cpu_only(device)}) + "\n"
+            weights = manifest.model if manifest.model.startswith("random:") else _local_checkpoint(source, True)
+            params = {"runtime": "torch", "checkpoint": weights, "dtype": manifest.dtype, "device": device,
+                      "FORCE_CPU_ONLY_INPUT_TENSORS": cpu_only(device)}
+        config = component_config(manifest.specs[name], manifest.dtype, backend, gpu=gpu, params=params)
         (out / name / "config.pbtxt").write_text(config)
 
     bls = out / BLS / "1"
@@ -138,11 +114,11 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
     local = Path(_local_checkpoint(source))
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(local / part, bls / part)
-    (bls / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(bls, manifest)  # the BLS reads its dims and dtype
     (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens))
     _python_model(SOURCES / CACHE / "1", out / CACHE / "1")
     (out / CACHE / "config.pbtxt").write_text(
-        cache_config(device, manifest["dtype"], manifest["dims"]["kv_layers"], cache_bytes))
+        cache_config(device, manifest.dtype, manifest.dims["kv_layers"], cache_bytes))
     return out
 
 
@@ -166,9 +142,9 @@ def torch_device_index(device: str) -> int:
     return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
 
 
-def _tokenizer_source(manifest: dict, checkpoint) -> str:
+def _tokenizer_source(manifest: Manifest, checkpoint) -> str:
     """The model whose tokenizer and scheduler the BLS gets: the one the graphs were exported from."""
-    recorded = manifest.get("model")
+    recorded = manifest.model
     if checkpoint is None:
         if not recorded:
             raise SystemExit("error: the manifest records no model; pass --checkpoint (the model that was exported)")
@@ -201,7 +177,7 @@ def _local_checkpoint(checkpoint: str, weights: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.repository", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m serving.repository", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx-dir", required=True, help="output of `python -m export` (has manifest.json)")
