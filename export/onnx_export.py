@@ -27,42 +27,51 @@ TRACE = {"batch": 2, "text_len": 7, "lat_h": 3, "lat_w": 5, "n_ref": 10}
 MAX = {"batch": 64, "text_len": 4096, "lat_h": 512, "lat_w": 512, "n_ref": 65536}
 
 
+def _positions(*sizes: int) -> torch.Tensor:
+    """Position ids [*sizes, 4] as the pipeline lays them out: (t, h, w, l) with the given axes counting."""
+    grids = [torch.arange(n) for n in sizes]
+    coords = torch.meshgrid(*grids, indexing="ij") if len(grids) > 1 else tuple(grids)
+    zeros = torch.zeros_like(coords[0])
+    if len(sizes) == 2:  # an image grid: (0, h, w, 0)
+        return torch.stack([zeros, coords[0], coords[1], zeros], dim=-1)
+    return torch.stack([zeros, zeros, zeros, coords[0]], dim=-1)  # text: (0, 0, 0, l)
+
+
 def sample_inputs(name: str, config: dict, dtype: torch.dtype, sizes: dict | None = None) -> tuple:
-    """Random inputs of graph `name` at `sizes` (defaults: the trace sizes)."""
+    """Random inputs of graph `name`, in its declared order and shapes, with the dynamic dims at
+    `sizes` (defaults: the trace sizes). Float tensors are normal noise; the integer inputs and
+    the image range follow what each input means."""
     s = {**TRACE, **(sizes or {})}
+    s.update(height=16 * s["lat_h"], width=16 * s["lat_w"])  # reference pixels: multiples of 16
     g = torch.Generator().manual_seed(0)
-    c = config["in_channels"]
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g).to(dtype)
-
-    if name == "text_encoder":
-        ids = torch.randint(0, config.get("vocab_size", 256), (s["batch"], s["text_len"]), generator=g)
-        mask = torch.ones_like(ids)
-        mask[0, s["text_len"] // 2 :] = 0  # right padding, as the pipeline's tokenizer pads
-        return ids, mask
-    if name == "vae_encoder":
-        return (torch.rand(s["batch"], 3, 16 * s["lat_h"], 16 * s["lat_w"], generator=g) * 2 - 1).to(dtype),
-    if name == "transformer_prefill":
-        return randn(1, s["n_ref"], c), ref_ids_for(s["n_ref"])
-    if name == "transformer_cached":
-        b, h, w, t = s["batch"], s["lat_h"], s["lat_w"], s["text_len"]
-        kv = tuple(randn(2, s["n_ref"], config["heads"], config["head_dim"]) for _ in range(config["kv_layers"]))
-        img_ids = torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.long), torch.arange(h), torch.arange(w),
-                                             torch.zeros(1, dtype=torch.long), indexing="ij"), dim=-1)
-        txt_ids = torch.stack([torch.zeros(t, dtype=torch.long)] * 3 + [torch.arange(t)], -1)
-        timestep = torch.rand(b, generator=g).to(dtype)
-        return (randn(b, h, w, c), randn(b, t, 3 * config["text_hidden"]), timestep,
-                img_ids.reshape(h, w, 4), txt_ids, *kv)
-    if name == "vae_decoder":
-        return randn(s["batch"], s["lat_h"], s["lat_w"], c),
-    raise KeyError(name)
+    special = {
+        "input_ids": lambda shape: torch.randint(0, config.get("vocab_size", 256), shape, generator=g),
+        "attention_mask": _mask,
+        "image": lambda shape: (torch.rand(shape, generator=g) * 2 - 1).to(dtype),
+        "timestep": lambda shape: torch.rand(shape, generator=g).to(dtype),
+        "ref_ids": lambda shape: ref_ids_for(shape[0]),
+        "img_ids": lambda shape: _positions(shape[0], shape[1]),
+        "txt_ids": lambda shape: _positions(shape[0]),
+    }
+    spec = graph_specs(config)[name]
+    inputs = []
+    for tensor in spec.inputs:
+        shape = tuple(s[d] if isinstance(d, str) else d for d in tensor.dims)
+        make = special.get(tensor.name, lambda shape: torch.randn(shape, generator=g).to(dtype))
+        inputs.append(make(shape))
+    return tuple(inputs)
 
 
 def ref_ids_for(n_ref: int) -> torch.Tensor:
     """Position ids of one reference of n_ref tokens laid out as a 1 x n_ref grid."""
     return torch.stack([torch.full((n_ref,), 10), torch.zeros(n_ref, dtype=torch.long),
                         torch.arange(n_ref), torch.zeros(n_ref, dtype=torch.long)], dim=-1)
+
+
+def _mask(shape) -> torch.Tensor:
+    mask = torch.ones(shape, dtype=torch.long)
+    mask[0, shape[1] // 2:] = 0  # right padding in the first sample, as the pipeline's tokenizer pads
+    return mask
 
 
 def dynamic_shapes(spec: GraphSpec) -> tuple:
