@@ -19,10 +19,8 @@ max_sequence_length parameter and the pipeline's argument of that name) = 8 : 8 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import ROOT, machine, tree_memory_gib, write_section
+from bench.report import machine, tree_memory_gib, write_section
 
 SIDE, REF_SIDE, TEXT_TOKENS, STEPS = 512, 512, 128, 4
 PROMPTS = ["turn the scene into a snowy winter evening", "a watercolor version with soft pastel colors",
@@ -109,7 +107,7 @@ def repeated_reference(args, client, pipe, server) -> dict:
 
     from PIL import Image
 
-    from clients.api import reference_cache_metrics, synthetic_reference
+    from bench.helpers import reference_cache_metrics, synthetic_reference
 
     triton, diffusers, first, later = [], [], [], []
     before = reference_cache_metrics(server.metrics)
@@ -141,15 +139,11 @@ def repeated_reference(args, client, pipe, server) -> dict:
 
 
 def per_step_costs(args) -> list[dict]:
-    """(c) with bench.gpu_probe on the CPU at this configuration's token counts."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "probe.json"
-        grid = SIDE // 16
-        cmd = [sys.executable, "-m", "bench.gpu_probe", "--size", "bench", "--device", "cpu", "--dtype", "fp32",
-               "--text-len", str(TEXT_TOKENS), "--img-grid", str(grid), "--ref-grid", str(REF_SIDE // 16),
-               "--refs", "1,4", "--repeats", str(max(5, args.repeats)), "--json", str(out)]
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        return json.loads(out.read_text())["measurements"]
+    """(c) bench.gpu_probe on the CPU at this configuration's token counts, in-process."""
+    from bench import gpu_probe
+
+    return gpu_probe.run(size="bench", device="cpu", dtype="fp32", text_len=TEXT_TOKENS, img_grid=SIDE // 16,
+                         ref_grid=REF_SIDE // 16, refs="1,4", repeats=max(5, args.repeats))["measurements"]
 
 
 def throughput(args, server, workdir: Path) -> str:
@@ -159,10 +153,9 @@ def throughput(args, server, workdir: Path) -> str:
 
     provision(log=log)
     out = workdir / "perf"
-    perf_run.main(["--grpc-url", server.grpc, "--protocols", "grpc", "--cases", "reference_1",
-                   "--concurrency", "1:4", "--height", str(SIDE), "--width", str(SIDE), "--ref-size", str(REF_SIDE),
-                   "--out", str(out)])
-    table = (out / "results.md").read_text()
+    _, table = perf_run.run(["--grpc-url", server.grpc, "--protocols", "grpc", "--cases", "reference_1",
+                             "--concurrency", "1:4", "--height", str(SIDE), "--width", str(SIDE),
+                             "--ref-size", str(REF_SIDE), "--out", str(out)])
     return "\n".join(line for line in table.splitlines() if not line.startswith("# "))
 
 
@@ -233,7 +226,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
     args.command = "make bench" if os.environ.get("MAKELEVEL") else " ".join(["python -m bench.bench", *(argv or sys.argv[1:])])
-    from clients.api import Flux2Client, synthetic_reference
+    from bench.helpers import synthetic_reference
+    from clients.api import Flux2Client
     from PIL import Image
     import io
 

@@ -285,7 +285,8 @@ def stage_served_tiny(args) -> dict:
     import torch
     from PIL import Image
 
-    from clients.api import Flux2Client, bls_output_devices, reference_cache_metrics
+    from bench.helpers import bls_output_devices, reference_cache_metrics
+    from clients.api import Flux2Client
     from export.loading import DTYPES
 
     out, device, dtype = args.out, args.device, _dtype_name(args.device)

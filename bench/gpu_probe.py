@@ -25,27 +25,12 @@ weights and the inputs that the step needs, e.g. the K/V cache) or, on the CPU, 
 process's peak RSS (`resource.getrusage`, reset through /proc/self/clear_refs when the
 kernel allows it).
 
-Time budget at 9B in bf16 (arithmetic, H100 SXM ~990 TFLOPS dense bf16 peak; assume a
-pessimistic 25%, ~250 TFLOPS, for eager PyTorch):
+Expected at 9B in bf16 on an H100 (arithmetic, not measured): about 1.5-2 minutes in all, peak
+~30 GiB (16.9 GiB of weights, 8 GiB of K/V for 4 references, one block's activations);
+`--budget-s` skips the remaining stages if a run ever goes over.
 
-* build: 9.08e9 parameters = 18.2 GB (16.9 GiB) allocated and initialised on the GPU by
-  kernels (a few seconds; no CPU init, no host->device copy); importing torch/diffusers and
-  creating the CUDA context ~20 s.
-* biggest call, diffusers extract with 4 refs: 512 text + 4x4096 ref + 4096 image = 20992
-  tokens. Linear layers ~2 x 9.1e9 x 20992 ~ 3.8e14 FLOP (upper bound: the double blocks'
-  text stream only sees 512 tokens); attention per layer 4 x 4608 x 20992 x 4096 (text+image
-  queries over all keys) + 4 x 16384^2 x 4096 (reference self-attention) ~ 6e12, x 32
-  layers ~ 1.9e14. Total ~5.7e14 FLOP ~ 2.3 s at 250 TFLOPS.
-* our prefill with 4 refs (16386 tokens): ~2 x 9.1e9 x 16386 + 32 x 4.4e12 ~ 4.4e14 ~ 1.8 s;
-  cached steps (4096 image + 512 text queries, keys up to 20992): ~1.3e14 ~ 0.5 s each;
-  1-ref calls are 2-4x cheaper than 4-ref calls.
-* all 10 measurements x (1 warm-up + 5 repeats) ~ 6 x (2.3 + 1.8 + 2 x 0.5 + 1-ref ~2 +
-  0-ref ~0.6) ~ 46 s, plus checks and `empty_cache` between stages: about 1.5 minutes
-  in all, 2 at the outside; `--budget-s` (default 420 s) skips the remaining stages if
-  it were ever exceeded, and the JSON/markdown are still written.
-* memory peak: 16.9 GiB weights + 8 GiB K/V of 4 refs (32 layers x 2 x 16384 x 4096 x 2 B)
-  + a single block's fused projection over 20992 tokens (20992 x 36864 x 2 B = 1.4 GiB)
-  and its temporaries: ~30 GiB, well inside 78 GiB.
+`run(**options)` runs it in-process (`make bench` and `make gpu-check` call it); rendering is
+`bench.report.probe_markdown`.
 """
 
 from __future__ import annotations
@@ -64,7 +49,9 @@ from pathlib import Path
 
 import torch
 
-from export.checkpoint import KLEIN_9B_TRANSFORMER as KLEIN_9B_CONFIG
+from bench.report import count_text, probe_markdown, size_text, write_section
+from export.checkpoint import random_module
+from export.loading import DTYPES
 
 # Token shapes per size: text length, reference and output latent grid side (pixels / 16).
 SHAPES = {
@@ -72,7 +59,6 @@ SHAPES = {
     "tiny": dict(text_len=8, ref_grid=4, img_grid=4),  # 16 tokens per reference / image
     "bench": dict(text_len=8, ref_grid=4, img_grid=4),  # make bench's width; it sets the token counts
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GIB = 2**30
 
 HELP = __doc__.split("\n\n")[0] + """
@@ -172,30 +158,6 @@ def _current_rss_gib() -> float:
     return float("nan")
 
 
-def build_transformer(size: str, device: torch.device, dtype: torch.dtype, seed: int):
-    """Random-weight Flux2Transformer2DModel, made directly on `device` in `dtype`."""
-    from diffusers import Flux2Transformer2DModel
-
-    torch.manual_seed(seed)
-    if size != "9b":
-        from export.checkpoint import build_transformer as build_small
-
-        model = build_small(size).to(device)
-        if dtype != torch.float32:  # (diffusers warns on any `.to(dtype)`, even to fp32)
-            model = model.to(dtype)
-        return model.eval()
-    # Parameters are allocated on the device in the target dtype and initialised there by
-    # nn.Linear's own init kernels: no 36 GB fp32 CPU init, no host->device copy.
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Flux2Transformer2DModel(**KLEIN_9B_CONFIG)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
-
-
 def _tokens_desc(shape: dict, refs: int, size: str) -> dict:
     ref_tok, img_tok = shape["ref_grid"] ** 2, shape["img_grid"] ** 2
     px = "" if size != "9b" else f" ({shape['img_grid'] * 16}x{shape['img_grid'] * 16})"
@@ -208,14 +170,6 @@ def _tokens_desc(shape: dict, refs: int, size: str) -> dict:
         "plain": f"txt {shape['text_len']} + img {img_tok} tok{px}, no refs, B=1",
         "prefill": f"{refs_txt} (+1 dummy txt, +1 dummy img tok)",
     }
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
-
-
-def _size(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= 0.1 * GIB else f"{n / 2**20:.2f} MiB"
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -419,13 +373,13 @@ class Probe:
         self.log(f"device {self.dev.name}; torch {torch.__version__}, diffusers {diffusers.__version__}")
         self.log(f"building Flux2Transformer2DModel ({args.size}, {args.dtype}, random weights) on {args.device}")
         t0 = time.perf_counter()
-        self.transformer = build_transformer(args.size, self.dev.device, self.dtype, args.seed)
+        self.transformer = random_module("transformer", args.size, self.dtype, self.dev.device)
         self.dev.sync()
         build_s = time.perf_counter() - t0
         params = sum(p.numel() for p in self.transformer.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in self.transformer.parameters())
         weight_bytes += sum(b.numel() * b.element_size() for b in self.transformer.buffers())
-        self.log(f"built in {build_s:.1f} s: {_count(params)} parameters, {_size(weight_bytes)} of weights")
+        self.log(f"built in {build_s:.1f} s: {count_text(params)} parameters, {size_text(weight_bytes)} of weights")
 
         for refs in args.refs:
             self.run_refs(refs)
@@ -461,47 +415,6 @@ class Probe:
     @property
     def command(self) -> str:
         return "python -m bench.gpu_probe" + ("" if not self.argv else " " + shlex.join(self.argv))
-
-
-def markdown(result: dict) -> str:
-    card = result["device"]
-    if result["device_memory_gib"]:
-        card += f" ({result['device_memory_gib']:.1f} GiB)"
-    cuda = f" (CUDA {result['cuda']})" if result["device_type"] == "cuda" else ""
-    lines = [
-        "## GPU probe",
-        "",
-        f"Card: **{card}**; torch {result['torch']}{cuda}, diffusers {result['diffusers']}, "
-        f"Python {result['python']}.",
-        "",
-        f"Command: `{result['command']}`",
-        "",
-        f"Random-weight `Flux2Transformer2DModel` ({result['size']}, {result['dtype']}): "
-        f"{_count(result['weights']['parameters'])} parameters, {_size(result['weights']['bytes'])} of weights, "
-        f"built in {result['build_s']:.1f} s. Median of {result['repeats']} calls after {result['warmup']} "
-        f"warm-up call(s) ({result['timer']}), batch 1, under `torch.inference_mode()`; peak memory is "
-        f"{result['memory']} per measurement (weights and held inputs included).",
-        "",
-        "| measurement | shape | median ms | peak memory GiB |",
-        "|---|---|---:|---:|",
-    ]
-    for m in result["measurements"]:
-        refs = f"{m['refs']} ref" + ("" if m["refs"] == 1 else "s")
-        if "error" in m:
-            lines.append(f"| {m['label']}, {refs} | {m['shape']} | {m['error']} | |")
-        else:
-            lines.append(f"| {m['label']}, {refs} | {m['shape']} | {m['median_ms']:.2f} | {m['peak_gib']:.2f} |")
-    checks = result["checks"]
-    if checks["cached_max_abs_diff"]:
-        parts = [f"{n} ref(s) {d:.3g} (max |diffusers| {checks['cached_max_abs_ref'][n]:.3g})"
-                 for n, d in checks["cached_max_abs_diff"].items()]
-        lines += ["", "Max |ours - diffusers| of the cached step on the same inputs: " + "; ".join(parts) + "."]
-    if checks["kv_max_abs_diff"]:
-        parts = [f"{n} ref(s) {d:.3g}" for n, d in checks["kv_max_abs_diff"].items()]
-        lines += ["", "Max |prefill K/V - diffusers' extracted K/V| (first/last double and single blocks): "
-                  + "; ".join(parts) + "."]
-    lines += ["", f"Total run time {result['total_s']:.0f} s.", ""]
-    return "\n".join(lines)
 
 
 def _refs(text: str) -> list[int]:
@@ -550,12 +463,19 @@ def parse_args(argv):
     return args
 
 
+def run(**options) -> dict:
+    """The probe in-process: keyword options as the CLI's (size="bench", device="cpu", refs="1,4",
+    text_len=128, ...); returns the result dict (measurements, checks, environment)."""
+    argv = [arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+    return Probe(parse_args(argv), argv).run()
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     probe = Probe(args, argv)
     result = probe.run()
-    md = markdown(result)
+    md = probe_markdown(result)
     print()
     print(md)
     if args.json:
@@ -567,8 +487,6 @@ def main(argv=None) -> int:
         args.markdown.write_text(md)
         probe.log(f"wrote {args.markdown}")
     if args.benchmarks:
-        from bench.report import write_section
-
         probe.log(f"wrote {write_section('gpu_probe', md)}")
     failed = [m["name"] for m in result["measurements"] if "error" in m]
     if failed:

@@ -73,3 +73,53 @@ def write_section(name: str, text: str, path: Path = ROOT / "BENCHMARKS.md") -> 
         current = current.rstrip() + "\n\n" + block + "\n"
     path.write_text(current)
     return path
+
+
+def probe_markdown(result: dict) -> str:
+    """The '## GPU probe' section of BENCHMARKS.md from bench.gpu_probe's result."""
+    card = result["device"]
+    if result["device_memory_gib"]:
+        card += f" ({result['device_memory_gib']:.1f} GiB)"
+    cuda = f" (CUDA {result['cuda']})" if result["device_type"] == "cuda" else ""
+    lines = [
+        "## GPU probe",
+        "",
+        f"Card: **{card}**; torch {result['torch']}{cuda}, diffusers {result['diffusers']}, "
+        f"Python {result['python']}.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Random-weight `Flux2Transformer2DModel` ({result['size']}, {result['dtype']}): "
+        f"{count_text(result['weights']['parameters'])} parameters, {size_text(result['weights']['bytes'])} of weights, "
+        f"built in {result['build_s']:.1f} s. Median of {result['repeats']} calls after {result['warmup']} "
+        f"warm-up call(s) ({result['timer']}), batch 1, under `torch.inference_mode()`; peak memory is "
+        f"{result['memory']} per measurement (weights and held inputs included).",
+        "",
+        "| measurement | shape | median ms | peak memory GiB |",
+        "|---|---|---:|---:|",
+    ]
+    for m in result["measurements"]:
+        refs = f"{m['refs']} ref" + ("" if m["refs"] == 1 else "s")
+        if "error" in m:
+            lines.append(f"| {m['label']}, {refs} | {m['shape']} | {m['error']} | |")
+        else:
+            lines.append(f"| {m['label']}, {refs} | {m['shape']} | {m['median_ms']:.2f} | {m['peak_gib']:.2f} |")
+    checks = result["checks"]
+    if checks["cached_max_abs_diff"]:
+        parts = [f"{n} ref(s) {d:.3g} (max |diffusers| {checks['cached_max_abs_ref'][n]:.3g})"
+                 for n, d in checks["cached_max_abs_diff"].items()]
+        lines += ["", "Max |ours - diffusers| of the cached step on the same inputs: " + "; ".join(parts) + "."]
+    if checks["kv_max_abs_diff"]:
+        parts = [f"{n} ref(s) {d:.3g}" for n, d in checks["kv_max_abs_diff"].items()]
+        lines += ["", "Max |prefill K/V - diffusers' extracted K/V| (first/last double and single blocks): "
+                  + "; ".join(parts) + "."]
+    lines += ["", f"Total run time {result['total_s']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def count_text(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
+def size_text(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 0.1 * 2**30 else f"{n / 2**20:.2f} MiB"

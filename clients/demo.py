@@ -7,7 +7,8 @@ import argparse
 import time
 from pathlib import Path
 
-from clients.api import Flux2Client, synthetic_reference
+from bench.helpers import synthetic_reference
+from clients.api import Flux2Client
 from server.launch import free_port, running
 
 

@@ -37,7 +37,7 @@ def bytes_tensor(items: list[bytes]) -> dict:
 
 def references(count: int, size: int) -> list[bytes]:
     """`count` deterministic PNG references of size x size pixels, each with its own hue."""
-    from clients.api import synthetic_reference  # lazy: pulls PIL/numpy only when pictures are needed
+    from bench.helpers import synthetic_reference  # lazy: pulls PIL/numpy only when pictures are needed
 
     return [synthetic_reference((size, size), (40 + 97 * index) % 256) for index in range(count)]
 

@@ -213,7 +213,8 @@ def _parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> tuple[int, str]:
+    """The load test as a function: (exit status, the results table); also writes OUT/results.md."""
     args = _parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -222,15 +223,15 @@ def main(argv=None) -> int:
     for case in cases:
         if case not in input_data.CASES:
             print(f"error: unknown case {case!r}; choose from {', '.join(input_data.CASES)}", file=sys.stderr)
-            return 2
+            return 2, ""
     for protocol in protocols:
         if protocol not in PROTOCOLS:
             print(f"error: unknown protocol {protocol!r}; choose from grpc, http", file=sys.stderr)
-            return 2
+            return 2, ""
     perf_analyzer = Path(args.perf_analyzer)
     if not perf_analyzer.exists():
         print(f"error: no perf_analyzer at {perf_analyzer}: run `python -m perf.provision` first", file=sys.stderr)
-        return 2
+        return 2, ""
 
     data = input_data.write_all(out / "inputs", cases, height=args.height, width=args.width,
                                 ref_size=args.ref_size, steps=args.steps,
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
         if missing:
             print(f"error: no --{missing[0]}-url given for protocol {missing[0]} (or drop it from --protocols)",
                   file=sys.stderr)
-            return 2
+            return 2, ""
     else:
         from server.launch import running
 
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
             running_server = server.enter_context(running(args.repository, log_file=out / "server.log"))
         except Exception as exc:  # noqa: BLE001 - one line for the user
             print(f"error: tritonserver did not start: {exc} (see {out / 'server.log'})", file=sys.stderr)
-            return 1
+            return 1, ""
         print(f"tritonserver ready in {time.perf_counter() - started:.0f} s", flush=True)
         urls = {p: getattr(running_server, p) for p in PROTOCOLS}
 
@@ -285,7 +286,11 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(report)
     print(report, end="")
     print(f"wrote {out / 'results.md'}")
-    return 1 if any(r.error for r in results) else 0
+    return (1 if any(r.error for r in results) else 0), report
+
+
+def main(argv=None) -> int:
+    return run(argv)[0]
 
 
 if __name__ == "__main__":

@@ -99,10 +99,7 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
             params = {"runtime": "onnxruntime", "intra_op_threads": threads}
         else:  # torch: the wrapper modules themselves, loaded from the exported model
             _python_model(SOURCES / "component_runner", version)
-            package = version / "flux2_export"
-            package.mkdir()
-            for module in ("__init__.py", "checkpoint.py", "components.py", "loading.py", "specs.py"):
-                shutil.copy(EXPORT / module, package / module)
+            _export_modules(version, ("__init__.py", "checkpoint.py", "components.py", "loading.py", "specs.py"))
             weights = manifest.model if manifest.model.startswith("random:") else _local_checkpoint(source, True)
             params = {"runtime": "torch", "checkpoint": weights, "dtype": manifest.dtype, "device": device,
                       "FORCE_CPU_ONLY_INPUT_TENSORS": cpu_only(device)}
@@ -111,6 +108,7 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
 
     bls = out / BLS / "1"
     _python_model(SOURCES / BLS / "1", bls)
+    _export_modules(bls, ("__init__.py", "loading.py", "manifest.py", "specs.py"))  # the BLS reads the manifest
     local = Path(_local_checkpoint(source))
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(local / part, bls / part)
@@ -127,6 +125,15 @@ def _python_model(sources: Path, version: Path) -> None:
     each Triton model folder stands on its own."""
     shutil.copytree(sources, version, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     shutil.copy(SOURCES / "common" / "triton_io.py", version / "triton_io.py")
+
+
+def _export_modules(version: Path, modules) -> None:
+    """Modules of export/ a Python model runs, as its own package flux2_export/ (a Triton model
+    folder stands on its own)."""
+    package = version / "flux2_export"
+    package.mkdir(exist_ok=True)
+    for module in modules:
+        shutil.copy(EXPORT / module, package / module)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients.api import AsyncFlux2Client, Flux2Client, Flux2Error, infer_inputs, request_tensors, synthetic_reference
+from bench.helpers import synthetic_reference
+from clients.api import AsyncFlux2Client, Flux2Client, Flux2Error, infer_inputs, request_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -73,3 +73,13 @@ def test_gpu_probe_help_and_cpu_9b_refused():
     refused = subprocess.run([sys.executable, "-m", "bench.gpu_probe", "--size", "9b", "--device", "cpu"],
                              cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "--size tiny" in refused.stderr
+
+
+def test_gpu_probe_runs_in_process():
+    """make bench calls it as a function: measurements come back, no files written or re-read."""
+    from bench import gpu_probe
+
+    result = gpu_probe.run(size="tiny", device="cpu", refs="1", repeats=1, warmup=0)
+    names = {m["name"] for m in result["measurements"]}
+    assert names == {"diffusers_extract_1ref", "diffusers_cached_1ref", "ours_prefill_1ref", "ours_cached_1ref"}
+    assert result["checks"]["kv_max_abs_diff"]["1"] < 1e-4

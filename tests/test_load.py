@@ -12,7 +12,8 @@ import tritonclient.grpc as grpc
 import tritonclient.http as http
 
 from bench.report import tree_memory_gib
-from clients.api import Flux2Client, Flux2Error, synthetic_reference
+from bench.helpers import synthetic_reference
+from clients.api import Flux2Client, Flux2Error
 from tests.test_reference_reuse import model_counts
 
 # Mixed requests: different prompts, references, sizes and seeds. Their prompts (all padded to the

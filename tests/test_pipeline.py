@@ -56,7 +56,7 @@ def served(ort_session, onnx_fp32, tiny_checkpoint):
     manifest = json.loads((onnx_fp32 / "manifest.json").read_text())
     pipeline = ServedPipeline(run, AutoTokenizer.from_pretrained(tiny_checkpoint, subfolder="tokenizer"),
                               FlowMatchEulerDiscreteScheduler.load_config(tiny_checkpoint, subfolder="scheduler"),
-                              manifest, LIMITS, torch.device("cpu"), 512, "in-process")
+                              manifest["dims"], torch.float32, LIMITS, torch.device("cpu"), 512, "in-process")
     return pipeline, run
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import tritonclient.grpc as grpc
 
-from clients.api import Flux2Client, reference_cache_metrics, synthetic_reference
+from bench.helpers import reference_cache_metrics, synthetic_reference
+from clients.api import Flux2Client
 from tests.conftest import BLS_INSTANCES, CACHE_BYTES
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).parent))
+from flux2_export.loading import DTYPES  # noqa: E402 - export/ modules, copied here by the assembler
+from flux2_export.manifest import read as read_manifest  # noqa: E402
 from pipeline import ServedPipeline  # noqa: E402
 from request_inputs import INPUTS, InvalidInput, Limits, parse  # noqa: E402
 from triton_io import model_config, to_torch, to_triton  # noqa: E402 - copied here by the assembler
@@ -34,14 +35,15 @@ class TritonPythonModel:
         here = Path(args["model_repository"]) / args["model_version"]
         self.limits = Limits.from_parameters(params)
         self.device = torch.device(params.get("device", "cpu"))
-        manifest = (here / "manifest.json").read_bytes()
+        manifest = read_manifest(here)
         # Reference K/V reuse goes through the single-instance reference_kv_cache model (shared by all
         # BLS instances); its keys cover the references and this model's identity.
-        identity = f"{args['model_name']}:{args['model_version']}:{hashlib.sha256(manifest).hexdigest()[:16]}"
+        digest = hashlib.sha256((here / "manifest.json").read_bytes()).hexdigest()[:16]
+        identity = f"{args['model_name']}:{args['model_version']}:{digest}"
         self.pipeline = ServedPipeline(
             self.infer, AutoTokenizer.from_pretrained(here / "tokenizer"),
-            FlowMatchEulerDiscreteScheduler.load_config(here / "scheduler"), json.loads(manifest), self.limits,
-            self.device, int(params.get("max_sequence_length", 512)), identity)
+            FlowMatchEulerDiscreteScheduler.load_config(here / "scheduler"), manifest.dims, DTYPES[manifest.dtype],
+            self.limits, self.device, int(params.get("max_sequence_length", 512)), identity)
         # Outputs of every model we call arrive in our memory: TensorRT would otherwise hand GPU
         # tensors to a CPU BLS (and the scheduler step would mix devices).
         if self.device.type == "cuda":

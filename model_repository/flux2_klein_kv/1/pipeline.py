@@ -45,7 +45,7 @@ def tokenize(tokenizer, prompts: list[str], max_sequence_length: int):
 class ServedPipeline:
     """One request in, uint8 images out; every component call goes through `run`."""
 
-    def __init__(self, run: Run, tokenizer, scheduler_config: dict, manifest: dict, limits: Limits,
+    def __init__(self, run: Run, tokenizer, scheduler_config: dict, dims: dict, dtype: torch.dtype, limits: Limits,
                  device: torch.device, max_sequence_length: int, model_identity: str):
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
@@ -53,12 +53,11 @@ class ServedPipeline:
         self.run, self.tokenizer, self.limits = run, tokenizer, limits
         self.scheduler_config, self.scheduler_cls = scheduler_config, FlowMatchEulerDiscreteScheduler
         self.image_processor = Flux2ImageProcessor(vae_scale_factor=16)
-        self.manifest, self.device = manifest, torch.device(device)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[manifest["dtype"]]
+        self.dims, self.dtype, self.device = dims, dtype, torch.device(device)  # the export's (manifest.json)
         self.max_sequence_length = max_sequence_length
         # The reference cache's keys cover the references and the identity of the model serving them.
         self.model_identity = model_identity
-        self.kv_names = [f"ref_kv_{index:02d}" for index in range(manifest["dims"]["kv_layers"])]
+        self.kv_names = [f"ref_kv_{index:02d}" for index in range(dims["kv_layers"])]
 
     def __call__(self, req: GenerationRequest) -> np.ndarray:
         from diffusers import Flux2KleinKVPipeline as P
@@ -77,7 +76,7 @@ class ServedPipeline:
         # Noise exactly as prepare_latents: [B, 128, H/16, W/16] from the seeded generator, packed.
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         generator = torch.Generator(self.device).manual_seed(seed)
-        shape = (batch, self.manifest["dims"]["in_channels"], height // 16, width // 16)
+        shape = (batch, self.dims["in_channels"], height // 16, width // 16)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         grid = (batch, height // 16, width // 16)
         img_ids = P._prepare_latent_ids(latents)[0].reshape(*grid[1:], 4).to(self.device)
@@ -126,7 +125,7 @@ class ServedPipeline:
         """Per-block reference K/V for the whole ordered reference set, once per request."""
         from diffusers import Flux2KleinKVPipeline as P
 
-        dims = self.manifest["dims"]
+        dims = self.dims
         if not references:
             empty = torch.zeros(2, 0, dims["heads"], dims["head_dim"], dtype=self.dtype, device=self.device)
             return [empty] * len(self.kv_names)
