@@ -50,6 +50,7 @@ help:
 	@echo "make gpu-check        the prepared GPU check: environment, served stack vs diffusers (tiny, then 9B dims),"
 	@echo "                      transformer probe, 9B export -> build/gpu_check, BENCHMARKS.md (CPU: tiny stages)"
 	@echo "make test             the test suite (setup included)"
+	@echo "make clean            remove what the CPU workflow made (keeps your checkpoints, bf16 exports, engines)"
 
 setup: $(VENV)/.installed
 
@@ -80,7 +81,9 @@ repository: setup $(ONNX)/manifest.json
 	$(BIN)/python -m serving.repository --onnx-dir $(ONNX) --out $(REPO) \
 		--backend $(BACKEND) --engines-dir $(ENGINES) $(if $(DEVICE),--device $(DEVICE))
 
-serve: repository
+# Serve what is there: assemble only when REPO has no repository yet (make repository rebuilds it).
+serve: setup
+	@test -f $(REPO)/flux2_klein_kv/config.pbtxt || $(MAKE) repository
 	$(BIN)/python -m server.launch --repository $(REPO)
 
 check: setup
@@ -139,5 +142,10 @@ gpu-check:
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# Only what the CPU workflow made: never a checkpoint you put in checkpoints/, another model's export
+# (build/onnx/bf16, hours at 9B) or engines (build/engines).
 clean:
-	rm -rf build checkpoints
+	rm -rf build/model_repository build/demo build/perf build/tritonserver build/tools build/gpu_check \
+		build/gpu_venv build/onnx/fp32 build/onnx/bench-fp32
+	@for d in checkpoints/tiny checkpoints/bench; do \
+		if [ -f $$d/TINY_CHECKPOINT.json ]; then rm -rf $$d; echo "removed $$d"; fi; done

@@ -47,11 +47,18 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from bench.report import count_text, probe_markdown, size_text, write_section
-from export.checkpoint import random_module
-from export.loading import DTYPES
+
+torch = None  # imported by _load_torch() once the arguments are parsed: --help answers without it
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+
+
+def _load_torch():
+    global torch
+    import torch as module
+
+    torch = module
+    return module
 
 # Token shapes per size: text length, reference and output latent grid side (pixels / 16).
 SHAPES = {
@@ -182,6 +189,8 @@ class Probe:
         self.argv = argv
         self.start = time.perf_counter()
         self.dev = Device(torch.device(args.device))
+        from export.loading import DTYPES
+
         self.dtype = DTYPES[args.dtype]
         self.shape = dict(SHAPES[args.size])
         for key in ("text_len", "ref_grid", "img_grid"):
@@ -373,6 +382,8 @@ class Probe:
         self.log(f"device {self.dev.name}; torch {torch.__version__}, diffusers {diffusers.__version__}")
         self.log(f"building Flux2Transformer2DModel ({args.size}, {args.dtype}, random weights) on {args.device}")
         t0 = time.perf_counter()
+        from export.checkpoint import random_module
+
         self.transformer = random_module("transformer", args.size, self.dtype, self.dev.device)
         self.dev.sync()
         build_s = time.perf_counter() - t0
@@ -425,14 +436,13 @@ def _refs(text: str) -> list[int]:
 
 
 def parse_args(argv):
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p = argparse.ArgumentParser(prog="python -m bench.gpu_probe", description=HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SHAPES), default="9b",
                    help="transformer dims: klein 9B (default) or the project's tiny test dims (CPU, seconds)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=default_device,
-                   help=f"device (default here: {default_device})")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="device (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="weights and activations (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--refs", type=_refs, default=[0, 1, 4],
                    help="comma-separated reference counts to measure (default 0,1,4; 0 = text-to-image)")
@@ -451,6 +461,9 @@ def parse_args(argv):
     p.add_argument("--benchmarks", action="store_true",
                    help="also replace the GPU probe section of BENCHMARKS.md with this run's")
     args = p.parse_args(argv)
+    _load_torch()
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dtype is None:
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
     if args.repeats < 1 or args.warmup < 0:

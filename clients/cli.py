@@ -49,6 +49,10 @@ def main(argv=None) -> int:
         if not Path(path).is_file():
             print(f"error: --image {path}: no such file", file=sys.stderr)
             return 2
+    if args.url and "://" in args.url:
+        print(f"error: --url {args.url}: give host:port without a scheme, e.g. --url "
+              f"{args.url.split('://', 1)[1].rstrip('/')}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         with Flux2Client(args.url, args.protocol, timeout_s=args.timeout) as client:
@@ -56,7 +60,10 @@ def main(argv=None) -> int:
                                      num_images=args.num_images, steps=args.steps,
                                      reuse_reference_cache=False if args.no_reference_cache else None)
     except Flux2Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        unreachable = exc.status is None or "UNAVAILABLE" in str(exc.status)
+        hint = (f" (is tritonserver running at {args.url or DEFAULT_URLS[args.protocol]}? `make serve` starts one)"
+                if unreachable else "")
+        print(f"error: {exc}{hint}", file=sys.stderr)
         return 1
     latency = time.perf_counter() - start
     for image, path in zip(images, output_paths(args.out, len(images))):

@@ -48,6 +48,10 @@ def main(argv=None) -> int:
                         help="write OUT/manifest.json without exporting any graph: all that the torch serving "
                              "flavor (python -m serving.repository --backend torch) needs")
     args = parser.parse_args(argv)
+    problem = checkpoint_problem(args.model)
+    if problem:
+        print(f"error: --model {args.model}: {problem}", file=sys.stderr)
+        return 2
 
     from .loading import read_model_dims
     from .manifest import Manifest
@@ -82,6 +86,22 @@ def main(argv=None) -> int:
             failed += not report.ok
     print(f"done in {time.perf_counter() - start:.0f} s: {out / 'manifest.json'}")
     return 1 if failed else 0
+
+
+def checkpoint_problem(model: str) -> str | None:
+    """What is wrong with a --model value, in one line (None: nothing we can tell before loading)."""
+    if model.startswith("random:"):
+        return None if model in ("random:9b", "random:tiny") else "random weights are random:9b or random:tiny"
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").exists():
+            return ("not a diffusers checkpoint folder (no model_index.json in it); `make checkpoint` writes the "
+                    "tiny one, or give a Hugging Face id such as black-forest-labs/FLUX.2-klein-9b-kv")
+        return None
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        return ("no such folder (a local checkpoint folder, or a Hugging Face id such as "
+                "black-forest-labs/FLUX.2-klein-9b-kv)")
+    return None
 
 
 if __name__ == "__main__":

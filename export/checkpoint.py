@@ -22,8 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: --help answers without it
+    import torch
+
 
 # A Qwen-style ChatML template: with `add_generation_prompt=True, enable_thinking=False`
 # it ends with an empty think block, as the real Qwen3 template does.
@@ -102,6 +105,8 @@ def build_text_encoder(vocab_size: int):
 
 def build_vae():
     from diffusers import AutoencoderKLFlux2
+    import torch
+
 
     vae = AutoencoderKLFlux2(
         block_out_channels=VAE_CHANNELS,
@@ -161,6 +166,8 @@ def random_module(kind: str, size: str, dtype: torch.dtype, device: str = "cpu")
     """A randomly initialised component ("text_encoder", "vae" or "transformer") of klein 9B dims
     (`size` "9b") or of the tiny checkpoint's (`size` "tiny"), built directly on `device` in `dtype`
     (no fp32 copy, nothing read from disk). Deterministic for a given device type and dtype."""
+    import torch
+
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -183,6 +190,8 @@ def random_module(kind: str, size: str, dtype: torch.dtype, device: str = "cpu")
 
 def build_pipeline(seed: int = 0, size: str = "tiny"):
     """Build the small random `Flux2KleinKVPipeline` in memory (deterministic from `seed`)."""
+    import torch
+
     from diffusers import Flux2KleinKVPipeline
 
     torch.manual_seed(seed)

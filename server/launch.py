@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     args = parser.parse_args(argv)
+    print(f"serving {Path(args.repository).resolve()} ...", flush=True)
     process = start(args.repository, args.http_port, args.grpc_port, args.metrics_port)
 
     def forward(signum, frame):  # SIGTERM or SIGINT to us: stop tritonserver too, never leave it orphaned.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from export.envelope import DEFAULT_ENVELOPE, ServingEnvelope
@@ -68,6 +69,16 @@ def served_module(name: str):
     return sys.modules[qualified]
 
 
+MARKER = ".flux2_repository"  # written into every repository this tool assembles
+
+
+def _replaceable(out: Path) -> None:
+    """Refuse to delete a folder this tool did not make (a wrong --out must not wipe anything)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
+        raise SystemExit(f"error: --out {out} exists and was not written by python -m serving.repository "
+                         f"(no {MARKER} in it): choose another --out, or remove it yourself")
+
+
 def default_device(backend: str) -> str:
     """Where the BLS computes: next to the engines for TensorRT (outputs stay on the GPU), else the CPU."""
     return "cuda:0" if backend == "tensorrt" else "cpu"
@@ -80,12 +91,18 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
     export's manifest; `checkpoint`, if given, must be that model (a local copy of it is fine)."""
     onnx_dir, out = Path(onnx_dir), Path(out)
     device = device or default_device(backend)
-    manifest = read_manifest(onnx_dir)
+    try:
+        manifest = read_manifest(onnx_dir)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
     source = _tokenizer_source(manifest, checkpoint)
     engines = {name: _find_engine(Path(engines_dir), name) for name in manifest.paths} if backend == "tensorrt" else {}
     gpu = torch_device_index(device)
+    _replaceable(out)  # every input was checked above: only now may the old repository go
     if out.exists():
         shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text(f"assembled by python -m serving.repository from {onnx_dir.resolve()}\n")
     for name, path in manifest.paths.items():
         version = out / name / "1"
         version.mkdir(parents=True)
@@ -203,8 +220,14 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-cache-bytes", type=int, default=REFERENCE_CACHE_BYTES,
                         help="byte budget of the shared reference K/V cache (default %(default)s = 4 GiB; 0 disables)")
     args = parser.parse_args(argv)
-    out = assemble(args.onnx_dir, args.checkpoint, args.out, args.backend, args.engines_dir, args.device,
-                   args.bls_instances, cache_bytes=args.reference_cache_bytes)
+    try:
+        out = assemble(args.onnx_dir, args.checkpoint, args.out, args.backend, args.engines_dir, args.device,
+                       args.bls_instances, cache_bytes=args.reference_cache_bytes)
+    except SystemExit as exc:  # a bad local input: one line, status 2
+        if not isinstance(exc.code, str):
+            raise
+        print(exc.code, file=sys.stderr)
+        return 2
     print(f"wrote Triton model repository ({args.backend}) to {out}")
     return 0
 

@@ -20,6 +20,7 @@ def test_sigterm_to_the_launcher_stops_tritonserver_too(triton_server):
                                  "--metrics-port", str(ports["metrics"])],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
+        assert "serving " in launcher.stdout.readline()  # it says which repository it serves
         assert "tritonserver ready" in launcher.stdout.readline()
         tree = [pid for pid in process_tree(launcher.pid) if pid != launcher.pid]
         assert tree, "tritonserver is not a child of the launcher"
