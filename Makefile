@@ -68,7 +68,7 @@ checkpoints/tiny/model_index.json: | setup
 checkpoint: checkpoints/tiny/model_index.json
 
 export: setup $(if $(filter checkpoints/tiny,$(MODEL)),checkpoint)
-	$(BIN)/python -m export --model $(MODEL) --out $(ONNX) --dtype $(DTYPE)
+	$(BIN)/python -m export --model $(MODEL) --onnx-dir $(ONNX) --dtype $(DTYPE)
 
 # Re-export by itself only the embedded tiny model (a minute): never over an export of another
 # model (a 9B export takes hours and a GPU host's memory).
@@ -78,7 +78,7 @@ $(ONNX)/manifest.json: $(EXPORT_SOURCES)
 	else $(MAKE) export; fi
 
 repository: setup $(ONNX)/manifest.json
-	$(BIN)/python -m serving.repository --onnx-dir $(ONNX) --out $(REPO) \
+	$(BIN)/python -m serving.repository --onnx-dir $(ONNX) --repository $(REPO) \
 		--backend $(BACKEND) --engines-dir $(ENGINES) $(if $(DEVICE),--device $(DEVICE))
 
 # Serve what is there: assemble only when REPO has no repository yet (make repository rebuilds it).
@@ -90,10 +90,10 @@ check: setup
 	$(BIN)/python -m export.trt_compat $(ONNX)
 
 engines:
-	$(ENGINE_PYTHON) -m export.build_engines --onnx-dir $(ONNX) --out $(ENGINES)
+	$(ENGINE_PYTHON) -m export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES)
 
 engines-dry-run:
-	$(ENGINE_PYTHON) -m export.build_engines --onnx-dir $(ONNX) --out $(ENGINES) --dry-run
+	$(ENGINE_PYTHON) -m export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES) --dry-run
 
 docker-engines:
 	docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines:$(RELEASE) export/
@@ -125,11 +125,11 @@ $(BENCH_MODEL)/model_index.json: export/checkpoint.py | setup
 	$(BIN)/python -m export.checkpoint --out $(BENCH_MODEL) --size bench
 
 $(BENCH_ONNX)/manifest.json: $(BENCH_MODEL)/model_index.json $(EXPORT_SOURCES)
-	$(BIN)/python -m export --model $(BENCH_MODEL) --out $(BENCH_ONNX) --dtype fp32
+	$(BIN)/python -m export --model $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX) --dtype fp32
 
 bench: setup $(BENCH_ONNX)/manifest.json
 	$(BIN)/python -m perf.provision
-	$(BIN)/python -m bench.bench --checkpoint $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX)
+	$(BIN)/python -m bench.bench --model $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX)
 
 gpu-bundle: setup
 	$(BIN)/python -m bench.gpu_bundle --out build/gpu_bundle

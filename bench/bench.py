@@ -217,7 +217,7 @@ def markdown(args, rows, steps, perf_table, memory, repeated, seconds) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="checkpoints/bench",
+    parser.add_argument("--model", "--checkpoint", dest="checkpoint", default="checkpoints/bench",
                         help="python -m export.checkpoint --size bench writes it (make bench does)")
     parser.add_argument("--onnx-dir", default="build/onnx/bench-fp32", help="its fp32 export")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default 3)")

@@ -23,8 +23,8 @@ Every graph is checked against TensorRT's ONNX parser support list after export.
 EPILOG = """\
 examples:
   python -m export.checkpoint --out checkpoints/tiny
-  python -m export --model checkpoints/tiny --out build/onnx/fp32
-  python -m export --model black-forest-labs/FLUX.2-klein-9b-kv --out build/onnx/bf16 --dtype bf16
+  python -m export --model checkpoints/tiny --onnx-dir build/onnx/fp32
+  python -m export --model black-forest-labs/FLUX.2-klein-9b-kv --onnx-dir build/onnx/bf16 --dtype bf16
 """
 
 
@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--model", required=True,
                         help="Hugging Face id or local directory of a Flux2KleinKVPipeline checkpoint")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--onnx-dir", "--out", dest="out", required=True,
+                        help="folder to write the graphs and manifest.json to (e.g. build/onnx/fp32)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="weight and activation dtype of the graphs (default fp32; bf16 for production "
                              "engines: TensorRT's strongly typed networks take precision from the ONNX types)")

@@ -149,7 +149,8 @@ def main(argv=None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx-dir", required=True, help="output of `python -m export` (has manifest.json)")
-    parser.add_argument("--out", default="build/engines", help="directory for the .plan files (default %(default)s)")
+    parser.add_argument("--engines-dir", "--out", dest="out", default="build/engines",
+                        help="folder for the .plan files (default %(default)s)")
     parser.add_argument("--components", nargs="+", choices=COMPONENTS, metavar="NAME",
                         help="subset to build (default: every graph in the manifest)")
     parser.add_argument("--timing-cache", default=None,

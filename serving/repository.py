@@ -205,10 +205,11 @@ def main(argv=None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx-dir", required=True, help="output of `python -m export` (has manifest.json)")
-    parser.add_argument("--checkpoint", default=None,
+    parser.add_argument("--model", "--checkpoint", dest="checkpoint", default=None,
                         help="local copy of the exported model (tokenizer, scheduler); default: the model recorded "
                              "in the manifest")
-    parser.add_argument("--out", default="build/model_repository", help="repository to write (default %(default)s)")
+    parser.add_argument("--repository", "--out", dest="out", default="build/model_repository",
+                        help="repository folder to write (default %(default)s); replaced only if this tool wrote it")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                         help="tensorrt (production, GPU), onnxruntime (CPU, Python backend) or torch (the exported "
                              "modules in PyTorch on --device, Python backend: a GPU host before its engines exist)")

@@ -36,7 +36,7 @@ def _export(tmp_path_factory, checkpoint: str, dtype: str) -> Path:
     """Export through the user-facing CLI, so its progress lines and manifest are exercised."""
     out = _workdir(tmp_path_factory, f"onnx_{dtype}")
     if not (out / "manifest.json").exists():
-        cmd = [sys.executable, "-m", "export", "--model", checkpoint, "--out", str(out), "--dtype", dtype]
+        cmd = [sys.executable, "-m", "export", "--model", checkpoint, "--onnx-dir", str(out), "--dtype", dtype]
         result = subprocess.run(cmd, capture_output=True, text=True)
         (out / "export.log").write_text(result.stdout + result.stderr)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
