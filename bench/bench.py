@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import machine, tree_memory_gib, write_section
+from export.cli_help import HelpFormatter
 
 SIDE, REF_SIDE, TEXT_TOKENS, STEPS = 512, 512, 128, 4
 PROMPTS = ["turn the scene into a snowy winter evening", "a watercolor version with soft pastel colors",
@@ -216,7 +217,7 @@ def markdown(args, rows, steps, perf_table, memory, repeated, seconds) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
     parser.add_argument("--model", "--checkpoint", dest="checkpoint", default="checkpoints/bench",
                         help="python -m export.checkpoint --size bench writes it (make bench does)")
     parser.add_argument("--onnx-dir", default="build/onnx/bench-fp32", help="its fp32 export")

@@ -30,6 +30,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from export.cli_help import HelpFormatter
+
 LIMIT_BYTES = 60 * 2**20
 # What diffusers and tritonclient's gRPC client need beyond PyTorch, transformers and their
 # dependencies, at the versions `make setup` resolves here.
@@ -111,7 +113,7 @@ def build(out: Path, python: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_bundle", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("build/gpu_bundle"), help="folder (default %(default)s)")
     parser.add_argument("--python", default="3.12", help="the GPU machine's Python, X.Y (default %(default)s)")
     args = parser.parse_args(argv)

@@ -36,6 +36,8 @@ import time
 import traceback
 from pathlib import Path
 
+from export.cli_help import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"a": "environment", "b": "served_tiny", "c": "probe_9b", "d": "served", "e": "export"}
 LIMITS_S = {"a": 60, "b": 150, "c": 150, "d": 240, "e": 240}  # each stage's own time box (8 min in all)
@@ -526,7 +528,7 @@ def run_stage(args) -> dict:
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--device", default=None, help="cuda:N or cpu (default: cuda:0 when a GPU is visible)")
     parser.add_argument("--stages", default=None,
                         help="letters to run (default abcde; on the CPU c is skipped and b, d, e run at the tiny size)")

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 from bench.report import count_text, probe_markdown, size_text, write_section
+from export.cli_help import HelpFormatter
 
 torch = None  # imported by _load_torch() once the arguments are parsed: --help answers without it
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
@@ -437,7 +438,7 @@ def _refs(text: str) -> list[int]:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.gpu_probe", description=HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--size", choices=sorted(SHAPES), default="9b",
                    help="transformer dims: klein 9B (default) or the project's tiny test dims (CPU, seconds)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -453,7 +454,7 @@ def parse_args(argv):
                    help="reference latent grid side = pixels/16 (default 64 = 1024x1024 at 9B, 4 tiny)")
     p.add_argument("--img-grid", type=int, default=None,
                    help="output latent grid side = pixels/16 (default 64 = 1024x1024 at 9B, 4 tiny)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (the weights come from checkpoint.random_module's fixed seeds)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="skip the stages that would start after this many seconds (default 420)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from clients.api import DEFAULT_URLS, Flux2Client, Flux2Error
+from export.cli_help import HelpFormatter
 
 
 def output_paths(out: str, count: int) -> list[Path]:
@@ -25,7 +26,7 @@ def output_paths(out: str, count: int) -> list[Path]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m clients.cli", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="a reference image (PNG/JPEG/WebP); repeat for up to 4, in order")

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from export.cli_help import HelpFormatter
+
 DEFAULT_REPOSITORY = "build/model_repository"
 REQUESTS = [
     ("text_to_image", dict(prompt="a lighthouse on a cliff at dawn", height=512, width=512, seed=7)),
@@ -47,7 +49,7 @@ def comparison(served, expected, title: str):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.demo", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--repository", default=DEFAULT_REPOSITORY,
                         help="model repository to serve (default %(default)s; make repository writes it)")
     parser.add_argument("--out", default="build/demo", help="folder for the pictures (default %(default)s)")

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_help import HelpFormatter
+
 DESCRIPTION = """\
 Export FLUX.2 [klein] KV (diffusers Flux2KleinKVPipeline layout) to ONNX: one graph per
 component, written to OUT/<component>/model.onnx, plus OUT/manifest.json describing them.
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m export", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", required=True,
                         help="Hugging Face id or local directory of a Flux2KleinKVPipeline checkpoint")

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_help import HelpFormatter
 from .envelope import DEFAULT_ENVELOPE, profile_shapes
 from .manifest import MissingManifest
 from .manifest import read as read_manifest
@@ -147,7 +148,7 @@ def describe_profiles(specs: dict[str, GraphSpec]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.build_engines", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--onnx-dir", required=True, help="output of `python -m export` (has manifest.json)")
     parser.add_argument("--engines-dir", "--out", dest="out", default="build/engines",
                         help="folder for the .plan files (default %(default)s)")

@@ -219,9 +219,12 @@ def write_checkpoint(out: str | Path, seed: int = 0, size: str = "tiny") -> Path
 
 
 def main(argv=None) -> int:
+    from .cli_help import HelpFormatter
+
     parser = argparse.ArgumentParser(
-        prog="python -m export.checkpoint",
+        prog="python -m export.checkpoint", formatter_class=HelpFormatter,
         description="Write a small random Flux2KleinKVPipeline checkpoint (diffusers layout).",
+        epilog="example:\n  python -m export.checkpoint --out checkpoints/tiny",
     )
     parser.add_argument("--out", required=True, help="directory to write (model_index.json and subfolders)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")

@@ -24,6 +24,7 @@ import math
 import sys
 from dataclasses import dataclass
 
+from .cli_help import HelpFormatter
 from .envelope import DEFAULT_ENVELOPE, ServingEnvelope, output_max_shapes, profile_shapes
 from .specs import BYTES_PER_ELEMENT, COMPONENTS, graph_specs
 
@@ -203,7 +204,7 @@ def total_bytes(rows) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.memory_plan", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1] + "\n" + EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default=None, help="diffusers checkpoint folder or hub id (default: klein 9B dims)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="engine dtype (default %(default)s)")

@@ -21,6 +21,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
+from .cli_help import HelpFormatter
+
 SUPPORTED_OPS_FILE = Path(__file__).with_name("trt_supported_ops.tsv")
 FLOAT_TYPES = {
     TensorProto.FLOAT: "FP32",
@@ -129,7 +131,7 @@ def find_graphs(paths) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.trt_compat", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m export.trt_compat", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("paths", nargs="+", help="ONNX files or directories searched for *.onnx")
     args = parser.parse_args(argv)
     _, meta = load_supported_ops()

@@ -17,6 +17,8 @@ import json
 import struct
 from pathlib import Path
 
+from export.cli_help import HelpFormatter
+
 # case name -> number of reference images
 CASES = {"text_to_image": 0, "reference_1": 1, "reference_3": 3}
 PROMPTS = {
@@ -74,14 +76,14 @@ def write_all(out_dir, cases=tuple(CASES), **options) -> dict[str, Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perf.input_data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m perf.input_data", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--out", default="build/perf/inputs", help="directory for CASE.json")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--height", type=int, default=256, help="output height, px")
+    parser.add_argument("--width", type=int, default=256, help="output width, px")
     parser.add_argument("--ref-size", type=int, default=256, help="side of the square references, px")
     parser.add_argument("--steps", type=int, default=4, help="num_inference_steps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed of every request")
     args = parser.parse_args(argv)
     paths = write_all(args.out, [c for c in args.cases.split(",") if c], height=args.height, width=args.width,
                       ref_size=args.ref_size, steps=args.steps, seed=args.seed)

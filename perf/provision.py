@@ -22,6 +22,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from export.cli_help import HelpFormatter
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = ROOT / "build" / "tools" / "perf_analyzer"
 PYPI_PACKAGE = "perf-analyzer==2.60.0"
@@ -223,7 +225,7 @@ def provision(directory=DEFAULT_DIR, route: str = "auto", force: bool = False, l
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perf.provision", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m perf.provision", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--dir", default=None,
                         help=f"where to put perf_analyzer (default: {DEFAULT_DIR.relative_to(ROOT)} of the repository)")
     parser.add_argument("--route", choices=["auto", "pypi", "tritonclient"], default="auto",

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from export.cli_help import HelpFormatter
 from perf import input_data
 from perf.provision import DEFAULT_DIR as PROVISION_DIR
 from perf.provision import version as perf_analyzer_version
@@ -178,7 +179,7 @@ def table(results: list[Result], composing_models=COMPOSING_MODELS, header: str 
 
 def _parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m perf.run", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--repository", default="build/model_repository",
                         help="model repository to start tritonserver on (ignored with --grpc-url/--http-url)")
     parser.add_argument("--grpc-url", help="use an already-running server's gRPC endpoint host:port")

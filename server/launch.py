@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.cli_help import HelpFormatter
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -147,7 +149,7 @@ def running(repository, ports: dict | None = None, log_file=None):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.launch", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--repository", default="build/model_repository", help="model repository to serve")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")

@@ -18,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from export.cli_help import HelpFormatter
 from export.envelope import DEFAULT_ENVELOPE, ServingEnvelope
 from export.manifest import Manifest
 from export.manifest import read as read_manifest
@@ -203,7 +204,7 @@ def _local_checkpoint(checkpoint: str, weights: bool = False) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.repository", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--onnx-dir", required=True, help="output of `python -m export` (has manifest.json)")
     parser.add_argument("--model", "--checkpoint", dest="checkpoint", default=None,
                         help="local copy of the exported model (tokenizer, scheduler); default: the model recorded "
