@@ -83,7 +83,9 @@ repository: setup $(ONNX)/manifest.json
 
 # Serve what is there: assemble only when REPO has no repository yet (make repository rebuilds it).
 serve: setup
-	@test -f $(REPO)/flux2_klein_kv/config.pbtxt || $(MAKE) repository
+	@if [ -f $(REPO)/flux2_klein_kv/config.pbtxt ]; then \
+		echo "serving the existing repository $(REPO) (make repository rebuilds it)"; \
+	else $(MAKE) repository; fi
 	$(BIN)/python -m server.launch --repository $(REPO)
 
 check: setup

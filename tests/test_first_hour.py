@@ -116,3 +116,17 @@ def test_demo_shows_served_next_to_diffusers(tmp_path, triton_server):
         served = Image.open(out / f"{name}_0.png")
         assert picture.width > 3 * served.width  # served | diffusers | difference side by side
     assert "random" in result.stdout  # it says why the pictures are noise
+
+
+def test_make_serve_serves_the_existing_repository(tmp_path, triton_server):
+    """make serve must not reassemble (and so replace) a repository that is already there."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text('#!/bin/sh\necho "python $*"\n')  # records what make would run
+    (fake / "python").chmod(0o755)
+    result = subprocess.run(["make", "-C", str(ROOT), "serve", f"REPO={triton_server['repository']}", f"BIN={fake}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "serving the existing repository" in result.stdout
+    assert f"python -m server.launch --repository {triton_server['repository']}" in result.stdout
+    assert "serving.repository" not in result.stdout  # not reassembled
