@@ -26,6 +26,7 @@ then builds build/gpu_venv from it and re-runs itself there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"a": "environment", "b": "served_tiny", "c": "probe_9b", "d": "served", "e": "export"}
 LIMITS_S = {"a": 60, "b": 150, "c": 150, "d": 240, "e": 240}  # each stage's own time box (8 min in all)
 GPU_ONLY = {"c"}
-MIB, GIB = 2**20, 2**30
+GIB = 2**30
 
 
 # ---------------------------------------------------------------------------------- preparation
@@ -153,32 +154,31 @@ def _manifest(model: str, out: Path, dtype: str) -> Path:
     return folder
 
 
-class Server:
-    """A torch-flavor repository on `device`, served by a real tritonserver on free loopback ports."""
+@contextlib.contextmanager
+def torch_server(manifest_dir: Path, checkpoint: Path, out: Path, device: str, name: str):
+    """A torch-flavor repository on `device`, served by a real tritonserver on free loopback ports
+    (server.launch.Running), stopped on the way out."""
+    from serving.repository import assemble
+    from server.launch import running
 
-    def __init__(self, manifest_dir: Path, checkpoint: Path, out: Path, device: str, name: str):
-        from serving.repository import assemble
-        from server.launch import running
+    repository = assemble(manifest_dir, str(checkpoint), out / f"repo_{name}", backend="torch", device=device,
+                          bls_instances=1, cache_bytes=8 * GIB)
+    with running(repository, log_file=out / f"server_{name}.log") as server:
+        yield server
 
-        repository = assemble(manifest_dir, str(checkpoint), out / f"repo_{name}", backend="torch", device=device,
-                              bls_instances=1, cache_bytes=8 * GIB)
-        self.context = running(repository, log_file=out / f"server_{name}.log")
-        running_server = self.context.__enter__()
-        self.grpc, self.metrics = running_server.grpc, running_server.metrics
 
-    def component_seconds(self) -> float:
-        """Queue + compute time of every component model so far (Triton's statistics)."""
-        import tritonclient.grpc as grpc
+def component_seconds(grpc_url: str) -> float:
+    """Queue + compute time of every component model so far (Triton's statistics)."""
+    import tritonclient.grpc as grpc
 
-        client = grpc.InferenceServerClient(self.grpc)
-        total = 0
-        for model in ("text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached", "vae_decoder"):
-            stats = client.get_inference_statistics(model).model_stats[0].inference_stats
-            total += sum(getattr(stats, part).ns for part in ("queue", "compute_input", "compute_infer", "compute_output"))
-        return total / 1e9
+    from export.specs import COMPONENTS
 
-    def stop(self) -> None:
-        self.context.__exit__(None, None, None)
+    client = grpc.InferenceServerClient(grpc_url)
+    total = 0
+    for model in COMPONENTS:
+        stats = client.get_inference_statistics(model).model_stats[0].inference_stats
+        total += sum(getattr(stats, part).ns for part in ("queue", "compute_input", "compute_infer", "compute_output"))
+    return total / 1e9
 
 
 def _compare(served, expected, dtype: str) -> dict:
@@ -293,9 +293,8 @@ def stage_served_tiny(args) -> dict:
 
     out, device, dtype = args.out, args.device, _dtype_name(args.device)
     checkpoint = _tiny_checkpoint(out)
-    server = Server(_manifest(str(checkpoint), out, dtype), checkpoint, out, device, "tiny")
     result = {"dtype": dtype, "cases": {}}
-    try:
+    with torch_server(_manifest(str(checkpoint), out, dtype), checkpoint, out, device, "tiny") as server:
         kv, _ = _pipelines(str(checkpoint), device, DTYPES[dtype])
         rng = np.random.default_rng(0)
         with Flux2Client(server.grpc) as client:
@@ -316,8 +315,6 @@ def stage_served_tiny(args) -> dict:
         devices = bls_output_devices(server.metrics)
         result["bls_output_devices"] = devices
         result["outputs_stay_on_device"] = set(devices) == {torch.device(device).type}
-    finally:
-        server.stop()
     failed = [n for n, c in result["cases"].items() if not c["ok"]]
     failed += [k for k in ("cache_hit_equals_miss", "outputs_stay_on_device") if not result[k]]
     result["ok"] = not failed
@@ -344,7 +341,6 @@ def stage_probe(args, limit_s: float) -> dict:
 def stage_served(args) -> dict:
     """Served stack vs diffusers, same random weights (checkpoint.random_module), same device, same run."""
     import numpy as np
-    import torch
     from PIL import Image
 
     from clients.api import Flux2Client
@@ -363,24 +359,23 @@ def stage_served(args) -> dict:
     result = {"size": size, "dtype": dtype, "side": side, "steps": 4, "repeats": repeats, "rows": []}
     stop_sampler = _device_memory_sampler(device)
     served_images = {}
-    server = Server(_manifest(f"random:{size}", out, dtype), checkpoint, out, device, size)
     try:
-        with Flux2Client(server.grpc) as client:
+        with torch_server(_manifest(f"random:{size}", out, dtype), checkpoint, out, device, size) as server, \
+                Flux2Client(server.grpc) as client:
             for name, refs in cases.items():
                 call = lambda: client.generate(f"served {name}", refs, seed=7, height=side, width=side,  # noqa: E731
                                                reuse_reference_cache=False)
                 served_images[name] = np.asarray(call()[0])  # warm-up
                 e2e, outside = [], []
                 for _ in range(repeats):
-                    components = server.component_seconds()
+                    components = component_seconds(server.grpc)
                     start = time.perf_counter()
                     call()
                     e2e.append(time.perf_counter() - start)
-                    outside.append(e2e[-1] - (server.component_seconds() - components))
+                    outside.append(e2e[-1] - (component_seconds(server.grpc) - components))
                 result["rows"].append({"case": name, "refs": len(refs), "served_s": statistics.median(e2e),
                                        "outside_components_s": statistics.median(outside)})
     finally:
-        server.stop()
         result["served_peak_memory_gib"] = stop_sampler()
     # Keep what exists if the diffusers half runs out of time.
     (out / "stage_d.json").write_text(json.dumps({**result, "ok": False, "error": "stopped before the diffusers "
@@ -412,12 +407,10 @@ def stage_served(args) -> dict:
         row["outside_share"] = row["outside_components_s"] / row["served_s"]
     result["diffusers_peak_memory_gib"] = stop_sampler()
     result["ok"] = True
-    del modules, kv, plain
-    torch.cuda.empty_cache() if device.startswith("cuda") else None
-    return result
+    return result  # the stage's process ends here: its GPU memory goes with it
 
 
-def stage_export(args, limit_s: float) -> dict:
+def stage_export(args) -> dict:
     """The cached-step graph at the served dims, bf16, exported as `python -m export` does (the onnxscript
     optimizer included: without it the graph keeps sequence ops that TensorRT's parser lacks)."""
     import resource
@@ -522,7 +515,7 @@ def run_stage(args) -> dict:
         return stage_probe(args, args.limit_s)
     if letter == "d":
         return stage_served(args)
-    return stage_export(args, args.limit_s)
+    return stage_export(args)
 
 
 def parse_args(argv):

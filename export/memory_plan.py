@@ -173,7 +173,7 @@ def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, cache_bytes: in
 
 
 def render(rows, gpu_gib: float, headroom: float, size: ModelSize, dtype: str, envelope: ServingEnvelope) -> str:
-    total = sum(b for _, _, b in rows)
+    total = total_bytes(rows)
     budget = gpu_gib * GIB
     lines = ["| what | component | GiB |", "|---|---|---:|"]
     lines += [f"| {what} | {who} | {value / GIB:.2f} |" for what, who, value in rows]
