@@ -10,7 +10,7 @@ and nothing else, and no network. This writes OUT/ (default build/gpu_bundle, gi
                        and without the wheel's own libpython 3.13
   site.tar.xz          unpacked wheels (for --python, manylinux x86_64) of the packages the GPU run
                        lacks: diffusers, numpy < 2 (the backend stub passes empty BLS tensors under
-                       numpy 2), Pillow, requests, tritonclient with grpcio and protobuf, onnxscript
+                       numpy 2), Pillow, fpng, requests, tritonclient with grpcio and protobuf, onnxscript
                        (the export stage); extracted into a venv by `python -m bench.gpu_check`
   bundle.json          what is inside, with versions and sizes
 
@@ -39,7 +39,9 @@ PACKAGES = ["diffusers==0.42.1", "numpy==1.26.4", "Pillow==13.0.0", "requests==2
             "certifi==2026.10.19.post1", "charset-normalizer==3.5.3", "idna==3.20", "importlib_metadata==10.2.0",
             "zipp==4.1.2", "tritonclient==2.73.0", "grpcio==1.85.3", "protobuf==6.33.6", "python-rapidjson==1.25",
             # stage e (the 9B export): torch.onnx's exporter needs onnxscript
-            "onnxscript==0.7.2", "onnx-ir==1.1.0", "ml_dtypes==0.5.4"]
+            "onnxscript==0.7.2", "onnx-ir==1.1.0", "ml_dtypes==0.5.4",
+            # the BLS's PNG encoder (it falls back to Pillow without it)
+            "fpng==0.1.0", "lazy_loader==0.6"]
 PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_27_x86_64", "manylinux_2_28_x86_64"]
 
 

@@ -167,20 +167,6 @@ def torch_server(manifest_dir: Path, checkpoint: Path, out: Path, device: str, n
         yield server
 
 
-def component_seconds(grpc_url: str) -> float:
-    """Queue + compute time of every component model so far (Triton's statistics)."""
-    import tritonclient.grpc as grpc
-
-    from export.specs import COMPONENTS
-
-    client = grpc.InferenceServerClient(grpc_url)
-    total = 0
-    for model in COMPONENTS:
-        stats = client.get_inference_statistics(model).model_stats[0].inference_stats
-        total += sum(getattr(stats, part).ns for part in ("queue", "compute_input", "compute_infer", "compute_output"))
-    return total / 1e9
-
-
 def _compare(served, expected, dtype: str) -> dict:
     import numpy as np
 
@@ -343,6 +329,7 @@ def stage_served(args) -> dict:
     import numpy as np
     from PIL import Image
 
+    from bench.overhead import component_seconds, stage_seconds
     from clients.api import Flux2Client
     from export.checkpoint import random_module
     from export.loading import DTYPES
@@ -367,14 +354,18 @@ def stage_served(args) -> dict:
                                                reuse_reference_cache=False)
                 served_images[name] = np.asarray(call()[0])  # warm-up
                 e2e, outside = [], []
+                stages_before = stage_seconds(server.metrics)
                 for _ in range(repeats):
                     components = component_seconds(server.grpc)
                     start = time.perf_counter()
                     call()
                     e2e.append(time.perf_counter() - start)
                     outside.append(e2e[-1] - (component_seconds(server.grpc) - components))
+                stages = {stage: 1e3 * (value - stages_before.get(stage, 0.0)) / repeats
+                          for stage, value in stage_seconds(server.metrics).items()}
                 result["rows"].append({"case": name, "refs": len(refs), "served_s": statistics.median(e2e),
-                                       "outside_components_s": statistics.median(outside)})
+                                       "outside_components_s": statistics.median(outside),
+                                       "bls_stages_ms": {k: round(v, 2) for k, v in stages.items() if v > 0}})
     finally:
         result["served_peak_memory_gib"] = stop_sampler()
     # Keep what exists if the diffusers half runs out of time.
@@ -475,6 +466,11 @@ def markdown(results: dict) -> str:
             lines.append(f"| {row['case']} | {row['served_s']:.3f} | {row['outside_components_s'] * 1e3:.0f} ms "
                          f"({row['outside_share']:.0%}) | {row['diffusers_kv_s']:.3f} | {row['diffusers_no_kv_s']:.3f} | "
                          f"{row['served_vs_kv']:.2f}x | {row['served_vs_no_kv']:.2f}x | mean diff {vs.get('mean_diff')} |")
+        lines += ["", "BLS stages outside the component calls (ms per request, flux2_bls_stage_seconds_total; "
+                  "reference decoding and the cache key included, since these requests bypass the cache):", ""]
+        for row in served["rows"]:
+            own = {k: v for k, v in row.get("bls_stages_ms", {}).items() if not k.startswith("call:")}
+            lines.append(f"- {row['case']}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(own.items())))
         lines.append("")
         lines.append(f"Peak memory: served {served['served_peak_memory_gib']} GiB, diffusers "
                      f"{served['diffusers_peak_memory_gib']} GiB ({'whole GPU, nvidia-smi' if results['device'] != 'cpu' else 'process tree RSS'}).")

@@ -31,9 +31,10 @@ RUN python3 -m pip install --no-cache-dir -r /opt/flux2/requirements-serving.txt
 VOLUME /models
 
 # Bytes of Triton's CUDA memory pool on GPU 0 (tensors between models: BLS <-> engines).
-# The default is what `python -m export.memory_plan` prints for the shipped envelope (what 2 BLS
-# instances hold at once: a request's K/V, prompt embeddings, ...); override with -e.
-ENV CUDA_POOL_BYTES=4428808192
+# The default is what `python -m export.memory_plan` prints for the shipped envelope (what the one
+# BLS instance on a GPU holds at once: a request's K/V, twice while a step runs, prompt embeddings,
+# ...); override with -e.
+ENV CUDA_POOL_BYTES=4391200768
 
 EXPOSE 8000 8001 8002
 

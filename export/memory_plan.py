@@ -30,6 +30,9 @@ from .specs import BYTES_PER_ELEMENT, COMPONENTS, graph_specs
 
 GIB = 2**30
 TEXT_LAYERS_KEPT = 27  # the pipeline reads hidden states 9/18/27; the export drops the rest
+# BLS instances on a GPU (serving.repository's default there): each holds a request's K/V twice
+# while a step runs (bls_transfer_bytes); two would not fit 80 GB with 15% headroom.
+GPU_BLS_INSTANCES = 1
 CUDA_CONTEXT_GIB = 0.5  # per process that initialises CUDA (estimate for an H100 with CUDA 12)
 
 EXAMPLES = """\
@@ -141,16 +144,20 @@ def activation_bytes(name: str, size: ModelSize, dtype: str, envelope: ServingEn
 
 
 def bls_transfer_bytes(size: ModelSize, dtype: str, envelope: ServingEnvelope) -> int:
-    """What one BLS instance holds from other models at once for the largest request: the reference
-    set's K/V (received from the prefill or the cache), the prompt embeddings, one cached-step call's
-    noise prediction and one decoded image."""
+    """What one BLS instance holds in the pool at once for the largest request: the reference set's
+    K/V (received from the prefill or the cache), the prompt embeddings, one cached-step call's noise
+    prediction and one decoded image; and, while a cached-step call runs, a copy of its inputs: the
+    Python backend copies every GPU input of a BLS request into a fresh pool buffer on each exec()
+    (python_backend src/python_be.cc ExecuteBLSRequest), so the K/V is there twice, every step."""
     d, b = size.dims, BYTES_PER_ELEMENT[dtype]
     kv = d["kv_layers"] * 2 * envelope.reference_tokens[2] * d["heads"] * d["head_dim"] * b
     side = envelope.output_side[2]
     embeds = envelope.images_per_request * envelope.text_len * 3 * d["text_hidden"] * b
     noise = envelope.engine_batch["transformer_cached"] * (side // 16) ** 2 * d["in_channels"] * b
     image = envelope.engine_batch["vae_decoder"] * 3 * side * side * b
-    return kv + embeds + noise + image
+    call_embeds = envelope.engine_batch["transformer_cached"] * envelope.text_len * 3 * d["text_hidden"] * b
+    call_inputs = kv + call_embeds + noise  # K/V, prompt embeddings and latents of the call in flight
+    return kv + embeds + noise + image + call_inputs
 
 
 def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, cache_bytes: int, bls_instances: int,
@@ -215,7 +222,8 @@ def main(argv=None) -> int:
                         help="max tokens of a request's reference set (default %(default)s = one reference of 1024^2)")
     parser.add_argument("--reference-cache-bytes", type=int, default=None,
                         help="reference K/V cache budget (default: the repository's default)")
-    parser.add_argument("--bls-instances", type=int, default=2, help="BLS instances on the GPU (default %(default)s)")
+    parser.add_argument("--bls-instances", type=int, default=GPU_BLS_INSTANCES,
+                        help="BLS instances on the GPU (default %(default)s, the repository's default on a GPU)")
     args = parser.parse_args(argv)
 
     from serving.repository import REFERENCE_CACHE_BYTES

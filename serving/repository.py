@@ -23,6 +23,7 @@ from export.envelope import DEFAULT_ENVELOPE, ServingEnvelope
 from export.manifest import Manifest
 from export.manifest import read as read_manifest
 from export.manifest import write as write_manifest
+from export.memory_plan import GPU_BLS_INSTANCES
 
 from . import triton_config
 from .triton_config import BACKENDS, component_config, cpu_only
@@ -45,9 +46,10 @@ def cache_config(device: str, dtype: str, kv_layers: int, cache_bytes: int = REF
 
 
 def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.text_len,
-               envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> str:
+               envelope: ServingEnvelope = DEFAULT_ENVELOPE, parameters: dict | None = None) -> str:
     """config.pbtxt of the public BLS model, from its own declaration of its interface."""
-    return triton_config.bls_config(BLS, served_module("request_inputs"), device, instances, text_tokens, envelope)
+    return triton_config.bls_config(BLS, served_module("request_inputs"), device, instances, text_tokens, envelope,
+                                    parameters)
 
 
 def _find_engine(engines_dir: Path, component: str) -> Path:
@@ -80,18 +82,26 @@ def _replaceable(out: Path) -> None:
                          f"(no {MARKER} in it): choose another --out, or remove it yourself")
 
 
+def default_bls_instances(device: str) -> int:
+    """1 on a GPU (the GPU memory plan: each instance holds a request's K/V twice while a step runs),
+    2 on the CPU (requests overlap)."""
+    return GPU_BLS_INSTANCES if device.startswith("cuda") else 2
+
+
 def default_device(backend: str) -> str:
     """Where the BLS computes: next to the engines for TensorRT (outputs stay on the GPU), else the CPU."""
     return "cuda:0" if backend == "tensorrt" else "cpu"
 
 
 def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="onnxruntime", engines_dir=None,
-             device=None, bls_instances=2, threads=1, text_tokens=DEFAULT_ENVELOPE.text_len,
-             cache_bytes=REFERENCE_CACHE_BYTES) -> Path:
+             device=None, bls_instances=None, threads=1, text_tokens=DEFAULT_ENVELOPE.text_len,
+             cache_bytes=REFERENCE_CACHE_BYTES, bls_parameters: dict | None = None) -> Path:
     """Write the repository to `out`. Tokenizer and scheduler come from the model recorded in the
-    export's manifest; `checkpoint`, if given, must be that model (a local copy of it is fine)."""
+    export's manifest; `checkpoint`, if given, must be that model (a local copy of it is fine).
+    `bls_parameters` override the BLS's config parameters (serving.triton_config.BLS_PARAMETERS)."""
     onnx_dir, out = Path(onnx_dir), Path(out)
     device = device or default_device(backend)
+    bls_instances = bls_instances or default_bls_instances(device)
     try:
         manifest = read_manifest(onnx_dir)
     except FileNotFoundError as exc:
@@ -131,7 +141,7 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(local / part, bls / part)
     write_manifest(bls, manifest)  # the BLS reads its dims and dtype
-    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens))
+    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens, parameters=bls_parameters))
     _python_model(SOURCES / CACHE / "1", out / CACHE / "1")
     (out / CACHE / "config.pbtxt").write_text(
         cache_config(device, manifest.dtype, manifest.dims["kv_layers"], cache_bytes))
@@ -218,7 +228,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None,
                         help="device the BLS and the reference cache compute on: cpu or cuda:N "
                              "(default: cuda:0 with --backend tensorrt, else cpu); TensorRT instances are pinned to it")
-    parser.add_argument("--bls-instances", type=int, default=2, help="BLS instances (overlapping requests)")
+    parser.add_argument("--bls-instances", type=int, default=None,
+                        help="BLS instances, i.e. requests in flight (default: 1 on a GPU, see the GPU memory plan; "
+                             "2 on the CPU)")
     parser.add_argument("--reference-cache-bytes", type=int, default=REFERENCE_CACHE_BYTES,
                         help="byte budget of the shared reference K/V cache (default %(default)s = 4 GiB; 0 disables)")
     args = parser.parse_args(argv)

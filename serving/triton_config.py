@@ -107,14 +107,22 @@ def cache_config(name: str, device: str, dtype: str, kv_layers: int, cache_bytes
     return to_text(config)
 
 
+BLS_PARAMETERS = {
+    "request_cache_entries": 1024,  # per BLS instance: tokenized prompts, and encoded reference sets' keys
+    "png_encoder": "fpng",  # or pillow:<level> (Pillow's default level is 6)
+}
+
+
 def bls_config(name: str, interface, device: str, instances: int, text_tokens: int,
-               envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> str:
-    """The public model: `interface` is the BLS's request_inputs module (PUBLIC_INPUTS/OUTPUTS)."""
+               envelope: ServingEnvelope = DEFAULT_ENVELOPE, parameters: dict | None = None) -> str:
+    """The public model: `interface` is the BLS's request_inputs module (PUBLIC_INPUTS/OUTPUTS);
+    `parameters` override BLS_PARAMETERS."""
     config = mc.ModelConfig(name=name, max_batch_size=0)
     for group, fields in ((config.input, interface.PUBLIC_INPUTS), (config.output, interface.PUBLIC_OUTPUTS)):
         for f in fields:
             _add(group, f.name, WIRE_TYPES[f.datatype], f.dims, optional=f.optional)
     # max_sequence_length: prompt length in tokens (padded), as the pipeline's; 512 for the real model.
     _python_model(config, instances, {"device": device, "max_sequence_length": text_tokens,
-                                      **envelope.request_limits(), "FORCE_CPU_ONLY_INPUT_TENSORS": cpu_only(device)})
+                                      **envelope.request_limits(), **BLS_PARAMETERS, **(parameters or {}),
+                                      "FORCE_CPU_ONLY_INPUT_TENSORS": cpu_only(device)})
     return to_text(config)

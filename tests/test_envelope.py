@@ -31,6 +31,10 @@ def _png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+def _sizes(pixels) -> list[tuple[int, int]]:
+    return [tuple(p.shape[-2:]) for p in pixels]
+
+
 def _within(shape, profile) -> bool:
     lo, _, hi = profile
     return all(a <= s <= b for a, s, b in zip(lo, shape, hi))
@@ -54,7 +58,7 @@ def test_accepted_references_fit_the_vae_encoder_and_prefill_profiles(width, hei
     assert _within((2, tokens, 32, 128), profile_shapes(specs["transformer_cached"])["ref_kv_00"])
     # The default output size is the reference's: inside the output profile, or rejected by name.
     try:
-        out_h, out_w = output_size(GenerationRequest(prompt="x"), [pixels], LIMITS)
+        out_h, out_w = output_size(GenerationRequest(prompt="x"), [tuple(pixels.shape[-2:])], LIMITS)
     except InvalidInput as exc:
         assert "pass 'height' explicitly" in str(exc) or "pass 'width' explicitly" in str(exc)
     else:
@@ -72,10 +76,10 @@ def test_references_outside_the_profiles_are_rejected(width, height, message):
 
 def test_reference_set_within_the_token_budget():
     four_small = [preprocess_reference(decode_image(_png(512, 512), i, LIMITS), PROCESSOR, LIMITS) for i in range(4)]
-    assert output_size(GenerationRequest(prompt="x"), four_small, LIMITS) == (512, 512)  # 4 x 1024 = 4096 tokens
+    assert output_size(GenerationRequest(prompt="x"), _sizes(four_small), LIMITS) == (512, 512)  # 4 x 1024 = 4096 tokens
     two_large = [preprocess_reference(decode_image(_png(1024, 1024), i, LIMITS), PROCESSOR, LIMITS) for i in range(2)]
     with pytest.raises(InvalidInput, match="'image': the references hold 8192 tokens .* at most 4096 allowed"):
-        output_size(GenerationRequest(prompt="x", height=512, width=512), two_large, LIMITS)
+        output_size(GenerationRequest(prompt="x", height=512, width=512), _sizes(two_large), LIMITS)
 
 
 @pytest.mark.parametrize("side", [256, 1440])
@@ -133,19 +137,23 @@ def test_the_old_envelope_does_not_fit_80_gb(size_9b):
 def test_the_shipped_envelope_fits_80_gb_with_15_percent_headroom(size_9b):
     from serving.repository import REFERENCE_CACHE_BYTES
 
-    rows = memory_plan.plan(size_9b, "bf16", DEFAULT_ENVELOPE, REFERENCE_CACHE_BYTES, bls_instances=2)
+    rows = memory_plan.plan(size_9b, "bf16", DEFAULT_ENVELOPE, REFERENCE_CACHE_BYTES,
+                            bls_instances=memory_plan.GPU_BLS_INSTANCES)
     assert memory_plan.total_bytes(rows) <= 0.85 * 80 * 2**30
+    # Two BLS instances would each hold a request's K/V twice while a step runs: over the headroom.
+    two = memory_plan.plan(size_9b, "bf16", DEFAULT_ENVELOPE, REFERENCE_CACHE_BYTES, bls_instances=2)
+    assert memory_plan.total_bytes(two) > 0.85 * 80 * 2**30
     graph, tensor, elements = memory_plan.largest_tensor(size_9b, DEFAULT_ENVELOPE)
     assert elements <= 2**31 - 1, (graph, tensor)
 
 
 def test_serving_image_pool_is_the_plans(size_9b):
-    """The serving image's default --cuda-memory-pool-byte-size is what the plan says 2 BLS instances hold."""
+    """The serving image's default --cuda-memory-pool-byte-size is what the plan says the GPU's BLS instances hold."""
     import re
 
     dockerfile = (Path(__file__).resolve().parents[1] / "docker" / "serving.Dockerfile").read_text()
     pool = int(re.search(r"^ENV CUDA_POOL_BYTES=(\d+)$", dockerfile, flags=re.MULTILINE).group(1))
-    assert pool == 2 * memory_plan.bls_transfer_bytes(size_9b, "bf16", DEFAULT_ENVELOPE)
+    assert pool == memory_plan.GPU_BLS_INSTANCES * memory_plan.bls_transfer_bytes(size_9b, "bf16", DEFAULT_ENVELOPE)
 
 
 def test_memory_plan_cli_prints_the_table_and_fails_on_48_gb():

@@ -89,3 +89,40 @@ def test_eviction_under_a_small_budget_never_returns_a_wrong_image(triton_server
     assert delta["hits_total"] == 2 and delta["misses_total"] == 6
     assert delta["evictions_total"] >= 4  # plus whatever earlier tests had left in the cache
     assert after["bytes"] <= CACHE_BYTES and after["entries"] == 2
+
+
+def test_repeated_bytes_are_not_decoded_and_give_the_identical_image(triton_server):
+    """First-level key: the same encoded bytes again skip decoding, preprocessing and the pixel hash."""
+    refs = [synthetic_reference((256, 256), 41)]
+    fresh = edit(triton_server, refs, seed=6, reuse_reference_cache=False)
+    before = cache_metrics(triton_server)
+    results = [edit(triton_server, refs, seed=6) for _ in range(2 * BLS_INSTANCES + 1)]
+    after = cache_metrics(triton_server)
+    not_decoded = after.get("encoded_key_hits_total", 0) - before.get("encoded_key_hits_total", 0)
+    print(f"encoded-key hits {not_decoded} of {len(results) - 1} repeats")
+    assert not_decoded >= 1  # each BLS instance keeps its own map: a repeat on another instance decodes
+    assert after["hits_total"] - before["hits_total"] == len(results) - 1
+    for result in results:
+        assert np.array_equal(result, fresh)
+
+
+def test_the_same_picture_as_png_and_lossless_webp_shares_the_kv(triton_server):
+    import io
+
+    from PIL import Image
+
+    png = synthetic_reference((256, 256), 77)
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(buffer, format="WEBP", lossless=True)
+    webp = buffer.getvalue()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(webp)).convert("RGB")),
+                          np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+    before = cache_metrics(triton_server)
+    prefill_before = model_counts(triton_server, "transformer_prefill")[0]
+    from_png = edit(triton_server, [png], seed=8)
+    from_webp = edit(triton_server, [webp], seed=8)
+    after = cache_metrics(triton_server)
+    assert after["misses_total"] - before["misses_total"] == 1
+    assert after["hits_total"] - before["hits_total"] == 1  # other bytes, same pixels: the pixel key hits
+    assert model_counts(triton_server, "transformer_prefill")[0] - prefill_before == 1
+    assert np.array_equal(from_png, from_webp)

@@ -122,6 +122,7 @@ BAD = {
     "undecodable_image": (dict(images=[b"not an image at all"]), "'image[0]' is not a decodable"),
     "too_many_references": (dict(images=[b"x"] * 5), "at most 4 allowed"),
     "decompression_bomb": (dict(images=[_bomb()]), "over the limit of 16777216 pixels"),
+    "truncated_image": (dict(images=[png_bytes(Image.new("RGB", (300, 300)))[:80]]), "'image[0]' could not be decoded"),
     "height_not_multiple_of_16": (dict(height=260, width=256), "'height' is 260; it must be a multiple of 16"),
     "width_outside_envelope": (dict(height=256, width=2048), "'width' is 2048; it must be a multiple of 16 in [256, 1440]"),
     "steps_zero": (dict(num_inference_steps=0), "'num_inference_steps' is 0; it must be in [1, 50]"),
@@ -143,3 +144,16 @@ def test_bad_input_is_invalid_arg_and_server_keeps_serving(triton_server, case):
     assert message in error.value.message()
     ok = infer(triton_server, "grpc", seed=3, height=256, width=256, num_inference_steps=1)
     assert ok.as_numpy("images").shape == (1, 256, 256, 3)
+
+
+def test_bls_reports_its_stages_for_the_overhead_breakdown(triton_server):
+    """flux2_bls_stage_seconds_total{stage}: what bench.overhead breaks the serving overhead down with."""
+    from bench.overhead import stage_seconds
+
+    before = stage_seconds(triton_server["metrics"])
+    infer(triton_server, "grpc", images=[png_bytes(random_image(128, 128, seed=31))], seed=2, height=256, width=256,
+          num_inference_steps=1, reuse_reference_cache=False, outputs=("images", "png"))
+    grown = {stage for stage, value in stage_seconds(triton_server["metrics"]).items() if value > before.get(stage, 0)}
+    assert {"parse", "preprocess", "postprocess", "png", "call:text_encoder", "call:vae_encoder",
+            "call:transformer_prefill", "call:transformer_cached", "call:vae_decoder"} <= grown, grown
+    assert "reference_key" not in grown and "call:reference_kv_cache" not in grown  # the request opted out

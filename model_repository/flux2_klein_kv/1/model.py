@@ -9,6 +9,7 @@ capsule): the Python backend then synchronises the producing stream before the r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import sys
@@ -21,7 +22,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).parent))
 from flux2_export.loading import DTYPES  # noqa: E402 - export/ modules, copied here by the assembler
 from flux2_export.manifest import read as read_manifest  # noqa: E402
-from pipeline import ServedPipeline  # noqa: E402
+from pipeline import ServedPipeline, StageClock  # noqa: E402
 from request_inputs import INPUTS, InvalidInput, Limits, parse  # noqa: E402
 from triton_io import model_config, to_torch, to_triton  # noqa: E402 - copied here by the assembler
 
@@ -43,7 +44,9 @@ class TritonPythonModel:
         self.pipeline = ServedPipeline(
             self.infer, AutoTokenizer.from_pretrained(here / "tokenizer"),
             FlowMatchEulerDiscreteScheduler.load_config(here / "scheduler"), manifest.dims, DTYPES[manifest.dtype],
-            self.limits, self.device, int(params.get("max_sequence_length", 512)), identity)
+            self.limits, self.device, int(params.get("max_sequence_length", 512)), identity,
+            cache_entries=int(params.get("request_cache_entries", 1024)))
+        self.encode_png = png_encoder(params.get("png_encoder", "fpng"))
         # Outputs of every model we call arrive in our memory: TensorRT would otherwise hand GPU
         # tensors to a CPU BLS (and the scheduler step would mix devices).
         if self.device.type == "cuda":
@@ -56,6 +59,17 @@ class TritonPythonModel:
             description="Tensors the BLS received from component models, by the device they arrived on")
         self.output_labels = {"model": args["model_name"], "version": args["model_version"]}
         self.output_metrics = {}
+        # Where a request's time goes inside the BLS (component calls as "call:<model>"): with Triton's
+        # per-model statistics this breaks the serving overhead down (bench/overhead.py reads both).
+        self.stage_family = pb_utils.MetricFamily(
+            name="flux2_bls_stage_seconds_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="Wall seconds the BLS spent per request stage, summed over requests")
+        self.stage_metrics = {}
+        self.known_family = pb_utils.MetricFamily(
+            name="flux2_reference_cache_encoded_key_hits_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="Requests whose reference bytes this BLS instance had seen: the references were not decoded")
+        self.known_metric = self.known_family.Metric(labels=self.output_labels)
+        self.known_reported = 0
 
     # ------------------------------------------------------------------ Triton entry point
 
@@ -73,13 +87,30 @@ class TritonPythonModel:
         return responses
 
     def _serve(self, request):
-        tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in INPUTS}
-        parsed = parse({k: v.as_numpy() for k, v in tensors.items() if v is not None}, self.limits)
-        images = self.pipeline(parsed)  # [N, H, W, 3] uint8
-        outputs = [pb_utils.Tensor("images", images)]
-        if "png" in request.requested_output_names():
-            outputs.append(pb_utils.Tensor("png", np.array([_png(image) for image in images], dtype=np.object_)))
+        clock = StageClock()
+        with clock("parse"):
+            tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in INPUTS}
+            parsed = parse({k: v.as_numpy() for k, v in tensors.items() if v is not None}, self.limits)
+        images = self.pipeline(parsed, clock)  # [N, H, W, 3] uint8
+        requested = request.requested_output_names() or {"images"}  # a client naming none gets images
+        outputs = []
+        if "png" in requested:
+            with clock("png"):
+                outputs.append(pb_utils.Tensor("png", np.array([self.encode_png(image) for image in images],
+                                                               dtype=np.object_)))
+        if "images" in requested:
+            with clock("response"):
+                outputs.append(pb_utils.Tensor("images", images))
+        self._report_stages(clock)
         return pb_utils.InferenceResponse(outputs)
+
+    def _report_stages(self, clock: StageClock) -> None:
+        self.known_metric.increment(self.pipeline.known_reference_hits - self.known_reported)
+        self.known_reported = self.pipeline.known_reference_hits
+        for stage, seconds in clock.seconds.items():
+            if stage not in self.stage_metrics:
+                self.stage_metrics[stage] = self.stage_family.Metric(labels={**self.output_labels, "stage": stage})
+            self.stage_metrics[stage].increment(seconds)
 
     # ------------------------------------------------------------------ BLS call
 
@@ -108,9 +139,28 @@ class TritonPythonModel:
         self.output_metrics[device].increment(1)
 
 
-def _png(image: np.ndarray) -> bytes:
+def png_encoder(name: str):
+    """image [H, W, 3] uint8 -> PNG bytes. "fpng" (the fpng library: ~15x faster than Pillow at 1024^2,
+    files within a few % of Pillow's fastest level; see BENCHMARKS.md), or Pillow at compress level N
+    ("pillow:N", Pillow's default is 6). Without fpng installed (it ships x86-64 wheels only),
+    Pillow at level 1. Lossless either way: the pixels are the `images` output's."""
+    if name == "fpng":
+        try:
+            import fpng
+
+            return fpng.from_ndarray
+        except ImportError:
+            pb_utils.Logger.log_warn("png_encoder 'fpng': the fpng package is not installed; using Pillow, level 1")
+            name = "pillow:1"
+    kind, _, level = name.partition(":")
+    if kind != "pillow":
+        raise ValueError(f"png_encoder must be 'fpng' or 'pillow:<0-9>', got {name!r}")
+    return functools.partial(_pillow_png, level=int(level or 6))
+
+
+def _pillow_png(image: np.ndarray, level: int) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=level)
     return buffer.getvalue()

@@ -72,7 +72,8 @@ class Limits:
 @dataclass
 class GenerationRequest:
     prompt: str
-    images: list = field(default_factory=list)  # decoded PIL images, in request order
+    encoded: list = field(default_factory=list)  # the references' bytes as sent, in request order
+    images: list = field(default_factory=list)  # the same, opened with PIL (header checked, not decoded)
     height: int | None = None
     width: int | None = None
     seed: int | None = None
@@ -88,8 +89,9 @@ def _scalar(array, name: str):
     return value.item() if hasattr(value, "item") else value  # numpy scalar, or bytes for strings
 
 
-def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
-    """Decode one reference; the declared size is checked before any pixel is decoded."""
+def open_image(data: bytes, index: int, limits: Limits) -> Image.Image:
+    """Read one reference's header and check its size; no pixel is decoded (load_rgb does that, and
+    a request whose references' K/V are cached never needs to)."""
     field_name = f"image[{index}]"
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
@@ -99,18 +101,28 @@ def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
     if width * height > limits.max_input_pixels:
         raise InvalidInput(f"'{field_name}' declares {width}x{height} = {width * height} pixels, "
                            f"over the limit of {limits.max_input_pixels} pixels")
-    try:
-        image.load()
-        rgb = image.convert("RGB")  # RGBA, grayscale, palette, CMYK, 16-bit: as diffusers accepts them
-    except Exception as exc:  # noqa: BLE001
-        raise InvalidInput(f"'{field_name}' could not be decoded ({type(exc).__name__}: {exc})") from exc
     low = limits.min_reference_side
     if width < low or height < low:
         raise InvalidInput(f"'{field_name}' is {width}x{height}; both sides must be at least {low} px")
     if max(width, height) > limits.max_reference_aspect * min(width, height):
         raise InvalidInput(f"'{field_name}' is {width}x{height}; the aspect ratio must be at most "
                            f"{limits.max_reference_aspect}:1")
-    return rgb
+    return image
+
+
+def load_rgb(image: Image.Image, index: int) -> Image.Image:
+    """Decode an opened reference's pixels as RGB (RGBA, grayscale, palette, CMYK, 16-bit: as
+    diffusers accepts them); a broken file is the client's error."""
+    try:
+        image.load()
+        return image.convert("RGB")
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidInput(f"'image[{index}]' could not be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
+    """open_image, then load_rgb: one reference, checked and decoded."""
+    return load_rgb(open_image(data, index, limits), index)
 
 
 def parse(inputs: dict, limits: Limits) -> GenerationRequest:
@@ -131,7 +143,8 @@ def parse(inputs: dict, limits: Limits) -> GenerationRequest:
         encoded = encoded.reshape(-1)
         if len(encoded) > limits.max_references:
             raise InvalidInput(f"'image' holds {len(encoded)} references; at most {limits.max_references} allowed")
-        request.images = [decode_image(bytes(data), i, limits) for i, data in enumerate(encoded)]
+        request.encoded = [bytes(data) for data in encoded]
+        request.images = [open_image(data, i, limits) for i, data in enumerate(request.encoded)]
 
     for name in ("height", "width"):
         if name in inputs:
@@ -168,20 +181,20 @@ def preprocess_reference(image: Image.Image, processor, limits: Limits):
     return processor.preprocess(image, height=height, width=width, resize_mode="crop")
 
 
-def output_size(request: GenerationRequest, references: list, limits: Limits) -> tuple[int, int]:
+def output_size(request: GenerationRequest, sizes: list[tuple[int, int]], limits: Limits) -> tuple[int, int]:
     """Output (height, width): as asked, else the first preprocessed reference's, else the default.
-    Also checks the reference set's token count (its K/V size), so every limit is checked before
-    the first component model runs."""
+    `sizes`: the preprocessed references' (height, width). Also checks the reference set's token
+    count (its K/V size), so every limit is checked before the first component model runs."""
     step = limits.multiple_of
-    tokens = sum((r.shape[-2] // step) * (r.shape[-1] // step) for r in references)
+    tokens = sum((h // step) * (w // step) for h, w in sizes)
     if tokens > limits.max_reference_tokens:
-        sizes = ", ".join(f"{r.shape[-1]}x{r.shape[-2]}" for r in references)
-        raise InvalidInput(f"'image': the references hold {tokens} tokens after preprocessing ({sizes} px, one "
+        listed = ", ".join(f"{w}x{h}" for h, w in sizes)
+        raise InvalidInput(f"'image': the references hold {tokens} tokens after preprocessing ({listed} px, one "
                            f"token per {step}x{step} px); at most {limits.max_reference_tokens} allowed: send fewer "
                            "or smaller references")
     height, width = request.height, request.width
-    if references:
-        ref_h, ref_w = references[0].shape[-2:]
+    if sizes:
+        ref_h, ref_w = sizes[0]
         height, width = height or ref_h, width or ref_w
     height, width = height or limits.default_side, width or limits.default_side
     for name, value in (("height", height), ("width", width)):
