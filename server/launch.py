@@ -60,11 +60,15 @@ def server_env() -> dict:
     return env
 
 
-def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path) -> list[str]:
+def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path,
+            explicit: bool = False) -> list[str]:
+    """tritonserver's command line; `explicit`: --model-control-mode=explicit with every model loaded
+    at start, so that one model can be reloaded alone (server/watchdog.py)."""
+    control = ["--model-control-mode=explicit", "--load-model=*"] if explicit else []
     return [str(bundled_server() / "bin" / "tritonserver"), f"--model-repository={repository}",
             f"--backend-directory={backends}", f"--http-port={http}", f"--grpc-port={grpc}",
             f"--metrics-port={metrics}", "--allow-metrics=true", "--log-verbose=0",
-            "--exit-timeout-secs=10"]
+            "--exit-timeout-secs=10", *control]
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -99,10 +103,32 @@ def free_ports() -> dict[str, int]:
     return {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
 
 
-def start(repository, http=8000, grpc=8001, metrics=8002, log_file=None) -> subprocess.Popen:
+def port_of(address: str) -> int:
+    """The port of a 'host:port' string."""
+    return int(address.rsplit(":", 1)[1])
+
+
+def stub_processes(server_pid: int) -> dict[str, int]:
+    """{instance name: pid} of tritonserver's Python-backend stubs (e.g. 'flux2_klein_kv_0_1': the
+    model, its instance group and index), from /proc: what a fault-injection test kills."""
+    stubs = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or f"PPid:\t{server_pid}\n" not in (proc / "status").read_text():
+                continue
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 2:
+            stubs[argv[-3].decode() if argv[-1] == b"" else argv[-2].decode()] = int(proc.name)
+    return stubs
+
+
+def start(repository, http=8000, grpc=8001, metrics=8002, log_file=None, explicit: bool = False,
+          append: bool = False) -> subprocess.Popen:
     backends = prepare_backends(ROOT / "build" / "tritonserver" / "backends")
-    out = open(log_file, "w") if log_file else None  # noqa: SIM115 - owned by the process
-    process = subprocess.Popen(command(Path(repository).resolve(), http, grpc, metrics, backends),
+    out = open(log_file, "a" if append else "w") if log_file else None  # noqa: SIM115 - owned by the process
+    process = subprocess.Popen(command(Path(repository).resolve(), http, grpc, metrics, backends, explicit),
                                env=server_env(), stdout=out, stderr=subprocess.STDOUT if out else None)
     try:
         wait_ready(f"127.0.0.1:{http}", process)
@@ -126,25 +152,46 @@ def stop(process: subprocess.Popen, timeout: float = 60) -> int:
 
 @dataclass
 class Running:
-    """A started server: its process and where to reach it (host:port strings)."""
+    """A started server: its process and where to reach it (host:port strings). `process` may be
+    replaced (a replica restarted on the same ports); the context manager stops the current one."""
     process: subprocess.Popen
     http: str
     grpc: str
     metrics: str
     log: Path | None
+    repository: Path | None = None
+    explicit: bool = False
+
+    def restart(self) -> None:
+        """Start tritonserver again on the same repository and ports (after it died or was killed)."""
+        if self.process.poll() is None:
+            stop(self.process)
+        ports = [port_of(address) for address in (self.http, self.grpc, self.metrics)]
+        self.process = start(self.repository, *ports, log_file=self.log, explicit=self.explicit, append=True)
 
 
 @contextlib.contextmanager
-def running(repository, ports: dict | None = None, log_file=None):
+def running(repository, ports: dict | None = None, log_file=None, watchdog: float | None = None):
     """Start tritonserver on `repository` (free loopback ports unless given), yield a Running, and
-    stop it on the way out, whatever happened."""
+    stop it on the way out, whatever happened. `watchdog`: seconds between server/watchdog.py probes,
+    run in a thread here (the server then uses explicit model control, so a model can be reloaded)."""
+    import threading
+
     ports = ports or free_ports()
-    process = start(repository, ports["http"], ports["grpc"], ports["metrics"], log_file=log_file)
+    explicit = watchdog is not None
+    process = start(repository, ports["http"], ports["grpc"], ports["metrics"], log_file=log_file, explicit=explicit)
+    server = Running(process, *(f"127.0.0.1:{ports[k]}" for k in ("http", "grpc", "metrics")),
+                     Path(log_file) if log_file else None, Path(repository), explicit)
+    done = threading.Event()
+    if watchdog is not None:
+        from server.watchdog import watch
+
+        threading.Thread(target=watch, args=(server.http, watchdog, 1, done), daemon=True).start()
     try:
-        yield Running(process, *(f"127.0.0.1:{ports[k]}" for k in ("http", "grpc", "metrics")),
-                      Path(log_file) if log_file else None)
+        yield server
     finally:
-        stop(process)
+        done.set()
+        stop(server.process)
 
 
 def main(argv=None) -> int:
@@ -154,9 +201,19 @@ def main(argv=None) -> int:
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    parser.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
+                        help="probe the models with requests every SECONDS and reload one whose Python-backend "
+                             "process died (server/watchdog.py; the server then uses explicit model control)")
     args = parser.parse_args(argv)
     print(f"serving {Path(args.repository).resolve()} ...", flush=True)
-    process = start(args.repository, args.http_port, args.grpc_port, args.metrics_port)
+    process = start(args.repository, args.http_port, args.grpc_port, args.metrics_port,
+                    explicit=args.watchdog is not None)
+    if args.watchdog is not None:
+        import threading
+
+        from server.watchdog import watch
+
+        threading.Thread(target=watch, args=(f"127.0.0.1:{args.http_port}", args.watchdog, 6), daemon=True).start()
 
     def forward(signum, frame):  # SIGTERM or SIGINT to us: stop tritonserver too, never leave it orphaned.
         process.terminate()  # only signal here: process.wait() below (interrupted, holding its lock) returns

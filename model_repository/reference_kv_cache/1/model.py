@@ -8,6 +8,8 @@ repeats miss). This single-instance model holds the one LRU instead; the BLS ask
                                      K/V cached_kv_00 ... (one per transformer block)
   key [1] and ref_kv_00 ...        -> store:  output hit [1] = false (kept, evicting the least
                                      recently used entries to stay within the byte budget)
+  key [1] = "" (empty)             -> hit [1] = false, the cache untouched: the liveness probe of
+                                     server/watchdog.py (proves this model's process answers)
 
 Tensors stay on the serving device (parameter `device`; DLPack in and out). The budget is the
 parameter `reference_cache_bytes`. Hits, misses, evictions, bytes and entries are Triton
@@ -54,7 +56,9 @@ class TritonPythonModel:
         for request in requests:
             key = pb_utils.get_input_tensor_by_name(request, "key").as_numpy().reshape(-1)[0].decode()
             values = [pb_utils.get_input_tensor_by_name(request, name) for name in self.kv_names]
-            if values[0] is not None:
+            if not key:  # a probe: alive, nothing looked up or counted
+                responses.append(pb_utils.InferenceResponse([_hit(False)]))
+            elif values[0] is not None:
                 # The request's memory is freed after the response: keep copies on the serving device,
                 # and wait for the copies before answering (they run on the current CUDA stream).
                 self.cache.put(key, [to_torch(value).to(self.device, copy=True) for value in values])
