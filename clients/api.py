@@ -19,6 +19,11 @@ from PIL import Image
 
 MODEL = "flux2_klein_kv"
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+# Routing header (HTTP) / metadata key (gRPC) for gateways in front of several replicas: the sha256
+# of the request's encoded references, the BLS's own first-level cache key. A gateway that hashes
+# on it (deploy/nginx/flux2-gateway.conf) sends every edit of one reference set to one replica,
+# whose reference K/V cache then holds it. Absent for text-to-image.
+ROUTING_HEADER = "x-flux2-reference-key"
 
 
 def public_inputs():
@@ -71,6 +76,16 @@ def request_tensors(prompt: str | None, images=(), **scalars) -> dict[str, tuple
     return tensors
 
 
+def routing_headers(tensors: dict) -> dict[str, str]:
+    """{ROUTING_HEADER: key} for a request with references, {} without."""
+    from serving.repository import served_module
+
+    if "image" not in tensors:
+        return {}
+    encoded = [bytes(data) for data in tensors["image"][0].reshape(-1)]
+    return {ROUTING_HEADER: served_module("reference_key").encoded_reference_key(encoded)}
+
+
 def infer_inputs(module, tensors: dict[str, tuple[np.ndarray, str]]) -> list:
     """tritonclient InferInputs; binary on HTTP (module is tritonclient.grpc or tritonclient.http)."""
     binary = {"binary_data": True} if module.__name__.endswith("http") else {}
@@ -91,10 +106,19 @@ def to_pil(result) -> list[Image.Image]:
     return [Image.fromarray(array) for array in result.as_numpy("images")]
 
 
+UNAVAILABLE = ("UNAVAILABLE", "502", "503", "504")  # gRPC status, or HTTP status from a gateway
+UNAVAILABLE_HINT = (" (unavailable: the server, or the replica a gateway sent this request to, went away while the "
+                    "request was in flight or could not be reached; it can be sent again)")
+
+
 def _error(exc) -> Flux2Error:
     status = exc.status() if hasattr(exc, "status") else None
-    message = exc.message() if hasattr(exc, "message") else str(exc)
-    return Flux2Error(" ".join(str(message).split()), None if status is None else str(status))
+    message = " ".join(str(exc.message() if hasattr(exc, "message") else exc).split())
+    if (status is not None and any(code in str(status) for code in UNAVAILABLE)) or "RST_STREAM" in message:
+        if "<html" in message:  # a gateway's error page, not Triton's JSON
+            message = f"HTTP {status} from the gateway"
+        message += UNAVAILABLE_HINT
+    return Flux2Error(message, None if status is None else str(status))
 
 
 def _arguments(prompt, images, height, width, seed, num_images, steps, reuse_reference_cache):
@@ -125,11 +149,12 @@ class Flux2Client:
         timeout = {"client_timeout": self.timeout_s} if self.protocol == "grpc" and self.timeout_s else {}
         try:
             return self.client.infer(self.model, infer_inputs(self.module, tensors),
-                                     outputs=requested_outputs(self.module, outputs), **timeout)
+                                     outputs=requested_outputs(self.module, outputs),
+                                     headers=routing_headers(tensors) or None, **timeout)
         except InferenceServerException as exc:
             raise _error(exc) from None
         except OSError as exc:  # HTTP: refused, reset or timed out (gRPC reports these as above)
-            raise Flux2Error(f"{self.url}: {type(exc).__name__}: {exc}", "UNAVAILABLE") from None
+            raise Flux2Error(f"{self.url}: {type(exc).__name__}: {exc}{UNAVAILABLE_HINT}", "UNAVAILABLE") from None
 
     def generate(self, prompt: str, images=(), *, height: int | None = None, width: int | None = None,
                  seed: int | None = None, num_images: int = 1, steps: int | None = None,
@@ -167,7 +192,8 @@ class AsyncFlux2Client:
         timeout = {"client_timeout": self.timeout_s} if self.timeout_s else {}
         try:
             result = await self.client.infer(self.model, infer_inputs(self.module, tensors),
-                                             outputs=requested_outputs(self.module), **timeout)
+                                             outputs=requested_outputs(self.module),
+                                             headers=routing_headers(tensors) or None, **timeout)
         except InferenceServerException as exc:
             raise _error(exc) from None
         return to_pil(result)

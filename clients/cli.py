@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from clients.api import DEFAULT_URLS, Flux2Client, Flux2Error
+from clients.api import DEFAULT_URLS, UNAVAILABLE_HINT, Flux2Client, Flux2Error
 from export.cli_help import HelpFormatter
 
 
@@ -29,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="a reference image (PNG/JPEG/WebP); repeat for up to 4, in order")
+                   help="a reference image (PNG/JPEG/WebP); repeat for up to 4, in order. The request then "
+                        "carries the x-flux2-reference-key header, by which a gateway routes it to one replica")
     p.add_argument("--height", type=int, help="output height, multiple of 16 (default: first reference's, else 1024)")
     p.add_argument("--width", type=int, help="output width, multiple of 16 (default: first reference's, else 1024)")
     p.add_argument("--seed", type=int, help="noise seed (default: random on the server)")
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
         unreachable = exc.status is None or "UNAVAILABLE" in str(exc.status)
         hint = (f" (is tritonserver running at {args.url or DEFAULT_URLS[args.protocol]}? `make serve` starts one)"
                 if unreachable else "")
-        print(f"error: {exc}{hint}", file=sys.stderr)
+        message = str(exc).replace(UNAVAILABLE_HINT, "") if hint else str(exc)  # one hint, the CLI's
+        print(f"error: {message}{hint}", file=sys.stderr)
         return 1
     latency = time.perf_counter() - start
     for image, path in zip(images, output_paths(args.out, len(images))):

@@ -2,8 +2,8 @@
 # Python packages.
 # Not built or run yet: the development machines have neither docker nor a GPU.
 #
-# Build (the context is docker/, which holds requirements-serving.txt):
-#   docker build -f docker/serving.Dockerfile -t flux2-klein-kv-serving docker/
+# Build (the context is the repository root; .dockerignore lets only the two files copied below in):
+#   docker build -f docker/serving.Dockerfile -t flux2-klein-kv-serving .
 # Run, on the model repository assembled for TensorRT (make repository BACKEND=tensorrt, BLS on cuda:0),
 # with plans built by docker/engines.Dockerfile of the same release:
 #   docker run --gpus '"device=0"' --shm-size=8g -p 8000:8000 -p 8001:8001 -p 8002:8002 \
@@ -12,6 +12,8 @@
 #   Docker's default /dev/shm is 64 MB.
 # --disable-auto-complete-config (below): every config.pbtxt is complete; auto-complete would have the
 #   TensorRT backend deserialize every plan a second time at load just to read its I/O.
+# --model-control-mode=explicit --load-model=* (below): everything loads at start, and a model whose
+#   Python-backend process died can be reloaded alone (python3 /opt/flux2/watchdog.py does it).
 #
 # Release 24.12 (Triton 2.53.0): its release notes list Ubuntu 24.04 with Python 3.12, and the Python
 # backend's stub runs the container's python3; diffusers 0.42.1 and transformers 5.24.0 need Python
@@ -22,10 +24,13 @@ FROM nvcr.io/nvidia/tritonserver:24.12-py3
 
 RUN python3 -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v >= (3, 11) else "python3 of this image is %d.%d; the BLS pins (diffusers 0.42.1, transformers 5.24.0) need >= 3.11" % v)'
 
-COPY requirements-serving.txt /opt/flux2/requirements-serving.txt
+COPY docker/requirements-serving.txt /opt/flux2/requirements-serving.txt
 # Ubuntu 24.04 marks its python3 as externally managed (PEP 668); this image is that Python's only user.
 ENV PIP_BREAK_SYSTEM_PACKAGES=1
 RUN python3 -m pip install --no-cache-dir -r /opt/flux2/requirements-serving.txt
+
+# Reloads a model whose Python-backend process died; the Kubernetes liveness probe (deploy/kubernetes).
+COPY server/watchdog.py /opt/flux2/watchdog.py
 
 # The model repository is mounted, not baked in: /models (plans of ~50 GB, built per GPU architecture).
 VOLUME /models
@@ -38,4 +43,4 @@ ENV CUDA_POOL_BYTES=4391200768
 
 EXPOSE 8000 8001 8002
 
-CMD ["/bin/sh", "-c", "exec tritonserver --model-repository=/models --disable-auto-complete-config --cuda-memory-pool-byte-size=0:${CUDA_POOL_BYTES}"]
+CMD ["/bin/sh", "-c", "exec tritonserver --model-repository=/models --disable-auto-complete-config --cuda-memory-pool-byte-size=0:${CUDA_POOL_BYTES} --model-control-mode=explicit --load-model=*"]

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
 
+def reference_key(references: list, model_identity: str) -> str:
+    """sha256 over the model identity and each preprocessed reference's dtype, shape and pixels
+    (torch tensors; torch is imported here only, so clients can use encoded_reference_key alone)."""
+    import torch
 
-def reference_key(references: list[torch.Tensor], model_identity: str) -> str:
-    """sha256 over the model identity and each preprocessed reference's dtype, shape and pixels."""
     digest = hashlib.sha256(model_identity.encode())
     digest.update(len(references).to_bytes(4, "little"))
     for image in references:
@@ -31,7 +32,9 @@ def reference_key(references: list[torch.Tensor], model_identity: str) -> str:
 
 
 def encoded_reference_key(encoded: list[bytes]) -> str:
-    """sha256 over the references' encoded bytes, in order, each with its length."""
+    """sha256 over the references' encoded bytes, in order, each with its length. Clients send it as
+    the routing header x-flux2-reference-key (clients/api.py), so a gateway can hash one reference
+    set to one replica."""
     digest = hashlib.sha256(len(encoded).to_bytes(4, "little"))
     for data in encoded:
         digest.update(len(data).to_bytes(8, "little"))
