@@ -43,7 +43,8 @@ help:
 	@echo "                      and a 2-reference edit over gRPC -> build/demo/*.png, server stopped"
 	@echo "make perf             perf_analyzer load test of the served model (3 cases, gRPC + HTTP, concurrency 1-4)"
 	@echo "                      -> build/perf/results.md"
-	@echo "make bench            Triton vs diffusers (KV and no-KV), per-step cost, throughput, memory"
+	@echo "make bench            Triton vs diffusers (KV and no-KV), per-step cost, throughput, memory,"
+	@echo "                      serving overhead at 1024^2, 2 replicas behind nginx (affinity vs round robin)"
 	@echo "                      -> BENCHMARKS.md (a benchmark: numbers, no pass/fail)"
 	@echo "make gpu-bundle       gather what a bare GPU machine lacks (tritonserver, diffusers, numpy<2, ...) into"
 	@echo "                      build/gpu_bundle (< 60 MiB; run where packages install)"
@@ -104,7 +105,7 @@ docker-engines:
 		-v $(CURDIR)/$(ENGINES):/work/engines flux2-klein-kv-engines:$(RELEASE)
 
 docker-serving:
-	docker build -f docker/serving.Dockerfile -t flux2-klein-kv-serving:$(RELEASE) docker/
+	docker build -f docker/serving.Dockerfile -t flux2-klein-kv-serving:$(RELEASE) .
 	docker run --rm --gpus '"device=$(GPU)"' --shm-size=8g -p 8000:8000 -p 8001:8001 -p 8002:8002 \
 		-v $(CURDIR)/$(REPO):/models $(if $(CUDA_POOL_BYTES),-e CUDA_POOL_BYTES=$(CUDA_POOL_BYTES)) \
 		flux2-klein-kv-serving:$(RELEASE)
@@ -129,7 +130,7 @@ $(BENCH_MODEL)/model_index.json: export/checkpoint.py | setup
 $(BENCH_ONNX)/manifest.json: $(BENCH_MODEL)/model_index.json $(EXPORT_SOURCES)
 	$(BIN)/python -m export --model $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX) --dtype fp32
 
-# Its serving-overhead half measures the tiny model at 1024^2, from an export of its own.
+# Its serving-overhead and scale-out parts use the tiny model, from an export of its own.
 OVERHEAD_ONNX := build/onnx/tiny-fp32
 
 $(OVERHEAD_ONNX)/manifest.json: checkpoints/tiny/model_index.json $(EXPORT_SOURCES)
@@ -139,6 +140,7 @@ bench: setup $(BENCH_ONNX)/manifest.json $(OVERHEAD_ONNX)/manifest.json
 	$(BIN)/python -m perf.provision
 	$(BIN)/python -m bench.bench --model $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX)
 	$(BIN)/python -m bench.overhead --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
+	$(BIN)/python -m bench.scaleout --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
 
 gpu-bundle: setup
 	$(BIN)/python -m bench.gpu_bundle --out build/gpu_bundle

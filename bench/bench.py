@@ -18,18 +18,14 @@ max_sequence_length parameter and the pipeline's argument of that name) = 8 : 8 
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.report import machine, tree_memory_gib, write_section
-from export.cli_help import HelpFormatter
+from bench.report import benchmark_parser, machine, parse_benchmark_args, tree_memory_gib, write_section
 
 SIDE, REF_SIDE, TEXT_TOKENS, STEPS = 512, 512, 128, 4
 PROMPTS = ["turn the scene into a snowy winter evening", "a watercolor version with soft pastel colors",
@@ -216,17 +212,12 @@ def markdown(args, rows, steps, perf_table, memory, repeated, seconds) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
-    parser.add_argument("--model", "--checkpoint", dest="checkpoint", default="checkpoints/bench",
-                        help="python -m export.checkpoint --size bench writes it (make bench does)")
-    parser.add_argument("--onnx-dir", default="build/onnx/bench-fp32", help="its fp32 export")
+    parser = benchmark_parser("python -m bench.bench", __doc__, "checkpoints/bench", "build/onnx/bench-fp32",
+                              "python -m export.checkpoint --size bench writes it (make bench does)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads per component")
     parser.add_argument("--skip-perf", action="store_true", help="leave out (d), perf_analyzer")
-    parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
-    args = parser.parse_args(argv)
-    args.command = "make bench" if os.environ.get("MAKELEVEL") else " ".join(["python -m bench.bench", *(argv or sys.argv[1:])])
+    args = parse_benchmark_args(parser, argv)
     from bench.helpers import synthetic_reference
     from clients.api import Flux2Client
     from PIL import Image

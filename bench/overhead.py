@@ -17,18 +17,15 @@ the shipped defaults); `make bench` runs it after bench.bench and writes both to
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from export.cli_help import HelpFormatter
+from bench.report import benchmark_parser, parse_benchmark_args
 
 SIDE = 1024
 CASES = {  # name -> (references, outputs requested)
@@ -140,7 +137,7 @@ def stage_table(columns: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def png_tradeoff(served: "np.ndarray", repeats: int = 5) -> list[dict]:
+def png_tradeoff(served, repeats: int = 5) -> list[dict]:
     """Encode time and size of the BLS's PNG encoders on a served 1024^2 image (a random model's: noise
     to a compressor, the worst case) and on a smooth synthetic picture (close to the best case)."""
     import io
@@ -200,10 +197,10 @@ def markdown(args, runs: dict[str, list[dict]], seconds: float) -> str:
         "compute time of text_encoder, vae_encoder, transformer_prefill, transformer_cached and vae_decoder in "
         "Triton's statistics for the same requests.",
         "",
-        f"*before*: the same code with its switchable cuts off (BLS parameters `request_cache_entries: 0`: no "
-        f"tokenizer cache, no first-level reference key; `png_encoder: pillow:6`, Pillow's default). Cuts without "
-        f"a switch are in both columns (uint8 postprocessing in tensor ops, a C-contiguous `images` output, one "
-        f"scheduler per instance); the measurement before any cut is in the note below this section.",
+        "*before*: the same code with its switchable cuts off (BLS parameters `request_cache_entries: 0`: no "
+        "tokenizer cache, no first-level reference key; `png_encoder: pillow:6`, Pillow's default). Cuts without "
+        "a switch are in both columns (uint8 postprocessing in tensor ops, a C-contiguous `images` output, one "
+        "scheduler per instance); the measurement before any cut is in the note below this section.",
         "",
         "| request | e2e before (ms) | e2e after (ms) | outside the components, before (ms) | after (ms) | target |",
         "|---|---|---|---|---|---|",
@@ -225,16 +222,10 @@ def markdown(args, runs: dict[str, list[dict]], seconds: float) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
-    parser.add_argument("--model", "--checkpoint", dest="checkpoint", default="checkpoints/tiny",
-                        help="the exported model (tokenizer, scheduler)")
-    parser.add_argument("--onnx-dir", default="build/onnx/tiny-fp32", help="its fp32 export")
+    parser = benchmark_parser("python -m bench.overhead", __doc__, "checkpoints/tiny", "build/onnx/tiny-fp32",
+                              "the exported model (tokenizer, scheduler)")
     parser.add_argument("--repeats", type=int, default=5, help="timed requests per case")
-    parser.add_argument("--no-write", action="store_true", help="print the tables, leave BENCHMARKS.md alone")
-    args = parser.parse_args(argv)
-    args.command = "make bench" if os.environ.get("MAKELEVEL") else " ".join(
-        ["python -m bench.overhead", *(argv if argv is not None else sys.argv[1:])])
+    args = parse_benchmark_args(parser, argv)
     from bench.report import write_section
 
     import numpy as np

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,3 +124,26 @@ def count_text(n: int) -> str:
 
 def size_text(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 0.1 * 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def benchmark_parser(prog: str, doc: str, model: str, onnx_dir: str, model_help: str):
+    """The argument parser every make-bench script starts from: its docstring as help, the model and
+    its fp32 export, --no-write. parse_args(argv) of it gives args.command too (parse_benchmark_args)."""
+    import argparse
+
+    from export.cli_help import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--model", "--checkpoint", dest="checkpoint", default=model, help=model_help)
+    parser.add_argument("--onnx-dir", default=onnx_dir, help="its fp32 export")
+    parser.add_argument("--no-write", action="store_true", help="print the tables, leave BENCHMARKS.md alone")
+    return parser
+
+
+def parse_benchmark_args(parser, argv=None):
+    """parse_args, plus args.command: how the numbers were made, as BENCHMARKS.md states it."""
+    args = parser.parse_args(argv)
+    given = argv if argv is not None else sys.argv[1:]
+    args.command = "make bench" if os.environ.get("MAKELEVEL") else " ".join([parser.prog, *given])
+    return args
