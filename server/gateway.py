@@ -61,6 +61,7 @@ def nginx_binary() -> Path:
         if result.returncode != 0 or not packages:
             reason = (result.stderr.strip().splitlines() or ["no .deb written"])[-1]
             raise GatewayError(f"nginx is not installed and `apt-get download nginx` failed: {reason}")
+        TOOLS.mkdir(parents=True, exist_ok=True)  # dpkg -x creates the last folder only
         subprocess.run(["dpkg", "-x", str(packages[0]), str(TOOLS)], check=True, capture_output=True)
     binary = TOOLS / "usr" / "sbin" / "nginx"
     if not binary.exists():
