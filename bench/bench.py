@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import benchmark_parser, machine, parse_benchmark_args, tree_memory_gib, write_section
+from bench.report import benchmark_parser, machine, parse_benchmark_args, publish, tree_memory_gib
 
 SIDE, REF_SIDE, TEXT_TOKENS, STEPS = 512, 512, 128, 4
 PROMPTS = ["turn the scene into a snowy winter evening", "a watercolor version with soft pastel colors",
@@ -242,9 +242,7 @@ def main(argv=None) -> int:
             perf_table = "(skipped)" if args.skip_perf else throughput(args, server, workdir)
             memory = tree_memory_gib(server.process.pid)
     text = markdown(args, rows, steps, perf_table, memory, repeated, time.perf_counter() - started)
-    print(text)
-    if not args.no_write:
-        log(f"wrote {write_section('bench', text)}")
+    publish('bench', text, write=not args.no_write)
     return 0
 
 

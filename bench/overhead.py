@@ -25,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.report import benchmark_parser, parse_benchmark_args
+from bench.report import benchmark_parser, parse_benchmark_args, publish
 
 SIDE = 1024
 CASES = {  # name -> (references, outputs requested)
@@ -226,7 +226,6 @@ def main(argv=None) -> int:
                               "the exported model (tokenizer, scheduler)")
     parser.add_argument("--repeats", type=int, default=5, help="timed requests per case")
     args = parse_benchmark_args(parser, argv)
-    from bench.report import write_section
 
     import numpy as np
 
@@ -244,9 +243,7 @@ def main(argv=None) -> int:
                                                         seed=3)[0])
     runs["png"] = png_tradeoff(served)
     text = markdown(args, runs, time.perf_counter() - started)
-    print(text)
-    if not args.no_write:
-        print(f"[overhead] wrote {write_section('overhead', text)}")
+    publish('overhead', text, write=not args.no_write)
     return 0
 
 

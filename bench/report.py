@@ -147,3 +147,10 @@ def parse_benchmark_args(parser, argv=None):
     given = argv if argv is not None else sys.argv[1:]
     args.command = "make bench" if os.environ.get("MAKELEVEL") else " ".join([parser.prog, *given])
     return args
+
+
+def publish(section: str, text: str, write: bool = True) -> None:
+    """Print a benchmark's markdown and, unless --no-write, put it in its BENCHMARKS.md section."""
+    print(text)
+    if write:
+        print(f"[{section}] wrote {write_section(section, text)}", flush=True)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.report import benchmark_parser, parse_benchmark_args
+from bench.report import benchmark_parser, parse_benchmark_args, publish
 
 
 @dataclass
@@ -221,7 +221,6 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival order within a round")
     args = parse_benchmark_args(parser, argv)
     from bench.helpers import synthetic_reference
-    from bench.report import write_section
     from server.gateway import running_gateway
 
     started, rows = time.perf_counter(), {}
@@ -239,9 +238,7 @@ def main(argv=None) -> int:
             failover = kill_and_restart(replicas, gateway, references, args.side, args.steps,
                                         log=lambda m: print(f"[scaleout] {m}", flush=True))
     text = markdown(args, rows, failover, time.perf_counter() - started)
-    print(text)
-    if not args.no_write:
-        print(f"[scaleout] wrote {write_section('scaleout', text)}")
+    publish('scaleout', text, write=not args.no_write)
     return 0
 
 
