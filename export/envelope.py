@@ -8,7 +8,7 @@ to 512 tokens. Standard library only (the engine builder runs without torch).
 The defaults fit an 80 GB GPU at 9B in bf16 with >= 15% headroom (`python -m export.memory_plan`).
 What sizes them: Triton's TensorRT backend allocates every input and output binding at its
 profile maximum when a model loads, and at 9B every reference token carries 512 KiB of K/V
-(prefill output, cached-step input, the BLS's copy and the cache each hold one).
+(prefill output, cached-step input, the cache each hold one; the BLS two while a step runs).
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PIXELS_PER_TOKEN_SIDE = 16
+# BLS instances on a GPU (serving.repository's default there): the Python backend copies a BLS
+# request's GPU inputs into a fresh pool buffer per call, so each instance holds a request's K/V
+# twice while a step runs (memory_plan.bls_transfer_bytes); two would not fit 80 GB with 15% headroom.
+GPU_BLS_INSTANCES = 1
 
 
 def _engine_batch() -> dict[str, int]:

@@ -25,14 +25,11 @@ import sys
 from dataclasses import dataclass
 
 from .cli_help import HelpFormatter
-from .envelope import DEFAULT_ENVELOPE, ServingEnvelope, output_max_shapes, profile_shapes
+from .envelope import DEFAULT_ENVELOPE, GPU_BLS_INSTANCES, ServingEnvelope, output_max_shapes, profile_shapes
 from .specs import BYTES_PER_ELEMENT, COMPONENTS, graph_specs
 
 GIB = 2**30
 TEXT_LAYERS_KEPT = 27  # the pipeline reads hidden states 9/18/27; the export drops the rest
-# BLS instances on a GPU (serving.repository's default there): each holds a request's K/V twice
-# while a step runs (bls_transfer_bytes); two would not fit 80 GB with 15% headroom.
-GPU_BLS_INSTANCES = 1
 CUDA_CONTEXT_GIB = 0.5  # per process that initialises CUDA (estimate for an H100 with CUDA 12)
 
 EXAMPLES = """\

@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 
 from export.cli_help import HelpFormatter
-from export.envelope import DEFAULT_ENVELOPE, ServingEnvelope
+from export.envelope import DEFAULT_ENVELOPE, GPU_BLS_INSTANCES, ServingEnvelope
 from export.manifest import Manifest
 from export.manifest import read as read_manifest
 from export.manifest import write as write_manifest
-from export.memory_plan import GPU_BLS_INSTANCES
 
 from . import triton_config
 from .triton_config import BACKENDS, component_config, cpu_only
