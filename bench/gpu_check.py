@@ -329,7 +329,7 @@ def stage_served(args) -> dict:
     import numpy as np
     from PIL import Image
 
-    from bench.overhead import component_seconds, stage_seconds
+    from bench.overhead import time_requests
     from clients.api import Flux2Client
     from export.checkpoint import random_module
     from export.loading import DTYPES
@@ -353,16 +353,7 @@ def stage_served(args) -> dict:
                 call = lambda: client.generate(f"served {name}", refs, seed=7, height=side, width=side,  # noqa: E731
                                                reuse_reference_cache=False)
                 served_images[name] = np.asarray(call()[0])  # warm-up
-                e2e, outside = [], []
-                stages_before = stage_seconds(server.metrics)
-                for _ in range(repeats):
-                    components = component_seconds(server.grpc)
-                    start = time.perf_counter()
-                    call()
-                    e2e.append(time.perf_counter() - start)
-                    outside.append(e2e[-1] - (component_seconds(server.grpc) - components))
-                stages = {stage: 1e3 * (value - stages_before.get(stage, 0.0)) / repeats
-                          for stage, value in stage_seconds(server.metrics).items()}
+                e2e, outside, stages = time_requests(server, call, repeats)
                 result["rows"].append({"case": name, "refs": len(refs), "served_s": statistics.median(e2e),
                                        "outside_components_s": statistics.median(outside),
                                        "bls_stages_ms": {k: round(v, 2) for k, v in stages.items() if v > 0}})

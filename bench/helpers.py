@@ -25,15 +25,21 @@ def reference_cache_metrics(metrics_url: str = "127.0.0.1:8002") -> dict[str, fl
     return totals
 
 
+def metric_by_label(metrics_url: str, metric: str, label: str) -> dict[str, float]:
+    """{value of `label`: `metric` summed over every other label (e.g. the BLS instances)}, from
+    Triton's Prometheus metrics endpoint."""
+    totals: dict[str, float] = {}
+    pattern = rf"^{metric}\{{([^}}]*)\}} ([0-9.e+-]+)$"
+    for labels, value in re.findall(pattern, _metrics(metrics_url), re.M):
+        key = re.search(rf'{label}="([^"]*)"', labels).group(1)
+        totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
 def bls_output_devices(metrics_url: str = "127.0.0.1:8002") -> dict[str, float]:
     """{device: tensors} the BLS received from component models (all instances), from the metrics
     endpoint: on a GPU server every one should have arrived on cuda."""
-    text = _metrics(metrics_url)
-    totals: dict[str, float] = {}
-    for labels, value in re.findall(r"^flux2_bls_component_outputs_total\{([^}]*)\} ([0-9.e+]+)$", text, re.M):
-        device = re.search(r'device="([^"]*)"', labels).group(1)
-        totals[device] = totals.get(device, 0.0) + float(value)
-    return totals
+    return metric_by_label(metrics_url, "flux2_bls_component_outputs_total", "device")
 
 
 def synthetic_reference(size: tuple[int, int], hue: int) -> bytes:

@@ -18,11 +18,9 @@ the shipped defaults); `make bench` runs it after bench.bench and writes both to
 from __future__ import annotations
 
 import contextlib
-import re
 import statistics
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from bench.report import benchmark_parser, parse_benchmark_args, publish
@@ -61,12 +59,26 @@ def component_seconds(grpc_url: str) -> float:
 
 def stage_seconds(metrics_url: str) -> dict[str, float]:
     """{stage: seconds} the BLS has spent so far (all instances), from flux2_bls_stage_seconds_total."""
-    text = urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10).read().decode()
-    totals: dict[str, float] = {}
-    for labels, value in re.findall(r"^flux2_bls_stage_seconds_total\{([^}]*)\} ([0-9.e+-]+)$", text, re.M):
-        stage = re.search(r'stage="([^"]*)"', labels).group(1)
-        totals[stage] = totals.get(stage, 0.0) + float(value)
-    return totals
+    from bench.helpers import metric_by_label
+
+    return metric_by_label(metrics_url, "flux2_bls_stage_seconds_total", "stage")
+
+
+def time_requests(server, send, repeats: int) -> tuple[list[float], list[float], dict[str, float]]:
+    """`send()` `repeats` times, sequentially: each request's end-to-end seconds, its seconds outside
+    the components (e2e minus their queue + compute in Triton's statistics), and the BLS's stages
+    over all of them in ms per request. `server`: server.launch.Running."""
+    before = stage_seconds(server.metrics)
+    e2e, outside = [], []
+    for _ in range(repeats):
+        components = component_seconds(server.grpc)
+        start = time.perf_counter()
+        send()
+        e2e.append(time.perf_counter() - start)
+        outside.append(e2e[-1] - (component_seconds(server.grpc) - components))
+    stages = {stage: 1e3 * (seconds - before.get(stage, 0.0)) / repeats
+              for stage, seconds in stage_seconds(server.metrics).items()}
+    return e2e, outside, stages
 
 
 def measure(server, repeats: int = 5, side: int = SIDE, log=print) -> list[dict]:
@@ -82,17 +94,8 @@ def measure(server, repeats: int = 5, side: int = SIDE, log=print) -> list[dict]
             tensors = request_tensors("a lighthouse on a cliff at dusk", [reference] * refs, height=side, width=side,
                                       seed=3, num_inference_steps=4)
             client.infer(tensors, outputs)  # warm-up; with a reference, it also fills the cache
-            e2e, overhead = [], []
-            stages_before, models_before = stage_seconds(server.metrics), model_seconds(server.grpc, CALLED)
-            for _ in range(repeats):
-                components = component_seconds(server.grpc)
-                start = time.perf_counter()
-                client.infer(tensors, outputs)
-                e2e.append(time.perf_counter() - start)
-                overhead.append(e2e[-1] - (component_seconds(server.grpc) - components))
-            stages_after = stage_seconds(server.metrics)
-            stages = {stage: 1e3 * (seconds - stages_before.get(stage, 0.0)) / repeats
-                      for stage, seconds in stages_after.items()}
+            models_before = model_seconds(server.grpc, CALLED)
+            e2e, overhead, stages = time_requests(server, lambda: client.infer(tensors, outputs), repeats)
             # The BLS's wall time of a call, less the callee's own queue + compute: the transfers.
             inside = model_seconds(server.grpc, CALLED)
             for model in CALLED:
