@@ -58,13 +58,12 @@ class TritonPythonModel:
             name="flux2_bls_component_outputs_total", kind=pb_utils.MetricFamily.COUNTER,
             description="Tensors the BLS received from component models, by the device they arrived on")
         self.output_labels = {"model": args["model_name"], "version": args["model_version"]}
-        self.output_metrics = {}
+        self.labelled_metrics = {}  # (label, value) -> metric, made on first use (_increment)
         # Where a request's time goes inside the BLS (component calls as "call:<model>"): with Triton's
         # per-model statistics this breaks the serving overhead down (bench/overhead.py reads both).
         self.stage_family = pb_utils.MetricFamily(
             name="flux2_bls_stage_seconds_total", kind=pb_utils.MetricFamily.COUNTER,
             description="Wall seconds the BLS spent per request stage, summed over requests")
-        self.stage_metrics = {}
         self.known_family = pb_utils.MetricFamily(
             name="flux2_reference_cache_encoded_key_hits_total", kind=pb_utils.MetricFamily.COUNTER,
             description="Requests whose reference bytes this BLS instance had seen: the references were not decoded")
@@ -108,9 +107,7 @@ class TritonPythonModel:
         self.known_metric.increment(self.pipeline.known_reference_hits - self.known_reported)
         self.known_reported = self.pipeline.known_reference_hits
         for stage, seconds in clock.seconds.items():
-            if stage not in self.stage_metrics:
-                self.stage_metrics[stage] = self.stage_family.Metric(labels={**self.output_labels, "stage": stage})
-            self.stage_metrics[stage].increment(seconds)
+            self._increment(self.stage_family, "stage", stage, seconds)
 
     # ------------------------------------------------------------------ BLS call
 
@@ -128,15 +125,16 @@ class TritonPythonModel:
         for name, tensor in zip(outputs, results):  # None: an output the model left out (a cache miss)
             if tensor is None:
                 continue
-            self._count_output(tensor.device.type)
+            self._increment(self.output_family, "device", tensor.device.type, 1)
             if tensor.device.type != self.device.type:
                 raise RuntimeError(f"{model} returned '{name}' on {tensor.device}, not on the BLS's {self.device}")
         return results
 
-    def _count_output(self, device: str) -> None:
-        if device not in self.output_metrics:
-            self.output_metrics[device] = self.output_family.Metric(labels={**self.output_labels, "device": device})
-        self.output_metrics[device].increment(1)
+    def _increment(self, family, label: str, value: str, amount: float) -> None:
+        """Add `amount` to `family`'s metric for {label: value} (with this model's labels), made on first use."""
+        if (label, value) not in self.labelled_metrics:
+            self.labelled_metrics[label, value] = family.Metric(labels={**self.output_labels, label: value})
+        self.labelled_metrics[label, value].increment(amount)
 
 
 def png_encoder(name: str):
