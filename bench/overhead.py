@@ -37,24 +37,26 @@ LABELS = {"text_to_image": "text-to-image", "text_to_image_png": "text-to-image,
           "reference_hit": "1 reference (1024^2 PNG), reference K/V cache hit"}
 
 
-def model_seconds(grpc_url: str, models) -> dict[str, float]:
-    """{model: queue + compute seconds so far} from Triton's statistics."""
+def model_seconds(server, models) -> dict[str, float]:
+    """{model: queue + compute seconds so far} from Triton's statistics (an admin API: `server`, a
+    server.launch.Running, holds the key)."""
     import tritonclient.grpc as grpc
 
-    client = grpc.InferenceServerClient(grpc_url)
+    client = grpc.InferenceServerClient(server.grpc)
     seconds = {}
     for model in models:
-        stats = client.get_inference_statistics(model).model_stats[0].inference_stats
+        stats = client.get_inference_statistics(model, headers=server.admin_headers("grpc")).model_stats[0]
+        stats = stats.inference_stats
         parts = ("queue", "compute_input", "compute_infer", "compute_output")
         seconds[model] = sum(getattr(stats, part).ns for part in parts) / 1e9
     return seconds
 
 
-def component_seconds(grpc_url: str) -> float:
+def component_seconds(server) -> float:
     """Queue + compute time of every component model so far (Triton's statistics)."""
     from export.specs import COMPONENTS
 
-    return sum(model_seconds(grpc_url, COMPONENTS).values())
+    return sum(model_seconds(server, COMPONENTS).values())
 
 
 def stage_seconds(metrics_url: str) -> dict[str, float]:
@@ -71,11 +73,11 @@ def time_requests(server, send, repeats: int) -> tuple[list[float], list[float],
     before = stage_seconds(server.metrics)
     e2e, outside = [], []
     for _ in range(repeats):
-        components = component_seconds(server.grpc)
+        components = component_seconds(server)
         start = time.perf_counter()
         send()
         e2e.append(time.perf_counter() - start)
-        outside.append(e2e[-1] - (component_seconds(server.grpc) - components))
+        outside.append(e2e[-1] - (component_seconds(server) - components))
     stages = {stage: 1e3 * (seconds - before.get(stage, 0.0)) / repeats
               for stage, seconds in stage_seconds(server.metrics).items()}
     return e2e, outside, stages
@@ -94,10 +96,10 @@ def measure(server, repeats: int = 5, side: int = SIDE, log=print) -> list[dict]
             tensors = request_tensors("a lighthouse on a cliff at dusk", [reference] * refs, height=side, width=side,
                                       seed=3, num_inference_steps=4)
             client.infer(tensors, outputs)  # warm-up; with a reference, it also fills the cache
-            models_before = model_seconds(server.grpc, CALLED)
+            models_before = model_seconds(server, CALLED)
             e2e, overhead, stages = time_requests(server, lambda: client.infer(tensors, outputs), repeats)
             # The BLS's wall time of a call, less the callee's own queue + compute: the transfers.
-            inside = model_seconds(server.grpc, CALLED)
+            inside = model_seconds(server, CALLED)
             for model in CALLED:
                 call = stages.get(f"call:{model}", 0.0)
                 if call > 0:

@@ -90,7 +90,8 @@ def cache_counts(replicas) -> dict[str, float]:
 def inference_count(replica, model: str = "flux2_klein_kv") -> int:
     import tritonclient.grpc as grpc
 
-    stats = grpc.InferenceServerClient(replica.grpc).get_inference_statistics(model).model_stats[0]
+    client = grpc.InferenceServerClient(replica.grpc)
+    stats = client.get_inference_statistics(model, headers=replica.admin_headers("grpc")).model_stats[0]
     return stats.inference_count
 
 

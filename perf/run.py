@@ -65,8 +65,14 @@ def _versioned(models) -> list[str]:
     return [m if ":" in m else f"{m}:1" for m in models]
 
 
-def command(perf_analyzer, url: str, protocol: str, data: Path, csv_name: str, args) -> list[str]:
-    cmd = [str(perf_analyzer), "-m", MODEL, "-u", url, "-i", protocol, "--input-data", str(data),
+def command(perf_analyzer, url: str, protocol: str, data: Path, csv_name: str, args,
+            admin_key: str | None = None) -> list[str]:
+    """perf_analyzer's command line. The composing models' server-side numbers come from Triton's
+    statistics, an admin API: `admin_key` goes with every request as a header (-H)."""
+    from server.security import admin_headers
+
+    headers = [arg for name, value in admin_headers(admin_key, protocol).items() for arg in ("-H", f"{name}:{value}")]
+    cmd = [str(perf_analyzer), "-m", MODEL, "-u", url, "-i", protocol, "--input-data", str(data), *headers,
            f"--bls-composing-models={','.join(_versioned(args.composing_models))}",
            "--concurrency-range", args.concurrency, "--measurement-mode", args.measurement_mode,
            "--measurement-interval", str(args.measurement_interval),
@@ -119,7 +125,8 @@ def parse(csv_path: Path, composing_models=COMPOSING_MODELS, log: str = "") -> l
     return [rows[c] for c in sorted(rows)]
 
 
-def run_case(perf_analyzer, case: str, protocol: str, url: str, data: Path, out: Path, args) -> Result:
+def run_case(perf_analyzer, case: str, protocol: str, url: str, data: Path, out: Path, args,
+             admin_key: str | None = None) -> Result:
     name = f"{case}_{protocol}"
     csv_name = f"{name}.csv"
     for stale in list(out.glob(f"{csv_name}")) + list(out.glob(f"*_v*.{csv_name}")):
@@ -129,7 +136,8 @@ def run_case(perf_analyzer, case: str, protocol: str, url: str, data: Path, out:
     # perf_analyzer writes the composing-model CSVs as MODEL_vN.<-f value> relative to its working
     # directory, so it runs inside OUT with a bare file name.
     try:
-        process = subprocess.run(command(perf_analyzer, url, protocol, data.resolve(), csv_name, args), cwd=out,
+        process = subprocess.run(command(perf_analyzer, url, protocol, data.resolve(), csv_name, args, admin_key),
+                                 cwd=out,
                                  capture_output=True, text=True, timeout=args.timeout)
         log = process.stdout + process.stderr
         status = process.returncode
@@ -241,6 +249,9 @@ def run(argv=None) -> tuple[int, str]:
     server = contextlib.ExitStack()  # holds the tritonserver we start, if any
     if external:
         urls = {"grpc": args.grpc_url, "http": args.http_url}
+        from server.security import configured_admin_key
+
+        admin_key = configured_admin_key()  # $FLUX2_ADMIN_KEY: the composing models' statistics
         missing = [p for p in protocols if not urls[p]]
         if missing:
             print(f"error: no --{missing[0]}-url given for protocol {missing[0]} (or drop it from --protocols)",
@@ -258,13 +269,14 @@ def run(argv=None) -> tuple[int, str]:
             return 1, ""
         print(f"tritonserver ready in {time.perf_counter() - started:.0f} s", flush=True)
         urls = {p: getattr(running_server, p) for p in PROTOCOLS}
+        admin_key = running_server.admin_key
 
     results = []
     try:
         for case in cases:
             for protocol in protocols:
                 print(f"perf_analyzer: {case} over {protocol}, concurrency {args.concurrency} ...", flush=True)
-                result = run_case(perf_analyzer, case, protocol, urls[protocol], data[case], out, args)
+                result = run_case(perf_analyzer, case, protocol, urls[protocol], data[case], out, args, admin_key)
                 results.append(result)
                 if result.error:
                     print(f"  failed after {result.seconds:.0f} s: {result.error}", flush=True)

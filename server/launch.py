@@ -5,6 +5,11 @@ Python backend only); on a GPU host use NVIDIA's container instead (see README).
 Python-backend stub embeds Python and ignores PYTHONPATH: it takes its prefix from the first
 `python3` on PATH, so the venv's bin/ goes first, and it links the system libpython, so the
 venv Python's LIBDIR goes first on LD_LIBRARY_PATH.
+
+Hardened as server/security.py describes: admin APIs behind a key ($FLUX2_ADMIN_KEY, or
+--admin-key-file; without one they are closed), an internal secret for the internal models,
+loopback-only listeners unless --address says otherwise. Stopping is bounded: SIGTERM, then after
+STOP_TIMEOUT_S a SIGKILL to tritonserver's whole process group, Python-backend stubs included.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.cli_help import HelpFormatter
+from server import security
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,15 +66,21 @@ def server_env() -> dict:
     return env
 
 
+EXIT_TIMEOUT_S = 10  # tritonserver --exit-timeout-secs: how long it waits for requests in flight
+STOP_TIMEOUT_S = EXIT_TIMEOUT_S + 15  # then the process group is killed (a hung shutdown included)
+
+
 def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path,
-            explicit: bool = False) -> list[str]:
+            explicit: bool = False, admin_key: str | None = None, address: str = "127.0.0.1") -> list[str]:
     """tritonserver's command line; `explicit`: --model-control-mode=explicit with every model loaded
-    at start, so that one model can be reloaded alone (server/watchdog.py)."""
+    at start, so that one model can be reloaded alone (server/watchdog.py). `admin_key` opens the
+    restricted APIs (None: nobody can use them)."""
     control = ["--model-control-mode=explicit", "--load-model=*"] if explicit else []
     return [str(bundled_server() / "bin" / "tritonserver"), f"--model-repository={repository}",
             f"--backend-directory={backends}", f"--http-port={http}", f"--grpc-port={grpc}",
             f"--metrics-port={metrics}", "--allow-metrics=true", "--log-verbose=0",
-            "--exit-timeout-secs=10", *control]
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+            *security.server_args(admin_key or security.unknowable_key(), address), *control]
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -125,35 +137,70 @@ def stub_processes(server_pid: int) -> dict[str, int]:
 
 
 def start(repository, http=8000, grpc=8001, metrics=8002, log_file=None, explicit: bool = False,
-          append: bool = False) -> subprocess.Popen:
+          append: bool = False, admin_key: str | None = None, address: str = "127.0.0.1") -> subprocess.Popen:
+    """Start tritonserver in a process group of its own (its stubs join it; stop() kills the group)
+    and wait until it is ready. A terminal's Ctrl-C then reaches only the launcher, which stops it."""
     backends = prepare_backends(ROOT / "build" / "tritonserver" / "backends")
     out = open(log_file, "a" if append else "w") if log_file else None  # noqa: SIM115 - owned by the process
-    process = subprocess.Popen(command(Path(repository).resolve(), http, grpc, metrics, backends, explicit),
-                               env=server_env(), stdout=out, stderr=subprocess.STDOUT if out else None)
+    process = subprocess.Popen(
+        command(Path(repository).resolve(), http, grpc, metrics, backends, explicit, admin_key, address),
+        env=security.server_environment(server_env()), stdout=out, stderr=subprocess.STDOUT if out else None,
+        start_new_session=True)
     try:
-        wait_ready(f"127.0.0.1:{http}", process)
-    except Exception:
-        process.terminate()
-        process.wait(30)
+        wait_ready(f"{_reachable(address)}:{http}", process)
+    except BaseException:
+        stop(process)
         raise
     return process
 
 
-def stop(process: subprocess.Popen, timeout: float = 60) -> int:
-    """Terminate tritonserver (it unloads its models and stops their stubs), kill it if it hangs."""
+def _reachable(address: str) -> str:
+    """Where to reach a server that listens on `address` from this host."""
+    return "127.0.0.1" if address in ("0.0.0.0", "") else f"[{address}]" if ":" in address else address
+
+
+def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
+    """Stop tritonserver within `timeout` s: SIGTERM (it finishes requests in flight for up to
+    EXIT_TIMEOUT_S, unloads its models and stops their stubs), then SIGKILL to its whole process
+    group, whose stubs are also killed if tritonserver itself died first (they would outlive it)."""
     if process.poll() is None:
-        process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
         try:
-            return process.wait(timeout)
+            process.wait(timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
+            print(f"tritonserver did not stop within {timeout:.0f} s of SIGTERM: killing its process group",
+                  file=sys.stderr, flush=True)
+    kill_group(process.pid)
     return process.wait()
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process left in process group `pgid` (tritonserver's: start() made it a leader)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`, from /proc."""
+    members = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(proc.name))
+    return members
 
 
 @dataclass
 class Running:
     """A started server: its process and where to reach it (host:port strings). `process` may be
-    replaced (a replica restarted on the same ports); the context manager stops the current one."""
+    replaced (a replica restarted on the same ports); the context manager stops the current one.
+    `admin_key` opens the restricted APIs (security.admin_headers); `watchdog` is its thread, if any."""
     process: subprocess.Popen
     http: str
     grpc: str
@@ -161,37 +208,53 @@ class Running:
     log: Path | None
     repository: Path | None = None
     explicit: bool = False
+    admin_key: str | None = None
+    watchdog: object = None
 
     def restart(self) -> None:
         """Start tritonserver again on the same repository and ports (after it died or was killed)."""
-        if self.process.poll() is None:
-            stop(self.process)
+        stop(self.process)
         ports = [port_of(address) for address in (self.http, self.grpc, self.metrics)]
-        self.process = start(self.repository, *ports, log_file=self.log, explicit=self.explicit, append=True)
+        self.process = start(self.repository, *ports, log_file=self.log, explicit=self.explicit, append=True,
+                             admin_key=self.admin_key)
+
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        return security.admin_headers(self.admin_key, protocol)
 
 
 @contextlib.contextmanager
-def running(repository, ports: dict | None = None, log_file=None, watchdog: float | None = None):
+def running(repository, ports: dict | None = None, log_file=None, watchdog: float | None = None,
+            admin_key: str | None = None, watchdog_timeout: float = 60, canary_every: int = 1):
     """Start tritonserver on `repository` (free loopback ports unless given), yield a Running, and
     stop it on the way out, whatever happened. `watchdog`: seconds between server/watchdog.py probes,
-    run in a thread here (the server then uses explicit model control, so a model can be reloaded)."""
+    run in a thread here (the server then uses explicit model control, so a model can be reloaded),
+    each probe waiting at most `watchdog_timeout` s, with the canary every `canary_every` rounds (0:
+    never). `admin_key`: default, a random one, known only to the returned Running (tests, the
+    watchdog thread)."""
     import threading
 
     ports = ports or free_ports()
     explicit = watchdog is not None
-    process = start(repository, ports["http"], ports["grpc"], ports["metrics"], log_file=log_file, explicit=explicit)
+    admin_key = admin_key or security.unknowable_key()
+    process = start(repository, ports["http"], ports["grpc"], ports["metrics"], log_file=log_file, explicit=explicit,
+                    admin_key=admin_key)
     server = Running(process, *(f"127.0.0.1:{ports[k]}" for k in ("http", "grpc", "metrics")),
-                     Path(log_file) if log_file else None, Path(repository), explicit)
+                     Path(log_file) if log_file else None, Path(repository), explicit, admin_key)
     done = threading.Event()
     if watchdog is not None:
-        from server.watchdog import watch
+        from server.watchdog import Watchdog
 
-        threading.Thread(target=watch, args=(server.http, watchdog, 1, done), daemon=True).start()
+        server.watchdog = Watchdog(server.http, admin_key, probe_timeout=watchdog_timeout)
+        threading.Thread(target=server.watchdog.watch, args=(watchdog, canary_every, done), daemon=True).start()
     try:
         yield server
     finally:
         done.set()
         stop(server.process)
+
+
+class Stopping(Exception):
+    """SIGINT or SIGTERM reached the launcher."""
 
 
 def main(argv=None) -> int:
@@ -201,31 +264,55 @@ def main(argv=None) -> int:
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    parser.add_argument("--address", default="127.0.0.1",
+                        help="address HTTP, gRPC and metrics listen on (0.0.0.0: every interface)")
+    parser.add_argument("--admin-key-file", default=None, metavar="FILE",
+                        help=f"file holding the key that opens the admin APIs ({', '.join(security.RESTRICTED_APIS)}) "
+                             f"to requests with the header {security.ADMIN_HEADER}; default ${security.ADMIN_KEY_ENV}; "
+                             "neither: those APIs are closed")
     parser.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
                         help="probe the models with requests every SECONDS and reload one whose Python-backend "
-                             "process died (server/watchdog.py; the server then uses explicit model control)")
+                             "process died or that was unloaded (server/watchdog.py; the server then uses explicit "
+                             "model control)")
     args = parser.parse_args(argv)
+    environ = dict(os.environ, **({security.ADMIN_KEY_FILE_ENV: args.admin_key_file} if args.admin_key_file else {}))
+    configured = security.configured_admin_key(environ=environ)
+    admin_key = configured or security.unknowable_key()  # unknowable: only the watchdog thread below has it
+
+    def on_signal(signum, frame):  # the first SIGINT/SIGTERM stops the server (bounded); another kills it now
+        signal.signal(signal.SIGINT, lambda *_: kill_group(process.pid) if process else None)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stopping(signal.Signals(signum).name)
+
+    process = None
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     print(f"serving {Path(args.repository).resolve()} ...", flush=True)
-    process = start(args.repository, args.http_port, args.grpc_port, args.metrics_port,
-                    explicit=args.watchdog is not None)
-    if args.watchdog is not None:
-        import threading
-
-        from server.watchdog import watch
-
-        threading.Thread(target=watch, args=(f"127.0.0.1:{args.http_port}", args.watchdog, 6), daemon=True).start()
-
-    def forward(signum, frame):  # SIGTERM or SIGINT to us: stop tritonserver too, never leave it orphaned.
-        process.terminate()  # only signal here: process.wait() below (interrupted, holding its lock) returns
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    print(f"tritonserver ready: HTTP 127.0.0.1:{args.http_port}, gRPC 127.0.0.1:{args.grpc_port}, "
-          f"metrics http://127.0.0.1:{args.metrics_port}/metrics (Ctrl-C stops it)", flush=True)
     try:
-        return process.wait()
+        process = start(args.repository, args.http_port, args.grpc_port, args.metrics_port,
+                        explicit=args.watchdog is not None, admin_key=admin_key, address=args.address)
+        if args.watchdog is not None:
+            import threading
+
+            from server.watchdog import Watchdog
+
+            dog = Watchdog(f"{_reachable(args.address)}:{args.http_port}", admin_key)
+            threading.Thread(target=dog.watch, args=(args.watchdog, 6), daemon=True).start()
+        admin = (f"admin APIs need the header {security.ADMIN_HEADER}" if configured else
+                 f"admin APIs closed (no ${security.ADMIN_KEY_ENV} or --admin-key-file)")
+        print(f"tritonserver ready on {args.address}: HTTP {args.http_port}, gRPC {args.grpc_port}, metrics "
+              f"{args.metrics_port}/metrics; {admin} (Ctrl-C stops it)", flush=True)
+        while True:
+            try:
+                return process.wait(timeout=1.0)  # polled: signals are handled between waits
+            except subprocess.TimeoutExpired:
+                continue
+    except Stopping as stopping:
+        print(f"{stopping}: stopping tritonserver (at most {STOP_TIMEOUT_S} s)", flush=True)
+        return 0
     finally:
-        stop(process)
+        if process is not None:
+            stop(process)
 
 
 if __name__ == "__main__":

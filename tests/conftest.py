@@ -19,6 +19,17 @@ import sys
 from export.checkpoint import write_checkpoint
 
 
+def pytest_configure(config):
+    """SIGTERM (a CI timeout, a supervisor) ends the run like Ctrl-C: fixtures stop their servers.
+    Each tritonserver runs in a process group of its own (server.launch), so nothing else would."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _workdir(tmp_path_factory, name: str) -> Path:
     cache = os.environ.get("FLUX2_TEST_CACHE")
     return Path(cache) / name if cache else tmp_path_factory.mktemp(name)
@@ -109,7 +120,7 @@ def _serve(tmp_path_factory, onnx_dir, checkpoint, backend: str, bls_instances: 
 
 def _as_dict(repository, server) -> dict:
     return {"http": server.http, "grpc": server.grpc, "metrics": server.metrics, "process": server.process,
-            "log": server.log, "repository": repository}
+            "log": server.log, "repository": repository, "admin_key": server.admin_key}
 
 
 @pytest.fixture(scope="session")

@@ -3,35 +3,116 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import pytest
+
 from bench.report import process_tree
-from server.launch import free_ports
+from clients.api import Flux2Client, Flux2Error
+from server.launch import STOP_TIMEOUT_S, free_ports, group_members
+
+STOP_BOUND_S = STOP_TIMEOUT_S + 10  # stated in README ("Serving with Triton"): the launcher's bound, plus slack
+
+
+def start_launcher(repository, *extra) -> tuple[subprocess.Popen, dict]:
+    """The launcher in a process group of its own, as a shell runs a foreground job (Ctrl-C goes to the group)."""
+    ports = free_ports()
+    launcher = subprocess.Popen([sys.executable, "-m", "server.launch", "--repository", str(repository),
+                                 "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
+                                 "--metrics-port", str(ports["metrics"]), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    assert "serving " in launcher.stdout.readline()  # it says which repository it serves
+    ready = launcher.stdout.readline()  # (tritonserver's own log goes to stderr)
+    assert "tritonserver ready" in ready, ready
+    return launcher, ports
+
+
+def server_pid(launcher) -> int:
+    (pid,) = [pid for pid in process_tree(launcher.pid) if pid != launcher.pid and
+              open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0].endswith(b"tritonserver")]
+    return pid
+
+
+def alive(pids) -> list[int]:
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
 
 
 def test_sigterm_to_the_launcher_stops_tritonserver_too(triton_server):
     """systemd, Kubernetes or a shell send SIGTERM to the launcher: tritonserver must not be orphaned."""
-    ports = free_ports()
-    launcher = subprocess.Popen([sys.executable, "-m", "server.launch", "--repository", str(triton_server["repository"]),
-                                 "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
-                                 "--metrics-port", str(ports["metrics"])],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    launcher, _ = start_launcher(triton_server["repository"])
     try:
-        assert "serving " in launcher.stdout.readline()  # it says which repository it serves
-        assert "tritonserver ready" in launcher.stdout.readline()
         tree = [pid for pid in process_tree(launcher.pid) if pid != launcher.pid]
         assert tree, "tritonserver is not a child of the launcher"
         launcher.send_signal(signal.SIGTERM)
-        launcher.wait(90)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in tree):
-            time.sleep(0.5)
-        alive = [pid for pid in tree if os.path.exists(f"/proc/{pid}")
-                 and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
-        assert alive == [], f"left running after SIGTERM: {alive}"
+        launcher.wait(STOP_BOUND_S)
+        assert alive(tree) == [], f"left running after SIGTERM: {alive(tree)}"
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_the_launcher_listens_on_loopback_and_keeps_the_admin_apis_closed(triton_server):
+    launcher, ports = start_launcher(triton_server["repository"])
+    try:
+        pid = server_pid(launcher)
+        listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+        mine = [line for line in listening.splitlines() if f"pid={pid}," in line]
+        # HTTP, gRPC (shown as the IPv4-mapped [::ffff:127.0.0.1]) and metrics: loopback only.
+        assert len(mine) == 3 and all(re.search(r"[ \[:]127\.0\.0\.1\]?:\d+ ", line) for line in mine), mine
+        import tritonclient.http as http
+
+        with pytest.raises(Exception, match="restricted"):  # no key configured: nobody may unload
+            http.InferenceServerClient(f"127.0.0.1:{ports['http']}").unload_model("flux2_klein_kv")
+    finally:
+        os.killpg(launcher.pid, signal.SIGINT)
+        launcher.wait(STOP_BOUND_S)
+
+
+@pytest.fixture(scope="module")
+def small_repository(tmp_path_factory, onnx_fp32, tiny_checkpoint):
+    from serving.repository import assemble
+
+    return assemble(onnx_fp32, tiny_checkpoint, tmp_path_factory.mktemp("launch") / "model_repository",
+                    backend="onnxruntime", bls_instances=1)
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_ctrl_c_mid_request_stops_everything_within_the_bound(small_repository, attempt):
+    """Ctrl-C (SIGINT to the launcher's process group, as a terminal sends it) while a long request
+    runs: the launcher returns within STOP_BOUND_S and no process of tritonserver's group (its
+    Python-backend stubs included) is left."""
+    launcher, ports = start_launcher(small_repository)
+    pid = server_pid(launcher)
+    outcome = []
+
+    def long_request():
+        try:
+            with Flux2Client(f"127.0.0.1:{ports['grpc']}", timeout_s=120) as user:
+                user.generate("a long request", height=1024, width=1024, seed=attempt, steps=50)
+            outcome.append("served")
+        except Flux2Error as exc:
+            outcome.append(str(exc))
+
+    thread = threading.Thread(target=long_request, daemon=True)
+    thread.start()
+    time.sleep(2.0)  # the request is computing
+    assert group_members(pid), "tritonserver's process group is empty before the stop"
+    started = time.monotonic()
+    os.killpg(launcher.pid, signal.SIGINT)
+    try:
+        launcher.wait(STOP_BOUND_S)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    took = time.monotonic() - started
+    left = alive(group_members(pid))
+    print(f"attempt {attempt}: stopped in {took:.1f} s, request: {outcome}, output: {launcher.stdout.read()[-300:]!r}")
+    assert took <= STOP_BOUND_S
+    assert left == [], f"left running: {left}"
+    thread.join(30)
+    assert outcome and outcome != ["served"]  # the request was cut short, and its client was told

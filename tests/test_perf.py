@@ -70,7 +70,9 @@ def test_perf_analyzer_measures_text_to_image_over_grpc(triton_server, perf_anal
     cmd = [sys.executable, "-m", "perf.run", "--grpc-url", triton_server["grpc"], "--protocols", "grpc",
            "--cases", "text_to_image", "--concurrency", "1", "--measurement-request-count", "2",
            "--steps", "1", "--perf-analyzer", str(perf_analyzer), "--out", str(out), "--timeout", "120"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    # --bls-composing-models reads Triton's statistics, an admin API: the key comes from the environment.
+    env = {**os.environ, "FLUX2_ADMIN_KEY": triton_server["admin_key"]}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     log = (out / "text_to_image_grpc.log").read_text() if (out / "text_to_image_grpc.log").exists() else ""
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + log[-3000:]
     assert "perf_analyzer: text_to_image over grpc" in result.stdout

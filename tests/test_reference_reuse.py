@@ -12,6 +12,7 @@ import tritonclient.grpc as grpc
 
 from bench.helpers import reference_cache_metrics, synthetic_reference
 from clients.api import Flux2Client
+from server.security import admin_headers
 from tests.conftest import BLS_INSTANCES, CACHE_BYTES
 
 
@@ -20,7 +21,8 @@ def cache_metrics(server) -> dict[str, float]:
 
 
 def model_counts(server, model: str) -> tuple[int, int]:
-    stats = grpc.InferenceServerClient(server["grpc"]).get_inference_statistics(model).model_stats[0]
+    headers = admin_headers(server["admin_key"], "grpc")  # statistics are an admin API
+    stats = grpc.InferenceServerClient(server["grpc"]).get_inference_statistics(model, headers=headers).model_stats[0]
     return stats.inference_count, stats.execution_count
 
 
