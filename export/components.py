@@ -49,6 +49,11 @@ class TextEncoder(torch.nn.Module):
     replaced by identity: `output_hidden_states` puts the *normed* output last, so keeping
     27 layers with the norm would change `hidden_states[27]`. The dropped layers and the
     LM head are dead weight for this pipeline.
+
+    Token ids are clamped into the vocabulary before the embedding gather: an engine cannot refuse
+    a value, and an out-of-range gather on a GPU is undefined behaviour (it can take the CUDA
+    context, so the whole server, down). Identity for every valid id; the served runner and the
+    BLS refuse invalid ones with INVALID_ARG before they get here.
     """
 
     def __init__(self, text_encoder, layers=TEXT_LAYERS):
@@ -64,6 +69,7 @@ class TextEncoder(torch.nn.Module):
         self.layers = tuple(layers)
 
     def forward(self, input_ids, attention_mask):
+        input_ids = input_ids.clamp(0, self.model.embed_tokens.num_embeddings - 1)
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
         )

@@ -16,6 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PIXELS_PER_TOKEN_SIDE = 16
+# Dynamic dims that must be a multiple of more than 1: the VAE encoder's pixel sizes (the graph
+# patchifies 16x16 pixels into a token; onnx_export traces them as 16 * Dim).
+DIM_MULTIPLE = {"height": PIXELS_PER_TOKEN_SIDE, "width": PIXELS_PER_TOKEN_SIDE}
 # BLS instances on a GPU (serving.repository's default there): the Python backend copies a BLS
 # request's GPU inputs into a fresh pool buffer per call, so each instance holds a request's K/V
 # twice while a step runs (memory_plan.bls_transfer_bytes); two would not fit 80 GB with 15% headroom.
@@ -50,6 +53,11 @@ class ServingEnvelope:
     text_len: int = 512
     max_steps: int = 50
     max_input_pixels: int = 4096 * 4096  # declared size of an encoded reference, checked before decoding
+    # Bytes of one encoded reference: its raw RGBA pixels at max_input_pixels (no sane encoding is larger).
+    max_reference_bytes: int = 4 * 4096 * 4096
+    # Bytes of the UTF-8 prompt. The tokenizer keeps text_len tokens (diffusers truncates the rest, and so
+    # do we); 16 KiB is several times what 512 tokens hold, and bounds the tokenizer's work and memory.
+    max_prompt_bytes: int = 16 * 1024
 
     def tokens(self, side_px: int) -> int:
         return side_px // PIXELS_PER_TOKEN_SIDE
@@ -90,6 +98,8 @@ class ServingEnvelope:
             "max_reference_aspect": self.max_reference_aspect,
             "reference_max_area": self.reference_max_area,
             "max_input_pixels": self.max_input_pixels,
+            "max_reference_bytes": self.max_reference_bytes,
+            "max_prompt_bytes": self.max_prompt_bytes,
             "min_side": self.output_side[0],
             "max_side": self.output_side[2],
             "default_side": self.output_side[1],

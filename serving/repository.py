@@ -29,6 +29,7 @@ from .triton_config import BACKENDS, component_config, cpu_only
 
 EXPORT = Path(__file__).resolve().parent.parent / "export"
 SOURCES = EXPORT.parent / "model_repository"
+SECURITY = EXPORT.parent / "server" / "security.py"
 BLS = "flux2_klein_kv"
 
 
@@ -39,16 +40,18 @@ CACHE = "reference_kv_cache"
 REFERENCE_CACHE_BYTES = 4 * 2**30
 
 
-def cache_config(device: str, dtype: str, kv_layers: int, cache_bytes: int = REFERENCE_CACHE_BYTES) -> str:
-    """config.pbtxt of the shared reference K/V cache (triton_config.cache_config)."""
-    return triton_config.cache_config(CACHE, device, dtype, kv_layers, cache_bytes)
+def cache_config(device: str, dtype: str, dims: dict, cache_bytes: int = REFERENCE_CACHE_BYTES) -> str:
+    """config.pbtxt of the shared reference K/V cache (triton_config.cache_config); `dims` the manifest's."""
+    return triton_config.cache_config(CACHE, device, dtype, dims, cache_bytes)
 
 
 def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.text_len,
-               envelope: ServingEnvelope = DEFAULT_ENVELOPE, parameters: dict | None = None) -> str:
+               envelope: ServingEnvelope = DEFAULT_ENVELOPE, parameters: dict | None = None,
+               max_queue: int = triton_config.BLS_MAX_QUEUE,
+               queue_timeout_s: float = triton_config.BLS_QUEUE_TIMEOUT_S) -> str:
     """config.pbtxt of the public BLS model, from its own declaration of its interface."""
     return triton_config.bls_config(BLS, served_module("request_inputs"), device, instances, text_tokens, envelope,
-                                    parameters)
+                                    parameters, max_queue, queue_timeout_s)
 
 
 def _find_engine(engines_dir: Path, component: str) -> Path:
@@ -94,10 +97,12 @@ def default_device(backend: str) -> str:
 
 def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="onnxruntime", engines_dir=None,
              device=None, bls_instances=None, threads=1, text_tokens=DEFAULT_ENVELOPE.text_len,
-             cache_bytes=REFERENCE_CACHE_BYTES, bls_parameters: dict | None = None) -> Path:
+             cache_bytes=REFERENCE_CACHE_BYTES, bls_parameters: dict | None = None,
+             bls_queue: tuple[int, float] = (triton_config.BLS_MAX_QUEUE, triton_config.BLS_QUEUE_TIMEOUT_S)) -> Path:
     """Write the repository to `out`. Tokenizer and scheduler come from the model recorded in the
     export's manifest; `checkpoint`, if given, must be that model (a local copy of it is fine).
-    `bls_parameters` override the BLS's config parameters (serving.triton_config.BLS_PARAMETERS)."""
+    `bls_parameters` override the BLS's config parameters (serving.triton_config.BLS_PARAMETERS);
+    `bls_queue` is the BLS's (max waiting requests, queue timeout in seconds)."""
     onnx_dir, out = Path(onnx_dir), Path(out)
     device = device or default_device(backend)
     bls_instances = bls_instances or default_bls_instances(device)
@@ -130,7 +135,8 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
             weights = manifest.model if manifest.model.startswith("random:") else _local_checkpoint(source, True)
             params = {"runtime": "torch", "checkpoint": weights, "dtype": manifest.dtype, "device": device,
                       "FORCE_CPU_ONLY_INPUT_TENSORS": cpu_only(device)}
-        config = component_config(manifest.specs[name], manifest.dtype, backend, gpu=gpu, params=params)
+        config = component_config(manifest.specs[name], manifest.dtype, backend, gpu=gpu, params=params,
+                                  vocab_size=manifest.dims.get("vocab_size", 0))
         (out / name / "config.pbtxt").write_text(config)
 
     bls = out / BLS / "1"
@@ -140,18 +146,21 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(local / part, bls / part)
     write_manifest(bls, manifest)  # the BLS reads its dims and dtype
-    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens, parameters=bls_parameters))
+    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens, parameters=bls_parameters,
+                                                       max_queue=bls_queue[0], queue_timeout_s=bls_queue[1]))
     _python_model(SOURCES / CACHE / "1", out / CACHE / "1")
     (out / CACHE / "config.pbtxt").write_text(
-        cache_config(device, manifest.dtype, manifest.dims["kv_layers"], cache_bytes))
+        cache_config(device, manifest.dtype, manifest.dims, cache_bytes))
     return out
 
 
 def _python_model(sources: Path, version: Path) -> None:
-    """A Python-backend model's sources, plus the plumbing every one of them shares (triton_io.py):
-    each Triton model folder stands on its own."""
+    """A Python-backend model's sources, plus what every one of them shares: the Triton plumbing
+    (triton_io.py) and the internal-secret helpers (server/security.py as flux2_security.py): each
+    Triton model folder stands on its own."""
     shutil.copytree(sources, version, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     shutil.copy(SOURCES / "common" / "triton_io.py", version / "triton_io.py")
+    shutil.copy(SECURITY, version / "flux2_security.py")
 
 
 def _export_modules(version: Path, modules) -> None:
@@ -230,12 +239,17 @@ def main(argv=None) -> int:
     parser.add_argument("--bls-instances", type=int, default=None,
                         help="BLS instances, i.e. requests in flight (default: 1 on a GPU, see the GPU memory plan; "
                              "2 on the CPU)")
+    parser.add_argument("--bls-max-queue", type=int, default=triton_config.BLS_MAX_QUEUE,
+                        help="requests that may wait for the BLS; beyond them Triton answers UNAVAILABLE at once")
+    parser.add_argument("--bls-queue-timeout", type=float, default=triton_config.BLS_QUEUE_TIMEOUT_S,
+                        metavar="SECONDS", help="longest wait in the BLS's queue (then UNAVAILABLE)")
     parser.add_argument("--reference-cache-bytes", type=int, default=REFERENCE_CACHE_BYTES,
                         help="byte budget of the shared reference K/V cache (default %(default)s = 4 GiB; 0 disables)")
     args = parser.parse_args(argv)
     try:
         out = assemble(args.onnx_dir, args.checkpoint, args.out, args.backend, args.engines_dir, args.device,
-                       args.bls_instances, cache_bytes=args.reference_cache_bytes)
+                       args.bls_instances, cache_bytes=args.reference_cache_bytes,
+                       bls_queue=(args.bls_max_queue, args.bls_queue_timeout))
     except SystemExit as exc:  # a bad local input: one line, status 2
         if not isinstance(exc.code, str):
             raise

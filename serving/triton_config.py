@@ -23,10 +23,12 @@ decoder (one image per call). The BLS's inputs and outputs are its own declarati
 
 from __future__ import annotations
 
+import json
+
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.envelope import DEFAULT_ENVELOPE, ServingEnvelope
+from export.envelope import DEFAULT_ENVELOPE, DIM_MULTIPLE, ServingEnvelope
 from export.specs import GraphSpec, kv_names
 
 DATA_TYPES = {"fp32": mc.TYPE_FP32, "bf16": mc.TYPE_BF16, "fp16": mc.TYPE_FP16, "int64": mc.TYPE_INT64}
@@ -68,8 +70,36 @@ def batchable(spec: GraphSpec) -> bool:
     return all(t.dims and t.dims[0] == "batch" for t in spec.inputs + spec.outputs)
 
 
+# Requests a component may hold waiting. Through the BLS each instance has one call in flight at a
+# time, so a legitimate queue stays short; the bound keeps direct callers (every model is reachable
+# over gRPC) from queueing without end. The BLS answers a full component queue as "overloaded".
+COMPONENT_QUEUE = 16
+
+
+def config_dims(dims, ranges: dict) -> list[int]:
+    """config.pbtxt dims of a declared tensor: static sizes, and named dims that the envelope fixes
+    (min == max, e.g. the 512 text tokens: Triton itself then refuses other sizes), else -1."""
+    out = []
+    for dim in dims:
+        low, high = (ranges[dim][0], ranges[dim][2]) if isinstance(dim, str) else (dim, dim)
+        out.append(low if low == high else -1)
+    return out
+
+
+def input_rules(spec: GraphSpec, envelope: ServingEnvelope, vocab_size: int = 0) -> str:
+    """The component runner's per-request checks (input_checks.InputRules) as JSON: the declared dims
+    of every input and the envelope's range of every named one (the TensorRT profiles' ranges)."""
+    ranges = envelope.dim_ranges(spec.name)
+    named = {d for t in spec.inputs for d in t.dims if isinstance(d, str)}
+    rules = {"dims": {t.name: list(t.dims) for t in spec.inputs},
+             "ranges": {d: [ranges[d][0], ranges[d][2], DIM_MULTIPLE.get(d, 1)] for d in sorted(named)},
+             "vocab_size": vocab_size if any(t.name == "input_ids" for t in spec.inputs) else 0}
+    return json.dumps(rules)
+
+
 def component_config(spec: GraphSpec, dtype: str, backend: str, instances: int = 1,
-                     envelope: ServingEnvelope = DEFAULT_ENVELOPE, gpu: int = 0, params: dict | None = None) -> str:
+                     envelope: ServingEnvelope = DEFAULT_ENVELOPE, gpu: int = 0, params: dict | None = None,
+                     vocab_size: int = 0) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     config = mc.ModelConfig(name=spec.name)
@@ -77,32 +107,39 @@ def component_config(spec: GraphSpec, dtype: str, backend: str, instances: int =
     max_batch = envelope.engine_batch[spec.name]
     batch = batchable(spec) and max_batch > 1
     config.max_batch_size = max_batch if batch else 0
+    ranges = envelope.dim_ranges(spec.name)
     for group, tensors in ((config.input, spec.inputs), (config.output, spec.outputs)):
         for t in tensors:
-            dims = [-1 if isinstance(d, str) else d for d in t.dims][1 if batch else 0:]
+            dims = config_dims(t.dims, ranges)[1 if batch else 0:]
             _add(group, t.name, DATA_TYPES["int64" if t.dtype == "int64" else dtype], dims, scalar=not dims)
     if backend == "tensorrt":
         config.platform = "tensorrt_plan"
         config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_GPU, gpus=[gpu])
         set_parameters(config, params or {})
     else:
-        _python_model(config, instances, params or {})
+        _python_model(config, instances, {**(params or {}), "input_rules": input_rules(spec, envelope, vocab_size)})
+    # The dynamic batcher also queues for max_batch_size 0 (one request per execution): its queue bound.
     if batch:
         config.dynamic_batching.max_queue_delay_microseconds = 2000
+    config.dynamic_batching.default_queue_policy.max_queue_size = COMPONENT_QUEUE
     return to_text(config)
 
 
-def cache_config(name: str, device: str, dtype: str, kv_layers: int, cache_bytes: int) -> str:
+def cache_config(name: str, device: str, dtype: str, dims: dict, cache_bytes: int,
+                 envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> str:
     """The single-instance model holding the reference K/V shared by all BLS instances (one
     instance: one cache). Lookup: `key` alone -> `hit` and, on a hit, `cached_kv_NN`; store: `key`
-    and every `ref_kv_NN`."""
+    and every `ref_kv_NN`. Heads and head size are fixed (Triton rejects other shapes); the token
+    count is bounded by the model itself (max_reference_tokens)."""
     config = mc.ModelConfig(name=name, max_batch_size=0)
     _add(config.input, "key", mc.TYPE_STRING, [1])
     _add(config.output, "hit", mc.TYPE_BOOL, [1])
-    for kv in kv_names(kv_layers):
-        _add(config.input, kv, DATA_TYPES[dtype], [2, -1, -1, -1], optional=True)
-        _add(config.output, "cached" + kv[3:], DATA_TYPES[dtype], [2, -1, -1, -1])
+    kv_dims = [2, -1, dims["heads"], dims["head_dim"]]
+    for kv in kv_names(dims["kv_layers"]):
+        _add(config.input, kv, DATA_TYPES[dtype], kv_dims, optional=True)
+        _add(config.output, "cached" + kv[3:], DATA_TYPES[dtype], kv_dims)
     _python_model(config, 1, {"device": device, "reference_cache_bytes": cache_bytes,
+                              "max_reference_tokens": envelope.reference_tokens[2],
                               "FORCE_CPU_ONLY_INPUT_TENSORS": cpu_only(device)})
     return to_text(config)
 
@@ -111,12 +148,30 @@ BLS_PARAMETERS = {
     "request_cache_entries": 1024,  # per BLS instance: tokenized prompts, and encoded reference sets' keys
     "png_encoder": "fpng",  # or pillow:<level> (Pillow's default level is 6)
 }
+# The BLS's queue (Triton's dynamic batcher, which for max_batch_size 0 queues without batching):
+# beyond BLS_MAX_QUEUE waiting requests Triton refuses at once with UNAVAILABLE "Exceeds maximum
+# queue size", and a request waits at most BLS_QUEUE_TIMEOUT_S (UNAVAILABLE "Request timeout
+# expired"); a caller may ask for less with Triton's `timeout` request parameter, never for more.
+# At 1024^2 one request takes about a second on an H100 (estimate), so 8 waiting is ~10 s of work.
+BLS_MAX_QUEUE = 8
+BLS_QUEUE_TIMEOUT_S = 60
+# Priority level 1 (of 2; requests default to 2) has a small queue of its own: the watchdog's probes,
+# which then wait behind the requests in progress only, never behind the queue.
+PROBE_QUEUE = 4
+
+
+def _queue_policy(policy, size: int, timeout_s: float) -> None:
+    policy.max_queue_size = size
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = int(timeout_s * 1e6)
+    policy.allow_timeout_override = True
 
 
 def bls_config(name: str, interface, device: str, instances: int, text_tokens: int,
-               envelope: ServingEnvelope = DEFAULT_ENVELOPE, parameters: dict | None = None) -> str:
+               envelope: ServingEnvelope = DEFAULT_ENVELOPE, parameters: dict | None = None,
+               max_queue: int = BLS_MAX_QUEUE, queue_timeout_s: float = BLS_QUEUE_TIMEOUT_S) -> str:
     """The public model: `interface` is the BLS's request_inputs module (PUBLIC_INPUTS/OUTPUTS);
-    `parameters` override BLS_PARAMETERS."""
+    `parameters` override BLS_PARAMETERS; `max_queue` and `queue_timeout_s` bound its queue."""
     config = mc.ModelConfig(name=name, max_batch_size=0)
     for group, fields in ((config.input, interface.PUBLIC_INPUTS), (config.output, interface.PUBLIC_OUTPUTS)):
         for f in fields:
@@ -125,4 +180,9 @@ def bls_config(name: str, interface, device: str, instances: int, text_tokens: i
     _python_model(config, instances, {"device": device, "max_sequence_length": text_tokens,
                                       **envelope.request_limits(), **BLS_PARAMETERS, **(parameters or {}),
                                       "FORCE_CPU_ONLY_INPUT_TENSORS": cpu_only(device)})
+    batcher = config.dynamic_batching
+    batcher.priority_levels = 2
+    batcher.default_priority_level = 2
+    _queue_policy(batcher.default_queue_policy, max_queue, queue_timeout_s)
+    _queue_policy(batcher.priority_queue_policy[1], PROBE_QUEUE, queue_timeout_s)
     return to_text(config)

@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2
 from export.specs import spec_from_manifest
 from export.envelope import DEFAULT_ENVELOPE
 from serving.repository import assemble, bls_config, cache_config
-from serving.triton_config import component_config
+from serving.triton_config import COMPONENT_QUEUE, component_config
 
 
 def parse(text: str) -> model_config_pb2.ModelConfig:
@@ -37,7 +37,11 @@ def test_component_configs_parse(request, backend, dtype):
         # cached step's K/V has no batch axis and the VAE decoder decodes one image per call.
         batched = name == "text_encoder"
         assert config.max_batch_size == (4 if batched else 0)
-        assert config.HasField("dynamic_batching") == batched
+        assert (config.dynamic_batching.max_queue_delay_microseconds > 0) == batched
+        # Every component's queue is bounded (each one is reachable by direct callers over gRPC).
+        assert config.dynamic_batching.default_queue_policy.max_queue_size == COMPONENT_QUEUE
+        if name == "text_encoder":  # the envelope fixes the text length: Triton itself refuses others
+            assert [list(i.dims) for i in config.input] == [[512], [512]]
         if backend == "tensorrt":
             assert config.platform == "tensorrt_plan"
             assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
@@ -65,14 +69,26 @@ def test_bls_config_is_the_public_interface():
     assert {k: int(config.parameters[k].string_value) for k in limits} == limits
 
 
+def test_bls_queue_is_bounded_with_a_probe_level():
+    config = parse(bls_config("cpu", 2, max_queue=5, queue_timeout_s=7))
+    batcher = config.dynamic_batching
+    assert batcher.priority_levels == 2 and batcher.default_priority_level == 2
+    policy = batcher.default_queue_policy
+    assert policy.max_queue_size == 5 and policy.default_timeout_microseconds == 7_000_000
+    assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT and policy.allow_timeout_override
+    assert batcher.priority_queue_policy[1].max_queue_size > 0  # the watchdog's probes wait apart
+
+
 def test_cache_config_is_one_instance_holding_the_budget():
-    config = parse(cache_config("cuda:0", "bf16", kv_layers=32))
+    config = parse(cache_config("cuda:0", "bf16", {"kv_layers": 32, "heads": 32, "head_dim": 128}))
     assert config.instance_group[0].count == 1  # one cache for every BLS instance
     assert int(config.parameters["reference_cache_bytes"].string_value) == 4 * 2**30
     inputs, outputs = {i.name: i for i in config.input}, {o.name: o for o in config.output}
     assert list(inputs) == ["key"] + [f"ref_kv_{i:02d}" for i in range(32)]
     assert list(outputs) == ["hit"] + [f"cached_kv_{i:02d}" for i in range(32)]
     assert inputs["ref_kv_31"].optional and inputs["ref_kv_31"].data_type == model_config_pb2.TYPE_BF16
+    assert list(inputs["ref_kv_00"].dims) == [2, -1, 32, 128]  # Triton refuses other heads / head sizes
+    assert int(config.parameters["max_reference_tokens"].string_value) == 4096  # what one store may hold
     assert outputs["cached_kv_00"].data_type == model_config_pb2.TYPE_BF16
     assert outputs["hit"].data_type == model_config_pb2.TYPE_BOOL
 

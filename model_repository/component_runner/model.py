@@ -12,6 +12,12 @@ Not a model on its own: `python -m serving.repository --backend onnxruntime|torc
 file into each component's version folder and writes its config.pbtxt from the declared I/O spec,
 the same as the TensorRT engine's. With dynamic batching Triton hands over several requests at
 once: requests of equal shapes (apart from the batch axis) run as one batch, as an engine would.
+
+One caller's error is that caller's alone: every request is checked on its own first
+(input_checks.py: the envelope's shapes, token ids within the vocabulary) and a bad one answers
+INVALID_ARG without joining a batch; should a batch still fail, its requests run one by one, so
+only the culprit fails. Every error response gets its own TritonError (one object attached to
+several responses crashed tritonserver 2.51) and one line of message, never a traceback.
 """
 
 import os
@@ -21,6 +27,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(__file__))
+from input_checks import BadInput, InputRules  # noqa: E402
 from triton_io import model_config, to_torch, to_triton  # noqa: E402 - copied here by the assembler
 
 
@@ -89,35 +96,58 @@ RUNTIMES = {"onnxruntime": OnnxRuntime, "torch": Torch}
 class TritonPythonModel:
     def initialize(self, args):
         config, params = model_config(args)
+        self.name = args["model_name"]
         self.inputs = [tensor["name"] for tensor in config["input"]]
         self.outputs = [tensor["name"] for tensor in config["output"]]
         self.batching = config.get("max_batch_size", 0) > 0
+        self.rules = InputRules.from_json(params["input_rules"])
         self.runtime = RUNTIMES[params.get("runtime", "onnxruntime")](args, params, self.outputs)
+
+    def error(self, message: str):
+        """A response with a new TritonError of its own (INVALID_ARG, one line)."""
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: {message}",
+                                                                     pb_utils.TritonError.INVALID_ARG))
 
     def execute(self, requests):
         rt = self.runtime
-        feeds = [{name: rt.read(pb_utils.get_input_tensor_by_name(request, name)) for name in self.inputs}
-                 for request in requests]
+        responses = [None] * len(requests)
+        feeds = {}
+        for index, request in enumerate(requests):  # each request checked alone, before any batch is stacked
+            try:
+                feed = {name: rt.read(pb_utils.get_input_tensor_by_name(request, name)) for name in self.inputs}
+                self.rules.check(feed)
+                feeds[index] = feed
+            except BadInput as exc:
+                responses[index] = self.error(str(exc))
+            except Exception as exc:  # noqa: BLE001 - unreadable input: this request's error only
+                responses[index] = self.error(f"unreadable input ({type(exc).__name__})")
         groups = {}
-        for index, feed in enumerate(feeds):
+        for index, feed in feeds.items():
             key = tuple(tuple(feed[name].shape[1:]) for name in self.inputs) if self.batching else index
             groups.setdefault(key, []).append(index)
-        responses = [None] * len(requests)
         for members in groups.values():
-            batch = {name: rt.concat([feeds[i][name] for i in members]) if len(members) > 1 else feeds[members[0]][name]
-                     for name in self.inputs}
-            try:
-                results = rt(batch)
-            except Exception as exc:  # noqa: BLE001 - e.g. shapes the graph does not take, as an engine rejects them
-                error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INVALID_ARG)
-                for i in members:
-                    responses[i] = pb_utils.InferenceResponse(error=error)
-                continue
-            start = 0
-            for i in members:
-                size = len(feeds[i][self.inputs[0]]) if self.batching else None  # None: whole outputs
-                stop = None if size is None else start + size
-                responses[i] = pb_utils.InferenceResponse(
-                    [rt.write(name, value[start:stop]) for name, value in zip(self.outputs, results)])
-                start = stop
+            self._run(members, feeds, responses)
         return responses
+
+    def _run(self, members: list, feeds: dict, responses: list) -> None:
+        """Run `members` as one batch; if that fails, each alone, so only a failing request fails."""
+        rt = self.runtime
+        batch = {name: rt.concat([feeds[i][name] for i in members]) if len(members) > 1 else feeds[members[0]][name]
+                 for name in self.inputs}
+        try:
+            results = rt(batch)
+        except Exception as exc:  # noqa: BLE001 - e.g. shapes the graph does not take, as an engine rejects them
+            if len(members) > 1:
+                for index in members:
+                    self._run([index], feeds, responses)
+                return
+            message = " ".join(str(exc).split())[:300]
+            responses[members[0]] = self.error(f"the graph refused this input ({type(exc).__name__}: {message})")
+            return
+        start = 0
+        for index in members:
+            size = len(feeds[index][self.inputs[0]]) if self.batching else None  # None: whole outputs
+            stop = None if size is None else start + size
+            responses[index] = pb_utils.InferenceResponse(
+                [rt.write(name, value[start:stop]) for name, value in zip(self.outputs, results)])
+            start = stop
