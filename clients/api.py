@@ -109,11 +109,17 @@ def to_pil(result) -> list[Image.Image]:
 UNAVAILABLE = ("UNAVAILABLE", "502", "503", "504")  # gRPC status, or HTTP status from a gateway
 UNAVAILABLE_HINT = (" (unavailable: the server, or the replica a gateway sent this request to, went away while the "
                     "request was in flight or could not be reached; it can be sent again)")
+# Triton's answers when the BLS's bounded queue refuses a request, and the BLS's when a component's is full.
+OVERLOADED = ("Exceeds maximum queue size", "Request timeout expired", "server overloaded")
+OVERLOADED_HINT = (" (overloaded: a queue of the server was full, or the request waited its queue timeout; it was "
+                   "not completed: send it again later, or to another replica)")
 
 
 def _error(exc) -> Flux2Error:
     status = exc.status() if hasattr(exc, "status") else None
     message = " ".join(str(exc.message() if hasattr(exc, "message") else exc).split())
+    if any(text in message for text in OVERLOADED):
+        return Flux2Error(message + OVERLOADED_HINT, None if status is None else str(status))
     if (status is not None and any(code in str(status) for code in UNAVAILABLE)) or "RST_STREAM" in message:
         if "<html" in message:  # a gateway's error page, not Triton's JSON
             message = f"HTTP {status} from the gateway"
@@ -124,6 +130,16 @@ def _error(exc) -> Flux2Error:
 def _arguments(prompt, images, height, width, seed, num_images, steps, reuse_reference_cache):
     return request_tensors(prompt, images, height=height, width=width, seed=seed, num_images_per_prompt=num_images,
                            num_inference_steps=steps, reuse_reference_cache=reuse_reference_cache)
+
+
+def _timeouts(protocol: str, timeout_s: float | None) -> dict:
+    """tritonclient's infer() arguments for a deadline of `timeout_s`: Triton's `timeout` request
+    parameter (microseconds: the longest wait in the BLS's queue, and the BLS stops the request at its
+    next step once it has run that long), and on gRPC the call's deadline (a missed deadline cancels
+    the request on the server). HTTP has no deadline on the wire: the client closes the connection."""
+    if not timeout_s:
+        return {}
+    return {"timeout": int(timeout_s * 1e6), **({"client_timeout": timeout_s} if protocol == "grpc" else {})}
 
 
 class Flux2Client:
@@ -146,11 +162,10 @@ class Flux2Client:
         """The raw tritonclient result for prepared `request_tensors`."""
         from tritonclient.utils import InferenceServerException
 
-        timeout = {"client_timeout": self.timeout_s} if self.protocol == "grpc" and self.timeout_s else {}
         try:
             return self.client.infer(self.model, infer_inputs(self.module, tensors),
                                      outputs=requested_outputs(self.module, outputs),
-                                     headers=routing_headers(tensors) or None, **timeout)
+                                     headers=routing_headers(tensors) or None, **_timeouts(self.protocol, self.timeout_s))
         except InferenceServerException as exc:
             raise _error(exc) from None
         except OSError as exc:  # HTTP: refused, reset or timed out (gRPC reports these as above)
@@ -189,11 +204,10 @@ class AsyncFlux2Client:
         from tritonclient.utils import InferenceServerException
 
         tensors = _arguments(prompt, images, height, width, seed, num_images, steps, reuse_reference_cache)
-        timeout = {"client_timeout": self.timeout_s} if self.timeout_s else {}
         try:
             result = await self.client.infer(self.model, infer_inputs(self.module, tensors),
                                              outputs=requested_outputs(self.module),
-                                             headers=routing_headers(tensors) or None, **timeout)
+                                             headers=routing_headers(tensors) or None, **_timeouts("grpc", self.timeout_s))
         except InferenceServerException as exc:
             raise _error(exc) from None
         return to_pil(result)

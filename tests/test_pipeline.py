@@ -5,6 +5,7 @@ parsing and image decoding on their own, every bad input a client error."""
 from __future__ import annotations
 
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -161,3 +162,83 @@ def test_a_truncated_reference_fails_on_decoding_before_any_component_call(serve
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P", "I;16", "1"])
 def test_every_png_mode_decodes_to_rgb(mode):
     assert decode_image(_png(96, 80, mode), 0, LIMITS).mode == "RGB"
+
+
+def test_a_stopped_request_makes_no_further_component_call(served):
+    """should_stop() is asked before every component call: once it answers, the request ends before
+    the next call (for a denoising loop: within one step), with the reason."""
+    from pipeline import Interrupted
+
+    pipeline, run = served
+    request = _request("a stopped fox", [random_image(96, 96, seed=4)], seed=3, reuse=False, height=256, width=256)
+    asked = []
+
+    def stop_after(n):
+        def should_stop():
+            asked.append(len(run.calls))
+            return "cancelled" if len(asked) > n else None
+        return should_stop
+
+    for allowed in (0, 3, 5):
+        run.calls.clear()
+        asked.clear()
+        with pytest.raises(Interrupted, match="cancelled") as stopped:
+            pipeline(request, should_stop=stop_after(allowed))
+        assert len(run.calls) == allowed  # not one call after the answer
+        assert stopped.value.stage in ("text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached")
+    run.calls.clear()
+    pipeline(request, should_stop=lambda: None)  # the same request, not stopped, runs to the end
+    assert run.calls.count("transformer_cached") == 4
+
+
+def test_limits_on_prompt_and_reference_bytes():
+    with pytest.raises(InvalidInput, match="'prompt' is 16385 bytes; at most 16384"):
+        parse({"prompt": np.array([b"a" * 16385], dtype=np.object_)}, LIMITS)
+    parse({"prompt": np.array([b"a" * 16384], dtype=np.object_)}, LIMITS)  # at the limit: accepted
+    huge = png_bytes(random_image(64, 64, seed=1)) + b"\0" * LIMITS.max_reference_bytes
+    with pytest.raises(InvalidInput, match=r"'image\[0\]' is \d+ bytes; at most 67108864"):
+        parse({"prompt": np.array([b"x"], dtype=np.object_), "image": np.array([huge], dtype=np.object_)}, LIMITS)
+
+
+def test_component_input_checks_name_the_tensor_and_the_limit():
+    sys.path.insert(0, str(SOURCES / "component_runner"))
+    from input_checks import BadInput, InputRules
+
+    from export.specs import graph_specs
+    from serving.triton_config import input_rules
+
+    dims = {"text_hidden": 32, "heads": 2, "head_dim": 16, "kv_layers": 2, "in_channels": 128}
+    specs = graph_specs(dims)
+    text = InputRules.from_json(input_rules(specs["text_encoder"], DEFAULT_ENVELOPE, vocab_size=100))
+    ids = np.zeros((2, 512), np.int64)
+    text.check({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    text.check({"input_ids": torch.from_numpy(ids), "attention_mask": torch.ones(2, 512, dtype=torch.int64)})
+    for bad, message in ((100, "token id 100; ids must be in [0, 100)"), (-1, "token id -1")):
+        ids[1, 7] = bad
+        with pytest.raises(BadInput, match=re.escape(message)):
+            text.check({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    ids[1, 7] = 0
+    with pytest.raises(BadInput, match="'attention_mask' must hold only 0 and 1"):
+        text.check({"input_ids": ids, "attention_mask": np.full_like(ids, 2)})
+    with pytest.raises(BadInput, match=re.escape("'input_ids' has text_len = 513; the serving envelope allows [512, 512]")):
+        text.check({"input_ids": np.zeros((1, 513), np.int64), "attention_mask": np.ones((1, 513), np.int64)})
+    decoder = InputRules.from_json(input_rules(specs["vae_decoder"], DEFAULT_ENVELOPE))
+    decoder.check({"latents": np.zeros((1, 16, 90, 128), np.float32)})
+    with pytest.raises(BadInput, match=re.escape("lat_w = 91; the serving envelope allows [16, 90]")):
+        decoder.check({"latents": np.zeros((1, 16, 91, 128), np.float32)})
+    with pytest.raises(BadInput, match="expected"):
+        decoder.check({"latents": np.zeros((1, 16, 16, 64), np.float32)})
+    encoder = InputRules.from_json(input_rules(specs["vae_encoder"], DEFAULT_ENVELOPE))
+    with pytest.raises(BadInput, match="a multiple of 16"):
+        encoder.check({"image": np.zeros((1, 3, 64, 72), np.float32)})
+    cached = InputRules.from_json(input_rules(specs["transformer_cached"], DEFAULT_ENVELOPE))
+    feed = {"latents": np.zeros((2, 16, 16, 128)), "prompt_embeds": np.zeros((2, 512, 96)), "timestep": np.zeros(2),
+            "img_ids": np.zeros((16, 16, 4)), "txt_ids": np.zeros((512, 4)),
+            "ref_kv_00": np.zeros((2, 0, 2, 16)), "ref_kv_01": np.zeros((2, 0, 2, 16))}
+    cached.check(feed)  # text-to-image: no reference tokens
+    with pytest.raises(BadInput, match="'timestep' has batch = 1 but 'latents' has 2"):
+        cached.check({**feed, "timestep": np.zeros(1)})
+    with pytest.raises(BadInput, match=re.escape("'ref_kv_01' has n_ref = 4 but 'ref_kv_00' has 0")):
+        cached.check({**feed, "ref_kv_01": np.zeros((2, 4, 2, 16))})
+    with pytest.raises(BadInput, match=re.escape("n_ref = 4097; the serving envelope allows [0, 4096]")):
+        cached.check({**feed, "ref_kv_00": np.zeros((2, 4097, 2, 16)), "ref_kv_01": np.zeros((2, 4097, 2, 16))})

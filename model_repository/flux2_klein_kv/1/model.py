@@ -5,6 +5,13 @@ Every component output is requested in the BLS's own memory (`preferred_memory`:
 `cuda:N`, CPU for `cpu`), checked to be there and counted per device, so the scheduler step never
 mixes devices. Tensors go to other models as DLPack producers (the torch tensor itself, not a
 capsule): the Python backend then synchronises the producing stream before the request runs.
+
+Every request ends with one outcome, counted in `flux2_bls_requests_total{outcome}`: ok, invalid
+(INVALID_ARG naming the field), cancelled (the client went away: gRPC cancel or deadline),
+timeout (the request's own `timeout` parameter passed; UNAVAILABLE), overloaded (a component's
+queue was full; UNAVAILABLE) or failed (INTERNAL, a server fault; the traceback goes to the log,
+not to the caller). Requests refused by this model's own bounded queue never reach it: Triton
+answers them UNAVAILABLE "Exceeds maximum queue size" / "Request timeout expired".
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import functools
 import hashlib
 import io
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +31,26 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).parent))
 from flux2_export.loading import DTYPES  # noqa: E402 - export/ modules, copied here by the assembler
 from flux2_export.manifest import read as read_manifest  # noqa: E402
-from pipeline import ServedPipeline, StageClock  # noqa: E402
+from flux2_security import INTERNAL_PARAMETER, internal_secret  # noqa: E402 - server/security.py, copied here
+from pipeline import Interrupted, ServedPipeline, StageClock  # noqa: E402
 from request_inputs import INPUTS, InvalidInput, Limits, parse  # noqa: E402
 from triton_io import model_config, to_torch, to_triton  # noqa: E402 - copied here by the assembler
+
+
+CACHE = "reference_kv_cache"
+OUTCOMES = ("ok", "invalid", "cancelled", "timeout", "overloaded", "failed")
+QUEUE_FULL = "Exceeds maximum queue size"
+SHUTTING_DOWN = "Server not ready"  # Triton refuses new calls while it stops
+
+
+class ComponentError(RuntimeError):
+    """A component model answered with an error; `overloaded` when its queue was full, `stopping`
+    when the server is shutting down."""
+
+    def __init__(self, model: str, message: str):
+        super().__init__(f"{model}: {message}")
+        self.overloaded = QUEUE_FULL in message
+        self.stopping = SHUTTING_DOWN in message
 
 
 class TritonPythonModel:
@@ -41,11 +67,17 @@ class TritonPythonModel:
         # BLS instances); its keys cover the references and this model's identity.
         digest = hashlib.sha256((here / "manifest.json").read_bytes()).hexdigest()[:16]
         identity = f"{args['model_name']}:{args['model_version']}:{digest}"
+        # reference_kv_cache answers only requests that carry the server's internal secret (tritonserver's
+        # environment, server/security.py); without one the cache is not used at all.
+        self.secret = internal_secret()
+        if self.secret is None:
+            pb_utils.Logger.log_warn("no internal secret in the environment (FLUX2_INTERNAL_SECRET): reference K/V "
+                                     "is computed for every request; start tritonserver with server.launch or serve")
         self.pipeline = ServedPipeline(
             self.infer, AutoTokenizer.from_pretrained(here / "tokenizer"),
             FlowMatchEulerDiscreteScheduler.load_config(here / "scheduler"), manifest.dims, DTYPES[manifest.dtype],
             self.limits, self.device, int(params.get("max_sequence_length", 512)), identity,
-            cache_entries=int(params.get("request_cache_entries", 1024)))
+            cache_entries=int(params.get("request_cache_entries", 1024)), use_reference_cache=self.secret is not None)
         self.encode_png = png_encoder(params.get("png_encoder", "fpng"))
         # Outputs of every model we call arrive in our memory: TensorRT would otherwise hand GPU
         # tensors to a CPU BLS (and the scheduler step would mix devices).
@@ -69,28 +101,71 @@ class TritonPythonModel:
             description="Requests whose reference bytes this BLS instance had seen: the references were not decoded")
         self.known_metric = self.known_family.Metric(labels=self.output_labels)
         self.known_reported = 0
+        self.outcome_family = pb_utils.MetricFamily(
+            name="flux2_bls_requests_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="Requests the BLS answered, by outcome (ok, invalid, cancelled, timeout, overloaded, failed)")
+        for outcome in OUTCOMES:  # every series exists from the start (rate() needs a first sample)
+            self._increment(self.outcome_family, "outcome", outcome, 0)
 
     # ------------------------------------------------------------------ Triton entry point
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            try:
-                responses.append(self._serve(request))
-            except InvalidInput as exc:
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
-            except Exception as exc:  # noqa: BLE001 - report, keep serving
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}")))
+            outcome, response = self._answer(request)
+            self._increment(self.outcome_family, "outcome", outcome, 1)
+            responses.append(response)
         return responses
+
+    def _answer(self, request) -> tuple[str, object]:
+        """(outcome, response) for one request. Every error response gets its own TritonError: one
+        error object shared by several responses crashed tritonserver 2.51."""
+        def error(message: str, code) -> object:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+        try:
+            return "ok", self._serve(request)
+        except InvalidInput as exc:
+            return "invalid", error(str(exc), pb_utils.TritonError.INVALID_ARG)
+        except Interrupted as exc:
+            if exc.reason == "cancelled":
+                return "cancelled", error(f"cancelled by the client ({exc})", pb_utils.TritonError.CANCELLED)
+            return "timeout", error(f"{exc}", pb_utils.TritonError.UNAVAILABLE)
+        except ComponentError as exc:
+            if exc.overloaded:
+                return "overloaded", error(f"server overloaded, retry later: {exc}", pb_utils.TritonError.UNAVAILABLE)
+            if exc.stopping:
+                return "failed", error("the server is shutting down: send the request again (to another replica)",
+                                       pb_utils.TritonError.UNAVAILABLE)
+            pb_utils.Logger.log_error(f"flux2_klein_kv: {traceback.format_exc()}")
+            return "failed", error(f"internal error in {exc}", pb_utils.TritonError.INTERNAL)
+        except Exception as exc:  # noqa: BLE001 - a server fault: logged in full, one line to the caller
+            pb_utils.Logger.log_error(f"flux2_klein_kv: {traceback.format_exc()}")
+            return "failed", error(f"internal error: {type(exc).__name__} (see the server log)",
+                                   pb_utils.TritonError.INTERNAL)
+
+    @staticmethod
+    def _stop_check(request):
+        """should_stop() for one request: "cancelled" once the client is gone (gRPC cancel or deadline),
+        or a timeout message once the request's `timeout` parameter (microseconds, Triton's own, which
+        also bounds its wait in the queue) has passed since it started here."""
+        started, limit_s = time.monotonic(), request.timeout() / 1e6
+
+        def should_stop():
+            if request.is_cancelled():
+                return "cancelled"
+            if limit_s and time.monotonic() - started > limit_s:
+                return f"deadline exceeded: the request's timeout of {limit_s:g} s passed"
+            return None
+
+        return should_stop
 
     def _serve(self, request):
         clock = StageClock()
         with clock("parse"):
             tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in INPUTS}
             parsed = parse({k: v.as_numpy() for k, v in tensors.items() if v is not None}, self.limits)
-        images = self.pipeline(parsed, clock)  # [N, H, W, 3] uint8
+        images = self.pipeline(parsed, clock, self._stop_check(request))  # [N, H, W, 3] uint8
         requested = request.requested_output_names() or {"images"}  # a client naming none gets images
         outputs = []
         if "png" in requested:
@@ -117,10 +192,11 @@ class TritonPythonModel:
             inputs=[to_triton(name, value) for name, value in inputs.items()],
             requested_output_names=outputs,
             preferred_memory=self.preferred_memory,
+            parameters={INTERNAL_PARAMETER: self.secret} if model == CACHE else None,
         )
         response = request.exec()
         if response.has_error():
-            raise RuntimeError(f"{model}: {response.error().message()}")
+            raise ComponentError(model, response.error().message())
         results = [to_torch(pb_utils.get_output_tensor_by_name(response, name)) for name in outputs]
         for name, tensor in zip(outputs, results):  # None: an output the model left out (a cache miss)
             if tensor is None:

@@ -10,6 +10,10 @@ Components are reached through one injected function, `run(model_name, inputs, o
 -> list of tensors (None for an output the model left out): Triton BLS calls in `model.py`,
 onnxruntime sessions in the tests. Torch only; no `triton_python_backend_utils` here.
 
+A request can be stopped between component calls: `should_stop()` (the client went away, or
+its deadline passed) is asked before every call, so an abandoned request costs at most the
+component call in progress (one denoising step at most).
+
 Per-block reference K/V (`ref_kv_00` ...) travel as a list, never stacked: at 9B one stacked
 tensor of the largest reference set would be 2 GiB more and over 2^31 elements.
 """
@@ -29,6 +33,14 @@ from reference_key import encoded_reference_key, reference_key
 from request_inputs import GenerationRequest, Limits, load_rgb, output_size, preprocess_reference
 
 Run = Callable[[str, dict, list], list]
+
+
+class Interrupted(Exception):
+    """The request was stopped between component calls; `reason` is what should_stop() said."""
+
+    def __init__(self, reason: str, stage: str):
+        super().__init__(f"{reason} (before {stage})")
+        self.reason, self.stage = reason, stage
 
 
 def tokenize(tokenizer, prompts: list[str], max_sequence_length: int):
@@ -92,7 +104,8 @@ class ServedPipeline:
     the request, and the pixel key is checked again by reference_kv_cache."""
 
     def __init__(self, run: Run, tokenizer, scheduler_config: dict, dims: dict, dtype: torch.dtype, limits: Limits,
-                 device: torch.device, max_sequence_length: int, model_identity: str, cache_entries: int = 1024):
+                 device: torch.device, max_sequence_length: int, model_identity: str, cache_entries: int = 1024,
+                 use_reference_cache: bool = True):
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 
@@ -108,15 +121,20 @@ class ServedPipeline:
         self.tokenized = BoundedCache(cache_entries)  # prompt -> (input_ids, attention_mask)
         self.known_references = BoundedCache(cache_entries)  # encoded key -> (pixel key, preprocessed sizes)
         self.known_reference_hits = 0  # requests whose references were not decoded
+        self.use_reference_cache = use_reference_cache  # False: reference_kv_cache is never asked
         self.clock = StageClock()
+        self.should_stop: Callable[[], str | None] = lambda: None
 
-    def __call__(self, req: GenerationRequest, clock: StageClock | None = None) -> np.ndarray:
+    def __call__(self, req: GenerationRequest, clock: StageClock | None = None,
+                 should_stop: Callable[[], str | None] | None = None) -> np.ndarray:
+        """`should_stop()` -> None to go on, or why to stop (raises Interrupted before the next component call)."""
         from diffusers import Flux2KleinKVPipeline as P
         from diffusers.pipelines.flux2.pipeline_flux2_klein_kv import compute_empirical_mu, retrieve_timesteps
         from diffusers.utils.torch_utils import randn_tensor
 
         # One request at a time per instance (a Triton Python-backend instance executes sequentially).
         self.clock = clock = clock or StageClock()
+        self.should_stop = should_stop or (lambda: None)
         # Everything a request can get wrong is checked before the first component runs.
         references = self.references(req)
         height, width = output_size(req, references.sizes, self.limits)
@@ -169,7 +187,11 @@ class ServedPipeline:
         return x.permute(0, 2, 3, 1).to(torch.uint8, memory_format=torch.contiguous_format).cpu().numpy()
 
     def call(self, model: str, inputs: dict, outputs: list[str]) -> list:
-        """`run`, timed as the stage "call:<model>" (the BLS's side of a component call)."""
+        """`run`, timed as the stage "call:<model>" (the BLS's side of a component call); first asks
+        should_stop()."""
+        reason = self.should_stop()
+        if reason:
+            raise Interrupted(reason, model)
         with self.clock(f"call:{model}"):
             return self.run(model, inputs, outputs)
 
@@ -190,7 +212,8 @@ class ServedPipeline:
         if not req.images:
             return ReferenceSet(self, req, [], None)
         encoded_key = None
-        if req.reuse_reference_cache:
+        reuse = req.reuse_reference_cache and self.use_reference_cache
+        if reuse:
             with self.clock("reference_key"):
                 encoded_key = encoded_reference_key(req.encoded)
             known = self.known_references.get(encoded_key)
@@ -200,7 +223,7 @@ class ServedPipeline:
                 return ReferenceSet(self, req, sizes, key)
         pixels = self.preprocess(req)
         key = None
-        if req.reuse_reference_cache:
+        if reuse:
             with self.clock("reference_key"):
                 key = reference_key(pixels, self.model_identity)
         return ReferenceSet(self, req, [tuple(p.shape[-2:]) for p in pixels], key, pixels, encoded_key)

@@ -24,7 +24,7 @@ class Field:
 
 
 PUBLIC_INPUTS = (
-    Field("prompt", "BYTES", (1,), False, "UTF-8 prompt, non-empty"),
+    Field("prompt", "BYTES", (1,), False, "UTF-8 prompt, non-empty, at most max_prompt_bytes"),
     Field("image", "BYTES", (-1,), True, "0-max_references encoded references (PNG/JPEG/WebP), in order"),
     Field("height", "INT32", (1,), True, "output height, multiple of 16 (default: the first reference's, else 1024)"),
     Field("width", "INT32", (1,), True, "output width, multiple of 16 (default: the first reference's, else 1024)"),
@@ -50,11 +50,13 @@ class Limits:
 
     max_references: int
     max_reference_tokens: int  # the whole ordered set after preprocessing (its K/V size)
-    min_reference_side: int
-    max_reference_side: int
+    min_reference_side: int  # per side, as sent and after preprocessing
+    max_reference_side: int  # per side after preprocessing (area cap and aspect limit guarantee it; checked)
     max_reference_aspect: int
     reference_max_area: int  # larger references are resized down to it, as diffusers does
     max_input_pixels: int  # declared size of an encoded reference, checked before decoding
+    max_reference_bytes: int  # encoded size of one reference
+    max_prompt_bytes: int  # UTF-8 bytes of the prompt
     min_side: int
     max_side: int
     multiple_of: int
@@ -93,6 +95,8 @@ def open_image(data: bytes, index: int, limits: Limits) -> Image.Image:
     """Read one reference's header and check its size; no pixel is decoded (load_rgb does that, and
     a request whose references' K/V are cached never needs to)."""
     field_name = f"image[{index}]"
+    if len(data) > limits.max_reference_bytes:
+        raise InvalidInput(f"'{field_name}' is {len(data)} bytes; at most {limits.max_reference_bytes} bytes allowed")
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad bytes
@@ -130,6 +134,10 @@ def parse(inputs: dict, limits: Limits) -> GenerationRequest:
     if "prompt" not in inputs:
         raise InvalidInput("'prompt' is required")
     prompt = _scalar(inputs["prompt"], "prompt")
+    size = len(prompt) if isinstance(prompt, bytes) else len(str(prompt).encode())
+    if size > limits.max_prompt_bytes:
+        raise InvalidInput(f"'prompt' is {size} bytes; at most {limits.max_prompt_bytes} bytes allowed (only its first "
+                           "tokens reach the text encoder, as in diffusers)")
     try:
         prompt = prompt.decode("utf-8", errors="strict") if isinstance(prompt, bytes) else str(prompt)
     except UnicodeDecodeError as exc:
@@ -186,6 +194,10 @@ def output_size(request: GenerationRequest, sizes: list[tuple[int, int]], limits
     `sizes`: the preprocessed references' (height, width). Also checks the reference set's token
     count (its K/V size), so every limit is checked before the first component model runs."""
     step = limits.multiple_of
+    for index, (h, w) in enumerate(sizes):  # guaranteed by the area cap and the aspect limit; checked anyway
+        if not limits.min_reference_side <= min(h, w) <= max(h, w) <= limits.max_reference_side:
+            raise InvalidInput(f"'image[{index}]' is {w}x{h} after preprocessing; sides must be in "
+                               f"[{limits.min_reference_side}, {limits.max_reference_side}]")
     tokens = sum((h // step) * (w // step) for h, w in sizes)
     if tokens > limits.max_reference_tokens:
         listed = ", ".join(f"{w}x{h}" for h, w in sizes)

@@ -11,6 +11,13 @@ repeats miss). This single-instance model holds the one LRU instead; the BLS ask
   key [1] = "" (empty)             -> hit [1] = false, the cache untouched: the liveness probe of
                                      server/watchdog.py (proves this model's process answers)
 
+Internal: every request but the probe must carry the server's internal secret as the request
+parameter `flux2_internal` (server/security.py; the BLS sends it, a caller cannot know it), so no
+caller can look up, store or flood entries. Keys are sha256 hex digests; a store must hold every
+block's K/V, each [2, N, heads, head_dim] with one N in [1, max_reference_tokens], so one store
+takes at most the K/V of the largest reference set; an entry is never replaced. Every refusal is
+INVALID_ARG with one line (no traceback).
+
 Tensors stay on the serving device (parameter `device`; DLPack in and out). The budget is the
 parameter `reference_cache_bytes`. Hits, misses, evictions, bytes and entries are Triton
 custom metrics on the metrics endpoint.
@@ -18,6 +25,8 @@ custom metrics on the metrics endpoint.
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +35,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).parent))
+from flux2_security import internal_secret, is_internal  # noqa: E402 - server/security.py, copied here
 from lru import ReferenceKVCache  # noqa: E402
 from triton_io import model_config, to_torch, to_triton  # noqa: E402 - copied here by the assembler
 
@@ -33,6 +43,11 @@ COUNTERS = {"hits": "Lookups answered from the cache (VAE encoding and prefill s
             "misses": "Lookups that found nothing (the BLS ran VAE encoding and the prefill)",
             "evictions": "Entries evicted to stay within the byte budget"}
 GAUGES = {"bytes": "Bytes of reference K/V held", "entries": "Reference sets held"}
+KEY = re.compile(rb"[0-9a-f]{64}")  # reference_key(): a sha256 hex digest
+
+
+class Refused(ValueError):
+    """A request this model does not serve: INVALID_ARG with this one-line message."""
 
 
 class TritonPythonModel:
@@ -41,6 +56,8 @@ class TritonPythonModel:
         self.device = torch.device(params.get("device", "cpu"))
         self.cache = ReferenceKVCache(int(params["reference_cache_bytes"]))
         self.kv_names = [tensor["name"] for tensor in config["input"] if tensor["name"].startswith("ref_kv_")]
+        self.max_tokens = int(params["max_reference_tokens"])
+        self.secret = internal_secret()
         labels = {"model": args["model_name"], "version": args["model_version"]}
         family = pb_utils.MetricFamily
         # Metric families must outlive their metrics: keep both.
@@ -54,25 +71,56 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            key = pb_utils.get_input_tensor_by_name(request, "key").as_numpy().reshape(-1)[0].decode()
-            values = [pb_utils.get_input_tensor_by_name(request, name) for name in self.kv_names]
-            if not key:  # a probe: alive, nothing looked up or counted
-                responses.append(pb_utils.InferenceResponse([_hit(False)]))
-            elif values[0] is not None:
-                # The request's memory is freed after the response: keep copies on the serving device,
-                # and wait for the copies before answering (they run on the current CUDA stream).
-                self.cache.put(key, [to_torch(value).to(self.device, copy=True) for value in values])
-                if self.device.type == "cuda":
-                    torch.cuda.current_stream(self.device).synchronize()
-                responses.append(pb_utils.InferenceResponse([_hit(False)]))
-            else:
-                found = self.cache.get(key)
-                outputs = [_hit(found is not None)]
-                if found is not None:
-                    outputs += [to_triton("cached" + name[3:], tensor) for name, tensor in zip(self.kv_names, found)]
-                responses.append(pb_utils.InferenceResponse(outputs))
+            try:
+                responses.append(pb_utils.InferenceResponse(self._serve(request)))
+            except Refused as exc:  # one error object per response (a shared one crashed tritonserver 2.51)
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"reference_kv_cache: {exc}", pb_utils.TritonError.INVALID_ARG)))
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory while storing: logged, one line back
+                pb_utils.Logger.log_error(f"reference_kv_cache: {type(exc).__name__}: {exc}")
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"reference_kv_cache: internal error: {type(exc).__name__}")))
         self._report()
         return responses
+
+    def _serve(self, request) -> list:
+        key = pb_utils.get_input_tensor_by_name(request, "key").as_numpy().reshape(-1)
+        key = bytes(key[0]) if key.size == 1 else None
+        if key == b"":  # a probe: alive, nothing looked up or counted; open to anyone
+            return [_hit(False)]
+        try:
+            parameters = json.loads(request.parameters() or "{}")
+        except ValueError:
+            parameters = {}
+        if not is_internal(parameters, self.secret):
+            raise Refused("this model is internal: it answers only the flux2_klein_kv model")
+        if key is None or not KEY.fullmatch(key):
+            raise Refused("'key' must be one sha256 hex digest")
+        key = key.decode()
+        values = [pb_utils.get_input_tensor_by_name(request, name) for name in self.kv_names]
+        if any(value is not None for value in values):
+            self._store(key, values)
+            return [_hit(False)]
+        found = self.cache.get(key)
+        outputs = [_hit(found is not None)]
+        if found is not None:
+            outputs += [to_triton("cached" + name[3:], tensor) for name, tensor in zip(self.kv_names, found)]
+        return outputs
+
+    def _store(self, key: str, values: list) -> None:
+        """Keep copies of a complete, consistent K/V set (the request's memory is freed after the response)."""
+        missing = [name for name, value in zip(self.kv_names, values) if value is None]
+        if missing:
+            raise Refused(f"a store needs all {len(self.kv_names)} ref_kv_NN inputs; missing {', '.join(missing[:3])}"
+                          + (" ..." if len(missing) > 3 else ""))
+        tokens = {tuple(value.shape())[1] for value in values}
+        if len(tokens) != 1 or not 1 <= next(iter(tokens)) <= self.max_tokens:
+            raise Refused(f"every ref_kv_NN must hold the same number of reference tokens, in "
+                          f"[1, {self.max_tokens}]; got {sorted(tokens)[:4]}")
+        # Copies on the serving device; wait for them before answering (they run on the current CUDA stream).
+        self.cache.put(key, [to_torch(value).to(self.device, copy=True) for value in values])
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     def _report(self):
         for name in COUNTERS:
