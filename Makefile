@@ -17,7 +17,7 @@ ENGINE_PYTHON ?= python3
 # default is what python -m export.memory_plan prints for the shipped envelope).
 GPU ?= 0
 CUDA_POOL_BYTES ?=
-RELEASE := 24.12
+RELEASE := 25.10
 # Changing these re-exports (graph layouts are part of the serving contract).
 EXPORT_SOURCES := $(filter-out export/build_engines.py export/memory_plan.py,$(wildcard export/*.py))
 

@@ -1,26 +1,47 @@
-# Triton serving image for FLUX.2 [klein] 9B-KV: NVIDIA's Triton 24.12 (server 2.53.0) plus the BLS's
-# Python packages.
+# Triton serving image for FLUX.2 [klein] 9B-KV: NVIDIA's Triton 25.10 (server 2.62.0) plus the BLS's
+# Python packages and the hardened entry point (python3 -m server.serve, server/serve.py).
 # Not built or run yet: the development machines have neither docker nor a GPU.
 #
-# Build (the context is the repository root; .dockerignore lets only the two files copied below in):
+# Build (the context is the repository root; .dockerignore lets only the five files copied below in):
 #   docker build -f docker/serving.Dockerfile -t flux2-klein-kv-serving .
 # Run, on the model repository assembled for TensorRT (make repository BACKEND=tensorrt, BLS on cuda:0),
 # with plans built by docker/engines.Dockerfile of the same release:
 #   docker run --gpus '"device=0"' --shm-size=8g -p 8000:8000 -p 8001:8001 -p 8002:8002 \
-#     -v $PWD/build/model_repository:/models [-e CUDA_POOL_BYTES=N] flux2-klein-kv-serving
+#     -v $PWD/build/model_repository:/models -e FLUX2_ADMIN_KEY=$(cat admin-key) \
+#     [-e CUDA_POOL_BYTES=N] flux2-klein-kv-serving
+# or, keeping the key out of `docker inspect`, a mounted file:
+#     -v $PWD/admin-key:/run/secrets/flux2-admin-key:ro -e FLUX2_ADMIN_KEY_FILE=/run/secrets/flux2-admin-key
+# Admin key (server/security.py; make one with `openssl rand -hex 32`): Triton's model-repository
+#   (load/unload/overrides: code execution), shared-memory, logging, trace and statistics APIs answer
+#   only requests with the header flux2-admin-key (gRPC metadata triton-grpc-protocol-flux2-admin-key).
+#   Without FLUX2_ADMIN_KEY or FLUX2_ADMIN_KEY_FILE those APIs are closed to everyone (the server still
+#   serves; the watchdog then cannot reload models). `docker run ... IMAGE python3 -m server.serve
+#   --print [options]` prints the tritonserver command, key masked.
 # --shm-size: the Python backend moves its CPU tensors (requests, BLS calls) through /dev/shm, and
 #   Docker's default /dev/shm is 64 MB.
 # --disable-auto-complete-config (below): every config.pbtxt is complete; auto-complete would have the
 #   TensorRT backend deserialize every plan a second time at load just to read its I/O.
 # --model-control-mode=explicit --load-model=* (below): everything loads at start, and a model whose
-#   Python-backend process died can be reloaded alone (python3 /opt/flux2/watchdog.py does it).
+#   Python-backend process died can be reloaded alone (python3 -m server.watchdog does it, with the key).
+# server.serve puts in front: the restrictions above, --http/grpc/metrics-address=0.0.0.0 (the
+#   container's network is its boundary), the Python backend's stub-timeout-seconds=300, and an
+#   internal secret for the internal models; then it execs tritonserver (PID 1 gets the signals).
 #
-# Release 24.12 (Triton 2.53.0): its release notes list Ubuntu 24.04 with Python 3.12, and the Python
+# Why release 25.10: NVIDIA's security bulletins for Triton fix Python-backend flaws that 24.12 has:
+# out-of-bounds read/write and information disclosure through shared memory (bulletin 5687, August
+# 2025: CVE-2025-23319, -23320, -23334, -23318, -23333; fixed in 25.07), remote code execution through
+# the model name of the model-control APIs and memory corruption through the Python backend's
+# shared-memory region (5691, September 2025: CVE-2025-23316, -23329; fixed in 25.08), and later ones
+# (5723: CVE-2025-33202, fixed in 25.09; 5734: CVE-2025-33211, -33201, fixed in 25.10).
+# Release 25.10: Triton server 2.62.0 on CUDA 13.0.2 (NVIDIA's release notes). CUDA 13.0 needs an R580
+# or newer driver on the host; torch 2.13.0 from PyPI is its CUDA 13.0 build and needs that anyway.
+# Not confirmed from any source here: its Ubuntu and Python versions (expected Ubuntu 24.04 with
+# Python 3.12, as in 24.12) and its TensorRT version (see docker/engines.Dockerfile). The Python
 # backend's stub runs the container's python3; diffusers 0.42.1 and transformers 5.24.0 need Python
-# >= 3.11, which rules out the 24.10 image (Python 3.10) whose server (2.51) the CPU tests use. The
-# check below stops the build with a clear message if that ever changes. torch 2.13.0 from PyPI is
-# its CUDA 13.0 build: the host driver must support CUDA 13.0, whatever CUDA the image has (12.6.3).
-FROM nvcr.io/nvidia/tritonserver:24.12-py3
+# >= 3.11: the check below stops the build with a clear message if the image's python3 is older.
+# The CPU tests run the tritonserver 2.51 of the nvidia-pytriton wheel: server.serve's options and
+# the Python backend were tested on 2.51 only, not on 2.62.0.
+FROM nvcr.io/nvidia/tritonserver:25.10-py3
 
 RUN python3 -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v >= (3, 11) else "python3 of this image is %d.%d; the BLS pins (diffusers 0.42.1, transformers 5.24.0) need >= 3.11" % v)'
 
@@ -29,8 +50,11 @@ COPY docker/requirements-serving.txt /opt/flux2/requirements-serving.txt
 ENV PIP_BREAK_SYSTEM_PACKAGES=1
 RUN python3 -m pip install --no-cache-dir -r /opt/flux2/requirements-serving.txt
 
-# Reloads a model whose Python-backend process died; the Kubernetes liveness probe (deploy/kubernetes).
-COPY server/watchdog.py /opt/flux2/watchdog.py
+# The entry point (server.serve), the admin-key and internal-secret handling both share (server.security),
+# and the watchdog that reloads a model whose Python-backend process died, also the Kubernetes liveness
+# probe (deploy/kubernetes): python3 -m server.serve / python3 -m server.watchdog from any directory.
+COPY server/__init__.py server/security.py server/serve.py server/watchdog.py /opt/flux2/server/
+ENV PYTHONPATH=/opt/flux2
 
 # The model repository is mounted, not baked in: /models (plans of ~50 GB, built per GPU architecture).
 VOLUME /models
@@ -43,4 +67,6 @@ ENV CUDA_POOL_BYTES=4391200768
 
 EXPOSE 8000 8001 8002
 
-CMD ["/bin/sh", "-c", "exec tritonserver --model-repository=/models --disable-auto-complete-config --cuda-memory-pool-byte-size=0:${CUDA_POOL_BYTES} --model-control-mode=explicit --load-model=*"]
+# sh -c for ${CUDA_POOL_BYTES}; exec, then server.serve's exec, leave tritonserver as PID 1.
+# --exit-timeout-secs=60: requests in flight get a minute to finish on SIGTERM.
+CMD ["/bin/sh", "-c", "exec python3 -m server.serve --model-repository=/models --disable-auto-complete-config --cuda-memory-pool-byte-size=0:${CUDA_POOL_BYTES} --model-control-mode=explicit '--load-model=*' --exit-timeout-secs=60"]

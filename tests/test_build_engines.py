@@ -153,11 +153,13 @@ def _from_tag(dockerfile: Path) -> str:
 def test_dockerfiles_share_the_release_and_serve_with_complete_configs():
     serving, engines = DOCKER / "serving.Dockerfile", DOCKER / "engines.Dockerfile"
     # Engines only load on the TensorRT that built them: both images come from one NVIDIA release.
-    assert _from_tag(serving) == _from_tag(engines) == "24.12-py3"
+    assert _from_tag(serving) == _from_tag(engines) == "25.10-py3"
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^RELEASE := 25\.10$", makefile, flags=re.MULTILINE)  # the tag make docker-* gives the images
     text = serving.read_text()
     cmd = [line for line in text.splitlines() if line.startswith("CMD")]
     assert len(cmd) == 1
-    for flag in ("tritonserver", "--model-repository=/models", "--disable-auto-complete-config",
+    for flag in ("python3 -m server.serve", "--model-repository=/models", "--disable-auto-complete-config",
                  "--cuda-memory-pool-byte-size=0:${CUDA_POOL_BYTES}"):
         assert flag in cmd[0]
     assert re.search(r"^(ARG|ENV) CUDA_POOL_BYTES=\d+$", text, flags=re.MULTILINE)  # the plan's value: test_envelope

@@ -4,7 +4,15 @@ a selector or port name that matches nothing validates fine and serves nothing."
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSIONS = ("1.30", "1.37")  # a 2024 cluster and the newest schemas the package holds
 NOT_RESOURCES = {"kustomization.yaml", "prometheus-adapter-values.yaml"}
+DOCKERFILE = ROOT / "docker" / "serving.Dockerfile"
+RELEASE = re.search(r"^RELEASE := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
 
 
 def _documents() -> list[tuple[str, dict]]:
@@ -40,7 +50,8 @@ def test_every_builtin_resource_validates_strictly(version):
             continue  # a CRD (Prometheus Operator): checked by the test below
         kubernetes_validate.validate(doc, version, strict=True)
         validated.append(doc["kind"])
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "Ingress", "PersistentVolumeClaim", "ConfigMap"} <= set(validated)
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "Ingress", "PersistentVolumeClaim", "ConfigMap",
+            "Secret"} <= set(validated)
 
 
 def test_validation_rejects_a_misspelt_field():
@@ -56,6 +67,10 @@ def _triton(deployment: dict) -> dict:
     return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "triton")
 
 
+def _containers(deployment: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+
+
 def test_replica_shape_one_gpu_probes_shm_and_explicit_model_control():
     deployment = _one("Deployment")
     triton = _triton(deployment)
@@ -65,19 +80,68 @@ def test_replica_shape_one_gpu_probes_shm_and_explicit_model_control():
     for probe in ("startupProbe", "readinessProbe"):
         assert triton[probe]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert triton["startupProbe"]["periodSeconds"] * triton["startupProbe"]["failureThreshold"] >= 600  # engines load
-    liveness = triton["livenessProbe"]["exec"]["command"]
-    assert "/opt/flux2/watchdog.py" in liveness and "--once" in liveness
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in triton["volumeMounts"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     assert "--model-control-mode=explicit" in triton["args"] and "--load-model=*" in triton["args"]
-    watchdog = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "watchdog")
-    assert "/opt/flux2/watchdog.py" in watchdog["command"]
-    # The image puts the watchdog where the manifests run it, and the pool is the image's (the plan's).
-    dockerfile = (ROOT / "docker" / "serving.Dockerfile").read_text()
-    assert re.search(r"^COPY .*watchdog\.py /opt/flux2/watchdog\.py$", dockerfile, re.M)
-    pool = re.search(r"^ENV CUDA_POOL_BYTES=(\d+)$", dockerfile, re.M).group(1)
+    # The images are the release the Makefile builds, and the pool is the image's (the plan's).
+    assert {c["image"].rsplit(":", 1)[1] for c in _containers(deployment).values()} == {RELEASE}
+    pool = re.search(r"^ENV CUDA_POOL_BYTES=(\d+)$", DOCKERFILE.read_text(), re.M).group(1)
     assert f"--cuda-memory-pool-byte-size=0:{pool}" in triton["args"]
+
+
+def test_both_containers_run_the_hardened_modules_with_the_admin_key_from_the_secret_as_a_file():
+    deployment = _one("Deployment")
+    containers = _containers(deployment)
+    triton, watchdog = containers["triton"], containers["watchdog"]
+    assert triton["command"] == ["python3", "-m", "server.serve"]
+    assert watchdog["command"][:3] == ["python3", "-m", "server.watchdog"] and "--once" not in watchdog["command"]
+    # Liveness: one probe round, no canary (a real request would queue behind the work in progress), with
+    # room after the probes' own timeout.
+    liveness = triton["livenessProbe"]
+    command = liveness["exec"]["command"]
+    assert command[:3] == ["python3", "-m", "server.watchdog"] and "--once" in command and "--canary" not in command
+    assert liveness["timeoutSeconds"] > float(command[command.index("--probe-timeout") + 1])
+
+    secret = _one("Secret")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    for container in (triton, watchdog):
+        env = {e["name"]: e for e in container["env"]}
+        assert "FLUX2_ADMIN_KEY" not in env  # a file: tritonserver's environment reaches every stub
+        key_file = Path(env["FLUX2_ADMIN_KEY_FILE"]["value"])
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(key_file.parent))
+        assert mount["readOnly"] is True
+        source = volumes[mount["name"]]["secret"]
+        assert source["secretName"] == secret["metadata"]["name"] == "flux2-admin-key"
+        assert source["items"] == [{"key": "admin-key", "path": key_file.name}]
+    assert "admin-key" in secret["stringData"]
+    # The placeholder is refused by server.serve, so an unedited Secret cannot open the admin APIs with
+    # a key published in this repository.
+    from server import security
+
+    with pytest.raises(ValueError):
+        security.restriction_args(secret["stringData"]["admin-key"])
+
+
+def test_the_image_runs_server_serve_from_the_files_the_context_lets_in():
+    dockerfile = DOCKERFILE.read_text()
+    copies = re.findall(r"^COPY (.+) (\S+)$", dockerfile, re.M)
+    sources = {source for sources, _ in copies for source in sources.split()}
+    assert ("server/__init__.py server/security.py server/serve.py server/watchdog.py", "/opt/flux2/server/") in copies
+    assert re.search(r"^ENV PYTHONPATH=/opt/flux2$", dockerfile, re.M)
+    allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    assert allowed == sources and all((ROOT / source).is_file() for source in sources)
+    # The CMD as /bin/sh runs it (${CUDA_POOL_BYTES} expanded, '*' not globbed), through server.serve --print.
+    cmd = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1))
+    assert cmd[:2] == ["/bin/sh", "-c"] and cmd[2].startswith("exec python3 -m server.serve ")
+    script = cmd[2].replace("exec python3 ", f"exec {sys.executable} ", 1) + " --print"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX2_ADMIN_KEY")}
+    printed = subprocess.run(["/bin/sh", "-c", script], cwd=ROOT, env={**env, "CUDA_POOL_BYTES": "123"},
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert printed[0] == "tritonserver"
+    for flag in ("--cuda-memory-pool-byte-size=0:123", "--load-model=*", "--model-control-mode=explicit",
+                 "--exit-timeout-secs=60", "--http-address=0.0.0.0"):
+        assert flag in printed
 
 
 def test_selectors_ports_and_names_refer_to_what_exists():
@@ -131,3 +195,97 @@ def test_the_routing_header_is_the_one_clients_send_and_the_gateway_hashes():
     assert GATEWAY_HEADER == ROUTING_HEADER
     assert variable in (ROOT / "deploy" / "nginx" / "flux2-gateway.conf").read_text()
     assert variable in _one("ConfigMap")["data"]["http-snippet"]
+
+
+PUBLIC_HTTP = {"/v2/health/live", "/v2/health/ready", "/v2/models/flux2_klein_kv", "/v2/models/flux2_klein_kv/ready",
+               "/v2/models/flux2_klein_kv/infer"}
+PUBLIC_GRPC = {f"/inference.GRPCInferenceService/{method}"
+               for method in ("ModelInfer", "ModelMetadata", "ModelReady", "ServerLive", "ServerReady")}
+
+
+@pytest.mark.parametrize(("name", "allowed"), [("flux2-http", PUBLIC_HTTP), ("flux2-grpc", PUBLIC_GRPC)])
+def test_the_ingresses_route_exactly_the_public_allowlist(name, allowed):
+    """The paths of deploy/nginx/flux2-gateway.conf's allowlist, exact: no admin API, no other model."""
+    paths = [path for rule in _one("Ingress", name)["spec"]["rules"] for path in rule["http"]["paths"]]
+    assert {p["path"] for p in paths} == allowed and len(paths) == len(allowed)
+    assert {p["pathType"] for p in paths} == {"Exact"}
+    gateway = (ROOT / "deploy" / "nginx" / "flux2-gateway.conf").read_text()
+    pattern = re.search(r"location ~ (\^/v2/\S+)" if name == "flux2-http" else r"location ~ (\^/inference\S+)",
+                        gateway).group(1)
+    assert all(re.match(pattern, path) for path in allowed)
+
+
+def _serve_print(environ: dict) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX2_ADMIN_KEY")}
+    return subprocess.run([sys.executable, "-m", "server.serve", "--print", "--model-repository=/models"], cwd=ROOT,
+                          env={**env, **environ}, capture_output=True, text=True, check=True)
+
+
+@pytest.mark.parametrize("key_from", ["env", "file", "none"])
+def test_serve_print_masks_the_key_and_restricts_exactly_the_admin_apis(key_from, tmp_path):
+    from server import security
+
+    key = "k3y-" + "a" * 40
+    (tmp_path / "key").write_text(key + "\n")
+    environ = {"env": {"FLUX2_ADMIN_KEY": key}, "file": {"FLUX2_ADMIN_KEY_FILE": str(tmp_path / "key")},
+               "none": {}}[key_from]
+    run = _serve_print(environ)
+    printed = run.stdout.split()
+    assert key not in run.stdout + run.stderr
+    assert ("closed to everyone" in run.stderr) == (key_from == "none")
+    assert printed[0] == "tritonserver" and printed[-1] == "--model-repository=/models"
+    for option in ("--http-restricted-api", "--grpc-restricted-protocol"):
+        (value,) = [arg.split("=", 1)[1] for arg in printed if arg.startswith(option + "=")]
+        apis, restriction = value.split(":", 1)
+        assert set(apis.split(",")) == set(security.RESTRICTED_APIS)
+        assert restriction == f"{security.ADMIN_HEADER}=***"
+    for listener in ("http", "grpc", "metrics"):
+        assert f"--{listener}-address=0.0.0.0" in printed
+    assert f"--backend-config=python,stub-timeout-seconds={security.STUB_TIMEOUT_S}" in printed
+
+
+def _post(url: str, headers: dict) -> int:
+    request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json",
+                                                                               **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_serve_starts_tritonserver_with_the_admin_apis_behind_the_key(triton_server, tmp_path):
+    """python -m server.serve for real (the container's entry point) on the bundled tritonserver: it
+    becomes tritonserver (exec), and the repository index answers only with the key."""
+    from server import security
+    from server.launch import ROOT as LAUNCH_ROOT, bundled_server, free_ports, prepare_backends, server_env, wait_ready
+
+    key = security.unknowable_key()
+    ports = free_ports()
+    backends = prepare_backends(LAUNCH_ROOT / "build" / "tritonserver" / "backends")
+    env = {k: v for k, v in server_env().items() if not k.startswith("FLUX2_ADMIN_KEY")}
+    env.update(PATH=f"{bundled_server() / 'bin'}:{env['PATH']}", FLUX2_ADMIN_KEY=key)
+    command = [sys.executable, "-m", "server.serve", "--address=127.0.0.1",
+               f"--model-repository={triton_server['repository']}", f"--backend-directory={backends}",
+               f"--http-port={ports['http']}", f"--grpc-port={ports['grpc']}", f"--metrics-port={ports['metrics']}",
+               "--model-control-mode=explicit"]  # nothing loaded: ready at once (the index lists the models)
+    with open(tmp_path / "serve.log", "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_ready(f"127.0.0.1:{ports['http']}", process, timeout=120)
+        assert Path(f"/proc/{process.pid}/exe").resolve().name == "tritonserver"  # exec'd: signals reach it
+        index = f"http://127.0.0.1:{ports['http']}/v2/repository/index"
+        assert _post(index, {}) == 403
+        assert _post(index, {security.ADMIN_HEADER: "guess"}) == 403
+        assert _post(index, security.admin_headers(key)) == 200
+    except BaseException:
+        print((tmp_path / "serve.log").read_text()[-3000:])
+        raise
+    finally:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -81,3 +81,36 @@ def test_a_killed_replica_fails_over_and_rejoins_when_restarted(replicas, tmp_pa
         assert "in flight" in error or "unavailable" in error.lower(), error
     assert report["served_again_at"] is not None  # the restarted replica took requests again
     assert report["after_restart_ok"] >= 1
+
+
+def test_the_gateway_passes_only_what_callers_of_the_public_model_need(replicas, tmp_path):
+    """Health and flux2_klein_kv pass; the admin APIs, the internal models' HTTP paths and model
+    configs get 403 at the gateway (over gRPC too, but for ModelInfer, whose model name travels in
+    the message: the internal models check what they are sent themselves)."""
+    import urllib.error
+    import urllib.request
+
+    import tritonclient.grpc as grpc
+
+    from server.gateway import running_gateway
+
+    with running_gateway(gateway_replicas(replicas), tmp_path / "allowlist") as gateway:
+        def status(path, data=None):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(f"http://{gateway.http}{path}", data=data)) as reply:
+                    return reply.status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        assert status("/v2/health/ready") == 200 and status("/v2/models/flux2_klein_kv") == 200
+        for path, data in (("/v2/repository/index", b"{}"), ("/v2/repository/models/flux2_klein_kv/unload", b"{}"),
+                           ("/v2/models/reference_kv_cache/infer", b"{}"), ("/v2/models/flux2_klein_kv/config", None),
+                           ("/v2/models/stats", None), ("/v2/logging", None), ("/v2/systemsharedmemory/status", None),
+                           ("/metrics", None)):
+            assert status(path, data) == 403, path
+        client = grpc.InferenceServerClient(gateway.grpc)
+        assert client.is_server_ready() and client.get_model_metadata("flux2_klein_kv").name == "flux2_klein_kv"
+        for refused in (client.get_model_repository_index, lambda: client.get_model_config("flux2_klein_kv"),
+                        lambda: client.unload_model("flux2_klein_kv")):
+            with pytest.raises(Exception, match="403|PERMISSION|Permission|UNIMPLEMENTED|Unimplemented"):
+                refused()
