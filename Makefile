@@ -35,7 +35,8 @@ help:
 	@echo "make check            TensorRT compatibility check of the graphs in ONNX"
 	@echo "make engines          build TensorRT engines from ONNX (GPU host with TensorRT only; ENGINE_PYTHON=python3)"
 	@echo "make docker-engines   the same inside NVIDIA's TensorRT $(RELEASE) container (docker/engines.Dockerfile), GPU=$(GPU)"
-	@echo "make docker-serving   tritonserver $(RELEASE) on REPO (docker/serving.Dockerfile), GPU=$(GPU)"
+	@echo "make docker-serving   tritonserver $(RELEASE) on REPO (docker/serving.Dockerfile), GPU=$(GPU); the admin"
+	@echo "                      APIs need \$$FLUX2_ADMIN_KEY (passed through when set; else closed)"
 	@echo "make engines-dry-run  print the TensorRT optimization profiles without building"
 	@echo "make memory-plan      GPU memory of the served klein 9B (bf16, 80 GiB): weights, profile-max I/O,"
 	@echo "                      activations, BLS, cache; fails when under 15% headroom"
@@ -44,7 +45,8 @@ help:
 	@echo "make perf             perf_analyzer load test of the served model (3 cases, gRPC + HTTP, concurrency 1-4)"
 	@echo "                      -> build/perf/results.md"
 	@echo "make bench            Triton vs diffusers (KV and no-KV), per-step cost, throughput, memory,"
-	@echo "                      serving overhead at 1024^2, 2 replicas behind nginx (affinity vs round robin)"
+	@echo "                      serving overhead at 1024^2, 2 replicas behind nginx (affinity vs round robin),"
+	@echo "                      16 clients against the bounded queue (vs unbounded)"
 	@echo "                      -> BENCHMARKS.md (a benchmark: numbers, no pass/fail)"
 	@echo "make gpu-bundle       gather what a bare GPU machine lacks (tritonserver, diffusers, numpy<2, ...) into"
 	@echo "                      build/gpu_bundle (< 60 MiB; run where packages install)"
@@ -108,6 +110,7 @@ docker-serving:
 	docker build -f docker/serving.Dockerfile -t flux2-klein-kv-serving:$(RELEASE) .
 	docker run --rm --gpus '"device=$(GPU)"' --shm-size=8g -p 8000:8000 -p 8001:8001 -p 8002:8002 \
 		-v $(CURDIR)/$(REPO):/models $(if $(CUDA_POOL_BYTES),-e CUDA_POOL_BYTES=$(CUDA_POOL_BYTES)) \
+		$(if $(FLUX2_ADMIN_KEY),-e FLUX2_ADMIN_KEY) \
 		flux2-klein-kv-serving:$(RELEASE)
 
 memory-plan: setup
@@ -141,6 +144,7 @@ bench: setup $(BENCH_ONNX)/manifest.json $(OVERHEAD_ONNX)/manifest.json
 	$(BIN)/python -m bench.bench --model $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX)
 	$(BIN)/python -m bench.overhead --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
 	$(BIN)/python -m bench.scaleout --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
+	$(BIN)/python -m bench.overload --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
 
 gpu-bundle: setup
 	$(BIN)/python -m bench.gpu_bundle --out build/gpu_bundle
