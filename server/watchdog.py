@@ -163,6 +163,9 @@ class Watchdog:
                 self.busy += 1
                 log(f"{model_hint} busy ({message[:120]}): not a failure")
                 return
+            if status == NO_ANSWER:  # refused or reset: the server itself went away (or is stopping)
+                broken.setdefault("tritonserver", f"{model_hint}: {message[:300]}")
+                return
             dead = DEAD_STUB.search(message)
             # The stub's instance name is <model>_<group>_<index>; a BLS error names the callee first.
             model = re.sub(r"(_\d+)+$", "", dead.group("instance")) if dead else model_hint
