@@ -24,7 +24,7 @@
 # --model-control-mode=explicit --load-model=* (below): everything loads at start, and a model whose
 #   Python-backend process died can be reloaded alone (python3 -m server.watchdog does it, with the key).
 # server.serve puts in front: the restrictions above, --http/grpc/metrics-address=0.0.0.0 (the
-#   container's network is its boundary), the Python backend's stub-timeout-seconds=300, and an
+#   container's network is its boundary) and an
 #   internal secret for the internal models; then it execs tritonserver (PID 1 gets the signals).
 #
 # Why release 25.10: NVIDIA's security bulletins for Triton fix Python-backend flaws that 24.12 has:

@@ -91,7 +91,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"tritonserver exited with status {process.returncode} before it was ready")
+            raise ServerExited(f"tritonserver exited with status {process.returncode} before it was ready")
         try:
             with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=5) as response:
                 if response.status == 200:
@@ -136,22 +136,40 @@ def stub_processes(server_pid: int) -> dict[str, int]:
     return stubs
 
 
+START_ATTEMPTS = 2  # a 2.51 server can abort while its Python stubs start on a loaded machine
+
+
 def start(repository, http=8000, grpc=8001, metrics=8002, log_file=None, explicit: bool = False,
-          append: bool = False, admin_key: str | None = None, address: str = "127.0.0.1") -> subprocess.Popen:
+          append: bool = False, admin_key: str | None = None, address: str = "127.0.0.1",
+          attempts: int = START_ATTEMPTS) -> subprocess.Popen:
     """Start tritonserver in a process group of its own (its stubs join it; stop() kills the group)
-    and wait until it is ready. A terminal's Ctrl-C then reaches only the launcher, which stops it."""
+    and wait until it is ready. A terminal's Ctrl-C then reaches only the launcher, which stops it.
+    A server that exits before it is ready is started again, `attempts` times in all: tritonserver
+    2.51 aborted once at start-up (boost's lock_exception) while four BLS processes imported torch on
+    a loaded machine, and no setting of the Python backend bounds that (server/security.py)."""
     backends = prepare_backends(ROOT / "build" / "tritonserver" / "backends")
-    out = open(log_file, "a" if append else "w") if log_file else None  # noqa: SIM115 - owned by the process
-    process = subprocess.Popen(
-        command(Path(repository).resolve(), http, grpc, metrics, backends, explicit, admin_key, address),
-        env=security.server_environment(server_env()), stdout=out, stderr=subprocess.STDOUT if out else None,
-        start_new_session=True)
-    try:
-        wait_ready(f"{_reachable(address)}:{http}", process)
-    except BaseException:
-        stop(process)
-        raise
-    return process
+    env = security.server_environment(server_env())  # one internal secret for every attempt
+    for attempt in range(1, attempts + 1):
+        out = open(log_file, "a" if append or attempt > 1 else "w") if log_file else None  # noqa: SIM115
+        process = subprocess.Popen(
+            command(Path(repository).resolve(), http, grpc, metrics, backends, explicit, admin_key, address),
+            env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        try:
+            wait_ready(f"{_reachable(address)}:{http}", process)
+            return process
+        except ServerExited as exc:
+            stop(process)
+            if attempt == attempts:
+                raise
+            print(f"{exc}; starting it again (attempt {attempt + 1} of {attempts})", file=sys.stderr, flush=True)
+        except BaseException:
+            stop(process)
+            raise
+    raise AssertionError("not reached")
+
+
+class ServerExited(RuntimeError):
+    """tritonserver exited before it was ready."""
 
 
 def _reachable(address: str) -> str:

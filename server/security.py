@@ -11,9 +11,10 @@
   given) is in tritonserver's environment, so every Python-backend process has it; the BLS sends
   it as a request parameter to `reference_kv_cache`, which refuses requests without it. A caller
   cannot read the environment (the model-repository API, the only way to run code, is closed).
-* **Start-up that survives slow imports.** The Python backend waits `stub-timeout-seconds` for a
-  stub to initialise (30 s by default; the BLS imports torch, diffusers and transformers, which
-  took over a minute on a loaded 2-core machine).
+* Not set on purpose: the Python backend's `stub-timeout-seconds`. Its source (r24.10 and main)
+  parses and logs it but never uses it, so it cannot help a slow start-up; server.launch retries a
+  start-up that aborts instead (a 2.51 server aborted once with boost's lock_exception while four
+  BLS processes imported torch on a loaded machine).
 
 Standard library only: it runs in the serving image next to the watchdog.
 """
@@ -33,7 +34,6 @@ GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace", "statistics")
 INTERNAL_SECRET_ENV = "FLUX2_INTERNAL_SECRET"
 INTERNAL_PARAMETER = "flux2_internal"  # request parameter that carries the internal secret
-STUB_TIMEOUT_S = 300
 
 
 def configured_admin_key(explicit: str | None = None, environ=os.environ) -> str | None:
@@ -67,10 +67,10 @@ def restriction_args(admin_key: str) -> list[str]:
 
 
 def server_args(admin_key: str, address: str) -> list[str]:
-    """The hardening options of every tritonserver we start: restricted admin APIs, bind address
-    (HTTP, gRPC and metrics) and the Python backend's stub start-up timeout."""
+    """The hardening options of every tritonserver we start: restricted admin APIs and the bind
+    address of HTTP, gRPC and metrics."""
     return [*restriction_args(admin_key), f"--http-address={address}", f"--grpc-address={address}",
-            f"--metrics-address={address}", f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}"]
+            f"--metrics-address={address}"]
 
 
 def server_environment(environ: dict) -> dict:

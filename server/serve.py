@@ -3,8 +3,7 @@
 Runs `tritonserver` (on PATH: NVIDIA's image) with the hardening of server/security.py in front
 of the options given: admin APIs (model repository, shared memory, logging, trace, statistics)
 behind $FLUX2_ADMIN_KEY or the file named by $FLUX2_ADMIN_KEY_FILE (neither: closed to everyone),
-an internal secret for the internal models, the Python backend's stub start-up timeout, and
-listeners on --address (0.0.0.0 in a container: the pod's network is its boundary). The process
+an internal secret for the internal models, and listeners on --address (0.0.0.0 in a container: the pod's network is its boundary). The process
 becomes tritonserver (exec), so signals from Docker or Kubernetes reach it directly.
 
     python3 -m server.serve --model-repository=/models --model-control-mode=explicit --load-model=*

@@ -116,3 +116,15 @@ def test_ctrl_c_mid_request_stops_everything_within_the_bound(small_repository, 
     assert left == [], f"left running: {left}"
     thread.join(30)
     assert outcome and outcome != ["served"]  # the request was cut short, and its client was told
+
+
+def test_a_server_that_exits_during_start_up_is_started_again(tmp_path, capfd):
+    """tritonserver 2.51 aborted once while its Python stubs started on a loaded machine: the launcher
+    starts it again (START_ATTEMPTS in all) before it gives up, with one line saying so."""
+    from server.launch import START_ATTEMPTS, ServerExited, start
+
+    ports = free_ports()
+    with pytest.raises(ServerExited, match="exited with status"):
+        start(tmp_path / "no-such-repository", ports["http"], ports["grpc"], ports["metrics"],
+              log_file=tmp_path / "server.log")
+    assert f"starting it again (attempt 2 of {START_ATTEMPTS})" in capfd.readouterr().err
