@@ -134,7 +134,8 @@ def test_abandoned_requests_stop_within_a_step(busy_server):
 
     with ThreadPoolExecutor(20) as pool:
         results = list(pool.map(send, range(20)))
-    assert all("Deadline" in result for result in results), results
+    # The gRPC deadline and Triton's queue timeout are the same second: either may answer first.
+    assert all("Deadline" in result or "Request timeout expired" in result for result in results), results
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the server notices the cancellations on its own time
         stopped, dropped = stopped_so_far(), dropped_so_far() - queued_before
