@@ -17,7 +17,8 @@
 #   docker run --rm SERVING_IMAGE sh -c 'find / -name "libnvinfer.so.*" 2>/dev/null'
 # The plan names carry the builder's version (e.g. transformer_cached.trt10.x.y.sm90.plan).
 #
-# Build (the context is export/: the builder needs only these five files):
+# Build (the context is export/: the builder needs only the files copied below; tests/test_build_engines.py
+# imports it from exactly those):
 #   docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines export/
 # Run on the kind of GPU that will serve (plans are per architecture), the bf16 export at /work/onnx:
 #   docker run --rm --gpus '"device=0"' -v $PWD/build/onnx/bf16:/work/onnx:ro \
@@ -28,7 +29,7 @@ FROM nvcr.io/nvidia/tensorrt:25.10-py3
 RUN python3 -c 'import tensorrt; print("TensorRT", tensorrt.__version__)'
 
 WORKDIR /opt/flux2
-COPY __init__.py build_engines.py envelope.py manifest.py specs.py /opt/flux2/export/
+COPY __init__.py build_engines.py cli_help.py envelope.py manifest.py specs.py /opt/flux2/export/
 
 VOLUME /work
 CMD ["/bin/sh", "-c", "exec python3 -m export.build_engines --onnx-dir /work/onnx --out /work/engines"]

@@ -108,6 +108,27 @@ def test_builder_imports_neither_torch_nor_diffusers():
     assert result.stdout.strip() == "[]"
 
 
+def test_the_engines_image_holds_everything_the_builder_imports(tmp_path):
+    """The builder run from a folder holding exactly what docker/engines.Dockerfile copies (the list
+    read from the Dockerfile), with only the standard library on the path: it imports and answers
+    --help (a missing module would kill the container's CMD at import; the image build would not see it)."""
+    text = (DOCKER / "engines.Dockerfile").read_text()
+    (copied,) = re.findall(r"^COPY\s+(.+?)\s+/opt/flux2/export/\s*$", text, flags=re.MULTILINE)
+    package = tmp_path / "export"
+    package.mkdir()
+    for name in copied.split():
+        (package / name).write_bytes((ROOT / "export" / name).read_bytes())
+    workdir = re.search(r"^WORKDIR\s+(\S+)", text, flags=re.MULTILINE).group(1)
+    assert workdir == "/opt/flux2"  # the image runs `python3 -m export.build_engines` from there
+    # As `python3 -m` from WORKDIR: the working folder first, no site-packages.
+    code = ("import sys; sys.path[:] = ['.'] + [p for p in sys.path if 'site-packages' not in p]; "
+            "sys.argv = ['build_engines', '--help']; import runpy; "
+            "runpy.run_module('export.build_engines', run_name='__main__', alter_sys=True)")
+    result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--onnx-dir" in result.stdout
+
+
 def _manifest_dir(tmp_path) -> Path:
     specs = graph_specs(TINY_DIMS)
     manifest = {"model": "tiny", "dtype": "bf16", "opset": 18, "dims": TINY_DIMS,
