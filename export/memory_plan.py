@@ -140,13 +140,13 @@ def activation_bytes(name: str, size: ModelSize, dtype: str, envelope: ServingEn
     return pixels * size.vae_channels * 3 * b
 
 
-def bls_transfer_bytes(size: ModelSize, dtype: str, envelope: ServingEnvelope) -> int:
+def bls_transfer_bytes(dims: dict, dtype: str, envelope: ServingEnvelope) -> int:
     """What one BLS instance holds in the pool at once for the largest request: the reference set's
     K/V (received from the prefill or the cache), the prompt embeddings, one cached-step call's noise
     prediction and one decoded image; and, while a cached-step call runs, a copy of its inputs: the
     Python backend copies every GPU input of a BLS request into a fresh pool buffer on each exec()
     (python_backend src/python_be.cc ExecuteBLSRequest), so the K/V is there twice, every step."""
-    d, b = size.dims, BYTES_PER_ELEMENT[dtype]
+    d, b = dims, BYTES_PER_ELEMENT[dtype]
     kv = d["kv_layers"] * 2 * envelope.reference_tokens[2] * d["heads"] * d["head_dim"] * b
     side = envelope.output_side[2]
     embeds = envelope.images_per_request * envelope.text_len * 3 * d["text_hidden"] * b
@@ -169,7 +169,7 @@ def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, cache_bytes: in
     for name in COMPONENTS:
         rows.append(("activations (estimate)", name, instances * activation_bytes(name, size, dtype, envelope)))
     rows.append(("BLS transfers (CUDA memory pool)", f"{bls_instances} BLS",
-                 bls_instances * bls_transfer_bytes(size, dtype, envelope)))
+                 bls_instances * bls_transfer_bytes(size.dims, dtype, envelope)))
     rows.append(("reference K/V cache budget", "reference_kv_cache", cache_bytes))
     processes = 1 + bls_instances + 1  # tritonserver, the BLS instances, the cache
     rows.append(("CUDA contexts (estimate)", f"{processes} processes", int(processes * CUDA_CONTEXT_GIB * GIB)))

@@ -45,15 +45,60 @@ def bundled_server() -> Path:
     return Path(spec.submodule_search_locations[0]) / "tritonserver"
 
 
+class LaunchError(RuntimeError):
+    """tritonserver cannot run here as set up; the message is the one line to show."""
+
+
+def python_version() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
 def prepare_backends(target: Path) -> Path:
-    """backends/python with the stub that matches this Python (the wheel ships one per version)."""
+    """backends/python with the stub that matches this Python (the wheel ships one per version),
+    copied again when the one there was made for another Python (e.g. a build/ folder shared by a
+    3.11 venv and a 3.12 GPU machine), and checked: stub_problem()."""
     bundle = bundled_server()
     python_dir = target / "python"
-    if not (python_dir / "triton_python_backend_stub").exists():
+    stub = python_dir / "triton_python_backend_stub"
+    if not stub.exists() or stub_python(stub) != python_version():
+        source = bundle / "python_backend_stubs" / python_version() / "triton_python_backend_stub"
+        if not source.exists():
+            raise LaunchError(f"{bundle} has no Python-backend stub for Python {python_version()} "
+                              f"(python_backend_stubs/{python_version()}): run with a Python it ships a stub for")
         shutil.copytree(bundle / "backends" / "python", python_dir, dirs_exist_ok=True)
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        shutil.copy(bundle / "python_backend_stubs" / version / "triton_python_backend_stub", python_dir)
+        shutil.copy(source, stub)
+    problem = stub_problem(stub, server_env())
+    if problem:
+        raise LaunchError(problem)
     return target
+
+
+def stub_python(stub: Path) -> str | None:
+    """The Python version a Python-backend stub was built for: the libpython3.X it links ('3.12'),
+    read from the binary (no loader involved); None if it names none."""
+    import re
+
+    names = set(re.findall(rb"libpython(3\.\d+)\.so", Path(stub).read_bytes()))
+    return names.pop().decode() if len(names) == 1 else None
+
+
+def stub_problem(stub: Path, env: dict) -> str | None:
+    """One line saying why `stub` cannot run this Python's models here, or None: it must be built
+    for this Python, and every library it links must resolve (ldd, with the server's environment)."""
+    built_for = stub_python(stub)
+    if built_for != python_version():
+        return (f"the Python-backend stub {stub} is built for Python {built_for}, not this Python "
+                f"{python_version()}: delete it and start again (it is copied from the wheel's stubs)")
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        return None
+    result = subprocess.run([ldd, str(stub)], capture_output=True, text=True, env=env, check=False)
+    lost = [line.split()[0] for line in result.stdout.splitlines() if "not found" in line]
+    if lost:
+        return (f"the Python-backend stub needs {', '.join(lost)}, which this machine lacks (a Python built "
+                f"without --enable-shared has no libpython{python_version()}.so): install it (Debian/Ubuntu: "
+                f"apt install libpython{python_version()}) or use a Python that ships it")
+    return None
 
 
 def server_env() -> dict:
@@ -70,16 +115,40 @@ EXIT_TIMEOUT_S = 10  # tritonserver --exit-timeout-secs: how long it waits for r
 STOP_TIMEOUT_S = EXIT_TIMEOUT_S + 15  # then the process group is killed (a hung shutdown included)
 
 
+def bls_parameter(repository: Path, key: str) -> str | None:
+    """A string parameter of the BLS's config.pbtxt in `repository` (None if absent), read as text:
+    the launcher runs before any Triton package is imported."""
+    import re
+
+    config = Path(repository) / "flux2_klein_kv" / "config.pbtxt"
+    if not config.exists():
+        return None
+    match = re.search(rf'key:\s*"{re.escape(key)}"\s*value\s*{{\s*string_value:\s*"([^"]*)"', config.read_text())
+    return match.group(1) if match else None
+
+
+def cuda_pool_args(repository: Path) -> list[str]:
+    """--cuda-memory-pool-byte-size for a repository whose BLS computes on a GPU: the memory plan's
+    value that serving.repository wrote into the BLS's config. Without it the pool stays at Triton's
+    64 MiB and every K/V tensor between the BLS and the engines falls back to cudaMalloc + IPC."""
+    device, pool = bls_parameter(repository, "device"), bls_parameter(repository, "cuda_memory_pool_byte_size")
+    if not device or not device.startswith("cuda") or not pool:
+        return []
+    gpu = device.split(":", 1)[1] if ":" in device else "0"
+    return [f"--cuda-memory-pool-byte-size={gpu}:{pool}"]
+
+
 def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path,
             explicit: bool = False, admin_key: str | None = None, address: str = "127.0.0.1") -> list[str]:
     """tritonserver's command line; `explicit`: --model-control-mode=explicit with every model loaded
     at start, so that one model can be reloaded alone (server/watchdog.py). `admin_key` opens the
-    restricted APIs (None: nobody can use them)."""
+    restricted APIs (None: nobody can use them). A repository served on a GPU gets the CUDA memory
+    pool its plan needs (cuda_pool_args)."""
     control = ["--model-control-mode=explicit", "--load-model=*"] if explicit else []
     return [str(bundled_server() / "bin" / "tritonserver"), f"--model-repository={repository}",
             f"--backend-directory={backends}", f"--http-port={http}", f"--grpc-port={grpc}",
             f"--metrics-port={metrics}", "--allow-metrics=true", "--log-verbose=0",
-            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}", *cuda_pool_args(repository),
             *security.server_args(admin_key or security.unknowable_key(), address), *control]
 
 
@@ -328,6 +397,9 @@ def main(argv=None) -> int:
     except Stopping as stopping:
         print(f"{stopping}: stopping tritonserver (at most {STOP_TIMEOUT_S} s)", flush=True)
         return 0
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     finally:
         if process is not None:
             stop(process)

@@ -146,7 +146,13 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(local / part, bls / part)
     write_manifest(bls, manifest)  # the BLS reads its dims and dtype
-    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens, parameters=bls_parameters,
+    parameters = dict(bls_parameters or {})
+    if device.startswith("cuda"):  # server.launch passes it as --cuda-memory-pool-byte-size (the plan's BLS row)
+        from export.memory_plan import bls_transfer_bytes
+
+        parameters.setdefault("cuda_memory_pool_byte_size",
+                              bls_instances * bls_transfer_bytes(manifest.dims, manifest.dtype, DEFAULT_ENVELOPE))
+    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens, parameters=parameters,
                                                        max_queue=bls_queue[0], queue_timeout_s=bls_queue[1]))
     _python_model(SOURCES / CACHE / "1", out / CACHE / "1")
     (out / CACHE / "config.pbtxt").write_text(

@@ -153,7 +153,7 @@ def test_serving_image_pool_is_the_plans(size_9b):
 
     dockerfile = (Path(__file__).resolve().parents[1] / "docker" / "serving.Dockerfile").read_text()
     pool = int(re.search(r"^ENV CUDA_POOL_BYTES=(\d+)$", dockerfile, flags=re.MULTILINE).group(1))
-    assert pool == memory_plan.GPU_BLS_INSTANCES * memory_plan.bls_transfer_bytes(size_9b, "bf16", DEFAULT_ENVELOPE)
+    assert pool == memory_plan.GPU_BLS_INSTANCES * memory_plan.bls_transfer_bytes(size_9b.dims, "bf16", DEFAULT_ENVELOPE)
 
 
 def test_memory_plan_cli_prints_the_table_and_fails_on_48_gb():

@@ -29,3 +29,13 @@ def test_gpu_check_runs_its_cpu_stages(tmp_path):
     assert run.returncode == 0
     section = benchmarks.read_text()
     assert "<!-- gpu_check:begin -->" in section and "| d served | ok |" in section
+
+
+def test_stage_time_boxes_fit_the_budget():
+    """The stages' time boxes sum to the budget, whichever stages run (a box beyond the budget cut the last stage)."""
+    from bench.gpu_check import STAGES, stage_limit
+
+    for stages in ("abcde", "abde", "ab", "e"):
+        boxes = [stage_limit(letter, 480, stages) for letter in stages]
+        assert abs(sum(boxes) - 480) < 1e-6 and min(boxes) >= 30, (stages, boxes)
+    assert set(STAGES) == set("abcde")

@@ -128,3 +128,49 @@ def test_a_server_that_exits_during_start_up_is_started_again(tmp_path, capfd):
         start(tmp_path / "no-such-repository", ports["http"], ports["grpc"], ports["metrics"],
               log_file=tmp_path / "server.log")
     assert f"starting it again (attempt 2 of {START_ATTEMPTS})" in capfd.readouterr().err
+
+
+def test_a_stub_built_for_another_python_is_replaced_or_refused(tmp_path, monkeypatch):
+    """A backends folder shared with another Python (a 3.12 GPU machine, a 3.11 venv) holds a stub
+    linked to the wrong libpython: the launcher copies this Python's stub over it; where the only stub
+    on offer is for another Python, it refuses with one line instead of starting models that fail."""
+    import shutil
+
+    from server.launch import LaunchError, bundled_server, prepare_backends, python_version, stub_python
+
+    other = "3.12" if python_version() != "3.12" else "3.11"
+    wrong = bundled_server() / "python_backend_stubs" / other / "triton_python_backend_stub"
+    assert stub_python(wrong) == other
+    backends = tmp_path / "backends"
+    (backends / "python").mkdir(parents=True)
+    shutil.copy(wrong, backends / "python" / "triton_python_backend_stub")  # a stale stub from the other Python
+    prepare_backends(backends)
+    assert stub_python(backends / "python" / "triton_python_backend_stub") == python_version()
+
+    fake = tmp_path / "bundle"  # a tritonserver folder whose stub for this Python is really the other one's
+    shutil.copytree(bundled_server() / "backends", fake / "backends")
+    (fake / "python_backend_stubs" / python_version()).mkdir(parents=True)
+    shutil.copy(wrong, fake / "python_backend_stubs" / python_version() / "triton_python_backend_stub")
+    monkeypatch.setenv("FLUX2_TRITONSERVER_DIR", str(fake))
+    with pytest.raises(LaunchError) as refused:
+        prepare_backends(tmp_path / "other_backends")
+    message = str(refused.value)
+    assert "\n" not in message and f"built for Python {other}, not this Python {python_version()}" in message
+
+
+def test_a_repository_served_on_a_gpu_gets_its_cuda_memory_pool(tmp_path, onnx_fp32, tiny_checkpoint):
+    """The BLS on cuda:N: the launcher passes --cuda-memory-pool-byte-size=N:<the plan's BLS transfers>,
+    written into the repository by the assembler; on the CPU no pool flag."""
+    from export.envelope import DEFAULT_ENVELOPE
+    from export.manifest import read
+    from export.memory_plan import bls_transfer_bytes
+    from serving.repository import assemble
+    from server.launch import command
+
+    manifest = read(onnx_fp32)
+    expected = 2 * bls_transfer_bytes(manifest.dims, manifest.dtype, DEFAULT_ENVELOPE)
+    gpu = assemble(onnx_fp32, tiny_checkpoint, tmp_path / "gpu", backend="onnxruntime", device="cuda:1",
+                   bls_instances=2)
+    cpu = assemble(onnx_fp32, tiny_checkpoint, tmp_path / "cpu", backend="onnxruntime", bls_instances=2)
+    assert f"--cuda-memory-pool-byte-size=1:{expected}" in command(gpu, 1, 2, 3, tmp_path)
+    assert not any(arg.startswith("--cuda-memory-pool") for arg in command(cpu, 1, 2, 3, tmp_path))
