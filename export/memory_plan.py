@@ -159,11 +159,13 @@ def bls_transfer_bytes(dims: dict, dtype: str, envelope: ServingEnvelope) -> int
 
 def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, cache_bytes: int, bls_instances: int,
          instances: int = 1) -> list[tuple[str, str, int]]:
-    """Rows (what, component or '-', bytes)."""
+    """Rows (what, component or '-', bytes). `instances` per engine multiplies weights too: Triton's
+    tensorrt_backend shares one deserialized engine between the instances on a device only when no
+    input or output has a dynamic dimension (model_state.cc), and every engine here has some."""
     specs = graph_specs(size.dims)
     rows = []
-    for name in COMPONENTS:
-        rows.append(("weights", name, size.params[name] * BYTES_PER_ELEMENT[dtype]))
+    for name in COMPONENTS:  # every instance of a dynamic-shape engine holds its own copy (see plan's docstring)
+        rows.append(("weights", name, instances * size.params[name] * BYTES_PER_ELEMENT[dtype]))
     for name in COMPONENTS:
         rows.append(("I/O buffers at profile max", name, instances * io_bytes(specs[name], dtype, envelope)))
     for name in COMPONENTS:
@@ -219,6 +221,8 @@ def main(argv=None) -> int:
                         help="max tokens of a request's reference set (default %(default)s = one reference of 1024^2)")
     parser.add_argument("--reference-cache-bytes", type=int, default=None,
                         help="reference K/V cache budget (default: the repository's default)")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="instances per engine (each holds its own weights: dynamic shapes; default %(default)s)")
     parser.add_argument("--bls-instances", type=int, default=GPU_BLS_INSTANCES,
                         help="BLS instances on the GPU (default %(default)s, the repository's default on a GPU)")
     args = parser.parse_args(argv)
@@ -228,7 +232,7 @@ def main(argv=None) -> int:
     envelope = ServingEnvelope(reference_tokens=(0, min(4096, args.reference_tokens), args.reference_tokens))
     cache = REFERENCE_CACHE_BYTES if args.reference_cache_bytes is None else args.reference_cache_bytes
     size = model_size(args.model)
-    rows = plan(size, args.dtype, envelope, cache, args.bls_instances)
+    rows = plan(size, args.dtype, envelope, cache, args.bls_instances, args.instances)
     print(f"model: {args.model or 'klein 9B (dims of black-forest-labs/FLUX.2-klein-9b-kv)'}; envelope: output "
           f"{envelope.output_side[0]}-{envelope.output_side[2]} px, up to {envelope.reference_tokens[2]} reference "
           f"tokens, {envelope.images_per_request} images per request, engine batches {envelope.engine_batch}")

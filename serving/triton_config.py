@@ -113,6 +113,11 @@ def component_config(spec: GraphSpec, dtype: str, backend: str, instances: int =
             dims = config_dims(t.dims, ranges)[1 if batch else 0:]
             _add(group, t.name, DATA_TYPES["int64" if t.dtype == "int64" else dtype], dims, scalar=not dims)
     if backend == "tensorrt":
+        dynamic = any(d == -1 for t in (*config.input, *config.output) for d in t.dims)
+        if instances > 1 and dynamic:  # tensorrt_backend shares an engine between instances only when fully static
+            raise ValueError(f"{spec.name}: {instances} instances of a TensorRT engine with dynamic shapes would each "
+                             "deserialize their own copy of its weights (tensorrt_backend model_state.cc); the memory "
+                             "plan counts one per instance: use one instance, or more replicas")
         config.platform = "tensorrt_plan"
         config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_GPU, gpus=[gpu])
         set_parameters(config, params or {})

@@ -149,3 +149,26 @@ def test_make_never_reexports_over_another_models_export(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "note:" in result.stdout and "exporting" not in result.stdout
     assert json.loads(manifest.read_text())["model"] == "black-forest-labs/FLUX.2-klein-9b-kv"
+
+
+def test_a_dynamic_tensorrt_engine_never_gets_two_instances_by_accident(onnx_fp32):
+    """tensorrt_backend shares an engine between instances only when no tensor is dynamic: two instances
+    of the 17 GiB cached step would hold its weights twice. The config refuses; the plan counts copies."""
+    manifest = json.loads((onnx_fp32 / "manifest.json").read_text())
+    spec = spec_from_manifest("transformer_cached", manifest["graphs"]["transformer_cached"])
+    parse(component_config(spec, "bf16", "tensorrt", instances=1))
+    with pytest.raises(ValueError, match="dynamic shapes would each deserialize their own copy"):
+        component_config(spec, "bf16", "tensorrt", instances=2)
+    parse(component_config(spec, "fp32", "onnxruntime", instances=2))  # Python-backend runners: not engines
+
+
+def test_the_memory_plan_counts_weights_once_per_instance():
+    from export import memory_plan
+    from export.memory_plan import ModelSize
+
+    dims = {"text_hidden": 32, "heads": 2, "head_dim": 16, "kv_layers": 2, "in_channels": 128}
+    size = ModelSize(dims, dict.fromkeys(["text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached",
+                                          "vae_decoder"], 1000), 96, 64, 32)
+    one, two = (memory_plan.plan(size, "bf16", DEFAULT_ENVELOPE, 0, 1, instances=n) for n in (1, 2))
+    weights = [[b for what, _, b in rows if what == "weights"] for rows in (one, two)]
+    assert weights[1] == [2 * b for b in weights[0]]
