@@ -110,7 +110,33 @@ def compute_capability() -> str:
     raise MissingRequirement(f"no NVIDIA GPU visible (nvidia-smi missing or failing); {WHERE}")
 
 
-def build_engine(trt, onnx_path: Path, plan_path: Path, shapes: dict, timing_cache: Path, sm: str, log) -> None:
+RECORD = "build_record.json"  # OUT/build_record.json: what each built engine needs, for the memory plan
+
+
+def engine_record(engine, plan_path: Path, plan_bytes: int, trt_version: str, sm: str) -> dict:
+    """What a deserialized engine reports about itself: the execution context's device memory at the
+    profile maximum (device_memory_size_v2 from TensorRT 10.1, else device_memory_size) and the
+    weights it could stream (0 unless built for weight streaming)."""
+    device_memory = getattr(engine, "device_memory_size_v2", None)
+    if device_memory is None:
+        device_memory = engine.device_memory_size
+    return {"plan": plan_path.name, "tensorrt": trt_version, "sm": sm, "plan_bytes": plan_bytes,
+            "device_memory_bytes": int(device_memory),
+            "streamable_weights_bytes": int(getattr(engine, "streamable_weights_size", 0) or 0)}
+
+
+def update_record(out: Path, component: str, record: dict) -> Path:
+    """Add one engine's record to OUT/build_record.json (written through a temporary file)."""
+    import json
+
+    path = Path(out) / RECORD
+    records = json.loads(path.read_text()) if path.exists() else {}
+    records[component] = record
+    write_buffer(path, (json.dumps(records, indent=2) + "\n").encode())
+    return path
+
+
+def build_engine(trt, onnx_path: Path, plan_path: Path, shapes: dict, timing_cache: Path, sm: str, log) -> dict:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -131,9 +157,14 @@ def build_engine(trt, onnx_path: Path, plan_path: Path, shapes: dict, timing_cac
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {plan_path.name} (see the log above)")
     size = write_buffer(plan_path, serialized)
+    # Deserialize once to read what the engine needs at run time (the memory plan's measured rows).
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
     del serialized
     write_buffer(timing_cache, config.get_timing_cache().serialize())
-    log(f"  wrote {plan_path} ({size / 2**20:.1f} MiB)")
+    record = engine_record(engine, plan_path, size, trt.__version__, sm)
+    del engine
+    log(f"  wrote {plan_path} ({size / 2**20:.1f} MiB; context memory {record['device_memory_bytes'] / 2**30:.2f} GiB)")
+    return record
 
 
 def describe_profiles(specs: dict[str, GraphSpec]) -> str:
@@ -184,8 +215,9 @@ def main(argv=None) -> int:
         print(f"[{index}/{len(names)}] building {plan.name} ...", flush=True)
         start = time.perf_counter()
         try:
-            build_engine(trt, onnx_dir / manifest.paths[name], plan,
-                         profile_shapes(specs[name], DEFAULT_ENVELOPE), timing_cache, sm, print)
+            record = build_engine(trt, onnx_dir / manifest.paths[name], plan,
+                                  profile_shapes(specs[name], DEFAULT_ENVELOPE), timing_cache, sm, print)
+            update_record(out, name, record)
         except TimingCacheRejected as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -6,8 +6,9 @@ Sums what one server holds on its GPU, from the model's dims and the serving env
                 transformers modules built on the meta device, as the export truncates them)
   I/O buffers   every input and output binding at its profile maximum, per instance: Triton's
                 TensorRT backend allocates them when the model loads (src/instance_state.cc)
-  activations   each engine's execution-context memory at its profile maximum, ESTIMATED from
-                its widest live tensors (fused attention assumed); measure on the GPU host
+  activations   each engine's execution-context memory at its profile maximum: what the built
+                engine reports (--engines-dir: build_record.json), else ESTIMATED from its widest
+                live tensors (fused attention assumed)
   BLS transfers what the BLS instances hold at once (a request's K/V, prompt embeddings, ...):
                 Triton's CUDA memory pool; the size printed is the --cuda-memory-pool-byte-size
   cache         the reference K/V cache's byte budget
@@ -157,11 +158,24 @@ def bls_transfer_bytes(dims: dict, dtype: str, envelope: ServingEnvelope) -> int
     return kv + embeds + noise + image + call_inputs
 
 
+def built_records(engines_dir) -> dict:
+    """export.build_engines' OUT/build_record.json ({component: record}), or {} if there is none."""
+    import json
+    from pathlib import Path
+
+    from .build_engines import RECORD
+
+    path = Path(engines_dir) / RECORD if engines_dir else None
+    return json.loads(path.read_text()) if path and path.exists() else {}
+
+
 def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, cache_bytes: int, bls_instances: int,
-         instances: int = 1) -> list[tuple[str, str, int]]:
+         instances: int = 1, built: dict | None = None) -> list[tuple[str, str, int]]:
     """Rows (what, component or '-', bytes). `instances` per engine multiplies weights too: Triton's
     tensorrt_backend shares one deserialized engine between the instances on a device only when no
-    input or output has a dynamic dimension (model_state.cc), and every engine here has some."""
+    input or output has a dynamic dimension (model_state.cc), and every engine here has some.
+    `built`: build records (built_records); an engine's recorded context memory replaces its estimate."""
+    built = built or {}
     specs = graph_specs(size.dims)
     rows = []
     for name in COMPONENTS:  # every instance of a dynamic-shape engine holds its own copy (see plan's docstring)
@@ -169,7 +183,10 @@ def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, cache_bytes: in
     for name in COMPONENTS:
         rows.append(("I/O buffers at profile max", name, instances * io_bytes(specs[name], dtype, envelope)))
     for name in COMPONENTS:
-        rows.append(("activations (estimate)", name, instances * activation_bytes(name, size, dtype, envelope)))
+        if name in built:
+            rows.append(("activations (built engine)", name, instances * built[name]["device_memory_bytes"]))
+        else:
+            rows.append(("activations (estimate)", name, instances * activation_bytes(name, size, dtype, envelope)))
     rows.append(("BLS transfers (CUDA memory pool)", f"{bls_instances} BLS",
                  bls_instances * bls_transfer_bytes(size.dims, dtype, envelope)))
     rows.append(("reference K/V cache budget", "reference_kv_cache", cache_bytes))
@@ -221,6 +238,8 @@ def main(argv=None) -> int:
                         help="max tokens of a request's reference set (default %(default)s = one reference of 1024^2)")
     parser.add_argument("--reference-cache-bytes", type=int, default=None,
                         help="reference K/V cache budget (default: the repository's default)")
+    parser.add_argument("--engines-dir", default=None,
+                        help="built engines (their build_record.json): measured context memory replaces estimates")
     parser.add_argument("--instances", type=int, default=1,
                         help="instances per engine (each holds its own weights: dynamic shapes; default %(default)s)")
     parser.add_argument("--bls-instances", type=int, default=GPU_BLS_INSTANCES,
@@ -232,7 +251,7 @@ def main(argv=None) -> int:
     envelope = ServingEnvelope(reference_tokens=(0, min(4096, args.reference_tokens), args.reference_tokens))
     cache = REFERENCE_CACHE_BYTES if args.reference_cache_bytes is None else args.reference_cache_bytes
     size = model_size(args.model)
-    rows = plan(size, args.dtype, envelope, cache, args.bls_instances, args.instances)
+    rows = plan(size, args.dtype, envelope, cache, args.bls_instances, args.instances, built_records(args.engines_dir))
     print(f"model: {args.model or 'klein 9B (dims of black-forest-labs/FLUX.2-klein-9b-kv)'}; envelope: output "
           f"{envelope.output_side[0]}-{envelope.output_side[2]} px, up to {envelope.reference_tokens[2]} reference "
           f"tokens, {envelope.images_per_request} images per request, engine batches {envelope.engine_batch}")

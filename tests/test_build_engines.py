@@ -196,3 +196,31 @@ def test_serving_requirements_match_the_toolchain_pins():
         assert serving[name] == toolchain[name], name
     assert serving["numpy"].startswith("==1.")  # numpy < 2: the Python backend's BLS tensors
     assert "--index-url" not in (DOCKER / "requirements-serving.txt").read_text()  # torch with CUDA, not the CPU index
+
+
+class BuiltEngine:
+    """Stand-in for a deserialized tensorrt.ICudaEngine: the two properties engine_record reads."""
+
+    device_memory_size_v2 = 3 * 2**30
+    streamable_weights_size = 0
+
+
+def test_build_record_feeds_the_memory_plan(tmp_path):
+    """build_engines records each engine's context memory next to the plans; the memory plan uses it
+    instead of its estimate, and says which is which."""
+    from export import memory_plan
+    from export.build_engines import RECORD, engine_record, update_record
+    from export.envelope import DEFAULT_ENVELOPE
+
+    record = engine_record(BuiltEngine(), tmp_path / "vae_decoder.trt10.13.0.sm90.plan", 170 * 2**20, "10.13.0", "90")
+    assert record["device_memory_bytes"] == 3 * 2**30 and record["plan"] == "vae_decoder.trt10.13.0.sm90.plan"
+    update_record(tmp_path, "vae_decoder", record)
+    update_record(tmp_path, "vae_encoder", {**record, "device_memory_bytes": 2**30})
+    assert set(json.loads((tmp_path / RECORD).read_text())) == {"vae_decoder", "vae_encoder"}
+    size = memory_plan.ModelSize(TINY_DIMS, dict.fromkeys(["text_encoder", "vae_encoder", "transformer_prefill",
+                                                           "transformer_cached", "vae_decoder"], 1000), 96, 64, 32)
+    rows = memory_plan.plan(size, "bf16", DEFAULT_ENVELOPE, 0, 1, built=memory_plan.built_records(tmp_path))
+    activations = {who: (what, b) for what, who, b in rows if what.startswith("activations")}
+    assert activations["vae_decoder"] == ("activations (built engine)", 3 * 2**30)
+    assert activations["vae_encoder"] == ("activations (built engine)", 2**30)
+    assert activations["text_encoder"][0] == "activations (estimate)"
