@@ -21,7 +21,9 @@ PIXELS_PER_TOKEN_SIDE = 16
 DIM_MULTIPLE = {"height": PIXELS_PER_TOKEN_SIDE, "width": PIXELS_PER_TOKEN_SIDE}
 # BLS instances on a GPU (serving.repository's default there): the Python backend copies a BLS
 # request's GPU inputs into a fresh pool buffer per call, so each instance holds a request's K/V
-# twice while a step runs (memory_plan.bls_transfer_bytes); two would not fit 80 GB with 15% headroom.
+# twice while a step runs (memory_plan.bls_transfer_bytes). With the slim prefill two fit 80 GB
+# with 16% headroom, just above the 15% line, while the activation rows are still estimates: one
+# until the built engines' figures (build_record.json) say there is room.
 GPU_BLS_INSTANCES = 1
 
 

@@ -84,11 +84,14 @@ def model_size(model: str | None) -> ModelSize:
     cfg = transformer.config
     dims = model_dims(text_config, cfg)
     transformer_params = _count(transformer)
+    from .components import reference_stream_only  # noqa: PLC0415 - diffusers, like the rest of this function
+
+    prefill_params = _count(reference_stream_only(transformer))  # without the text stream and output layers
     encoder = _count(vae.encoder) + _count(vae.bn) + (_count(vae.quant_conv) if vae.quant_conv is not None else 0)
     decoder = _count(vae.decoder) + _count(vae.bn) + (
         _count(vae.post_quant_conv) if vae.post_quant_conv is not None else 0)
     params = {"text_encoder": _count(text) - _count(text.norm), "vae_encoder": encoder,
-              "transformer_prefill": transformer_params, "transformer_cached": transformer_params,
+              "transformer_prefill": prefill_params, "transformer_cached": transformer_params,
               "vae_decoder": decoder}
     return ModelSize(dims, params, int(cfg.num_attention_heads * cfg.attention_head_dim * cfg.mlp_ratio),
                      text_config.intermediate_size, vae.config.block_out_channels[0])

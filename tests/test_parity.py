@@ -149,6 +149,27 @@ def test_prefill_ignores_text_and_image(pipe, ort_session):
     assert rel_l2(ref_kv, _diffusers_kv(cache)) <= TOL
 
 
+def test_the_slim_prefill_extracts_exactly_what_diffusers_does(pipe):
+    """The prefill module (no text stream, no output layers) gives bit-identical K/V to diffusers'
+    extract forward with a prompt and latents; the pipeline's transformer keeps every layer."""
+    from export.components import TransformerPrefill
+
+    refs, ref_ids = _references([(4, 6), (3, 3)], seed=8)
+    latents, embeds, img_ids, txt_ids = _step_inputs(1, 2, 3, 11, seed=9)
+    transformer = pipe.transformer
+    with torch.no_grad():
+        _, cache = transformer(
+            hidden_states=torch.cat([refs, latents], 1), encoder_hidden_states=embeds,
+            timestep=torch.full((1,), 0.5), img_ids=torch.cat([ref_ids, img_ids]), txt_ids=txt_ids,
+            guidance=None, return_dict=False, kv_cache_mode="extract", num_ref_tokens=refs.shape[1])
+        prefill = TransformerPrefill(transformer).eval()
+        ours = np.stack([kv.numpy() for kv in prefill(refs, ref_ids)])
+    assert np.array_equal(ours, _diffusers_kv(cache))  # exact, not within a tolerance
+    full, slim = (sum(p.numel() for p in m.parameters()) for m in (transformer, prefill))
+    assert slim < 0.75 * full, (slim, full)
+    assert isinstance(transformer.transformer_blocks[0].attn.add_q_proj, torch.nn.Linear)  # untouched
+
+
 @pytest.mark.parametrize("batch, lat_h, lat_w, text_len", [(1, 4, 4, 512), (3, 2, 5, 17)])
 def test_cached_without_references_is_the_plain_forward(pipe, ort_session, batch, lat_h, lat_w, text_len):
     """Text-to-image: the cached-step graph with N_ref = 0 equals diffusers' no-KV forward."""
