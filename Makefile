@@ -19,7 +19,7 @@ GPU ?= 0
 CUDA_POOL_BYTES ?=
 RELEASE := 25.10
 # Changing these re-exports (graph layouts are part of the serving contract).
-EXPORT_SOURCES := $(filter-out export/build_engines.py export/memory_plan.py,$(wildcard export/*.py))
+EXPORT_SOURCES := $(filter-out export/build_engines.py export/memory_plan.py export/engine_check.py,$(wildcard export/*.py))
 
 .PHONY: help setup checkpoint export repository serve check engines engines-dry-run memory-plan docker-engines \
 	docker-serving demo perf bench gpu-bundle gpu-check test clean
@@ -34,6 +34,7 @@ help:
 	@echo "make serve            start tritonserver on REPO and wait (HTTP 8000, gRPC 8001, metrics 8002)"
 	@echo "make check            TensorRT compatibility check of the graphs in ONNX"
 	@echo "make engines          build TensorRT engines from ONNX (GPU host with TensorRT only; ENGINE_PYTHON=python3)"
+	@echo "make engine-check     after engines: each plan vs onnxruntime, same inputs (Polygraphy; REFERENCE_ONNX=fp32 export for bf16)"
 	@echo "make docker-engines   the same inside NVIDIA's TensorRT $(RELEASE) container (docker/engines.Dockerfile), GPU=$(GPU)"
 	@echo "make docker-serving   tritonserver $(RELEASE) on REPO (docker/serving.Dockerfile), GPU=$(GPU); the admin"
 	@echo "                      APIs need \$$FLUX2_ADMIN_KEY (passed through when set; else closed)"
@@ -96,6 +97,13 @@ check: setup
 
 engines:
 	$(ENGINE_PYTHON) -m export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES)
+
+# After make engines, with the venv's python (polygraphy, onnxruntime, numpy; torch for bf16 engines) plus the
+# tensorrt that built the plans: without tensorrt, a GPU or plans it runs the onnxruntime half only and says so.
+.PHONY: engine-check
+engine-check: setup
+	$(BIN)/python -m export.engine_check --onnx-dir $(ONNX) --engines-dir $(ENGINES) \
+		$(if $(REFERENCE_ONNX),--reference-onnx-dir $(REFERENCE_ONNX))
 
 engines-dry-run:
 	$(ENGINE_PYTHON) -m export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES) --dry-run
