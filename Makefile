@@ -19,7 +19,7 @@ GPU ?= 0
 CUDA_POOL_BYTES ?=
 RELEASE := 25.10
 # Changing these re-exports (graph layouts are part of the serving contract).
-EXPORT_SOURCES := $(filter-out export/build_engines.py export/memory_plan.py export/engine_check.py,$(wildcard export/*.py))
+EXPORT_SOURCES := $(filter-out export/build_engines.py export/memory_plan.py export/engine_check.py export/profile_walk.py,$(wildcard export/*.py))
 
 .PHONY: help setup checkpoint export repository serve check engines engines-dry-run memory-plan docker-engines \
 	docker-serving demo perf bench gpu-bundle gpu-check test clean
@@ -32,7 +32,8 @@ help:
 	@echo "                      DEVICE=cpu|cuda:N for the BLS; default cuda:0 with tensorrt); tokenizer and"
 	@echo "                      scheduler come from the model recorded in ONNX/manifest.json"
 	@echo "make serve            start tritonserver on REPO and wait (HTTP 8000, gRPC 8001, metrics 8002)"
-	@echo "make check            TensorRT compatibility check of the graphs in ONNX"
+	@echo "make check            TensorRT compatibility check of the graphs in ONNX, and every tensor at the profile"
+	@echo "                      maximum under 2^31-1 elements (export.profile_walk)"
 	@echo "make engines          build TensorRT engines from ONNX (GPU host with TensorRT only; ENGINE_PYTHON=python3)"
 	@echo "make engine-check     after engines: each plan vs onnxruntime, same inputs (Polygraphy; REFERENCE_ONNX=fp32 export for bf16)"
 	@echo "make docker-engines   the same inside NVIDIA's TensorRT $(RELEASE) container (docker/engines.Dockerfile), GPU=$(GPU)"
@@ -94,6 +95,7 @@ serve: setup
 
 check: setup
 	$(BIN)/python -m export.trt_compat $(ONNX)
+	$(BIN)/python -m export.profile_walk $(ONNX)
 
 engines:
 	$(ENGINE_PYTHON) -m export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES)

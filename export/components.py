@@ -16,6 +16,8 @@ from diffusers import Flux2KleinKVPipeline
 from diffusers.models.transformers import transformer_flux2
 from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 
+from .envelope import VAE_ATTENTION_QUERY_CHUNKS
+
 
 # The pipeline's static helpers are the single source of the latent layout.
 _pipe = Flux2KleinKVPipeline
@@ -35,6 +37,34 @@ def float32_rope():
         yield
     finally:
         transformer_flux2.maybe_adjust_dtype_for_device = original
+
+
+@contextlib.contextmanager
+def query_chunked_attention(chunks: int = VAE_ATTENTION_QUERY_CHUNKS):
+    """Export the VAE's attention one slice of queries at a time.
+
+    The VAE's mid-block attention has a single head of width 512 over every latent pixel: exported as
+    MatMul -> Softmax -> MatMul, a 2048x2048 reference (65,536 tokens) would need a [1, 1, 65536, 65536]
+    score tensor, 4.3e9 elements (over TensorRT's 2^31 - 1) and 8-16 GiB, unless TensorRT fuses it,
+    which its fused attention kernels do not promise for a head this wide. Softmax is per query row, so
+    `chunks` slices of the queries against all keys compute exactly the same rows, and only one slice's
+    scores (here 4096 x 65536) is alive at a time. Patches torch's scaled_dot_product_attention while the
+    VAE graphs are traced; they call it without a mask, causal flag or dropout."""
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def chunked(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if attn_mask is not None or is_causal or dropout_p or kwargs:
+            raise NotImplementedError("query_chunked_attention: the VAE's attention has no mask, causality or dropout")
+        n = query.shape[-2]
+        bounds = [(i * n) // chunks for i in range(chunks + 1)]
+        return torch.cat([original(query[..., lo:hi, :], key, value, scale=scale)
+                          for lo, hi in zip(bounds, bounds[1:])], dim=-2)
+
+    torch.nn.functional.scaled_dot_product_attention = chunked
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
 
 
 def use_kv_processors(transformer) -> None:

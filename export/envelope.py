@@ -19,6 +19,9 @@ PIXELS_PER_TOKEN_SIDE = 16
 # Dynamic dims that must be a multiple of more than 1: the VAE encoder's pixel sizes (the graph
 # patchifies 16x16 pixels into a token; onnx_export traces them as 16 * Dim).
 DIM_MULTIPLE = {"height": PIXELS_PER_TOKEN_SIDE, "width": PIXELS_PER_TOKEN_SIDE}
+# The VAE graphs run their (unfused, 512-wide single-head) attention in this many query slices, so one
+# slice's scores are alive at a time (components.query_chunked_attention; the memory plan counts them).
+VAE_ATTENTION_QUERY_CHUNKS = 16
 # BLS instances on a GPU (serving.repository's default there): the Python backend copies a BLS
 # request's GPU inputs into a fresh pool buffer per call, so each instance holds a request's K/V
 # twice while a step runs (memory_plan.bls_transfer_bytes). With the slim prefill two fit 80 GB

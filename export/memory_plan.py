@@ -26,7 +26,8 @@ import sys
 from dataclasses import dataclass
 
 from .cli_help import HelpFormatter
-from .envelope import DEFAULT_ENVELOPE, GPU_BLS_INSTANCES, ServingEnvelope, output_max_shapes, profile_shapes
+from .envelope import (DEFAULT_ENVELOPE, GPU_BLS_INSTANCES, VAE_ATTENTION_QUERY_CHUNKS, ServingEnvelope,
+                       output_max_shapes, profile_shapes)
 from .specs import BYTES_PER_ELEMENT, COMPONENTS, graph_specs
 
 GIB = 2**30
@@ -140,8 +141,12 @@ def activation_bytes(name: str, size: ModelSize, dtype: str, envelope: ServingEn
         return tokens * (8 * text + 3 * size.text_intermediate) * b
     pixels = {"vae_encoder": ranges["height"][2] * ranges["width"][2],
               "vae_decoder": ranges["batch"][2] * ranges["out_height"][2] * ranges["out_width"][2]}[name]
-    # A full-resolution ResNet block: input, normalised/activated input and conv output.
-    return pixels * size.vae_channels * 3 * b
+    # A full-resolution ResNet block: input, normalised/activated input and conv output; or, at 1/8 of
+    # the resolution, the mid-block attention, not fused: one slice of queries' scores against every
+    # key, in and out of its fp32 softmax (components.query_chunked_attention); whichever is larger.
+    tokens = pixels // 64
+    scores = 2 * math.ceil(tokens / VAE_ATTENTION_QUERY_CHUNKS) * tokens * BYTES_PER_ELEMENT["fp32"]
+    return max(pixels * size.vae_channels * 3 * b, scores)
 
 
 def bls_transfer_bytes(dims: dict, dtype: str, envelope: ServingEnvelope) -> int:
@@ -212,9 +217,23 @@ def render(rows, gpu_gib: float, headroom: float, size: ModelSize, dtype: str, e
     graph, tensor, elements = largest_tensor(size, envelope)
     lines.append(f"largest tensor in any profile: {graph}.{tensor}, {elements:,} elements "
                  f"(TensorRT fully supports up to 2^31-1 = {2**31 - 1:,})")
+    graph, shape, elements = unfused_attention_scores(size, envelope)
+    lines.append(f"assumed: TensorRT fuses the transformers' attention; unfused, {graph} would hold scores of "
+                 f"{list(shape)} = {elements:,} elements ({elements * BYTES_PER_ELEMENT[dtype] / GIB:.1f} GiB): "
+                 "make engine-check reports fused attention per engine")
     pool = next(b for what, _, b in rows if what.startswith("BLS transfers"))
     lines.append(f"serve with: tritonserver --cuda-memory-pool-byte-size=<gpu>:{pool}")
     return "\n".join(lines)
+
+
+def unfused_attention_scores(size: ModelSize, envelope: ServingEnvelope) -> tuple[str, tuple, int]:
+    """(graph, shape, elements) of the largest attention-score tensor the transformer graphs would
+    materialise if TensorRT did not fuse their attention: the cached step's [batch, heads, txt + img,
+    ref + txt + img] at the profile maximum. The plan assumes fusion (no such tensor)."""
+    ranges = envelope.dim_ranges("transformer_cached")
+    queries = ranges["text_len"][2] + ranges["lat_h"][2] * ranges["lat_w"][2]
+    shape = (ranges["batch"][2], size.dims["heads"], queries, ranges["n_ref"][2] + queries)
+    return "transformer_cached", shape, math.prod(shape)
 
 
 def largest_tensor(size: ModelSize, envelope: ServingEnvelope) -> tuple[str, str, int]:

@@ -7,6 +7,8 @@ traced at a size >= 2, and sizes are distinct so no two dimensions get unified b
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 from pathlib import Path
 
@@ -89,8 +91,9 @@ def dynamic_shapes(spec: GraphSpec) -> tuple:
     return shapes
 
 
-def _name_dims(path: Path, spec: GraphSpec) -> None:
-    """Give the graph's inputs and outputs the dimension names of the declared spec."""
+def _finish_graph(path: Path, spec: GraphSpec) -> None:
+    """Give the graph's inputs and outputs the dimension names of the declared spec, and run every
+    half-precision softmax in fp32 (softmax_in_fp32). The weights (external data) are not touched."""
     proto = onnx.load(str(path), load_external_data=False)
     for values, tensors in ((proto.graph.input, spec.inputs), (proto.graph.output, spec.outputs)):
         by_name = {t.name: t for t in tensors}
@@ -99,7 +102,40 @@ def _name_dims(path: Path, spec: GraphSpec) -> None:
             for dim, declared in zip(value.type.tensor_type.shape.dim, tensor.dims):
                 if isinstance(declared, str):
                     dim.dim_param = declared
+    softmax_in_fp32(proto)
     onnx.save(proto, str(path))
+
+
+HALF = (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16)
+
+
+def softmax_in_fp32(proto: onnx.ModelProto) -> int:
+    """Wrap every Softmax whose input is bf16 or fp16 in Cast(fp32) -> Softmax -> Cast(back).
+
+    A strongly typed TensorRT network computes each layer in its ONNX types: where attention is not
+    fused into one kernel, a bf16 Softmax would exponentiate and sum the logits in bf16 (8 mantissa
+    bits), while diffusers' SDPA (flash or memory-efficient kernels) accumulates the softmax in fp32.
+    The logits themselves stay bf16 (the MatMul's output type). Returns how many were wrapped."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    nodes, wrapped = [], 0
+    for node in proto.graph.node:
+        half = types.get(node.input[0]) if node.op_type == "Softmax" else None
+        if half not in HALF:
+            nodes.append(node)
+            continue
+        wrapped += 1
+        source, target = node.input[0], node.output[0]
+        up, down = f"{source}__fp32", f"{target}__fp32"
+        nodes.append(onnx.helper.make_node("Cast", [source], [up], name=f"{node.name}__to_fp32",
+                                           to=onnx.TensorProto.FLOAT))
+        node.input[0], node.output[0] = up, down
+        nodes.append(node)
+        nodes.append(onnx.helper.make_node("Cast", [down], [target], name=f"{node.name}__from_fp32", to=half))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return wrapped
 
 
 def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, dims: dict) -> Path:
@@ -110,7 +146,8 @@ def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, d
     large = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > LARGE_GRAPH_BYTES
     path = out_dir / name / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), C.float32_rope():
+    chunked = C.query_chunked_attention() if name in ("vae_encoder", "vae_decoder") else contextlib.nullcontext()
+    with torch.no_grad(), C.float32_rope(), chunked:
         program = torch.onnx.export(
             wrapper, args, dynamo=True, opset_version=OPSET,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
@@ -119,7 +156,7 @@ def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, d
     for stale in path.parent.glob("model.onnx*"):
         stale.unlink()
     program.save(str(path), external_data=large)
-    _name_dims(path, spec)
+    _finish_graph(path, spec)
     return path
 
 

@@ -131,7 +131,7 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
             params = {"runtime": "onnxruntime", "intra_op_threads": threads}
         else:  # torch: the wrapper modules themselves, loaded from the exported model
             _python_model(SOURCES / "component_runner", version)
-            _export_modules(version, ("__init__.py", "checkpoint.py", "components.py", "loading.py", "specs.py"))
+            _export_modules(version, ("__init__.py", "checkpoint.py", "components.py", "envelope.py", "loading.py", "specs.py"))
             weights = manifest.model if manifest.model.startswith("random:") else _local_checkpoint(source, True)
             params = {"runtime": "torch", "checkpoint": weights, "dtype": manifest.dtype, "device": device,
                       "FORCE_CPU_ONLY_INPUT_TENSORS": cpu_only(device)}

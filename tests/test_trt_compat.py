@@ -58,3 +58,66 @@ def test_catches_unsupported_op_and_opset(tmp_path, capsys):
     assert any("opset 21 outside" in p for p in report.problems)
     assert main([str(path)]) == 1
     assert "problem(s)" in capsys.readouterr().out
+
+
+def test_half_precision_graphs_run_softmax_in_fp32(onnx_bf16, onnx_fp32):
+    """Every Softmax of a bf16 graph reads fp32 (a Cast in front, one back after): where TensorRT does
+    not fuse attention, a strongly typed engine computes each layer in its ONNX types. fp32 graphs have
+    no such casts. The VAE graphs run their attention in 16 query slices (components.query_chunked_attention)."""
+    import onnx
+
+    for name in ("text_encoder", "transformer_prefill", "transformer_cached", "vae_encoder", "vae_decoder"):
+        for folder, wrapped in ((onnx_bf16, True), (onnx_fp32, False)):
+            proto = onnx.shape_inference.infer_shapes(onnx.load(str(folder / name / "model.onnx"),
+                                                                load_external_data=False))
+            types = {v.name: v.type.tensor_type.elem_type for v in proto.graph.value_info}
+            producers = {out: node for node in proto.graph.node for out in node.output}
+            softmaxes = [node for node in proto.graph.node if node.op_type == "Softmax"]
+            assert softmaxes, name
+            for node in softmaxes:
+                assert types[node.input[0]] == onnx.TensorProto.FLOAT, (name, folder.name, node.name)
+                cast = producers.get(node.input[0])
+                assert (cast is not None and cast.op_type == "Cast" and cast.name.endswith("__to_fp32")) == wrapped
+            if name.startswith("vae_"):
+                assert len(softmaxes) == 16, (name, len(softmaxes))
+
+
+def test_every_graph_fits_its_profile_maximum(onnx_fp32, tiny_checkpoint):
+    """Every intermediate tensor of every graph at its TensorRT profile's maximum shapes (symbolic shape
+    inference, nothing run): none over 2^31 - 1 elements (the transformers' attention scores excepted:
+    fused, assumed), and the largest within the memory plan's activation estimate for that engine (the
+    plan of this very model: fewer heads and channels than 9B, the same token counts)."""
+    from export import memory_plan
+    from export.envelope import DEFAULT_ENVELOPE
+    from export.profile_walk import LIMIT, walk_export
+
+    size = memory_plan.model_size(tiny_checkpoint)
+    for walk in walk_export(onnx_fp32):
+        print(walk)
+        assert not walk.unresolved and not walk.over_limit, walk
+        budget = memory_plan.activation_bytes(walk.graph, size, "fp32", DEFAULT_ENVELOPE)
+        assert walk.largest_other[0] * 4 <= budget, (walk.graph, walk.largest_other, budget)
+        if walk.graph.startswith("vae_"):  # not assumed fused: its scores must fit too
+            assert walk.largest_score[0] <= LIMIT and walk.largest_score[0] * 4 <= budget, walk
+
+
+def test_the_walk_finds_an_attention_too_large_for_tensorrt(tmp_path, tiny_checkpoint):
+    """The VAE encoder exported without query slices: at the 2048x2048 profile maximum its attention
+    scores are [1, 1, 65536, 65536], over 2^31 - 1 elements, and the walk says so."""
+    import contextlib
+
+    import torch
+
+    from export import components
+    from export.loading import read_model_dims
+    from export.onnx_export import export_component
+    from export.profile_walk import LIMIT, walk
+
+    original = components.query_chunked_attention
+    components.query_chunked_attention = lambda *a, **k: contextlib.nullcontext()
+    try:
+        path = export_component("vae_encoder", tiny_checkpoint, tmp_path, torch.float32, read_model_dims(tiny_checkpoint))
+    finally:
+        components.query_chunked_attention = original
+    result = walk(path, {"image": (1, 3, 2048, 2048)})
+    assert result.largest_score[0] == 65536 * 65536 > LIMIT and result.over_limit
