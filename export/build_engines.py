@@ -16,6 +16,7 @@ truncated plan under the final name.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -110,6 +111,34 @@ def compute_capability() -> str:
     raise MissingRequirement(f"no NVIDIA GPU visible (nvidia-smi missing or failing); {WHERE}")
 
 
+ATTENTION_MARKS = ("mha", "attention")  # fused multi-head attention kernels ("mha", "fmha", "_attention")
+FOREIGN_MARKS = ("myelin", "foreignnode")  # Myelin-compiled regions (TensorRT fuses attention inside them)
+
+
+def layer_summary(trt, engine) -> dict:
+    """Counts from TensorRT's engine inspector (`polygraphy inspect model PLAN --show layers`). Per-layer types
+    and precisions are there only when the engine was built with ProfilingVerbosity.DETAILED; else names."""
+    info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = info.get("Layers", [])
+    detailed = bool(layers) and isinstance(layers[0], dict)
+    texts = [json.dumps(layer).lower() if detailed else str(layer).lower() for layer in layers]
+
+    def fp32(layer):
+        outs = layer.get("Outputs", [])
+        return any("FP32" in (o.get("Format/Datatype") or o.get("Datatype") or "").upper() for o in outs)
+
+    return {"layers": len(layers), "attention": sum(any(m in t for m in ATTENTION_MARKS) for t in texts),
+            "myelin": sum(any(m in t for m in FOREIGN_MARKS) for t in texts),
+            "fp32_layers": sum(map(fp32, layers)) if detailed else None, "detailed": detailed}
+
+
+def summary_line(plan: Path, s: dict) -> str:
+    fp32 = (f"{s['fp32_layers']} with FP32 outputs" if s["detailed"]
+            else "precisions unknown (built without ProfilingVerbosity.DETAILED)")
+    return (f"{plan.name}: {s['layers']} layers, {s['attention']} fused attention (mha/fmha/attention), "
+            f"{s['myelin']} Myelin foreign nodes, {fp32}")
+
+
 RECORD = "build_record.json"  # OUT/build_record.json: what each built engine needs, for the memory plan
 
 
@@ -127,8 +156,6 @@ def engine_record(engine, plan_path: Path, plan_bytes: int, trt_version: str, sm
 
 def update_record(out: Path, component: str, record: dict) -> Path:
     """Add one engine's record to OUT/build_record.json (written through a temporary file)."""
-    import json
-
     path = Path(out) / RECORD
     records = json.loads(path.read_text()) if path.exists() else {}
     records[component] = record
@@ -165,8 +192,10 @@ def build_engine(trt, onnx_path: Path, plan_path: Path, shapes: dict, timing_cac
     del serialized
     write_buffer(timing_cache, config.get_timing_cache().serialize())
     record = engine_record(engine, plan_path, size, trt.__version__, sm)
+    record["layers"] = layer_summary(trt, engine)  # which attention fused (the memory plan assumes it)
     del engine
     log(f"  wrote {plan_path} ({size / 2**20:.1f} MiB; context memory {record['device_memory_bytes'] / 2**30:.2f} GiB)")
+    log(f"  {summary_line(plan_path, record['layers'])}")
     return record
 
 

@@ -41,7 +41,7 @@ from polygraphy.comparator import Comparator, IterationResult, RunResults, Simpl
 from polygraphy.json import save_json
 from polygraphy.logger import G_LOGGER
 
-from .build_engines import MissingRequirement, compute_capability, engine_name
+from .build_engines import MissingRequirement, compute_capability, engine_name, layer_summary, summary_line
 from .cli_help import HelpFormatter
 from .envelope import DEFAULT_ENVELOPE, profile_shapes, shape_range
 from .manifest import MissingManifest
@@ -62,8 +62,6 @@ TOLERANCES = {
     "bf16": {"text_encoder": ("mean", 2e-2, 2e-2), "transformer_prefill": ("mean", 2e-2, 2e-2),
              "transformer_cached": ("mean", 2e-2, 2e-2), "*": ("mean", 3e-2, 3e-2)},
 }
-ATTENTION_MARKS = ("mha", "attention")  # fused multi-head attention kernels ("mha", "fmha", "_attention")
-FOREIGN_MARKS = ("myelin", "foreignnode")  # Myelin-compiled regions (TensorRT fuses attention inside them)
 SHAPE_INDEX = {"min": 0, "opt": 1}
 
 
@@ -161,30 +159,6 @@ def compare(candidate: RunResults, reference: RunResults, check: tuple[str, floa
                     outputs[name] = {"max_abs": res.max_absdiff, "max_rel": res.max_reldiff,
                                      "mean_abs": res.mean_absdiff, "mean_rel": res.mean_reldiff, "passed": bool(res)}
     return {"check": {"stat": stat, "atol": atol, "rtol": rtol}, "outputs": outputs, "passed": bool(results)}
-
-
-def layer_summary(trt, engine) -> dict:
-    """Counts from TensorRT's engine inspector (`polygraphy inspect model PLAN --show layers`). Per-layer types
-    and precisions are there only when the engine was built with ProfilingVerbosity.DETAILED; else names."""
-    info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
-    layers = info.get("Layers", [])
-    detailed = bool(layers) and isinstance(layers[0], dict)
-    texts = [json.dumps(layer).lower() if detailed else str(layer).lower() for layer in layers]
-
-    def fp32(layer):
-        outs = layer.get("Outputs", [])
-        return any("FP32" in (o.get("Format/Datatype") or o.get("Datatype") or "").upper() for o in outs)
-
-    return {"layers": len(layers), "attention": sum(any(m in t for m in ATTENTION_MARKS) for t in texts),
-            "myelin": sum(any(m in t for m in FOREIGN_MARKS) for t in texts),
-            "fp32_layers": sum(map(fp32, layers)) if detailed else None, "detailed": detailed}
-
-
-def summary_line(plan: Path, s: dict) -> str:
-    fp32 = (f"{s['fp32_layers']} with FP32 outputs" if s["detailed"]
-            else "precisions unknown (built without ProfilingVerbosity.DETAILED)")
-    return (f"{plan.name}: {s['layers']} layers, {s['attention']} fused attention (mha/fmha/attention), "
-            f"{s['myelin']} Myelin foreign nodes, {fp32}")
 
 
 def tensorrt_status(engines_dir: Path):
