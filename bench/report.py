@@ -9,6 +9,8 @@ import re
 import sys
 from pathlib import Path
 
+from server.launch import process_table
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,13 +35,8 @@ def _status_kib(pid: int, key: str) -> int:
 def process_tree(pid: int) -> list[int]:
     """pid and all its descendants (tritonserver starts one Python-backend stub per model instance)."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int(Path(entry, "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
+    for child, (_, ppid, _) in process_table().items():
+        children.setdefault(ppid, []).append(child)
     tree, todo = [], [pid]
     while todo:
         current = todo.pop()

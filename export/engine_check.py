@@ -46,6 +46,7 @@ from .cli_help import HelpFormatter
 from .envelope import DEFAULT_ENVELOPE, profile_shapes, shape_range
 from .manifest import MissingManifest
 from .manifest import read as read_manifest
+from .sample_ids import grid_ids, reference_ids, text_ids
 from .specs import COMPONENTS
 
 # (check, atol, rtol) per export dtype, then per graph ("*": the rest). Polygraphy's checks: "elemwise" fails an
@@ -70,14 +71,6 @@ def tolerance(dtype: str, component: str) -> tuple[str, float, float]:
     return table.get(component, table["*"])
 
 
-def _positions(*sizes: int) -> np.ndarray:
-    """Position ids [*sizes, 4] as the pipeline lays them out: (0, h, w, 0) for an image grid, (0, 0, 0, l) for text."""
-    coords = np.meshgrid(*[np.arange(n) for n in sizes], indexing="ij")
-    zeros = np.zeros_like(coords[0])
-    return np.stack([zeros, *coords, zeros] if len(sizes) == 2 else [zeros, zeros, zeros, coords[0]],
-                    axis=-1).astype(np.int64)
-
-
 def _mask(shape) -> np.ndarray:
     """The second half of every prompt padded (on the right, as the pipeline's tokenizer pads)."""
     return np.broadcast_to(np.arange(shape[1]) < max(1, shape[1] // 2), shape).astype(np.int64)
@@ -92,10 +85,9 @@ def record_inputs(spec, dims: dict, shapes: str, seed: int = 0) -> OrderedDict:
         "attention_mask": _mask,
         "image": lambda shape: rng.uniform(-1, 1, shape).astype(np.float32),
         "timestep": lambda shape: rng.uniform(0, 1, shape).astype(np.float32),
-        "ref_ids": lambda shape: np.stack([np.full(shape[0], 10), np.zeros(shape[0]), np.arange(shape[0]),
-                                           np.zeros(shape[0])], axis=-1).astype(np.int64),  # onnx_export.ref_ids_for
-        "img_ids": lambda shape: _positions(shape[0], shape[1]),
-        "txt_ids": lambda shape: _positions(shape[0]),
+        "ref_ids": lambda shape: reference_ids(shape[0]),
+        "img_ids": lambda shape: grid_ids(shape[0], shape[1]),
+        "txt_ids": lambda shape: text_ids(shape[0]),
     }
     feed = OrderedDict()
     for name, triple in profile_shapes(spec, DEFAULT_ENVELOPE).items():

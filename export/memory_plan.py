@@ -21,10 +21,13 @@ GPU: the activation and runtime rows are estimates, the rest is arithmetic on sh
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+from .build_engines import RECORD
 from .cli_help import HelpFormatter
 from .envelope import (DEFAULT_ENVELOPE, GPU_BLS_INSTANCES, VAE_ATTENTION_QUERY_CHUNKS, ServingEnvelope,
                        output_max_shapes, profile_shapes)
@@ -168,11 +171,6 @@ def bls_transfer_bytes(dims: dict, dtype: str, envelope: ServingEnvelope) -> int
 
 def built_records(engines_dir) -> dict:
     """export.build_engines' OUT/build_record.json ({component: record}), or {} if there is none."""
-    import json
-    from pathlib import Path
-
-    from .build_engines import RECORD
-
     path = Path(engines_dir) / RECORD if engines_dir else None
     return json.loads(path.read_text()) if path and path.exists() else {}
 

@@ -18,6 +18,7 @@ from torch.export import Dim
 
 from . import components as C
 from .loading import read_model_dims
+from .sample_ids import grid_ids, reference_ids, text_ids
 from .specs import COMPONENTS, GraphSpec, graph_specs
 
 OPSET = 18  # within TensorRT 10's parser range (opset 9-20), see trt_supported_ops.tsv
@@ -27,16 +28,6 @@ LARGE_GRAPH_BYTES = 1 << 30  # weights go to external data well before protobuf'
 TRACE = {"batch": 2, "text_len": 7, "lat_h": 3, "lat_w": 5, "n_ref": 10}
 # Upper bounds of the dynamic dims; the serving envelope (envelope.py) is well inside them.
 MAX = {"batch": 64, "text_len": 4096, "lat_h": 512, "lat_w": 512, "n_ref": 65536}
-
-
-def _positions(*sizes: int) -> torch.Tensor:
-    """Position ids [*sizes, 4] as the pipeline lays them out: (t, h, w, l) with the given axes counting."""
-    grids = [torch.arange(n) for n in sizes]
-    coords = torch.meshgrid(*grids, indexing="ij") if len(grids) > 1 else tuple(grids)
-    zeros = torch.zeros_like(coords[0])
-    if len(sizes) == 2:  # an image grid: (0, h, w, 0)
-        return torch.stack([zeros, coords[0], coords[1], zeros], dim=-1)
-    return torch.stack([zeros, zeros, zeros, coords[0]], dim=-1)  # text: (0, 0, 0, l)
 
 
 def sample_inputs(name: str, config: dict, dtype: torch.dtype, sizes: dict | None = None) -> tuple:
@@ -51,9 +42,9 @@ def sample_inputs(name: str, config: dict, dtype: torch.dtype, sizes: dict | Non
         "attention_mask": _mask,
         "image": lambda shape: (torch.rand(shape, generator=g) * 2 - 1).to(dtype),
         "timestep": lambda shape: torch.rand(shape, generator=g).to(dtype),
-        "ref_ids": lambda shape: ref_ids_for(shape[0]),
-        "img_ids": lambda shape: _positions(shape[0], shape[1]),
-        "txt_ids": lambda shape: _positions(shape[0]),
+        "ref_ids": lambda shape: torch.from_numpy(reference_ids(shape[0])),
+        "img_ids": lambda shape: torch.from_numpy(grid_ids(shape[0], shape[1])),
+        "txt_ids": lambda shape: torch.from_numpy(text_ids(shape[0])),
     }
     spec = graph_specs(config)[name]
     inputs = []
@@ -62,12 +53,6 @@ def sample_inputs(name: str, config: dict, dtype: torch.dtype, sizes: dict | Non
         make = special.get(tensor.name, lambda shape: torch.randn(shape, generator=g).to(dtype))
         inputs.append(make(shape))
     return tuple(inputs)
-
-
-def ref_ids_for(n_ref: int) -> torch.Tensor:
-    """Position ids of one reference of n_ref tokens laid out as a 1 x n_ref grid."""
-    return torch.stack([torch.full((n_ref,), 10), torch.zeros(n_ref, dtype=torch.long),
-                        torch.arange(n_ref), torch.zeros(n_ref, dtype=torch.long)], dim=-1)
 
 
 def _mask(shape) -> torch.Tensor:

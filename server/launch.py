@@ -268,19 +268,23 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group `pgid`, from /proc."""
-    members = []
+def process_table() -> dict[int, tuple[str, int, int]]:
+    """{pid: (state, parent pid, process group)} of every process now, from /proc/<pid>/stat."""
+    table = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            state, ppid, pgid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):  # gone meanwhile
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(proc.name))
-    return members
+        table[int(proc.name)] = (state, int(ppid), int(pgid))
+    return table
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`."""
+    return [pid for pid, (state, _, group) in process_table().items() if group == pgid and state != "Z"]
 
 
 @dataclass

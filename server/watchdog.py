@@ -147,15 +147,20 @@ class Watchdog:
     def broken_models(self, canary: bool = False) -> dict[str, str]:
         """{model: what failed} for every model that is definitely broken; {} when all answer as they
         should or are busy. A server that does not answer at all is {"tritonserver": ...}."""
+        return self._check(canary)[0]
+
+    def _check(self, canary: bool) -> tuple[dict[str, str], set[str]]:
+        """(broken_models, the models among them that the repository index shows not loaded)."""
         base = self.base
         try:
             with urllib.request.urlopen(f"http://{base}/v2/health/live", timeout=10) as response:
                 if response.status != 200:
-                    return {"tritonserver": f"/v2/health/live answered {response.status}"}
+                    return {"tritonserver": f"/v2/health/live answered {response.status}"}, set()
             broken = self.not_ready()
+            unloaded = set(broken)
             config = _get_json(f"http://{base}/v2/models/{BLS}/config", 10) if BLS not in broken else {}
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            return {"tritonserver": f"not answering: {exc}"}
+            return {"tritonserver": f"not answering: {exc}"}, set()
         count = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
 
         def note(model_hint: str, status: int, message: str) -> None:
@@ -190,7 +195,7 @@ class Watchdog:
                 outputs=("images",))
             if status != 200:
                 note(BLS, status, message)
-        return broken
+        return broken, unloaded
 
     # ------------------------------------------------------------------ repair
 
@@ -210,11 +215,7 @@ class Watchdog:
     def round(self, canary: bool = False) -> dict[str, str]:
         """One probe-and-repair round; never raises (a watchdog that dies repairs nothing)."""
         try:
-            broken = self.broken_models(canary)
-            try:
-                unloaded = set(self.not_ready()) if broken else set()
-            except (urllib.error.URLError, OSError, ValueError):
-                unloaded = set()
+            broken, unloaded = self._check(canary)
             for model, reason in broken.items():
                 if model == "tritonserver":
                     log(f"server not answering ({reason}); nothing to reload")

@@ -28,7 +28,7 @@ import json
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.envelope import DEFAULT_ENVELOPE, DIM_MULTIPLE, ServingEnvelope
+from export.envelope import DEFAULT_ENVELOPE, DIM_MULTIPLE, ServingEnvelope, shape_range
 from export.specs import GraphSpec, kv_names
 
 DATA_TYPES = {"fp32": mc.TYPE_FP32, "bf16": mc.TYPE_BF16, "fp16": mc.TYPE_FP16, "int64": mc.TYPE_INT64}
@@ -79,11 +79,8 @@ COMPONENT_QUEUE = 16
 def config_dims(dims, ranges: dict) -> list[int]:
     """config.pbtxt dims of a declared tensor: static sizes, and named dims that the envelope fixes
     (min == max, e.g. the 512 text tokens: Triton itself then refuses other sizes), else -1."""
-    out = []
-    for dim in dims:
-        low, high = (ranges[dim][0], ranges[dim][2]) if isinstance(dim, str) else (dim, dim)
-        out.append(low if low == high else -1)
-    return out
+    low, _, high = shape_range(dims, ranges)
+    return [lo if lo == hi else -1 for lo, hi in zip(low, high)]
 
 
 def input_rules(spec: GraphSpec, envelope: ServingEnvelope, vocab_size: int = 0) -> str:

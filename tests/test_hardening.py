@@ -120,8 +120,7 @@ def test_components_refuse_what_the_envelope_does_not_hold(triton_server, protoc
     model, inputs, fragments = BAD_CALLS[case]
     inputs = inputs()
     if model == "transformer_cached":  # the tiny model's text width and K/V layout, from the served config
-        config = client(triton_server, "grpc").get_model_config(model, as_json=True)["config"]
-        dims = {i["name"]: [int(d) for d in i["dims"]] for i in config["input"]}
+        dims = input_dims(triton_server, model)
         inputs["prompt_embeds"] = (np.zeros((1, TEXT_LEN, dims["prompt_embeds"][-1]), np.float32), "FP32")
         for name in (n for n in dims if n.startswith("ref_kv_")):
             inputs[name] = (np.zeros([2, 0, *dims[name][2:]], np.float32), "FP32")
@@ -170,9 +169,14 @@ def test_the_control_plane_is_closed_to_callers_without_the_admin_key(triton_ser
     assert "flux2_klein_kv" in names
 
 
+def input_dims(server, model: str) -> dict[str, list[int]]:
+    """{input: config.pbtxt dims} of a served model."""
+    config = client(server, "grpc").get_model_config(model, as_json=True)["config"]
+    return {i["name"]: [int(d) for d in i["dims"]] for i in config["input"]}
+
+
 def _kv_shapes(server) -> dict:
-    config = client(server, "grpc").get_model_config("reference_kv_cache", as_json=True)["config"]
-    return {i["name"]: [int(d) for d in i["dims"]] for i in config["input"] if i["name"].startswith("ref_kv_")}
+    return {name: dims for name, dims in input_dims(server, "reference_kv_cache").items() if name.startswith("ref_kv_")}
 
 
 def _key(text: bytes):

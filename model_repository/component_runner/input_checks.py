@@ -30,9 +30,6 @@ class InputRules:
         data = json.loads(text)
         return cls(data["dims"], data["ranges"], int(data.get("vocab_size", 0)))
 
-    def to_json(self) -> str:
-        return json.dumps({"dims": self.dims, "ranges": self.ranges, "vocab_size": self.vocab_size})
-
     def check(self, feed: dict) -> None:
         """Raise BadInput naming the tensor, the dimension and the limit; None if `feed` is acceptable."""
         seen: dict[str, tuple[int, str]] = {}  # dimension name -> (size, first tensor that had it)
