@@ -1,8 +1,9 @@
 """python -m export.build_engines: one TensorRT engine per exported ONNX graph.
 
 A thin layer over the TensorRT Python API (10 and 11): strongly typed networks (precision
-comes from the ONNX types: export bf16 graphs for production), one optimization profile
-per engine derived from the serving envelope (envelope.py), a shared timing cache, and
+comes from the ONNX types: export bf16 graphs for production), optimization profiles
+derived from the serving envelope (envelope.py: one per engine, two for the VAE encoder,
+whose references are bounded by area), a shared timing cache, and
 engine and timing cache names that carry the TensorRT version and the GPU's compute
 capability, because a plan only loads on the TensorRT version and GPU architecture that
 built it. Build engines with the same TensorRT as the Triton server that loads them
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 from .cli_help import HelpFormatter
-from .envelope import DEFAULT_ENVELOPE, profile_shapes
+from .envelope import DEFAULT_ENVELOPE, engine_profiles
 from .manifest import MissingManifest
 from .manifest import read as read_manifest
 from .specs import COMPONENTS, GraphSpec
@@ -144,13 +145,14 @@ RECORD = "build_record.json"  # OUT/build_record.json: what each built engine ne
 
 def engine_record(engine, plan_path: Path, plan_bytes: int, trt_version: str, sm: str) -> dict:
     """What a deserialized engine reports about itself: the execution context's device memory at the
-    profile maximum (device_memory_size_v2 from TensorRT 10.1, else device_memory_size) and the
-    weights it could stream (0 unless built for weight streaming)."""
+    largest profile maximum (device_memory_size_v2 from TensorRT 10.1, else device_memory_size; each
+    of Triton's contexts, one per profile, reserves it), its profile count and the weights it could
+    stream (0 unless built for weight streaming)."""
     device_memory = getattr(engine, "device_memory_size_v2", None)
     if device_memory is None:
         device_memory = engine.device_memory_size
     return {"plan": plan_path.name, "tensorrt": trt_version, "sm": sm, "plan_bytes": plan_bytes,
-            "device_memory_bytes": int(device_memory),
+            "device_memory_bytes": int(device_memory), "profiles": int(engine.num_optimization_profiles),
             "streamable_weights_bytes": int(getattr(engine, "streamable_weights_size", 0) or 0)}
 
 
@@ -163,7 +165,9 @@ def update_record(out: Path, component: str, record: dict) -> Path:
     return path
 
 
-def build_engine(trt, onnx_path: Path, plan_path: Path, shapes: dict, timing_cache: Path, sm: str, log) -> dict:
+def build_engine(trt, onnx_path: Path, plan_path: Path, profiles: list[dict], timing_cache: Path, sm: str,
+                 log) -> dict:
+    """Build one plan with `profiles` (envelope.engine_profiles, in profile order) and return its record."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -179,10 +183,11 @@ def build_engine(trt, onnx_path: Path, plan_path: Path, shapes: dict, timing_cac
     # attention fused and which layers run in fp32); costs a little plan size, no speed.
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     apply_timing_cache(config, timing_cache, trt.__version__, sm)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {plan_path.name} (see the log above)")
@@ -203,8 +208,12 @@ def describe_profiles(specs: dict[str, GraphSpec]) -> str:
     lines = []
     for name, spec in specs.items():
         lines.append(f"{name}:")
-        for tensor, (lo, opt, hi) in profile_shapes(spec, DEFAULT_ENVELOPE).items():
-            lines.append(f"  {tensor:<15} min {list(lo)}  opt {list(opt)}  max {list(hi)}")
+        profiles = engine_profiles(spec, DEFAULT_ENVELOPE)
+        for index, shapes in enumerate(profiles):
+            if len(profiles) > 1:
+                lines.append(f" profile {index} of {len(profiles)}:")
+            for tensor, (lo, opt, hi) in shapes.items():
+                lines.append(f"  {tensor:<15} min {list(lo)}  opt {list(opt)}  max {list(hi)}")
     return "\n".join(lines)
 
 
@@ -248,7 +257,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         try:
             record = build_engine(trt, onnx_dir / manifest.paths[name], plan,
-                                  profile_shapes(specs[name], DEFAULT_ENVELOPE), timing_cache, sm, print)
+                                  engine_profiles(specs[name], DEFAULT_ENVELOPE), timing_cache, sm, print)
             update_record(out, name, record)
         except TimingCacheRejected as exc:
             print(f"error: {exc}", file=sys.stderr)

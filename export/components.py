@@ -44,11 +44,11 @@ def query_chunked_attention(chunks: int = VAE_ATTENTION_QUERY_CHUNKS):
     """Export the VAE's attention one slice of queries at a time.
 
     The VAE's mid-block attention has a single head of width 512 over every latent pixel: exported as
-    MatMul -> Softmax -> MatMul, a 2048x2048 reference (65,536 tokens) would need a [1, 1, 65536, 65536]
-    score tensor, 4.3e9 elements (over TensorRT's 2^31 - 1) and 8-16 GiB, unless TensorRT fuses it,
-    which its fused attention kernels do not promise for a head this wide. Softmax is per query row, so
-    `chunks` slices of the queries against all keys compute exactly the same rows, and only one slice's
-    scores (here 4096 x 65536) is alive at a time. Patches torch's scaled_dot_product_attention while the
+    MatMul -> Softmax -> MatMul, a 2048x1024 profile maximum (32,768 tokens) would need a
+    [1, 1, 32768, 32768] score tensor, 1.1e9 elements and 2-4 GiB (a square 2048x2048 profile: 4.3e9,
+    over TensorRT's 2^31 - 1), unless TensorRT fuses it, which its fused attention kernels do not
+    promise for a head this wide. Softmax is per query row, so `chunks` slices of the queries against
+    all keys compute exactly the same rows, and only one slice's scores (here 2048 x 32768) is alive. Patches torch's scaled_dot_product_attention while the
     VAE graphs are traced; they call it without a mask, causal flag or dropout."""
     original = torch.nn.functional.scaled_dot_product_attention
 

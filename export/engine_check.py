@@ -43,7 +43,7 @@ from polygraphy.logger import G_LOGGER
 
 from .build_engines import MissingRequirement, compute_capability, engine_name, layer_summary, summary_line
 from .cli_help import HelpFormatter
-from .envelope import DEFAULT_ENVELOPE, profile_shapes, shape_range
+from .envelope import DEFAULT_ENVELOPE, engine_profiles, shape_range
 from .manifest import MissingManifest
 from .manifest import read as read_manifest
 from .sample_ids import grid_ids, reference_ids, text_ids
@@ -90,7 +90,7 @@ def record_inputs(spec, dims: dict, shapes: str, seed: int = 0) -> OrderedDict:
         "txt_ids": lambda shape: text_ids(shape[0]),
     }
     feed = OrderedDict()
-    for name, triple in profile_shapes(spec, DEFAULT_ENVELOPE).items():
+    for name, triple in engine_profiles(spec, DEFAULT_ENVELOPE)[0].items():  # opt is the same in every profile
         shape = triple[SHAPE_INDEX[shapes]]
         make = special.get(name, lambda shape: rng.standard_normal(shape, dtype=np.float32))
         feed[name] = np.ascontiguousarray(make(shape))
@@ -173,7 +173,7 @@ def check_component(name, manifest, reference, reference_dir, engines_dir, out, 
     feed = round_to(record_inputs(spec, dims, shapes), dtype)
     inputs_path = out / f"{name}.inputs.json"
     save_json([feed], str(inputs_path), description="recorded inputs")
-    ranges = DEFAULT_ENVELOPE.dim_ranges(name)
+    ranges = DEFAULT_ENVELOPE.profile_ranges(name)[0]
     expected = {t.name: list(shape_range(t.dims, ranges)[SHAPE_INDEX[shapes]]) for t in spec.outputs}
     report = {"inputs": str(inputs_path), "input_shapes": {k: list(v.shape) for k, v in feed.items()},
               "runners": [], "onnxruntime": {}, "tensorrt": {"ran": False, "reason": why_not}}

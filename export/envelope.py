@@ -13,6 +13,7 @@ profile maximum when a model loads, and at 9B every reference token carries 512 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 PIXELS_PER_TOKEN_SIDE = 16
@@ -44,8 +45,9 @@ def _engine_batch() -> dict[str, int]:
 class ServingEnvelope:
     output_side: tuple[int, int, int] = (256, 1024, 1440)  # min, opt, max pixels per side, multiples of 16
     max_references: int = 4
-    # Per side of a preprocessed reference (the vae_encoder profile). diffusers rejects < 64 px; the
-    # maximum with reference_max_area bounds the aspect ratio: 2048^2 / 1024^2 = 4:1.
+    # Per side of a preprocessed reference. diffusers rejects < 64 px; the maximum with
+    # reference_max_area bounds the aspect ratio: 2048^2 / 1024^2 = 4:1. The vae_encoder's profiles
+    # are bounded by that area, not by the square of the longest side (profile_ranges).
     reference_side: tuple[int, int, int] = (64, 1024, 2048)
     reference_max_area: int = 1024 * 1024  # pixels; larger references are resized down to it (as diffusers)
     # Tokens of the whole ordered reference set after preprocessing: one reference of 1024^2, or two
@@ -72,10 +74,22 @@ class ServingEnvelope:
         """Largest aspect ratio a reference may have: beyond it a side exceeds the vae_encoder profile."""
         return self.reference_side[2] ** 2 // self.reference_max_area
 
+    @property
+    def reference_short_side(self) -> int:
+        """Longest shorter side a reference within reference_max_area can have (a multiple of 16)."""
+        side = math.isqrt(self.reference_max_area)
+        return min(side - side % PIXELS_PER_TOKEN_SIDE, self.reference_side[2])
+
+    def area_limits(self, graph: str) -> list[tuple[str, str, int]]:
+        """(dimension, dimension, most pixels) products of dims that `graph` bounds beyond their ranges."""
+        return [("height", "width", self.reference_max_area)] if graph == "vae_encoder" else []
+
     def dim_ranges(self, graph: str) -> dict[str, tuple[int, int, int]]:
-        """(min, opt, max) of every dynamic dimension name used in specs.graph_specs, for `graph`."""
+        """(min, opt, max) of every dynamic dimension name used in specs.graph_specs, for `graph`:
+        the union of its TensorRT profiles' ranges (profile_ranges)."""
         out_lo, out_opt, out_hi = (self.tokens(s) for s in self.output_side)
         ref_lo, ref_opt, ref_hi = self.reference_side
+        ref_short = self.reference_short_side
         n_ref = self.reference_tokens
         if graph == "transformer_prefill":  # a prefill has at least one reference (the smallest: 4x4 tokens)
             n_ref = (self.tokens(ref_lo) ** 2, *n_ref[1:])
@@ -85,13 +99,36 @@ class ServingEnvelope:
             "text_len": (self.text_len,) * 3,
             "height": (ref_lo, ref_opt, ref_hi),  # vae_encoder input (reference pixels)
             "width": (ref_lo, ref_opt, ref_hi),
-            "image_tokens": tuple(self.tokens(side) ** 2 for side in (ref_lo, ref_opt, ref_hi)),  # vae_encoder output
+            # vae_encoder output: at most a short side's tokens times a long side's (the profiles' maxima)
+            "image_tokens": (self.tokens(ref_lo) ** 2, self.tokens(ref_opt) ** 2,
+                             self.tokens(ref_short) * self.tokens(ref_hi)),
             "lat_h": (out_lo, out_opt, out_hi),  # output latent grid (cached step, vae_decoder)
             "lat_w": (out_lo, out_opt, out_hi),
             "out_height": tuple(PIXELS_PER_TOKEN_SIDE * t for t in (out_lo, out_opt, out_hi)),
             "out_width": tuple(PIXELS_PER_TOKEN_SIDE * t for t in (out_lo, out_opt, out_hi)),
             "n_ref": n_ref,
         }
+
+    def profile_ranges(self, graph: str) -> list[dict[str, tuple[int, int, int]]]:
+        """dim_ranges of each TensorRT optimization profile of `graph`, in profile order. One profile,
+        except the vae_encoder's when its references are bounded by area rather than by the square of
+        the longest side: a landscape box (height up to the short side) and a portrait box. Every
+        reference within the side and area limits lies in one of them (its shorter side is at most
+        reference_short_side), and neither box exceeds twice the area, where the square would hold
+        four times it: the largest tensor TensorRT plans for is half the square's. Triton's
+        tensorrt_backend runs only profile 0 unless the instance group lists the profiles
+        (serving.triton_config does), and the component checks the area itself (area_limits)."""
+        ranges = self.dim_ranges(graph)
+        lo, opt, hi = self.reference_side
+        short = self.reference_short_side
+        if graph != "vae_encoder" or short >= hi:
+            return [ranges]
+        boxes = []
+        for h_hi, w_hi in ((short, hi), (hi, short)):
+            boxes.append({**ranges, "height": (lo, min(opt, h_hi), h_hi), "width": (lo, min(opt, w_hi), w_hi),
+                          "image_tokens": (ranges["image_tokens"][0], self.tokens(min(opt, h_hi)) * self.tokens(
+                              min(opt, w_hi)), self.tokens(h_hi) * self.tokens(w_hi))})
+        return boxes
 
     def request_limits(self) -> dict[str, int]:
         """The BLS's request limits (config.pbtxt parameters), all derived from the envelope."""
@@ -129,13 +166,20 @@ def shape_range(dims, ranges: dict) -> tuple[tuple, tuple, tuple]:
     return tuple(lo), tuple(opt), tuple(hi)
 
 
-def profile_shapes(spec, envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """{input name: (min shape, opt shape, max shape)} of a GraphSpec within the envelope."""
-    ranges = envelope.dim_ranges(spec.name)
-    return {tensor.name: shape_range(tensor.dims, ranges) for tensor in spec.inputs}
+def engine_profiles(spec, envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> list[dict[str, tuple[tuple, tuple, tuple]]]:
+    """One {input name: (min shape, opt shape, max shape)} per TensorRT profile of a GraphSpec."""
+    return [{tensor.name: shape_range(tensor.dims, ranges) for tensor in spec.inputs}
+            for ranges in envelope.profile_ranges(spec.name)]
 
 
-def output_max_shapes(spec, envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> dict[str, tuple]:
-    """{output name: shape} at the profile maximum: what Triton allocates for each output at load."""
-    ranges = envelope.dim_ranges(spec.name)
-    return {tensor.name: shape_range(tensor.dims, ranges)[2] for tensor in spec.outputs}
+def max_shapes(spec, envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> list[dict[str, tuple]]:
+    """One {input and output name: shape} per profile, at the profile's maximum."""
+    return [{tensor.name: shape_range(tensor.dims, ranges)[2] for tensor in spec.inputs + spec.outputs}
+            for ranges in envelope.profile_ranges(spec.name)]
+
+
+def binding_max_shapes(spec, envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> dict[str, tuple]:
+    """{input and output name: shape} that Triton allocates for each binding at load: the largest over
+    the profiles (tensorrt_backend sizes one buffer per tensor for all of an instance's contexts)."""
+    return {name: max((shapes[name] for shapes in max_shapes(spec, envelope)), key=math.prod)
+            for name in max_shapes(spec, envelope)[0]}

@@ -6,7 +6,8 @@ Sums what one server holds on its GPU, from the model's dims and the serving env
                 transformers modules built on the meta device, as the export truncates them)
   I/O buffers   every input and output binding at its profile maximum, per instance: Triton's
                 TensorRT backend allocates them when the model loads (src/instance_state.cc)
-  activations   each engine's execution-context memory at its profile maximum: what the built
+  activations   each engine's execution-context memory at its largest profile maximum, times its
+                profiles (Triton makes one context per profile, each reserving it): what the built
                 engine reports (--engines-dir: build_record.json), else ESTIMATED from its widest
                 live tensors (fused attention assumed)
   BLS transfers what the BLS instances hold at once (a request's K/V, prompt embeddings, ...):
@@ -30,7 +31,7 @@ from pathlib import Path
 from .build_engines import RECORD
 from .cli_help import HelpFormatter
 from .envelope import (DEFAULT_ENVELOPE, GPU_BLS_INSTANCES, VAE_ATTENTION_QUERY_CHUNKS, ServingEnvelope,
-                       output_max_shapes, profile_shapes)
+                       binding_max_shapes, max_shapes)
 from .specs import BYTES_PER_ELEMENT, COMPONENTS, graph_specs
 
 GIB = 2**30
@@ -106,26 +107,22 @@ def _bytes(shape, dtype: str) -> int:
 
 
 def io_bytes(spec, dtype: str, envelope: ServingEnvelope) -> int:
-    """Input and output bindings of one engine instance at the profile maximum."""
-    total = 0
-    for tensor, (_, _, hi) in zip(spec.inputs, profile_shapes(spec, envelope).values()):
-        total += _bytes(hi, "int64" if tensor.dtype == "int64" else dtype)
-    for tensor, hi in zip(spec.outputs, output_max_shapes(spec, envelope).values()):
-        total += _bytes(hi, "int64" if tensor.dtype == "int64" else dtype)
-    return total
+    """Input and output bindings of one engine instance at the largest profile maximum."""
+    shapes = binding_max_shapes(spec, envelope)
+    return sum(_bytes(shapes[t.name], "int64" if t.dtype == "int64" else dtype) for t in spec.inputs + spec.outputs)
 
 
 def max_tensor_elements(spec, envelope: ServingEnvelope) -> tuple[str, int]:
-    """The largest tensor of a graph at its profile maximum: (name, elements)."""
-    shapes = {name: hi for name, (_, _, hi) in profile_shapes(spec, envelope).items()}
-    shapes.update(output_max_shapes(spec, envelope))
+    """The largest input or output of a graph at its largest profile maximum: (name, elements)."""
+    shapes = binding_max_shapes(spec, envelope)
     name = max(shapes, key=lambda n: math.prod(shapes[n]))
     return name, math.prod(shapes[name])
 
 
 def activation_bytes(name: str, size: ModelSize, dtype: str, envelope: ServingEnvelope) -> int:
-    """ESTIMATED execution-context memory at the profile maximum: the widest set of intermediate
-    tensors alive at once (TensorRT reuses memory between layers), attention fused (no score matrix)."""
+    """ESTIMATED memory of one execution context at the largest profile maximum: the widest set of
+    intermediate tensors alive at once (TensorRT reuses memory between layers), attention fused (no
+    score matrix)."""
     d, b = size.dims, BYTES_PER_ELEMENT[dtype]
     ranges = envelope.dim_ranges(name)
     hidden = d["heads"] * d["head_dim"]
@@ -142,7 +139,8 @@ def activation_bytes(name: str, size: ModelSize, dtype: str, envelope: ServingEn
         text = d["text_hidden"]
         # Residual, normed input, q/k/v, attention output, gate/up, activation; plus the three kept hidden states.
         return tokens * (8 * text + 3 * size.text_intermediate) * b
-    pixels = {"vae_encoder": ranges["height"][2] * ranges["width"][2],
+    largest_box = max(r["height"][2] * r["width"][2] for r in envelope.profile_ranges(name))
+    pixels = {"vae_encoder": largest_box,
               "vae_decoder": ranges["batch"][2] * ranges["out_height"][2] * ranges["out_width"][2]}[name]
     # A full-resolution ResNet block: input, normalised/activated input and conv output; or, at 1/8 of
     # the resolution, the mid-block attention, not fused: one slice of queries' scores against every
@@ -188,11 +186,12 @@ def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, cache_bytes: in
         rows.append(("weights", name, instances * size.params[name] * BYTES_PER_ELEMENT[dtype]))
     for name in COMPONENTS:
         rows.append(("I/O buffers at profile max", name, instances * io_bytes(specs[name], dtype, envelope)))
-    for name in COMPONENTS:
+    for name in COMPONENTS:  # Triton makes one context per profile (tensorrt_backend instance_state.cc)
+        contexts = instances * len(envelope.profile_ranges(name))
         if name in built:
-            rows.append(("activations (built engine)", name, instances * built[name]["device_memory_bytes"]))
+            rows.append(("activations (built engine)", name, contexts * built[name]["device_memory_bytes"]))
         else:
-            rows.append(("activations (estimate)", name, instances * activation_bytes(name, size, dtype, envelope)))
+            rows.append(("activations (estimate)", name, contexts * activation_bytes(name, size, dtype, envelope)))
     rows.append(("BLS transfers (CUDA memory pool)", f"{bls_instances} BLS",
                  bls_instances * bls_transfer_bytes(size.dims, dtype, envelope)))
     rows.append(("reference K/V cache budget", "reference_kv_cache", cache_bytes))

@@ -1,7 +1,7 @@
 """python -m export.profile_walk ONNX_DIR: every intermediate tensor of every exported graph at its
 TensorRT profile's maximum shapes, without TensorRT or running anything.
 
-onnxruntime's symbolic shape inference carries the envelope's max input shapes (envelope.profile_shapes)
+onnxruntime's symbolic shape inference carries the envelope's max input shapes (envelope.engine_profiles: each profile)
 through each graph; the report gives each graph's largest tensor and its largest attention-score
 tensor (a Softmax's input or output, the MatMul or Cast that feeds it, the Cast after it). TensorRT
 supports tensors over 2^31 - 1 elements only partly (NVIDIA/TensorRT issue 3815), so a graph fails when
@@ -32,6 +32,7 @@ class Walk:
     largest_other: tuple[int, str]  # (elements, tensor) over every tensor but the attention scores
     largest_score: tuple[int, str]  # (elements, tensor) over attention scores; (0, "") without attention
     unresolved: list[str]  # tensors whose shape stayed symbolic
+    profile: int = 0  # which of the engine's TensorRT profiles (envelope.profile_ranges)
 
     @property
     def largest(self) -> tuple[int, str]:
@@ -100,15 +101,17 @@ def walk(onnx_path, input_shapes: dict[str, tuple]) -> Walk:
 
 
 def walk_export(onnx_dir) -> list[Walk]:
-    """Every graph of an export at its profile's maximum shapes."""
-    from .envelope import DEFAULT_ENVELOPE, profile_shapes
+    """Every graph of an export at each of its profiles' maximum shapes."""
+    from .envelope import DEFAULT_ENVELOPE, engine_profiles
     from .manifest import read
 
     manifest = read(onnx_dir)
     walks = []
     for name, spec in manifest.specs.items():
-        shapes = {tensor: hi for tensor, (_, _, hi) in profile_shapes(spec, DEFAULT_ENVELOPE).items()}
-        walks.append(walk(Path(onnx_dir) / manifest.paths[name], shapes))
+        for index, profile in enumerate(engine_profiles(spec, DEFAULT_ENVELOPE)):
+            shapes = {tensor: hi for tensor, (_, _, hi) in profile.items()}
+            walks.append(walk(Path(onnx_dir) / manifest.paths[name], shapes))
+            walks[-1].profile = index
     return walks
 
 
@@ -118,13 +121,13 @@ def main(argv=None) -> int:
     parser.add_argument("onnx_dir", help="an export (has manifest.json)")
     args = parser.parse_args(argv)
     failed = False
-    print(f"{'graph':<20} {'largest other tensor':>21} {'largest attention scores':>25}  verdict")
+    print(f"{'graph (profile)':<24} {'largest other tensor':>21} {'largest attention scores':>25}  verdict")
     for w in walk_export(args.onnx_dir):
         verdict = "ok" if not w.over_limit and not w.unresolved else "OVER 2^31-1" if w.over_limit else "unresolved"
         if w.fused_assumed and w.largest_score[0] > LIMIT:
             verdict += " (attention fused: assumed)"
         failed |= bool(w.over_limit or w.unresolved)
-        print(f"{w.graph:<20} {w.largest_other[0]:>21,} {w.largest_score[0]:>25,}  {verdict}")
+        print(f"{f'{w.graph} ({w.profile})':<24} {w.largest_other[0]:>21,} {w.largest_score[0]:>25,}  {verdict}")
     return 1 if failed else 0
 
 

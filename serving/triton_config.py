@@ -85,11 +85,13 @@ def config_dims(dims, ranges: dict) -> list[int]:
 
 def input_rules(spec: GraphSpec, envelope: ServingEnvelope, vocab_size: int = 0) -> str:
     """The component runner's per-request checks (input_checks.InputRules) as JSON: the declared dims
-    of every input and the envelope's range of every named one (the TensorRT profiles' ranges)."""
+    of every input, the envelope's range of every named one (the union of the TensorRT profiles'
+    ranges) and its area limits (the reference area that bounds the VAE encoder's profiles)."""
     ranges = envelope.dim_ranges(spec.name)
     named = {d for t in spec.inputs for d in t.dims if isinstance(d, str)}
     rules = {"dims": {t.name: list(t.dims) for t in spec.inputs},
              "ranges": {d: [ranges[d][0], ranges[d][2], DIM_MULTIPLE.get(d, 1)] for d in sorted(named)},
+             "areas": [list(limit) for limit in envelope.area_limits(spec.name)],
              "vocab_size": vocab_size if any(t.name == "input_ids" for t in spec.inputs) else 0}
     return json.dumps(rules)
 
@@ -116,7 +118,10 @@ def component_config(spec: GraphSpec, dtype: str, backend: str, instances: int =
                              "deserialize their own copy of its weights (tensorrt_backend model_state.cc); the memory "
                              "plan counts one per instance: use one instance, or more replicas")
         config.platform = "tensorrt_plan"
-        config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_GPU, gpus=[gpu])
+        group = config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_GPU, gpus=[gpu])
+        profiles = len(envelope.profile_ranges(spec.name))
+        if profiles > 1:  # without the list Triton makes a context for profile 0 only (instance_state.cc)
+            group.profile.extend(str(index) for index in range(profiles))
         set_parameters(config, params or {})
     else:
         _python_model(config, instances, {**(params or {}), "input_rules": input_rules(spec, envelope, vocab_size)})

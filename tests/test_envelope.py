@@ -14,7 +14,7 @@ from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from PIL import Image
 
 from export import memory_plan
-from export.envelope import DEFAULT_ENVELOPE, ServingEnvelope, profile_shapes
+from export.envelope import DEFAULT_ENVELOPE, ServingEnvelope, engine_profiles
 from export.specs import GraphSpec, TensorSpec, graph_specs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_repository" / "flux2_klein_kv" / "1"))
@@ -40,6 +40,11 @@ def _within(shape, profile) -> bool:
     return all(a <= s <= b for a, s, b in zip(lo, shape, hi))
 
 
+def _in_a_profile(shape, spec, tensor) -> bool:
+    """`shape` lies within one of the TensorRT profiles of `spec` for input `tensor`."""
+    return any(_within(shape, profile[tensor]) for profile in engine_profiles(spec))
+
+
 # Extremes the validator accepts: smallest sides, widest aspect at and above the area cap, the
 # declared-size cap, odd sizes that the crop rounds down.
 ACCEPTED = [(64, 64), (64, 256), (256, 64), (2048, 512), (512, 2048), (4096, 1024), (4100, 1025),
@@ -51,18 +56,38 @@ def test_accepted_references_fit_the_vae_encoder_and_prefill_profiles(width, hei
     specs = graph_specs(DIMS_9B)
     image = decode_image(_png(width, height), 0, LIMITS)
     pixels = preprocess_reference(image, PROCESSOR, LIMITS)
-    assert _within(tuple(pixels.shape), profile_shapes(specs["vae_encoder"])["image"]), pixels.shape
+    assert _in_a_profile(tuple(pixels.shape), specs["vae_encoder"], "image"), pixels.shape
+    assert pixels.shape[-2] * pixels.shape[-1] <= DEFAULT_ENVELOPE.reference_max_area
     tokens = (pixels.shape[-2] // 16) * (pixels.shape[-1] // 16)
     ref_latents = (1, tokens, 128)
-    assert _within(ref_latents, profile_shapes(specs["transformer_prefill"])["ref_latents"])
-    assert _within((2, tokens, 32, 128), profile_shapes(specs["transformer_cached"])["ref_kv_00"])
+    assert _in_a_profile(ref_latents, specs["transformer_prefill"], "ref_latents")
+    assert _in_a_profile((2, tokens, 32, 128), specs["transformer_cached"], "ref_kv_00")
     # The default output size is the reference's: inside the output profile, or rejected by name.
     try:
         out_h, out_w = output_size(GenerationRequest(prompt="x"), [tuple(pixels.shape[-2:])], LIMITS)
     except InvalidInput as exc:
         assert "pass 'height' explicitly" in str(exc) or "pass 'width' explicitly" in str(exc)
     else:
-        assert _within((2, out_h // 16, out_w // 16, 128), profile_shapes(specs["transformer_cached"])["latents"])
+        assert _in_a_profile((2, out_h // 16, out_w // 16, 128), specs["transformer_cached"], "latents")
+
+
+def test_vae_encoder_profiles_are_bounded_by_the_reference_area():
+    """Two boxes (landscape, portrait) cover every size a reference can have after preprocessing (sides
+    multiples of 16 in [64, 2048], area <= 1024^2) and neither holds more than twice that area; the
+    square of the longest side (2048^2) would hold four times it."""
+    envelope, spec = DEFAULT_ENVELOPE, graph_specs(DIMS_9B)["vae_encoder"]
+    boxes = [profile["image"] for profile in engine_profiles(spec)]
+    assert len(boxes) == 2
+    for lo, opt, hi in boxes:
+        assert hi[2] * hi[3] <= 2 * envelope.reference_max_area < envelope.reference_side[2] ** 2
+        assert _within(opt, (lo, opt, hi)) and opt[2:] == (1024, 1024)
+    sides = range(envelope.reference_side[0], envelope.reference_side[2] + 1, 16)
+    for height in sides:
+        for width in sides:
+            if height * width <= envelope.reference_max_area:
+                assert _in_a_profile((1, 3, height, width), spec, "image"), (height, width)
+    # Every other graph keeps one profile.
+    assert all(len(engine_profiles(s)) == 1 for s in graph_specs(DIMS_9B).values() if s.name != "vae_encoder")
 
 
 @pytest.mark.parametrize("width, height, message", [
@@ -87,9 +112,9 @@ def test_accepted_output_sizes_fit_the_cached_step_and_decoder(side):
     specs = graph_specs(DIMS_9B)
     height, width = output_size(GenerationRequest(prompt="x", height=side, width=side), [], LIMITS)
     grid = (height // 16, width // 16)
-    assert _within((DEFAULT_ENVELOPE.engine_batch["transformer_cached"], *grid, 128),
-                   profile_shapes(specs["transformer_cached"])["latents"])
-    assert _within((1, *grid, 128), profile_shapes(specs["vae_decoder"])["latents"])
+    assert _in_a_profile((DEFAULT_ENVELOPE.engine_batch["transformer_cached"], *grid, 128),
+                         specs["transformer_cached"], "latents")
+    assert _in_a_profile((1, *grid, 128), specs["vae_decoder"], "latents")
 
 
 def test_prompt_that_is_not_utf8_is_a_client_error():

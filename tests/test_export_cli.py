@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from export.build_engines import engine_name
-from export.envelope import DEFAULT_ENVELOPE, profile_shapes
+from export.envelope import DEFAULT_ENVELOPE, engine_profiles
 from export.specs import COMPONENTS, graph_specs
 
 
@@ -58,9 +58,10 @@ def test_build_engines_without_tensorrt_fails_with_one_clear_line(onnx_bf16, tmp
 def test_profiles_cover_every_dynamic_dim_in_order():
     dims = {"text_hidden": 4096, "heads": 32, "head_dim": 128, "kv_layers": 32, "in_channels": 128}
     for spec in graph_specs(dims).values():
-        for name, (lo, opt, hi) in profile_shapes(spec, DEFAULT_ENVELOPE).items():
-            assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (spec.name, name)
-    cached = profile_shapes(graph_specs(dims)["transformer_cached"])
+        for profile in engine_profiles(spec, DEFAULT_ENVELOPE):
+            for name, (lo, opt, hi) in profile.items():
+                assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (spec.name, name)
+    [cached] = engine_profiles(graph_specs(dims)["transformer_cached"])
     assert cached["ref_kv_31"][2] == (2, 4096, 32, 128)  # one reference of 1024x1024, shared by the images
-    prefill = profile_shapes(graph_specs(dims)["transformer_prefill"])
+    [prefill] = engine_profiles(graph_specs(dims)["transformer_prefill"])
     assert prefill["ref_latents"][0] == (1, 16, 128)

@@ -107,6 +107,8 @@ BAD_CALLS = {
                                   ["'latents'", "lat_h = 200", "[16, 90]"]),
     "vae_encoder_not_a_multiple_of_16": ("vae_encoder", lambda: {"image": (np.zeros((1, 3, 72, 64), np.float32), "FP32")},
                                          ["'image'", "height = 72", "multiple of 16"]),
+    "vae_encoder_over_the_reference_area": ("vae_encoder", lambda: {"image": (
+        np.zeros((1, 3, 1024, 1040), np.float32), "FP32")}, ["'image'", "= 1064960", "at most 1048576"]),
     "transformer_cached_grid_mismatch": ("transformer_cached", lambda: {
         "latents": (_latents(16, 16), "FP32"), "prompt_embeds": (np.zeros((1, TEXT_LEN, 96), np.float32), "FP32"),
         "timestep": (np.ones(1, np.float32), "FP32"), "img_ids": (np.zeros((16, 20, 4), np.int64), "INT64"),

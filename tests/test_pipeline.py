@@ -231,6 +231,10 @@ def test_component_input_checks_name_the_tensor_and_the_limit():
     encoder = InputRules.from_json(input_rules(specs["vae_encoder"], DEFAULT_ENVELOPE))
     with pytest.raises(BadInput, match="a multiple of 16"):
         encoder.check({"image": np.zeros((1, 3, 64, 72), np.float32)})
+    encoder.check({"image": np.zeros((1, 3, 2048, 512), np.float32)})  # 1024^2 pixels, 4:1: the widest reference
+    with pytest.raises(BadInput, match=re.escape("'image' has height x width = 1024 x 1040 = 1064960; the serving "
+                                                 "envelope allows at most 1048576")):
+        encoder.check({"image": np.zeros((1, 3, 1024, 1040), np.float32)})  # within both sides' ranges
     cached = InputRules.from_json(input_rules(specs["transformer_cached"], DEFAULT_ENVELOPE))
     feed = {"latents": np.zeros((2, 16, 16, 128)), "prompt_embeds": np.zeros((2, 512, 96)), "timestep": np.zeros(2),
             "img_ids": np.zeros((16, 16, 4)), "txt_ids": np.zeros((512, 4)),

@@ -46,6 +46,8 @@ def test_component_configs_parse(request, backend, dtype):
             assert config.platform == "tensorrt_plan"
             assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
             assert list(config.instance_group[0].gpus) == [0]  # pinned: not one copy per visible GPU
+            # Triton runs only profile 0 unless the group lists them: the VAE encoder's two area-bounded boxes.
+            assert list(config.instance_group[0].profile) == (["0", "1"] if name == "vae_encoder" else [])
         else:
             assert config.backend == "python"
 

@@ -102,8 +102,9 @@ def test_every_graph_fits_its_profile_maximum(onnx_fp32, tiny_checkpoint):
 
 
 def test_the_walk_finds_an_attention_too_large_for_tensorrt(tmp_path, tiny_checkpoint):
-    """The VAE encoder exported without query slices: at the 2048x2048 profile maximum its attention
-    scores are [1, 1, 65536, 65536], over 2^31 - 1 elements, and the walk says so."""
+    """The VAE encoder exported without query slices: at 2048x2048 (the square profile it had before its
+    profiles were bounded by area) its attention scores are [1, 1, 65536, 65536], over 2^31 - 1
+    elements, and the walk says so."""
     import contextlib
 
     import torch

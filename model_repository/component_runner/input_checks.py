@@ -4,7 +4,8 @@ Components are internal, but over gRPC every model of a repository is reachable 
 proxy allows, so each one checks its inputs itself: every named dimension of the declared I/O
 spec (export/specs.py) must have one value across the request's tensors and lie within the
 serving envelope (export/envelope.py: the same ranges as the TensorRT profiles), pixel sizes
-must be multiples of 16, and token ids must index the vocabulary (an out-of-range gather is
+must be multiples of 16, a reference's height x width must stay within the area that bounds the
+VAE encoder's profiles, and token ids must index the vocabulary (an out-of-range gather is
 undefined behaviour on a GPU). A request that fails gets INVALID_ARG alone; the rest of the
 batch is served. Works on numpy arrays and torch tensors alike. No Triton import: unit-tested.
 """
@@ -24,11 +25,13 @@ class InputRules:
     dims: dict  # input name -> per-axis int (static) or dimension name
     ranges: dict  # dimension name -> [min, max, multiple]
     vocab_size: int = 0  # > 0: input_ids must be in [0, vocab_size)
+    areas: tuple = ()  # [dimension, dimension, most elements]: products bounded beyond the ranges
 
     @classmethod
     def from_json(cls, text: str) -> "InputRules":
         data = json.loads(text)
-        return cls(data["dims"], data["ranges"], int(data.get("vocab_size", 0)))
+        return cls(data["dims"], data["ranges"], int(data.get("vocab_size", 0)),
+                   tuple(tuple(limit) for limit in data.get("areas", ())))
 
     def check(self, feed: dict) -> None:
         """Raise BadInput naming the tensor, the dimension and the limit; None if `feed` is acceptable."""
@@ -49,6 +52,11 @@ class InputRules:
                 if not low <= size <= high or size % multiple:
                     step = f", a multiple of {multiple}" if multiple > 1 else ""
                     raise BadInput(f"'{name}' has {axis} = {size}; the serving envelope allows [{low}, {high}]{step}")
+        for first, second, most in self.areas:
+            if first in seen and second in seen and seen[first][0] * seen[second][0] > most:
+                size = seen[first][0] * seen[second][0]
+                raise BadInput(f"'{seen[first][1]}' has {first} x {second} = {seen[first][0]} x {seen[second][0]} = "
+                               f"{size}; the serving envelope allows at most {most}")
         ids = feed.get("input_ids")
         if ids is not None and self.vocab_size and _count(ids):
             low, high = int(ids.min()), int(ids.max())
