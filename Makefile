@@ -14,12 +14,12 @@ DEVICE  ?=
 # The engine builder needs only the standard library and tensorrt: no venv (python3 of NVIDIA's container).
 ENGINE_PYTHON ?= python3
 # Host GPU for the docker-* targets; CUDA_POOL_BYTES overrides the serving image's pool size (its
-# default is what python -m export.memory_plan prints for the shipped envelope).
+# default is what python -m flux2_serving.export.memory_plan prints for the shipped envelope).
 GPU ?= 0
 CUDA_POOL_BYTES ?=
 RELEASE := 25.10
 # Changing these re-exports (graph layouts are part of the serving contract).
-EXPORT_SOURCES := $(filter-out export/build_engines.py export/memory_plan.py export/engine_check.py export/profile_walk.py,$(wildcard export/*.py))
+EXPORT_SOURCES := $(filter-out flux2_serving/export/build_engines.py flux2_serving/export/memory_plan.py flux2_serving/export/engine_check.py flux2_serving/export/profile_walk.py,$(wildcard flux2_serving/export/*.py)) flux2_serving/contract/specs.py flux2_serving/contract/envelope.py
 
 .PHONY: help setup checkpoint export repository serve check engines engines-dry-run memory-plan docker-engines \
 	docker-serving demo perf bench gpu-bundle gpu-check test clean
@@ -33,7 +33,7 @@ help:
 	@echo "                      scheduler come from the model recorded in ONNX/manifest.json"
 	@echo "make serve            start tritonserver on REPO and wait (HTTP 8000, gRPC 8001, metrics 8002)"
 	@echo "make check            TensorRT compatibility check of the graphs in ONNX, and every tensor at the profile"
-	@echo "                      maximum under 2^31-1 elements (export.profile_walk)"
+	@echo "                      maximum under 2^31-1 elements (flux2_serving.export.profile_walk)"
 	@echo "make engines          build TensorRT engines from ONNX (GPU host with TensorRT only; ENGINE_PYTHON=python3)"
 	@echo "make engine-check     after engines: each plan vs onnxruntime, same inputs (Polygraphy; REFERENCE_ONNX=fp32 export for bf16)"
 	@echo "make docker-engines   the same inside NVIDIA's TensorRT $(RELEASE) container (docker/engines.Dockerfile), GPU=$(GPU)"
@@ -59,21 +59,24 @@ help:
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt Makefile
+$(VENV)/.installed: requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
 	# A real tritonserver (2.51, Python backend) ships inside this wheel; its own Python deps are not needed.
 	$(BIN)/python -m pip install -q --no-deps nvidia-pytriton==0.7.0
+	# This project's package, editable: every folder (model_repository's model.py files included, which
+	# Triton's Python backend runs with this venv's Python) imports flux2_serving by name.
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
 checkpoints/tiny/model_index.json: | setup
-	$(BIN)/python -m export.checkpoint --out checkpoints/tiny
+	$(BIN)/python -m flux2_serving.export.checkpoint --out checkpoints/tiny
 
 checkpoint: checkpoints/tiny/model_index.json
 
 export: setup $(if $(filter checkpoints/tiny,$(MODEL)),checkpoint)
-	$(BIN)/python -m export --model $(MODEL) --onnx-dir $(ONNX) --dtype $(DTYPE)
+	$(BIN)/python -m flux2_serving.export --model $(MODEL) --onnx-dir $(ONNX) --dtype $(DTYPE)
 
 # Re-export by itself only the embedded tiny model (a minute): never over an export of another
 # model (a 9B export takes hours and a GPU host's memory).
@@ -83,7 +86,7 @@ $(ONNX)/manifest.json: $(EXPORT_SOURCES)
 	else $(MAKE) export; fi
 
 repository: setup $(ONNX)/manifest.json
-	$(BIN)/python -m serving.repository --onnx-dir $(ONNX) --repository $(REPO) \
+	$(BIN)/python -m flux2_serving.serving.repository --onnx-dir $(ONNX) --repository $(REPO) \
 		--backend $(BACKEND) --engines-dir $(ENGINES) $(if $(DEVICE),--device $(DEVICE))
 
 # Serve what is there: assemble only when REPO has no repository yet (make repository rebuilds it).
@@ -91,24 +94,24 @@ serve: setup
 	@if [ -f $(REPO)/flux2_klein_kv/config.pbtxt ]; then \
 		echo "serving the existing repository $(REPO) (make repository rebuilds it)"; \
 	else $(MAKE) repository; fi
-	$(BIN)/python -m server.launch --repository $(REPO)
+	$(BIN)/python -m flux2_serving.server.launch --repository $(REPO)
 
 check: setup
-	$(BIN)/python -m export.trt_compat $(ONNX)
-	$(BIN)/python -m export.profile_walk $(ONNX)
+	$(BIN)/python -m flux2_serving.export.trt_compat $(ONNX)
+	$(BIN)/python -m flux2_serving.export.profile_walk $(ONNX)
 
 engines:
-	$(ENGINE_PYTHON) -m export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES)
+	$(ENGINE_PYTHON) -m flux2_serving.export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES)
 
 # After make engines, with the venv's python (polygraphy, onnxruntime, numpy; torch for bf16 engines) plus the
 # tensorrt that built the plans: without tensorrt, a GPU or plans it runs the onnxruntime half only and says so.
 .PHONY: engine-check
 engine-check: setup
-	$(BIN)/python -m export.engine_check --onnx-dir $(ONNX) --engines-dir $(ENGINES) \
+	$(BIN)/python -m flux2_serving.export.engine_check --onnx-dir $(ONNX) --engines-dir $(ENGINES) \
 		$(if $(REFERENCE_ONNX),--reference-onnx-dir $(REFERENCE_ONNX))
 
 engines-dry-run:
-	$(ENGINE_PYTHON) -m export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES) --dry-run
+	$(ENGINE_PYTHON) -m flux2_serving.export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES) --dry-run
 
 docker-engines:
 	docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines:$(RELEASE) export/
@@ -124,10 +127,10 @@ docker-serving:
 		flux2-klein-kv-serving:$(RELEASE)
 
 memory-plan: setup
-	$(BIN)/python -m export.memory_plan --dtype bf16 --gpu-gib 80
+	$(BIN)/python -m flux2_serving.export.memory_plan --dtype bf16 --gpu-gib 80
 
 demo: repository
-	$(BIN)/python -m clients.demo --repository $(REPO) --out build/demo
+	$(BIN)/python -m flux2_serving.clients.demo --repository $(REPO) --out build/demo
 
 perf: repository
 	$(BIN)/python -m perf.provision
@@ -137,17 +140,17 @@ perf: repository
 BENCH_MODEL := checkpoints/bench
 BENCH_ONNX  := build/onnx/bench-fp32
 
-$(BENCH_MODEL)/model_index.json: export/checkpoint.py | setup
-	$(BIN)/python -m export.checkpoint --out $(BENCH_MODEL) --size bench
+$(BENCH_MODEL)/model_index.json: flux2_serving/export/checkpoint.py | setup
+	$(BIN)/python -m flux2_serving.export.checkpoint --out $(BENCH_MODEL) --size bench
 
 $(BENCH_ONNX)/manifest.json: $(BENCH_MODEL)/model_index.json $(EXPORT_SOURCES)
-	$(BIN)/python -m export --model $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX) --dtype fp32
+	$(BIN)/python -m flux2_serving.export --model $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX) --dtype fp32
 
 # Its serving-overhead and scale-out parts use the tiny model, from an export of its own.
 OVERHEAD_ONNX := build/onnx/tiny-fp32
 
 $(OVERHEAD_ONNX)/manifest.json: checkpoints/tiny/model_index.json $(EXPORT_SOURCES)
-	$(BIN)/python -m export --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX) --dtype fp32
+	$(BIN)/python -m flux2_serving.export --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX) --dtype fp32
 
 bench: setup $(BENCH_ONNX)/manifest.json $(OVERHEAD_ONNX)/manifest.json
 	$(BIN)/python -m perf.provision

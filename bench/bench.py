@@ -60,9 +60,9 @@ def diffusers_edit(pipe, prompt: str, references, seed: int) -> np.ndarray:
 
 
 def start_server(args, workdir: Path):
-    """A context manager: tritonserver on the bench checkpoint's repository (server.launch.Running)."""
-    from serving.repository import assemble
-    from server.launch import running
+    """A context manager: tritonserver on the bench checkpoint's repository (flux2_serving.server.launch.Running)."""
+    from flux2_serving.serving.repository import assemble
+    from flux2_serving.server.launch import running
 
     repository = assemble(args.onnx_dir, args.checkpoint, workdir / "model_repository", backend="onnxruntime",
                           threads=args.threads, text_tokens=TEXT_TOKENS)
@@ -161,7 +161,7 @@ def markdown(args, rows, steps, perf_table, memory, repeated, seconds) -> str:
         "## Edit latency, KV vs no KV, per-step cost, throughput, memory (`make bench`)",
         "",
         f"Command: `{args.command}` ({seconds / 60:.1f} min). Machine: {machine()}.",
-        f"Configuration: bench random checkpoint (`python -m export.checkpoint --size bench`: transformer 8 heads "
+        f"Configuration: bench random checkpoint (`python -m flux2_serving.export.checkpoint --size bench`: transformer 8 heads "
         f"x 64 = width 512, 2 double + 2 single blocks; text encoder and VAE as the tiny test checkpoint), fp32, "
         f"CPU (onnxruntime in Triton with {args.threads} intra-op "
         f"threads per component, torch with its default threads in-process), {STEPS} steps, output "
@@ -213,13 +213,13 @@ def markdown(args, rows, steps, perf_table, memory, repeated, seconds) -> str:
 
 def main(argv=None) -> int:
     parser = benchmark_parser("python -m bench.bench", __doc__, "checkpoints/bench", "build/onnx/bench-fp32",
-                              "python -m export.checkpoint --size bench writes it (make bench does)")
+                              "python -m flux2_serving.export.checkpoint --size bench writes it (make bench does)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads per component")
     parser.add_argument("--skip-perf", action="store_true", help="leave out (d), perf_analyzer")
     args = parse_benchmark_args(parser, argv)
     from bench.helpers import synthetic_reference
-    from clients.api import Flux2Client
+    from flux2_serving.clients.api import Flux2Client
     from PIL import Image
     import io
 

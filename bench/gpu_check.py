@@ -37,7 +37,7 @@ import time
 import traceback
 from pathlib import Path
 
-from export.cli_help import HelpFormatter
+from flux2_serving.contract.cli_help import HelpFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"a": "environment", "b": "served_tiny", "c": "probe_9b", "d": "served", "e": "export"}
@@ -74,7 +74,8 @@ def ready_here() -> list[str]:
 
 def enter_bundle_venv(bundle: Path, argv: list[str]) -> None:
     """Build build/gpu_venv from the bundle and re-run there. The venv sees this interpreter's packages
-    (torch with CUDA) through a .pth file, behind its own (numpy < 2 wins over a numpy 2.x here)."""
+    (torch with CUDA) through a .pth file, behind its own (numpy < 2 wins over a numpy 2.x here), and this
+    checkout's flux2_serving through another."""
     import site
     import sysconfig
     import tarfile
@@ -89,6 +90,8 @@ def enter_bundle_venv(bundle: Path, argv: list[str]) -> None:
             tar.extractall(purelib)
         here = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
         Path(purelib, "flux2_host_packages.pth").write_text("".join(f"{path}\n" for path in here if Path(path).is_dir()))
+        # This checkout, as an editable install would put it: the model folders' model.py import flux2_serving.
+        Path(purelib, "flux2_serving_checkout.pth").write_text(f"{ROOT}\n")
         with tarfile.open(bundle / "tritonserver.tar.xz") as tar:
             tar.extractall(venv / "triton")
     env = {**os.environ, "FLUX2_GPU_VENV": "1",
@@ -139,7 +142,7 @@ def _dtype_name(device: str) -> str:
 
 
 def _tiny_checkpoint(out: Path) -> Path:
-    from export.checkpoint import write_checkpoint
+    from flux2_serving.export.checkpoint import write_checkpoint
 
     path = out / "tiny"
     if not (path / "model_index.json").exists():
@@ -148,7 +151,7 @@ def _tiny_checkpoint(out: Path) -> Path:
 
 
 def _manifest(model: str, out: Path, dtype: str) -> Path:
-    from export.__main__ import main as export_main
+    from flux2_serving.export.__main__ import main as export_main
 
     folder = out / f"manifest_{model.replace(':', '_').replace('/', '_')}_{dtype}"
     if not (folder / "manifest.json").exists():
@@ -159,9 +162,9 @@ def _manifest(model: str, out: Path, dtype: str) -> Path:
 @contextlib.contextmanager
 def torch_server(manifest_dir: Path, checkpoint: Path, out: Path, device: str, name: str):
     """A torch-flavor repository on `device`, served by a real tritonserver on free loopback ports
-    (server.launch.Running), stopped on the way out."""
-    from serving.repository import assemble
-    from server.launch import running
+    (flux2_serving.server.launch.Running), stopped on the way out."""
+    from flux2_serving.serving.repository import assemble
+    from flux2_serving.server.launch import running
 
     repository = assemble(manifest_dir, str(checkpoint), out / f"repo_{name}", backend="torch", device=device,
                           bls_instances=1, cache_bytes=8 * GIB)
@@ -230,7 +233,7 @@ def stage_environment(args) -> dict:
 
     import torch
 
-    from server.launch import LaunchError, bundled_server, prepare_backends, server_env
+    from flux2_serving.server.launch import LaunchError, bundled_server, prepare_backends, server_env
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "cuda_available": torch.cuda.is_available(), "device": args.device}
@@ -256,7 +259,7 @@ def stage_environment(args) -> dict:
     lost = [line.split()[0] for line in ldd.splitlines() if "not found" in line] if binary.exists() else ["the binary"]
     if lost:
         problems["tritonserver"] = ", ".join(lost)
-    try:  # the very stub server.launch will use, checked as the launcher checks it
+    try:  # the very stub flux2_serving.server.launch will use, checked as the launcher checks it
         prepare_backends(backends)
     except LaunchError as exc:
         problems["stub"] = str(exc)
@@ -281,8 +284,8 @@ def stage_served_tiny(args) -> dict:
     from PIL import Image
 
     from bench.helpers import bls_output_devices, reference_cache_metrics
-    from clients.api import Flux2Client
-    from export.loading import DTYPES
+    from flux2_serving.clients.api import Flux2Client
+    from flux2_serving.export.loading import DTYPES
 
     out, device, dtype = args.out, args.device, _dtype_name(args.device)
     checkpoint = _tiny_checkpoint(out)
@@ -337,9 +340,9 @@ def stage_served(args) -> dict:
     from PIL import Image
 
     from bench.overhead import time_requests
-    from clients.api import Flux2Client
-    from export.checkpoint import random_module
-    from export.loading import DTYPES
+    from flux2_serving.clients.api import Flux2Client
+    from flux2_serving.export.checkpoint import random_module
+    from flux2_serving.export.loading import DTYPES
 
     out, device, dtype = args.out, args.device, _dtype_name(args.device)
     size = "9b" if device.startswith("cuda") else "tiny"
@@ -400,19 +403,19 @@ def stage_served(args) -> dict:
 
 
 def stage_export(args) -> dict:
-    """The cached-step graph at the served dims, bf16, exported as `python -m export` does (the onnxscript
+    """The cached-step graph at the served dims, bf16, exported as `python -m flux2_serving.export` does (the onnxscript
     optimizer included: without it the graph keeps sequence ops that TensorRT's parser lacks)."""
     import resource
     import tempfile
 
     import torch
 
-    from export import components as C
-    from export.checkpoint import random_module
-    from export.onnx_export import OPSET, dynamic_shapes, sample_inputs
-    from export.specs import graph_specs
-    from export.loading import read_model_dims
-    from export.trt_compat import check_graph
+    from flux2_serving.export import components as C
+    from flux2_serving.export.checkpoint import random_module
+    from flux2_serving.export.onnx_export import OPSET, dynamic_shapes, sample_inputs
+    from flux2_serving.contract.specs import graph_specs
+    from flux2_serving.export.loading import read_model_dims
+    from flux2_serving.export.trt_compat import check_graph
 
     size = "9b" if args.device.startswith("cuda") else "tiny"
     dims = read_model_dims(f"random:{size}")

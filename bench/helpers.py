@@ -1,5 +1,5 @@
 """Helpers for the tests, benchmarks, load tests and the demo: deterministic reference pictures and
-the server's own metrics. Not part of the production client (clients/api.py)."""
+the server's own metrics. Not part of the production client (flux2_serving/clients/api.py)."""
 
 from __future__ import annotations
 

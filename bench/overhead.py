@@ -39,7 +39,7 @@ LABELS = {"text_to_image": "text-to-image", "text_to_image_png": "text-to-image,
 
 def model_seconds(server, models) -> dict[str, float]:
     """{model: queue + compute seconds so far} from Triton's statistics (an admin API: `server`, a
-    server.launch.Running, holds the key)."""
+    flux2_serving.server.launch.Running, holds the key)."""
     import tritonclient.grpc as grpc
 
     client = grpc.InferenceServerClient(server.grpc)
@@ -54,7 +54,7 @@ def model_seconds(server, models) -> dict[str, float]:
 
 def component_seconds(server) -> float:
     """Queue + compute time of every component model so far (Triton's statistics)."""
-    from export.specs import COMPONENTS
+    from flux2_serving.contract.specs import COMPONENTS
 
     return sum(model_seconds(server, COMPONENTS).values())
 
@@ -69,7 +69,7 @@ def stage_seconds(metrics_url: str) -> dict[str, float]:
 def time_requests(server, send, repeats: int) -> tuple[list[float], list[float], dict[str, float]]:
     """`send()` `repeats` times, sequentially: each request's end-to-end seconds, its seconds outside
     the components (e2e minus their queue + compute in Triton's statistics), and the BLS's stages
-    over all of them in ms per request. `server`: server.launch.Running."""
+    over all of them in ms per request. `server`: flux2_serving.server.launch.Running."""
     before = stage_seconds(server.metrics)
     e2e, outside = [], []
     for _ in range(repeats):
@@ -85,9 +85,9 @@ def time_requests(server, send, repeats: int) -> tuple[list[float], list[float],
 
 def measure(server, repeats: int = 5, side: int = SIDE, log=print) -> list[dict]:
     """One row per case: median e2e and overhead (ms) over `repeats` sequential requests after a
-    warm-up, and the mean per-request BLS stages (ms). `server`: server.launch.Running."""
+    warm-up, and the mean per-request BLS stages (ms). `server`: flux2_serving.server.launch.Running."""
     from bench.helpers import synthetic_reference
-    from clients.api import Flux2Client, request_tensors
+    from flux2_serving.clients.api import Flux2Client, request_tensors
 
     reference = synthetic_reference((side, side), 90)
     rows = []
@@ -114,9 +114,9 @@ def measure(server, repeats: int = 5, side: int = SIDE, log=print) -> list[dict]
 @contextlib.contextmanager
 def tiny_server(onnx_dir, checkpoint, workdir: Path, **options):
     """tritonserver on an onnxruntime repository of the tiny checkpoint (assemble's defaults, 1 BLS
-    instance so the stage metrics are one process's); `options` go to serving.repository.assemble."""
-    from serving.repository import assemble
-    from server.launch import running
+    instance so the stage metrics are one process's); `options` go to flux2_serving.serving.repository.assemble."""
+    from flux2_serving.serving.repository import assemble
+    from flux2_serving.server.launch import running
 
     repository = assemble(onnx_dir, checkpoint, workdir / "model_repository", backend="onnxruntime",
                           bls_instances=1, **options)
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
             print(f"[overhead] {label}: {parameters or 'defaults'}", flush=True)
             runs[label] = measure(server, args.repeats, log=lambda m: print(f"[overhead] {m}", flush=True))
             if label == "after":
-                from clients.api import Flux2Client
+                from flux2_serving.clients.api import Flux2Client
 
                 with Flux2Client(server.grpc) as client:
                     served = np.asarray(client.generate("a lighthouse on a cliff at dusk", height=SIDE, width=SIDE,

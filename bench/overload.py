@@ -33,7 +33,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def drive(server, clients: int, seconds: float, side: int, steps: int, backoff: float) -> dict:
     """`clients` threads for `seconds`; every request's (outcome, seconds)."""
-    from clients.api import Flux2Client, Flux2Error
+    from flux2_serving.clients.api import Flux2Client, Flux2Error
 
     results: list[tuple[str, float]] = []
     lock = threading.Lock()
@@ -65,9 +65,9 @@ def drive(server, clients: int, seconds: float, side: int, steps: int, backoff: 
 
 
 def run(args) -> list[dict]:
-    from serving.repository import assemble
-    from serving.triton_config import BLS_MAX_QUEUE, BLS_QUEUE_TIMEOUT_S
-    from server.launch import running
+    from flux2_serving.serving.repository import assemble
+    from flux2_serving.serving.triton_config import BLS_MAX_QUEUE, BLS_QUEUE_TIMEOUT_S
+    from flux2_serving.server.launch import running
 
     workdir = Path("build/bench/overload")
     rows = []
@@ -77,7 +77,7 @@ def run(args) -> list[dict]:
                               bls_instances=args.bls_instances, bls_queue=(queue, timeout))
         print(f"[overload] {label}: queue {queue}, {args.clients} clients for {args.seconds:.0f} s ...", flush=True)
         with running(repository, log_file=workdir / "server.log") as server:
-            from clients.api import Flux2Client
+            from flux2_serving.clients.api import Flux2Client
 
             with Flux2Client(server.grpc) as warm:  # first-request costs out of the measurement
                 warm.generate("warm-up", height=args.side, width=args.side, seed=0, steps=args.steps)

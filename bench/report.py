@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from server.launch import process_table
+from flux2_serving.server.launch import process_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def benchmark_parser(prog: str, doc: str, model: str, onnx_dir: str, model_help:
     its fp32 export, --no-write. parse_args(argv) of it gives args.command too (parse_benchmark_args)."""
     import argparse
 
-    from export.cli_help import HelpFormatter
+    from flux2_serving.contract.cli_help import HelpFormatter
 
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
                                      formatter_class=HelpFormatter)

@@ -1,7 +1,7 @@
 """python -m bench.scaleout: two Triton replicas behind nginx, routing by reference vs round robin.
 
 One repository of the tiny checkpoint (onnxruntime, CPU), served by N tritonserver processes on
-loopback, each with its own reference K/V cache; nginx (server.gateway, the shipped configuration
+loopback, each with its own reference K/V cache; nginx (flux2_serving.server.gateway, the shipped configuration
 deploy/nginx/flux2-gateway.conf) in front. The same kind of workload goes through two gateways on
 the same replicas: repeated edits of a few references mixed with text-to-image, alternating gRPC
 and HTTP, sequential. With affinity (the x-flux2-reference-key header hashed to one replica) a
@@ -63,7 +63,7 @@ def workload(references: list[bytes], repeats: int, text_to_image_every: int = 3
 
 
 def send(gateway, request: Request, side: int, steps: int, timeout_s: float = 300) -> Result:
-    from clients.api import Flux2Client, Flux2Error
+    from flux2_serving.clients.api import Flux2Client, Flux2Error
 
     url = gateway.grpc if request.protocol == "grpc" else gateway.http
     start = time.perf_counter()
@@ -112,8 +112,8 @@ def run_policy(replicas, gateway, requests: list[Request], side: int, steps: int
 @contextlib.contextmanager
 def replicas_of(onnx_dir, checkpoint, workdir: Path, count: int = 2, bls_instances: int = 1):
     """`count` tritonservers on one assembled repository (tiny, onnxruntime), free loopback ports."""
-    from serving.repository import assemble
-    from server.launch import running
+    from flux2_serving.serving.repository import assemble
+    from flux2_serving.server.launch import running
 
     repository = assemble(onnx_dir, checkpoint, workdir / "model_repository", backend="onnxruntime",
                           bls_instances=bls_instances)
@@ -122,7 +122,7 @@ def replicas_of(onnx_dir, checkpoint, workdir: Path, count: int = 2, bls_instanc
 
 
 def gateway_replicas(replicas):
-    from server.gateway import Replica
+    from flux2_serving.server.gateway import Replica
 
     return [Replica(r.http, r.grpc) for r in replicas]
 
@@ -178,7 +178,7 @@ def kill_and_restart(replicas, gateway, references: list[bytes], side: int, step
 
 def markdown(args, rows: dict, failover: dict, seconds: float) -> str:
     from bench.report import machine
-    from clients.api import UNAVAILABLE_HINT
+    from flux2_serving.clients.api import UNAVAILABLE_HINT
 
     lines = [
         "## Scale-out: 2 replicas behind nginx, routing by reference vs round robin (`make bench`: `python -m bench.scaleout`)",
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival order within a round")
     args = parse_benchmark_args(parser, argv)
     from bench.helpers import synthetic_reference
-    from server.gateway import running_gateway
+    from flux2_serving.server.gateway import running_gateway
 
     started, rows = time.perf_counter(), {}
     with tempfile.TemporaryDirectory(prefix="flux2-scaleout-") as tmp, \

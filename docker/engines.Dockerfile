@@ -1,4 +1,4 @@
-# TensorRT engine builder for FLUX.2 [klein] 9B-KV: runs `python3 -m export.build_engines` (standard
+# TensorRT engine builder for FLUX.2 [klein] 9B-KV: runs `python3 -m flux2_serving.export.build_engines` (standard
 # library + the `tensorrt` Python package, nothing else) in NVIDIA's TensorRT container.
 # Not built or run yet: the development machines have neither docker nor a GPU.
 #
@@ -17,9 +17,9 @@
 #   docker run --rm SERVING_IMAGE sh -c 'find / -name "libnvinfer.so.*" 2>/dev/null'
 # The plan names carry the builder's version (e.g. transformer_cached.trt10.x.y.sm90.plan).
 #
-# Build (the context is export/: the builder needs only the files copied below; tests/test_build_engines.py
-# imports it from exactly those):
-#   docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines export/
+# Build (the context is the package folder flux2_serving/: the builder needs only the files copied below,
+# standard library and tensorrt; tests/test_build_engines.py imports it from exactly those):
+#   docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines flux2_serving/
 # Run on the kind of GPU that will serve (plans are per architecture), the bf16 export at /work/onnx:
 #   docker run --rm --gpus '"device=0"' -v $PWD/build/onnx/bf16:/work/onnx:ro \
 #     -v $PWD/build/engines:/work/engines flux2-klein-kv-engines   # -> *.plan and the timing cache
@@ -29,7 +29,9 @@ FROM nvcr.io/nvidia/tensorrt:25.10-py3
 RUN python3 -c 'import tensorrt; print("TensorRT", tensorrt.__version__)'
 
 WORKDIR /opt/flux2
-COPY __init__.py build_engines.py cli_help.py envelope.py manifest.py specs.py /opt/flux2/export/
+COPY __init__.py /opt/flux2/flux2_serving/
+COPY contract/__init__.py contract/cli_help.py contract/envelope.py contract/manifest.py contract/specs.py /opt/flux2/flux2_serving/contract/
+COPY export/__init__.py export/build_engines.py /opt/flux2/flux2_serving/export/
 
 VOLUME /work
-CMD ["/bin/sh", "-c", "exec python3 -m export.build_engines --onnx-dir /work/onnx --out /work/engines"]
+CMD ["/bin/sh", "-c", "exec python3 -m flux2_serving.export.build_engines --onnx-dir /work/onnx --out /work/engines"]

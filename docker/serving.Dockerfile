@@ -1,8 +1,8 @@
 # Triton serving image for FLUX.2 [klein] 9B-KV: NVIDIA's Triton 25.10 (server 2.62.0) plus the BLS's
-# Python packages and the hardened entry point (python3 -m server.serve, server/serve.py).
+# Python packages and the hardened entry point (python3 -m flux2_serving.server.serve, flux2_serving/server/serve.py).
 # Not built or run yet: the development machines have neither docker nor a GPU.
 #
-# Build (the context is the repository root; .dockerignore lets only the five files copied below in):
+# Build (the context is the repository root; .dockerignore lets only what is copied below in):
 #   docker build -f docker/serving.Dockerfile -t flux2-klein-kv-serving .
 # Run, on the model repository assembled for TensorRT (make repository BACKEND=tensorrt, BLS on cuda:0),
 # with plans built by docker/engines.Dockerfile of the same release:
@@ -11,19 +11,19 @@
 #     [-e CUDA_POOL_BYTES=N] flux2-klein-kv-serving
 # or, keeping the key out of `docker inspect`, a mounted file:
 #     -v $PWD/admin-key:/run/secrets/flux2-admin-key:ro -e FLUX2_ADMIN_KEY_FILE=/run/secrets/flux2-admin-key
-# Admin key (server/security.py; make one with `openssl rand -hex 32`): Triton's model-repository
+# Admin key (flux2_serving/contract/security.py; make one with `openssl rand -hex 32`): Triton's model-repository
 #   (load/unload/overrides: code execution), shared-memory, logging, trace and statistics APIs answer
 #   only requests with the header flux2-admin-key (gRPC metadata triton-grpc-protocol-flux2-admin-key).
 #   Without FLUX2_ADMIN_KEY or FLUX2_ADMIN_KEY_FILE those APIs are closed to everyone (the server still
-#   serves; the watchdog then cannot reload models). `docker run ... IMAGE python3 -m server.serve
+#   serves; the watchdog then cannot reload models). `docker run ... IMAGE python3 -m flux2_serving.server.serve
 #   --print [options]` prints the tritonserver command, key masked.
 # --shm-size: the Python backend moves its CPU tensors (requests, BLS calls) through /dev/shm, and
 #   Docker's default /dev/shm is 64 MB.
 # --disable-auto-complete-config (below): every config.pbtxt is complete; auto-complete would have the
 #   TensorRT backend deserialize every plan a second time at load just to read its I/O.
 # --model-control-mode=explicit --load-model=* (below): everything loads at start, and a model whose
-#   Python-backend process died can be reloaded alone (python3 -m server.watchdog does it, with the key).
-# server.serve puts in front: the restrictions above, --http/grpc/metrics-address=0.0.0.0 (the
+#   Python-backend process died can be reloaded alone (python3 -m flux2_serving.server.watchdog does it, with the key).
+# flux2_serving.server.serve puts in front: the restrictions above, --http/grpc/metrics-address=0.0.0.0 (the
 #   container's network is its boundary) and an
 #   internal secret for the internal models; then it execs tritonserver (PID 1 gets the signals).
 #
@@ -39,7 +39,7 @@
 # Python 3.12, as in 24.12) and its TensorRT version (see docker/engines.Dockerfile). The Python
 # backend's stub runs the container's python3; diffusers 0.42.1 and transformers 5.24.0 need Python
 # >= 3.11: the check below stops the build with a clear message if the image's python3 is older.
-# The CPU tests run the tritonserver 2.51 of the nvidia-pytriton wheel: server.serve's options and
+# The CPU tests run the tritonserver 2.51 of the nvidia-pytriton wheel: flux2_serving.server.serve's options and
 # the Python backend were tested on 2.51 only, not on 2.62.0.
 FROM nvcr.io/nvidia/tritonserver:25.10-py3
 
@@ -50,23 +50,25 @@ COPY docker/requirements-serving.txt /opt/flux2/requirements-serving.txt
 ENV PIP_BREAK_SYSTEM_PACKAGES=1
 RUN python3 -m pip install --no-cache-dir -r /opt/flux2/requirements-serving.txt
 
-# The entry point (server.serve), the admin-key and internal-secret handling both share (server.security),
+# This project's package, installed (its pinned dependencies came above): the models the repository's
+# model.py files import (flux2_serving.models), the entry point (python3 -m flux2_serving.server.serve)
 # and the watchdog that reloads a model whose Python-backend process died, also the Kubernetes liveness
-# probe (deploy/kubernetes): python3 -m server.serve / python3 -m server.watchdog from any directory.
-COPY server/__init__.py server/security.py server/serve.py server/watchdog.py /opt/flux2/server/
-ENV PYTHONPATH=/opt/flux2
+# probe (python3 -m flux2_serving.server.watchdog).
+COPY pyproject.toml README.md /opt/flux2/src/
+COPY flux2_serving /opt/flux2/src/flux2_serving
+RUN python3 -m pip install --no-cache-dir --no-deps /opt/flux2/src
 
 # The model repository is mounted, not baked in: /models (plans of ~50 GB, built per GPU architecture).
 VOLUME /models
 
 # Bytes of Triton's CUDA memory pool on GPU 0 (tensors between models: BLS <-> engines).
-# The default is what `python -m export.memory_plan` prints for the shipped envelope (what the one
+# The default is what `python -m flux2_serving.export.memory_plan` prints for the shipped envelope (what the one
 # BLS instance on a GPU holds at once: a request's K/V, twice while a step runs, prompt embeddings,
 # ...); override with -e.
 ENV CUDA_POOL_BYTES=4391200768
 
 EXPOSE 8000 8001 8002
 
-# sh -c for ${CUDA_POOL_BYTES}; exec, then server.serve's exec, leave tritonserver as PID 1.
+# sh -c for ${CUDA_POOL_BYTES}; exec, then flux2_serving.server.serve's exec, leave tritonserver as PID 1.
 # --exit-timeout-secs=60: requests in flight get a minute to finish on SIGTERM.
-CMD ["/bin/sh", "-c", "exec python3 -m server.serve --model-repository=/models --disable-auto-complete-config --cuda-memory-pool-byte-size=0:${CUDA_POOL_BYTES} --model-control-mode=explicit '--load-model=*' --exit-timeout-secs=60"]
+CMD ["/bin/sh", "-c", "exec python3 -m flux2_serving.server.serve --model-repository=/models --disable-auto-complete-config --cuda-memory-pool-byte-size=0:${CUDA_POOL_BYTES} --model-control-mode=explicit '--load-model=*' --exit-timeout-secs=60"]

@@ -17,7 +17,7 @@ import json
 import struct
 from pathlib import Path
 
-from export.cli_help import HelpFormatter
+from flux2_serving.contract.cli_help import HelpFormatter
 
 # case name -> number of reference images
 CASES = {"text_to_image": 0, "reference_1": 1, "reference_3": 3}
@@ -57,7 +57,7 @@ def request(case: str, height: int = 256, width: int = 256, ref_size: int = 256,
         entry["image"] = bytes_tensor(references(CASES[case], ref_size))
         if not reuse_reference_cache:
             entry["reuse_reference_cache"] = [False]
-    from clients.api import public_inputs  # the served model's own declaration of its inputs
+    from flux2_serving.clients.api import public_inputs  # the served model's own declaration of its inputs
 
     unknown = set(entry) - {f.name for f in public_inputs()}
     assert not unknown, f"not inputs of flux2_klein_kv: {unknown}"

@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from export.cli_help import HelpFormatter
+from flux2_serving.contract.cli_help import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = ROOT / "build" / "tools" / "perf_analyzer"

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.cli_help import HelpFormatter
+from flux2_serving.contract.cli_help import HelpFormatter
 from perf import input_data
 from perf.provision import DEFAULT_DIR as PROVISION_DIR
 from perf.provision import version as perf_analyzer_version
@@ -69,7 +69,7 @@ def command(perf_analyzer, url: str, protocol: str, data: Path, csv_name: str, a
             admin_key: str | None = None) -> list[str]:
     """perf_analyzer's command line. The composing models' server-side numbers come from Triton's
     statistics, an admin API: `admin_key` goes with every request as a header (-H)."""
-    from server.security import admin_headers
+    from flux2_serving.contract.security import admin_headers
 
     headers = [arg for name, value in admin_headers(admin_key, protocol).items() for arg in ("-H", f"{name}:{value}")]
     cmd = [str(perf_analyzer), "-m", MODEL, "-u", url, "-i", protocol, "--input-data", str(data), *headers,
@@ -249,7 +249,7 @@ def run(argv=None) -> tuple[int, str]:
     server = contextlib.ExitStack()  # holds the tritonserver we start, if any
     if external:
         urls = {"grpc": args.grpc_url, "http": args.http_url}
-        from server.security import configured_admin_key
+        from flux2_serving.contract.security import configured_admin_key
 
         admin_key = configured_admin_key()  # $FLUX2_ADMIN_KEY: the composing models' statistics
         missing = [p for p in protocols if not urls[p]]
@@ -258,7 +258,7 @@ def run(argv=None) -> tuple[int, str]:
                   file=sys.stderr)
             return 2, ""
     else:
-        from server.launch import running
+        from flux2_serving.server.launch import running
 
         print(f"starting tritonserver on {args.repository} (log: {out / 'server.log'}) ...", flush=True)
         started = time.perf_counter()

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from export.build_engines import (TimingCacheRejected, apply_timing_cache, engine_name, timing_cache_name,
+from flux2_serving.export.build_engines import (TimingCacheRejected, apply_timing_cache, engine_name, timing_cache_name,
                                   write_buffer)
-from export.specs import graph_specs
+from flux2_serving.contract.specs import graph_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -46,7 +46,7 @@ class FakeBuilderConfig:
 def test_timing_cache_name_carries_trt_version_and_sm():
     assert timing_cache_name("10.5.0", "90") == "timing.trt10.5.0.sm90.cache"
     assert engine_name("vae_decoder", "10.5.0", "90") == "vae_decoder.trt10.5.0.sm90.plan"
-    # serving.repository picks plans by `{component}.trt*.plan`: the cache must never match it.
+    # flux2_serving.serving.repository picks plans by `{component}.trt*.plan`: the cache must never match it.
     assert not timing_cache_name("10.5.0", "90").endswith(".plan")
 
 
@@ -93,7 +93,7 @@ def test_write_buffer_crash_keeps_old_file_and_no_temp_file(tmp_path, monkeypatc
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("export.build_engines.os.replace", crash)
+    monkeypatch.setattr("flux2_serving.export.build_engines.os.replace", crash)
     with pytest.raises(OSError, match="disk full"):
         write_buffer(target, bytearray(b"new plan, never complete"))
     assert target.read_bytes() == b"old plan"
@@ -101,7 +101,7 @@ def test_write_buffer_crash_keeps_old_file_and_no_temp_file(tmp_path, monkeypatc
 
 
 def test_builder_imports_neither_torch_nor_diffusers():
-    code = ("import sys, export.build_engines; "
+    code = ("import sys, flux2_serving.export.build_engines; "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnx', 'numpy') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -113,17 +113,18 @@ def test_the_engines_image_holds_everything_the_builder_imports(tmp_path):
     read from the Dockerfile), with only the standard library on the path: it imports and answers
     --help (a missing module would kill the container's CMD at import; the image build would not see it)."""
     text = (DOCKER / "engines.Dockerfile").read_text()
-    (copied,) = re.findall(r"^COPY\s+(.+?)\s+/opt/flux2/export/\s*$", text, flags=re.MULTILINE)
-    package = tmp_path / "export"
-    package.mkdir()
-    for name in copied.split():
-        (package / name).write_bytes((ROOT / "export" / name).read_bytes())
+    copies = re.findall(r"^COPY\s+(.+?)\s+/opt/flux2/(\S+)/\s*$", text, flags=re.MULTILINE)
+    assert copies
+    for sources, target in copies:  # the build context is the package folder
+        (tmp_path / target).mkdir(parents=True, exist_ok=True)
+        for source in sources.split():
+            (tmp_path / target / Path(source).name).write_bytes((ROOT / "flux2_serving" / source).read_bytes())
     workdir = re.search(r"^WORKDIR\s+(\S+)", text, flags=re.MULTILINE).group(1)
-    assert workdir == "/opt/flux2"  # the image runs `python3 -m export.build_engines` from there
+    assert workdir == "/opt/flux2"  # the image runs `python3 -m flux2_serving.export.build_engines` from there
     # As `python3 -m` from WORKDIR: the working folder first, no site-packages.
     code = ("import sys; sys.path[:] = ['.'] + [p for p in sys.path if 'site-packages' not in p]; "
             "sys.argv = ['build_engines', '--help']; import runpy; "
-            "runpy.run_module('export.build_engines', run_name='__main__', alter_sys=True)")
+            "runpy.run_module('flux2_serving.export.build_engines', run_name='__main__', alter_sys=True)")
     result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "--onnx-dir" in result.stdout
@@ -141,10 +142,10 @@ def _manifest_dir(tmp_path) -> Path:
 
 def test_without_tensorrt_exits_2_with_one_line(tmp_path):
     onnx_dir = _manifest_dir(tmp_path)
-    # `python -m export.build_engines` with `import tensorrt` failing, whether or not it is installed.
+    # `python -m flux2_serving.export.build_engines` with `import tensorrt` failing, whether or not it is installed.
     code = ("import runpy, sys; sys.modules['tensorrt'] = None; "
             f"sys.argv = ['build_engines', '--onnx-dir', {str(onnx_dir)!r}, '--out', {str(tmp_path / 'engines')!r}]; "
-            "runpy.run_module('export.build_engines', run_name='__main__', alter_sys=True)")
+            "runpy.run_module('flux2_serving.export.build_engines', run_name='__main__', alter_sys=True)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
@@ -180,12 +181,12 @@ def test_dockerfiles_share_the_release_and_serve_with_complete_configs():
     text = serving.read_text()
     cmd = [line for line in text.splitlines() if line.startswith("CMD")]
     assert len(cmd) == 1
-    for flag in ("python3 -m server.serve", "--model-repository=/models", "--disable-auto-complete-config",
+    for flag in ("python3 -m flux2_serving.server.serve", "--model-repository=/models", "--disable-auto-complete-config",
                  "--cuda-memory-pool-byte-size=0:${CUDA_POOL_BYTES}"):
         assert flag in cmd[0]
     assert re.search(r"^(ARG|ENV) CUDA_POOL_BYTES=\d+$", text, flags=re.MULTILINE)  # the plan's value: test_envelope
     assert re.search(r"^EXPOSE 8000 8001 8002$", text, flags=re.MULTILINE)
-    assert "python3 -m export.build_engines --onnx-dir /work/onnx --out /work/engines" in engines.read_text()
+    assert "python3 -m flux2_serving.export.build_engines --onnx-dir /work/onnx --out /work/engines" in engines.read_text()
     for path in (serving, engines):
         assert "not built or run yet" in path.read_text().lower()
 
@@ -209,9 +210,9 @@ class BuiltEngine:
 def test_build_record_feeds_the_memory_plan(tmp_path):
     """build_engines records each engine's context memory next to the plans; the memory plan uses it
     instead of its estimate, and says which is which."""
-    from export import memory_plan
-    from export.build_engines import RECORD, engine_record, update_record
-    from export.envelope import DEFAULT_ENVELOPE
+    from flux2_serving.export import memory_plan
+    from flux2_serving.export.build_engines import RECORD, engine_record, update_record
+    from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 
     record = engine_record(BuiltEngine(), tmp_path / "vae_decoder.trt10.13.0.sm90.plan", 170 * 2**20, "10.13.0", "90")
     assert record["device_memory_bytes"] == 3 * 2**30 and record["plan"] == "vae_decoder.trt10.13.0.sm90.plan"

@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 
 from bench.helpers import synthetic_reference
-from clients.api import AsyncFlux2Client, Flux2Client, Flux2Error, infer_inputs, request_tensors
+from flux2_serving.clients.api import AsyncFlux2Client, Flux2Client, Flux2Error, infer_inputs, request_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flux2_serving.clients.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -50,7 +50,7 @@ def test_cli_bad_request_exits_nonzero_naming_the_field(triton_server, tmp_path,
 
 
 def test_cli_unreachable_server_is_one_line(tmp_path):
-    from server.launch import free_port
+    from flux2_serving.server.launch import free_port
 
     for protocol in ("grpc", "http"):
         run = cli("--protocol", protocol, "--url", f"127.0.0.1:{free_port()}", "--prompt", "x",

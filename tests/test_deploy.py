@@ -94,13 +94,13 @@ def test_both_containers_run_the_hardened_modules_with_the_admin_key_from_the_se
     deployment = _one("Deployment")
     containers = _containers(deployment)
     triton, watchdog = containers["triton"], containers["watchdog"]
-    assert triton["command"] == ["python3", "-m", "server.serve"]
-    assert watchdog["command"][:3] == ["python3", "-m", "server.watchdog"] and "--once" not in watchdog["command"]
+    assert triton["command"] == ["python3", "-m", "flux2_serving.server.serve"]
+    assert watchdog["command"][:3] == ["python3", "-m", "flux2_serving.server.watchdog"] and "--once" not in watchdog["command"]
     # Liveness: one probe round, no canary (a real request would queue behind the work in progress), with
     # room after the probes' own timeout.
     liveness = triton["livenessProbe"]
     command = liveness["exec"]["command"]
-    assert command[:3] == ["python3", "-m", "server.watchdog"] and "--once" in command and "--canary" not in command
+    assert command[:3] == ["python3", "-m", "flux2_serving.server.watchdog"] and "--once" in command and "--canary" not in command
     assert liveness["timeoutSeconds"] > float(command[command.index("--probe-timeout") + 1])
 
     secret = _one("Secret")
@@ -115,9 +115,9 @@ def test_both_containers_run_the_hardened_modules_with_the_admin_key_from_the_se
         assert source["secretName"] == secret["metadata"]["name"] == "flux2-admin-key"
         assert source["items"] == [{"key": "admin-key", "path": key_file.name}]
     assert "admin-key" in secret["stringData"]
-    # The placeholder is refused by server.serve, so an unedited Secret cannot open the admin APIs with
+    # The placeholder is refused by flux2_serving.server.serve, so an unedited Secret cannot open the admin APIs with
     # a key published in this repository.
-    from server import security
+    from flux2_serving.contract import security
 
     with pytest.raises(ValueError):
         security.restriction_args(secret["stringData"]["admin-key"])
@@ -127,13 +127,14 @@ def test_the_image_runs_server_serve_from_the_files_the_context_lets_in():
     dockerfile = DOCKERFILE.read_text()
     copies = re.findall(r"^COPY (.+) (\S+)$", dockerfile, re.M)
     sources = {source for sources, _ in copies for source in sources.split()}
-    assert ("server/__init__.py server/security.py server/serve.py server/watchdog.py", "/opt/flux2/server/") in copies
-    assert re.search(r"^ENV PYTHONPATH=/opt/flux2$", dockerfile, re.M)
+    # The package is installed from what the context lets in (pyproject.toml names README.md as its readme).
+    assert ("flux2_serving", "/opt/flux2/src/flux2_serving") in copies and ("pyproject.toml README.md", "/opt/flux2/src/") in copies
+    assert re.search(r"^RUN python3 -m pip install --no-cache-dir --no-deps /opt/flux2/src$", dockerfile, re.M)
     allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
-    assert allowed == sources and all((ROOT / source).is_file() for source in sources)
-    # The CMD as /bin/sh runs it (${CUDA_POOL_BYTES} expanded, '*' not globbed), through server.serve --print.
+    assert allowed == sources and all((ROOT / source).exists() for source in sources)
+    # The CMD as /bin/sh runs it (${CUDA_POOL_BYTES} expanded, '*' not globbed), through flux2_serving.server.serve --print.
     cmd = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1))
-    assert cmd[:2] == ["/bin/sh", "-c"] and cmd[2].startswith("exec python3 -m server.serve ")
+    assert cmd[:2] == ["/bin/sh", "-c"] and cmd[2].startswith("exec python3 -m flux2_serving.server.serve ")
     script = cmd[2].replace("exec python3 ", f"exec {sys.executable} ", 1) + " --print"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX2_ADMIN_KEY")}
     printed = subprocess.run(["/bin/sh", "-c", script], cwd=ROOT, env={**env, "CUDA_POOL_BYTES": "123"},
@@ -188,8 +189,8 @@ def test_kustomization_lists_existing_resources():
 
 
 def test_the_routing_header_is_the_one_clients_send_and_the_gateway_hashes():
-    from clients.api import ROUTING_HEADER
-    from server.gateway import ROUTING_HEADER as GATEWAY_HEADER
+    from flux2_serving.clients.api import ROUTING_HEADER
+    from flux2_serving.server.gateway import ROUTING_HEADER as GATEWAY_HEADER
 
     variable = "$http_" + ROUTING_HEADER.replace("-", "_")
     assert GATEWAY_HEADER == ROUTING_HEADER
@@ -217,13 +218,13 @@ def test_the_ingresses_route_exactly_the_public_allowlist(name, allowed):
 
 def _serve_print(environ: dict) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX2_ADMIN_KEY")}
-    return subprocess.run([sys.executable, "-m", "server.serve", "--print", "--model-repository=/models"], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "flux2_serving.server.serve", "--print", "--model-repository=/models"], cwd=ROOT,
                           env={**env, **environ}, capture_output=True, text=True, check=True)
 
 
 @pytest.mark.parametrize("key_from", ["env", "file", "none"])
 def test_serve_print_masks_the_key_and_restricts_exactly_the_admin_apis(key_from, tmp_path):
-    from server import security
+    from flux2_serving.contract import security
 
     key = "k3y-" + "a" * 40
     (tmp_path / "key").write_text(key + "\n")
@@ -241,7 +242,7 @@ def test_serve_print_masks_the_key_and_restricts_exactly_the_admin_apis(key_from
         assert restriction == f"{security.ADMIN_HEADER}=***"
     for listener in ("http", "grpc", "metrics"):
         assert f"--{listener}-address=0.0.0.0" in printed
-    assert "stub-timeout-seconds" not in printed  # the Python backend never reads it (server/security.py)
+    assert "stub-timeout-seconds" not in printed  # the Python backend never reads it (flux2_serving/contract/security.py)
 
 
 def _post(url: str, headers: dict) -> int:
@@ -255,17 +256,18 @@ def _post(url: str, headers: dict) -> int:
 
 
 def test_serve_starts_tritonserver_with_the_admin_apis_behind_the_key(triton_server, tmp_path):
-    """python -m server.serve for real (the container's entry point) on the bundled tritonserver: it
+    """python -m flux2_serving.server.serve for real (the container's entry point) on the bundled tritonserver: it
     becomes tritonserver (exec), and the repository index answers only with the key."""
-    from server import security
-    from server.launch import ROOT as LAUNCH_ROOT, bundled_server, free_ports, prepare_backends, server_env, wait_ready
+    from flux2_serving.contract import security
+    from flux2_serving import CHECKOUT as LAUNCH_ROOT
+    from flux2_serving.server.launch import bundled_server, free_ports, prepare_backends, server_env, wait_ready
 
     key = security.unknowable_key()
     ports = free_ports()
     backends = prepare_backends(LAUNCH_ROOT / "build" / "tritonserver" / "backends")
     env = {k: v for k, v in server_env().items() if not k.startswith("FLUX2_ADMIN_KEY")}
     env.update(PATH=f"{bundled_server() / 'bin'}:{env['PATH']}", FLUX2_ADMIN_KEY=key)
-    command = [sys.executable, "-m", "server.serve", "--address=127.0.0.1",
+    command = [sys.executable, "-m", "flux2_serving.server.serve", "--address=127.0.0.1",
                f"--model-repository={triton_server['repository']}", f"--backend-directory={backends}",
                f"--http-port={ports['http']}", f"--grpc-port={ports['grpc']}", f"--metrics-port={ports['metrics']}",
                "--model-control-mode=explicit"]  # nothing loaded: ready at once (the index lists the models)

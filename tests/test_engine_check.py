@@ -1,4 +1,4 @@
-"""python -m export.engine_check on the tiny fp32 export: the onnxruntime half (Polygraphy's OnnxrtRunner) runs;
+"""python -m flux2_serving.export.engine_check on the tiny fp32 export: the onnxruntime half (Polygraphy's OnnxrtRunner) runs;
 the TensorRT half is reported as not run. No TensorRT here: its half is never exercised or imitated, except the
 layer counting, fed a hand-written engine-inspector JSON in the two layouts TensorRT documents.
 """
@@ -16,17 +16,17 @@ import pytest
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.json import load_json
 
-from export import engine_check as E
-from export.manifest import read as read_manifest
+from flux2_serving.export import engine_check as E
+from flux2_serving.contract.manifest import read as read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    # `python -m export.engine_check ARGS` with `import tensorrt` failing, whether or not it is installed here.
+    # `python -m flux2_serving.export.engine_check ARGS` with `import tensorrt` failing, whether or not it is installed here.
     code = ("import runpy, sys; sys.modules['tensorrt'] = None; "
             f"sys.argv = ['engine_check', *{list(args)!r}]; "
-            "runpy.run_module('export.engine_check', run_name='__main__', alter_sys=True)")
+            "runpy.run_module('flux2_serving.export.engine_check', run_name='__main__', alter_sys=True)")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 

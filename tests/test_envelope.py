@@ -1,4 +1,4 @@
-"""What the BLS accepts must fit the engines: request limits derive from export/envelope.py, and the
+"""What the BLS accepts must fit the engines: request limits derive from flux2_serving/contract/envelope.py, and the
 accepted extremes, walked through the served preprocessing, land inside every TensorRT profile.
 Also the memory plan: the old envelope does not fit an 80 GB GPU, the shipped one does."""
 
@@ -13,12 +13,13 @@ import pytest
 from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from PIL import Image
 
-from export import memory_plan
-from export.envelope import DEFAULT_ENVELOPE, ServingEnvelope, engine_profiles
-from export.specs import GraphSpec, TensorSpec, graph_specs
+from flux2_serving.export import memory_plan
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE, ServingEnvelope, engine_profiles
+from flux2_serving.contract.specs import GraphSpec, TensorSpec, graph_specs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_repository" / "flux2_klein_kv" / "1"))
-from request_inputs import GenerationRequest, InvalidInput, Limits, decode_image, output_size, preprocess_reference  # noqa: E402,I001
+from flux2_serving.contract.interface import Limits
+from flux2_serving.models.request_inputs import (GenerationRequest, InvalidInput, decode_image, output_size,
+                                                 preprocess_reference)
 
 DIMS_9B = {"text_hidden": 4096, "heads": 32, "head_dim": 128, "kv_layers": 32, "in_channels": 128}
 LIMITS = Limits(**DEFAULT_ENVELOPE.request_limits())
@@ -118,7 +119,7 @@ def test_accepted_output_sizes_fit_the_cached_step_and_decoder(side):
 
 
 def test_prompt_that_is_not_utf8_is_a_client_error():
-    from request_inputs import parse
+    from flux2_serving.models.request_inputs import parse
     import numpy as np
 
     with pytest.raises(InvalidInput, match="'prompt' is not valid UTF-8"):
@@ -164,7 +165,7 @@ def test_the_old_envelope_does_not_fit_80_gb(size_9b):
 
 
 def test_the_shipped_envelope_fits_80_gb_with_15_percent_headroom(size_9b):
-    from serving.repository import REFERENCE_CACHE_BYTES
+    from flux2_serving.serving.repository import REFERENCE_CACHE_BYTES
 
     rows = memory_plan.plan(size_9b, "bf16", DEFAULT_ENVELOPE, REFERENCE_CACHE_BYTES,
                             bls_instances=memory_plan.GPU_BLS_INSTANCES)
@@ -190,7 +191,7 @@ def test_serving_image_pool_is_the_plans(size_9b):
 
 
 def test_memory_plan_cli_prints_the_table_and_fails_on_48_gb():
-    run = [sys.executable, "-m", "export.memory_plan"]
+    run = [sys.executable, "-m", "flux2_serving.export.memory_plan"]
     ok = subprocess.run([*run, "--dtype", "bf16", "--gpu-gib", "80"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "| **total** |" in ok.stdout and ": fits" in ok.stdout and "--cuda-memory-pool-byte-size" in ok.stdout

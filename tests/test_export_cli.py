@@ -1,4 +1,4 @@
-"""`python -m export` and `python -m export.build_engines` as a user runs them."""
+"""`python -m flux2_serving.export` and `python -m flux2_serving.export.build_engines` as a user runs them."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 import subprocess
 import sys
 
-from export.build_engines import engine_name
-from export.envelope import DEFAULT_ENVELOPE, engine_profiles
-from export.specs import COMPONENTS, graph_specs
+from flux2_serving.export.build_engines import engine_name
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE, engine_profiles
+from flux2_serving.contract.specs import COMPONENTS, graph_specs
 
 
 def _run(*args):
@@ -16,7 +16,7 @@ def _run(*args):
 
 
 def test_export_help():
-    result = _run("export", "--help")
+    result = _run("flux2_serving.export", "--help")
     assert result.returncode == 0
     for word in ("--model", "--out", "--dtype", "fp32", "bf16", *COMPONENTS):
         assert word in result.stdout
@@ -34,7 +34,7 @@ def test_export_writes_five_graphs_with_progress(onnx_fp32):
 
 
 def test_build_engines_dry_run_prints_every_profile(onnx_bf16):
-    result = _run("export.build_engines", "--onnx-dir", str(onnx_bf16), "--dry-run")
+    result = _run("flux2_serving.export.build_engines", "--onnx-dir", str(onnx_bf16), "--dry-run")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for name in COMPONENTS:
@@ -47,7 +47,7 @@ def test_build_engines_dry_run_prints_every_profile(onnx_bf16):
 
 
 def test_build_engines_without_tensorrt_fails_with_one_clear_line(onnx_bf16, tmp_path):
-    result = _run("export.build_engines", "--onnx-dir", str(onnx_bf16), "--out", str(tmp_path / "engines"))
+    result = _run("flux2_serving.export.build_engines", "--onnx-dir", str(onnx_bf16), "--out", str(tmp_path / "engines"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.repository import MARKER, assemble
+from flux2_serving.serving.repository import MARKER, assemble
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_repository_never_deletes_a_folder_it_did_not_make(tmp_path, onnx_fp32):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    with pytest.raises(SystemExit, match="was not written by python -m serving.repository"):
+    with pytest.raises(SystemExit, match="was not written by python -m flux2_serving.serving.repository"):
         assemble(onnx_fp32, out=precious)
     assert (precious / "thesis.tex").read_text() == "years of work"
     # Its own repository it replaces; a missing input is reported before anything is touched.
@@ -61,35 +61,35 @@ def test_make_clean_keeps_your_checkpoints_exports_and_engines(tmp_path):
 
 
 def test_export_model_that_does_not_exist(tmp_path):
-    _one_line(_run("export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), 2,
+    _one_line(_run("flux2_serving.export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), 2,
               "--model", "no such folder", "Hugging Face id")
 
 
 def test_export_folder_without_the_diffusers_layout(tmp_path):
     (tmp_path / "weights").mkdir()
-    _one_line(_run("export", "--model", str(tmp_path / "weights"), "--out", str(tmp_path / "o")), 2,
+    _one_line(_run("flux2_serving.export", "--model", str(tmp_path / "weights"), "--out", str(tmp_path / "o")), 2,
               "not a diffusers checkpoint folder", "make checkpoint")
 
 
 def test_repository_from_a_folder_without_manifest(tmp_path):
-    _one_line(_run("serving.repository", "--onnx-dir", str(tmp_path), "--out", str(tmp_path / "r")), 2,
-              "manifest.json not found", "python -m export")
+    _one_line(_run("flux2_serving.serving.repository", "--onnx-dir", str(tmp_path), "--out", str(tmp_path / "r")), 2,
+              "manifest.json not found", "python -m flux2_serving.export")
 
 
 def test_client_url_with_a_scheme(tmp_path):
-    _one_line(_run("clients.cli", "--url", "http://127.0.0.1:8000", "--protocol", "http", "--prompt", "x"), 2,
+    _one_line(_run("flux2_serving.clients.cli", "--url", "http://127.0.0.1:8000", "--protocol", "http", "--prompt", "x"), 2,
               "without a scheme", "--url 127.0.0.1:8000")
 
 
 def test_client_when_no_server_runs(tmp_path):
-    from server.launch import free_port
+    from flux2_serving.server.launch import free_port
 
-    _one_line(_run("clients.cli", "--url", f"127.0.0.1:{free_port()}", "--prompt", "x",
+    _one_line(_run("flux2_serving.clients.cli", "--url", f"127.0.0.1:{free_port()}", "--prompt", "x",
                    "--out", str(tmp_path / "x.png")), 1, "is tritonserver running", "make serve")
 
 
-@pytest.mark.parametrize("module", ["export", "export.checkpoint", "export.build_engines", "export.memory_plan",
-                                    "serving.repository", "server.launch", "clients.cli", "perf.run",
+@pytest.mark.parametrize("module", ["flux2_serving.export", "flux2_serving.export.checkpoint", "flux2_serving.export.build_engines", "flux2_serving.export.memory_plan",
+                                    "flux2_serving.serving.repository", "flux2_serving.server.launch", "flux2_serving.clients.cli", "perf.run",
                                     "bench.gpu_check", "bench.gpu_probe", "bench.gpu_bundle"])
 def test_help_answers_without_importing_torch(module):
     probe = (f"import runpy, sys; sys.argv = ['{module}', '--help']\n"
@@ -103,10 +103,10 @@ def test_help_answers_without_importing_torch(module):
 def test_demo_shows_served_next_to_diffusers(tmp_path, triton_server):
     from PIL import Image
 
-    from server.launch import free_port
+    from flux2_serving.server.launch import free_port
 
     out = tmp_path / "demo"
-    result = _run("clients.demo", "--repository", str(triton_server["repository"]), "--out", str(out),
+    result = _run("flux2_serving.clients.demo", "--repository", str(triton_server["repository"]), "--out", str(out),
                   "--grpc-port", str(free_port()), timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for name in ("text_to_image", "edit_2_references"):
@@ -128,5 +128,5 @@ def test_make_serve_serves_the_existing_repository(tmp_path, triton_server):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "serving the existing repository" in result.stdout
-    assert f"python -m server.launch --repository {triton_server['repository']}" in result.stdout
-    assert "serving.repository" not in result.stdout  # not reassembled
+    assert f"python -m flux2_serving.server.launch --repository {triton_server['repository']}" in result.stdout
+    assert "flux2_serving.serving.repository" not in result.stdout  # not reassembled

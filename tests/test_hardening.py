@@ -20,8 +20,8 @@ import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
 
 from bench.helpers import metric_by_label, synthetic_reference
-from clients.api import Flux2Client, Flux2Error
-from server.security import INTERNAL_PARAMETER, INTERNAL_SECRET_ENV, admin_headers
+from flux2_serving.clients.api import Flux2Client, Flux2Error
+from flux2_serving.contract.security import INTERNAL_PARAMETER, INTERNAL_SECRET_ENV, admin_headers
 
 PROTOCOLS = ["grpc", "http"]
 MODULES = {"grpc": grpc, "http": http}

@@ -1,4 +1,4 @@
-"""`python -m server.launch` as a user and a process supervisor run it."""
+"""`python -m flux2_serving.server.launch` as a user and a process supervisor run it."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import time
 import pytest
 
 from bench.report import process_tree
-from clients.api import Flux2Client, Flux2Error
-from server.launch import STOP_TIMEOUT_S, free_ports, group_members, process_table
+from flux2_serving.clients.api import Flux2Client, Flux2Error
+from flux2_serving.server.launch import STOP_TIMEOUT_S, free_ports, group_members, process_table
 
 STOP_BOUND_S = STOP_TIMEOUT_S + 10  # stated in README ("Serving with Triton"): the launcher's bound, plus slack
 
@@ -22,7 +22,7 @@ STOP_BOUND_S = STOP_TIMEOUT_S + 10  # stated in README ("Serving with Triton"): 
 def start_launcher(repository, *extra) -> tuple[subprocess.Popen, dict]:
     """The launcher in a process group of its own, as a shell runs a foreground job (Ctrl-C goes to the group)."""
     ports = free_ports()
-    launcher = subprocess.Popen([sys.executable, "-m", "server.launch", "--repository", str(repository),
+    launcher = subprocess.Popen([sys.executable, "-m", "flux2_serving.server.launch", "--repository", str(repository),
                                  "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
                                  "--metrics-port", str(ports["metrics"]), *extra],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
@@ -76,7 +76,7 @@ def test_the_launcher_listens_on_loopback_and_keeps_the_admin_apis_closed(triton
 
 @pytest.fixture(scope="module")
 def small_repository(tmp_path_factory, onnx_fp32, tiny_checkpoint):
-    from serving.repository import assemble
+    from flux2_serving.serving.repository import assemble
 
     return assemble(onnx_fp32, tiny_checkpoint, tmp_path_factory.mktemp("launch") / "model_repository",
                     backend="onnxruntime", bls_instances=1)
@@ -122,7 +122,7 @@ def test_ctrl_c_mid_request_stops_everything_within_the_bound(small_repository, 
 def test_a_server_that_exits_during_start_up_is_started_again(tmp_path, capfd):
     """tritonserver 2.51 aborted once while its Python stubs started on a loaded machine: the launcher
     starts it again (START_ATTEMPTS in all) before it gives up, with one line saying so."""
-    from server.launch import START_ATTEMPTS, ServerExited, start
+    from flux2_serving.server.launch import START_ATTEMPTS, ServerExited, start
 
     ports = free_ports()
     with pytest.raises(ServerExited, match="exited with status"):
@@ -137,7 +137,7 @@ def test_a_stub_built_for_another_python_is_replaced_or_refused(tmp_path, monkey
     on offer is for another Python, it refuses with one line instead of starting models that fail."""
     import shutil
 
-    from server.launch import LaunchError, bundled_server, prepare_backends, python_version, stub_python
+    from flux2_serving.server.launch import LaunchError, bundled_server, prepare_backends, python_version, stub_python
 
     other = "3.12" if python_version() != "3.12" else "3.11"
     wrong = bundled_server() / "python_backend_stubs" / other / "triton_python_backend_stub"
@@ -162,11 +162,11 @@ def test_a_stub_built_for_another_python_is_replaced_or_refused(tmp_path, monkey
 def test_a_repository_served_on_a_gpu_gets_its_cuda_memory_pool(tmp_path, onnx_fp32, tiny_checkpoint):
     """The BLS on cuda:N: the launcher passes --cuda-memory-pool-byte-size=N:<the plan's BLS transfers>,
     written into the repository by the assembler; on the CPU no pool flag."""
-    from export.envelope import DEFAULT_ENVELOPE
-    from export.manifest import read
-    from export.memory_plan import bls_transfer_bytes
-    from serving.repository import assemble
-    from server.launch import command
+    from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+    from flux2_serving.contract.manifest import read
+    from flux2_serving.export.memory_plan import bls_transfer_bytes
+    from flux2_serving.serving.repository import assemble
+    from flux2_serving.server.launch import command
 
     manifest = read(onnx_fp32)
     expected = 2 * bls_transfer_bytes(manifest.dims, manifest.dtype, DEFAULT_ENVELOPE)

@@ -13,7 +13,7 @@ import tritonclient.http as http
 
 from bench.report import tree_memory_gib
 from bench.helpers import synthetic_reference
-from clients.api import Flux2Client, Flux2Error
+from flux2_serving.clients.api import Flux2Client, Flux2Error
 from tests.test_reference_reuse import model_counts
 
 # Mixed requests: different prompts, references, sizes and seeds. Their prompts (all padded to the
@@ -119,7 +119,7 @@ def test_clients_that_give_up_mid_request_leave_the_server_healthy(triton_server
     assert "timed out" in str(error.value)
     # A gRPC call cancelled by the client itself.
     future_client = grpc.InferenceServerClient(triton_server["grpc"])
-    from clients.api import infer_inputs, request_tensors
+    from flux2_serving.clients.api import infer_inputs, request_tensors
 
     tensors = request_tensors("cancelled", refs, height=768, width=768, num_inference_steps=8)
     done = []

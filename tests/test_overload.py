@@ -15,7 +15,7 @@ import tritonclient.grpc as grpc
 import tritonclient.http as http
 
 from bench.helpers import metric_by_label
-from clients.api import Flux2Client, Flux2Error, infer_inputs, request_tensors
+from flux2_serving.clients.api import Flux2Client, Flux2Error, infer_inputs, request_tensors
 
 QUEUE = 20
 PROBE_TIMEOUT_S = 1.0
@@ -24,8 +24,8 @@ SIDE, STEPS = 1024, 4
 
 @pytest.fixture(scope="module")
 def busy_server(tmp_path_factory, onnx_fp32, tiny_checkpoint):
-    from serving.repository import assemble
-    from server.launch import running
+    from flux2_serving.serving.repository import assemble
+    from flux2_serving.server.launch import running
 
     workdir = tmp_path_factory.mktemp("busy")
     repository = assemble(onnx_fp32, tiny_checkpoint, workdir / "model_repository", backend="onnxruntime",

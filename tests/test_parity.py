@@ -17,8 +17,7 @@ from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 
 from tests.conftest import rel_l2, run_graph
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_repository" / "flux2_klein_kv" / "1"))
-from pipeline import tokenize  # noqa: E402 - the served tokenization, the one tested here
+from flux2_serving.models.pipeline import tokenize  # the served tokenization, the one tested here
 
 TOL = 1e-4
 
@@ -152,7 +151,7 @@ def test_prefill_ignores_text_and_image(pipe, ort_session):
 def test_the_slim_prefill_extracts_exactly_what_diffusers_does(pipe):
     """The prefill module (no text stream, no output layers) gives bit-identical K/V to diffusers'
     extract forward with a prompt and latents; the pipeline's transformer keeps every layer."""
-    from export.components import TransformerPrefill
+    from flux2_serving.export.components import TransformerPrefill
 
     refs, ref_ids = _references([(4, 6), (3, 3)], seed=8)
     latents, embeds, img_ids, txt_ids = _step_inputs(1, 2, 3, 11, seed=9)

@@ -14,14 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
-sys.path[:0] = [str(SOURCES / "flux2_klein_kv" / "1"), str(SOURCES / "reference_kv_cache" / "1")]
-from lru import ReferenceKVCache  # noqa: E402
-from pipeline import ServedPipeline  # noqa: E402
-from request_inputs import InvalidInput, Limits, decode_image, parse  # noqa: E402
-
-from export.envelope import DEFAULT_ENVELOPE  # noqa: E402
-from tests.test_serving import CASES, assert_matches, png_bytes, random_image, reference  # noqa: E402
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.contract.interface import Limits
+from flux2_serving.models.input_checks import BadInput, InputRules
+from flux2_serving.models.lru import ReferenceKVCache
+from flux2_serving.models.pipeline import Interrupted, ServedPipeline, StageClock
+from flux2_serving.models.request_inputs import InvalidInput, decode_image, parse
+from tests.test_serving import CASES, assert_matches, png_bytes, random_image, reference
 
 LIMITS = Limits(**DEFAULT_ENVELOPE.request_limits())
 
@@ -91,7 +90,6 @@ def test_in_process_cache_hit_equals_miss_and_skips_the_prefill(served):
 
 
 def test_in_process_repeat_of_the_same_bytes_is_not_decoded(served):
-    from pipeline import StageClock
 
     pipeline, run = served
     refs = [random_image(160, 128, seed=21)]
@@ -167,7 +165,6 @@ def test_every_png_mode_decodes_to_rgb(mode):
 def test_a_stopped_request_makes_no_further_component_call(served):
     """should_stop() is asked before every component call: once it answers, the request ends before
     the next call (for a denoising loop: within one step), with the reason."""
-    from pipeline import Interrupted
 
     pipeline, run = served
     request = _request("a stopped fox", [random_image(96, 96, seed=4)], seed=3, reuse=False, height=256, width=256)
@@ -201,11 +198,8 @@ def test_limits_on_prompt_and_reference_bytes():
 
 
 def test_component_input_checks_name_the_tensor_and_the_limit():
-    sys.path.insert(0, str(SOURCES / "component_runner"))
-    from input_checks import BadInput, InputRules
-
-    from export.specs import graph_specs
-    from serving.triton_config import input_rules
+    from flux2_serving.contract.specs import graph_specs
+    from flux2_serving.serving.triton_config import input_rules
 
     dims = {"text_hidden": 32, "heads": 2, "head_dim": 16, "kv_layers": 2, "in_channels": 128}
     specs = graph_specs(dims)

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
-sys.path[:0] = [str(SOURCES / "flux2_klein_kv" / "1"), str(SOURCES / "reference_kv_cache" / "1")]
-from lru import ReferenceKVCache  # noqa: E402
-from reference_key import reference_key  # noqa: E402
+from flux2_serving.contract.reference_key import reference_key
+from flux2_serving.models.lru import ReferenceKVCache
 
 
 def _refs(*shapes, seed=0):

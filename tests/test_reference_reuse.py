@@ -11,8 +11,8 @@ import numpy as np
 import tritonclient.grpc as grpc
 
 from bench.helpers import reference_cache_metrics, synthetic_reference
-from clients.api import Flux2Client
-from server.security import admin_headers
+from flux2_serving.clients.api import Flux2Client
+from flux2_serving.contract.security import admin_headers
 from tests.conftest import BLS_INSTANCES, CACHE_BYTES
 
 

@@ -18,7 +18,7 @@ SIDE, STEPS = 256, 1
 
 @pytest.fixture(scope="module")
 def nginx():
-    from server.gateway import GatewayError, nginx_binary
+    from flux2_serving.server.gateway import GatewayError, nginx_binary
 
     try:
         return nginx_binary()
@@ -37,7 +37,7 @@ def _replica_of(address: str, replicas) -> int:
 
 
 def test_affinity_keeps_each_reference_on_one_replica_round_robin_does_not(replicas, tmp_path):
-    from server.gateway import running_gateway
+    from flux2_serving.server.gateway import running_gateway
 
     results = {}
     for offset, policy in enumerate(("round-robin", "affinity")):
@@ -69,7 +69,7 @@ def test_affinity_keeps_each_reference_on_one_replica_round_robin_does_not(repli
 
 
 def test_a_killed_replica_fails_over_and_rejoins_when_restarted(replicas, tmp_path):
-    from server.gateway import running_gateway
+    from flux2_serving.server.gateway import running_gateway
 
     references = [synthetic_reference((128, 128), 90 + i) for i in range(4)]
     with running_gateway(gateway_replicas(replicas), tmp_path / "failover") as gateway:
@@ -92,7 +92,7 @@ def test_the_gateway_passes_only_what_callers_of_the_public_model_need(replicas,
 
     import tritonclient.grpc as grpc
 
-    from server.gateway import running_gateway
+    from flux2_serving.server.gateway import running_gateway
 
     with running_gateway(gateway_replicas(replicas), tmp_path / "allowlist") as gateway:
         def status(path, data=None):

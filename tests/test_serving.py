@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from clients.api import infer_inputs, request_tensors, requested_outputs
+from flux2_serving.clients.api import infer_inputs, request_tensors, requested_outputs
 
 PROTOCOLS = ["grpc", "http"]
 

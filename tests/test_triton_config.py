@@ -12,10 +12,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from export.specs import spec_from_manifest
-from export.envelope import DEFAULT_ENVELOPE
-from serving.repository import assemble, bls_config, cache_config
-from serving.triton_config import COMPONENT_QUEUE, component_config
+from flux2_serving.contract.specs import spec_from_manifest
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.serving.repository import assemble, bls_config, cache_config
+from flux2_serving.serving.triton_config import COMPONENT_QUEUE, component_config
 
 
 def parse(text: str) -> model_config_pb2.ModelConfig:
@@ -165,8 +165,8 @@ def test_a_dynamic_tensorrt_engine_never_gets_two_instances_by_accident(onnx_fp3
 
 
 def test_the_memory_plan_counts_weights_once_per_instance():
-    from export import memory_plan
-    from export.memory_plan import ModelSize
+    from flux2_serving.export import memory_plan
+    from flux2_serving.export.memory_plan import ModelSize
 
     dims = {"text_hidden": 32, "heads": 2, "head_dim": 16, "kv_layers": 2, "in_channels": 128}
     size = ModelSize(dims, dict.fromkeys(["text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached",

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from export.specs import COMPONENTS
-from export.trt_compat import check_graph, load_supported_ops, main
+from flux2_serving.contract.specs import COMPONENTS
+from flux2_serving.export.trt_compat import check_graph, load_supported_ops, main
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -87,9 +87,9 @@ def test_every_graph_fits_its_profile_maximum(onnx_fp32, tiny_checkpoint):
     inference, nothing run): none over 2^31 - 1 elements (the transformers' attention scores excepted:
     fused, assumed), and the largest within the memory plan's activation estimate for that engine (the
     plan of this very model: fewer heads and channels than 9B, the same token counts)."""
-    from export import memory_plan
-    from export.envelope import DEFAULT_ENVELOPE
-    from export.profile_walk import LIMIT, walk_export
+    from flux2_serving.export import memory_plan
+    from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+    from flux2_serving.export.profile_walk import LIMIT, walk_export
 
     size = memory_plan.model_size(tiny_checkpoint)
     for walk in walk_export(onnx_fp32):
@@ -109,10 +109,10 @@ def test_the_walk_finds_an_attention_too_large_for_tensorrt(tmp_path, tiny_check
 
     import torch
 
-    from export import components
-    from export.loading import read_model_dims
-    from export.onnx_export import export_component
-    from export.profile_walk import LIMIT, walk
+    from flux2_serving.export import components
+    from flux2_serving.export.loading import read_model_dims
+    from flux2_serving.export.onnx_export import export_component
+    from flux2_serving.export.profile_walk import LIMIT, walk
 
     original = components.query_chunked_attention
     components.query_chunked_attention = lambda *a, **k: contextlib.nullcontext()

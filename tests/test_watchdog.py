@@ -1,7 +1,7 @@
 """A dead Python-backend process must not look healthy: fault injection on a real tritonserver.
 
 Each kind of stub (the BLS, the reference cache, a component runner) is killed with -9 while
-requests flow. Triton keeps answering ready; server/watchdog.py (running here as it does next to
+requests flow. Triton keeps answering ready; flux2_serving/server/watchdog.py (running here as it does next to
 the server in Kubernetes) notices through requests, reloads the model through the repository API,
 and the server serves again within RECOVERY_S. Requests in flight fail with a clear error; the
 same request afterwards gives the same image as before the kill."""
@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 
 from bench.helpers import synthetic_reference
-from clients.api import Flux2Client, Flux2Error
+from flux2_serving.clients.api import Flux2Client, Flux2Error
 
 RECOVERY_S = 60  # stated in README ("Scaling out"): kill to first good answer, watchdog every 1 s here
 
 
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory, onnx_fp32, tiny_checkpoint):
-    from serving.repository import assemble
-    from server.launch import running
+    from flux2_serving.serving.repository import assemble
+    from flux2_serving.server.launch import running
 
     workdir = tmp_path_factory.mktemp("watched")
     repository = assemble(onnx_fp32, tiny_checkpoint, workdir / "model_repository", backend="onnxruntime",
@@ -40,7 +40,7 @@ def _request(client, reference):
 
 @pytest.mark.parametrize("instance", ["flux2_klein_kv_0_1", "reference_kv_cache_0_0", "transformer_cached_0_0"])
 def test_a_killed_stub_is_found_and_reloaded_while_requests_flow(watched, instance):
-    from server.launch import stub_processes
+    from flux2_serving.server.launch import stub_processes
 
     reference = synthetic_reference((128, 128), 61)
     with Flux2Client(watched.grpc, timeout_s=120) as client:
@@ -95,6 +95,6 @@ def test_a_killed_stub_is_found_and_reloaded_while_requests_flow(watched, instan
 
 
 def new_pid_differs(server, instance: str, old_pid: int) -> bool:
-    from server.launch import stub_processes
+    from flux2_serving.server.launch import stub_processes
 
     return stub_processes(server.process.pid).get(instance) not in (None, old_pid)

@@ -1,0 +1,21 @@
+"""FLUX.2 [klein] 9B-KV served by Triton with TensorRT engines.
+
+Layers, each importing only the ones before it:
+
+  contract   standard library only: the serving envelope, the graphs' I/O specs, the public
+             interface and its limits, model and tensor names, the export manifest, the reference
+             key, the security settings, the CLI help format. Clients need nothing else.
+  export     checkpoint -> ONNX graphs (torch, diffusers), TensorRT engines, memory plan, checks
+  models     the Triton Python-backend models (BLS, component runner, reference K/V cache); the
+             model folders of model_repository/ import them by name
+  serving    assembles a model repository: config.pbtxt files, graphs or plans, tokenizer
+  server     starts, guards and fronts tritonserver (launch, serve, watchdog, gateway)
+  clients    the Python client, its CLI and the demo
+  devtools   support for tests, benchmarks and load tests (not needed to serve)
+"""
+
+from pathlib import Path
+
+# The source checkout this package sits in (an editable install): where build/ outputs and the deploy/
+# templates are. A wheel install has no checkout; only the development tools use this.
+CHECKOUT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,81 @@
+"""python -m flux2_serving.clients.cli: generate or edit images with a running flux2_klein_kv server.
+
+Examples:
+  python -m flux2_serving.clients.cli --prompt "a lighthouse at dawn" --height 512 --width 512 --seed 7
+  python -m flux2_serving.clients.cli --protocol http --url 127.0.0.1:8000 --prompt "make it winter" --image ref.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from flux2_serving.clients.api import DEFAULT_URLS, UNAVAILABLE_HINT, Flux2Client, Flux2Error
+from flux2_serving.contract.cli_help import HelpFormatter
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    """`out` itself for one image; `<stem>_<i><suffix>` for several."""
+    path = Path(out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{index}{path.suffix or '.png'}") for index in range(count)]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flux2_serving.clients.cli", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
+    p.add_argument("--prompt", required=True, help="the text prompt")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="a reference image (PNG/JPEG/WebP); repeat for up to 4, in order. The request then "
+                        "carries the x-flux2-reference-key header, by which a gateway routes it to one replica")
+    p.add_argument("--height", type=int, help="output height, multiple of 16 (default: first reference's, else 1024)")
+    p.add_argument("--width", type=int, help="output width, multiple of 16 (default: first reference's, else 1024)")
+    p.add_argument("--seed", type=int, help="noise seed (default: random on the server)")
+    p.add_argument("--num-images", type=int, default=1, help="images for this prompt (default 1)")
+    p.add_argument("--steps", type=int, help="denoising steps (default 4, the distilled schedule)")
+    p.add_argument("--no-reference-cache", action="store_true",
+                   help="recompute the references' K/V instead of reusing the server's cached copy")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--url", help=f"server address (default {DEFAULT_URLS['grpc']} for gRPC, {DEFAULT_URLS['http']} for HTTP)")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    p.add_argument("--out", default="flux2.png", help="PNG path; several images get _0, _1, ... (default flux2.png)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    for path in args.image:
+        if not Path(path).is_file():
+            print(f"error: --image {path}: no such file", file=sys.stderr)
+            return 2
+    if args.url and "://" in args.url:
+        print(f"error: --url {args.url}: give host:port without a scheme, e.g. --url "
+              f"{args.url.split('://', 1)[1].rstrip('/')}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        with Flux2Client(args.url, args.protocol, timeout_s=args.timeout) as client:
+            images = client.generate(args.prompt, args.image, height=args.height, width=args.width, seed=args.seed,
+                                     num_images=args.num_images, steps=args.steps,
+                                     reuse_reference_cache=False if args.no_reference_cache else None)
+    except Flux2Error as exc:
+        unreachable = exc.status is None or "UNAVAILABLE" in str(exc.status)
+        hint = (f" (is tritonserver running at {args.url or DEFAULT_URLS[args.protocol]}? `make serve` starts one)"
+                if unreachable else "")
+        message = str(exc).replace(UNAVAILABLE_HINT, "") if hint else str(exc)  # one hint, the CLI's
+        print(f"error: {message}{hint}", file=sys.stderr)
+        return 1
+    latency = time.perf_counter() - start
+    for image, path in zip(images, output_paths(args.out, len(images))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        print(f"wrote {path} ({image.width}x{image.height})")
+    print(f"latency {latency * 1000:.0f} ms over {args.protocol} for {len(images)} image(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

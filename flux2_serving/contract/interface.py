@@ -1,0 +1,64 @@
+"""The public interface of `flux2_klein_kv`, declared once: its tensors (PUBLIC_INPUTS,
+PUBLIC_OUTPUTS: the model's config.pbtxt, the clients' tensors and the perf_analyzer data derive
+from them) and its request limits (Limits: the envelope's request_limits(), carried to the BLS as
+config.pbtxt parameters). Standard library only: a client imports this without the server's
+dependencies. Parsing and validating a request is the BLS's (models/request_inputs.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Field:
+    """One tensor of the public interface: Triton wire type (BYTES, INT32, ...) and config.pbtxt dims."""
+
+    name: str
+    datatype: str
+    dims: tuple
+    optional: bool
+    doc: str
+
+
+PUBLIC_INPUTS = (
+    Field("prompt", "BYTES", (1,), False, "UTF-8 prompt, non-empty, at most max_prompt_bytes"),
+    Field("image", "BYTES", (-1,), True, "0-max_references encoded references (PNG/JPEG/WebP), in order"),
+    Field("height", "INT32", (1,), True, "output height, multiple of 16 (default: the first reference's, else 1024)"),
+    Field("width", "INT32", (1,), True, "output width, multiple of 16 (default: the first reference's, else 1024)"),
+    Field("seed", "INT64", (1,), True, ">= 0: torch.Generator(device).manual_seed(seed); random if absent"),
+    Field("num_images_per_prompt", "INT32", (1,), True, "images per request (default 1)"),
+    Field("num_inference_steps", "INT32", (1,), True, "denoising steps (default 4)"),
+    Field("reuse_reference_cache", "BOOL", (1,), True, "false: compute this request's reference K/V afresh"),
+)
+PUBLIC_OUTPUTS = (
+    Field("images", "UINT8", (-1, -1, -1, 3), False, "[N, H, W, 3] RGB images"),
+    Field("png", "BYTES", (-1,), False, "the same images PNG-encoded, only when requested"),
+)
+INPUTS = tuple(f.name for f in PUBLIC_INPUTS)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits: flux2_serving/contract/envelope.py's request_limits(), written into config.pbtxt by the assembler."""
+
+    max_references: int
+    max_reference_tokens: int  # the whole ordered set after preprocessing (its K/V size)
+    min_reference_side: int  # per side, as sent and after preprocessing
+    max_reference_side: int  # per side after preprocessing (area cap and aspect limit guarantee it; checked)
+    max_reference_aspect: int
+    reference_max_area: int  # larger references are resized down to it, as diffusers does
+    max_input_pixels: int  # declared size of an encoded reference, checked before decoding
+    max_reference_bytes: int  # encoded size of one reference
+    max_prompt_bytes: int  # UTF-8 bytes of the prompt
+    min_side: int
+    max_side: int
+    multiple_of: int
+    max_images: int
+    max_steps: int
+    default_side: int
+    max_batch_transformer_cached: int  # images per cached-step call (the engine's batch)
+    max_batch_vae_decoder: int
+
+    @classmethod
+    def from_parameters(cls, params: dict) -> "Limits":
+        return cls(**{k: int(v) for k, v in params.items() if k in cls.__dataclass_fields__})

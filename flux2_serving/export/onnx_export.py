@@ -1,0 +1,159 @@
+"""Export each component wrapper to ONNX with `torch.onnx.export(dynamo=True)`.
+
+Dynamic axes come from the declared I/O spec (`specs.graph_specs`). torch.export
+specialises any dimension whose sample size is 0 or 1, so every dynamic dimension is
+traced at a size >= 2, and sizes are distinct so no two dimensions get unified by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import time
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from . import components as C
+from .loading import read_model_dims
+from .sample_ids import grid_ids, reference_ids, text_ids
+from ..contract.specs import COMPONENTS, GraphSpec, graph_specs
+
+OPSET = 18  # within TensorRT 10's parser range (opset 9-20), see trt_supported_ops.tsv
+LARGE_GRAPH_BYTES = 1 << 30  # weights go to external data well before protobuf's 2 GB limit
+
+# Trace-time sizes of the dynamic dims (all >= 2 and distinct).
+TRACE = {"batch": 2, "text_len": 7, "lat_h": 3, "lat_w": 5, "n_ref": 10}
+# Upper bounds of the dynamic dims; the serving envelope (envelope.py) is well inside them.
+MAX = {"batch": 64, "text_len": 4096, "lat_h": 512, "lat_w": 512, "n_ref": 65536}
+
+
+def sample_inputs(name: str, config: dict, dtype: torch.dtype, sizes: dict | None = None) -> tuple:
+    """Random inputs of graph `name`, in its declared order and shapes, with the dynamic dims at
+    `sizes` (defaults: the trace sizes). Float tensors are normal noise; the integer inputs and
+    the image range follow what each input means."""
+    s = {**TRACE, **(sizes or {})}
+    s.update(height=16 * s["lat_h"], width=16 * s["lat_w"])  # reference pixels: multiples of 16
+    g = torch.Generator().manual_seed(0)
+    special = {
+        "input_ids": lambda shape: torch.randint(0, config.get("vocab_size", 256), shape, generator=g),
+        "attention_mask": _mask,
+        "image": lambda shape: (torch.rand(shape, generator=g) * 2 - 1).to(dtype),
+        "timestep": lambda shape: torch.rand(shape, generator=g).to(dtype),
+        "ref_ids": lambda shape: torch.from_numpy(reference_ids(shape[0])),
+        "img_ids": lambda shape: torch.from_numpy(grid_ids(shape[0], shape[1])),
+        "txt_ids": lambda shape: torch.from_numpy(text_ids(shape[0])),
+    }
+    spec = graph_specs(config)[name]
+    inputs = []
+    for tensor in spec.inputs:
+        shape = tuple(s[d] if isinstance(d, str) else d for d in tensor.dims)
+        make = special.get(tensor.name, lambda shape: torch.randn(shape, generator=g).to(dtype))
+        inputs.append(make(shape))
+    return tuple(inputs)
+
+
+def _mask(shape) -> torch.Tensor:
+    mask = torch.ones(shape, dtype=torch.long)
+    mask[0, shape[1] // 2:] = 0  # right padding in the first sample, as the pipeline's tokenizer pads
+    return mask
+
+
+def dynamic_shapes(spec: GraphSpec) -> tuple:
+    """torch.export dynamic shapes of every input, in order, from the declared dims of `spec`."""
+    n_ref_min = 0 if spec.name == "transformer_cached" else 1  # 0 = text-to-image; a prefill has references
+    dims = {name: Dim(name, min=1, max=MAX[name]) for name in ("batch", "text_len", "lat_h", "lat_w")}
+    dims["n_ref"] = Dim("n_ref", min=n_ref_min, max=MAX["n_ref"])
+    # Reference pixels: multiples of 16 (the VAE downsamples 8x, then 2x2 patches).
+    dims["height"] = 16 * Dim("ref_h", min=1, max=MAX["lat_h"])
+    dims["width"] = 16 * Dim("ref_w", min=1, max=MAX["lat_w"])
+    shapes = tuple({axis: dims[dim] for axis, dim in enumerate(tensor.dims) if isinstance(dim, str)}
+                   for tensor in spec.inputs)
+    if spec.name == "transformer_cached":  # forward(latents, ..., txt_ids, *ref_kv): the K/V are one varargs group
+        return (*shapes[:5], shapes[5:])
+    return shapes
+
+
+def _finish_graph(path: Path, spec: GraphSpec) -> None:
+    """Give the graph's inputs and outputs the dimension names of the declared spec, and run every
+    half-precision softmax in fp32 (softmax_in_fp32). The weights (external data) are not touched."""
+    proto = onnx.load(str(path), load_external_data=False)
+    for values, tensors in ((proto.graph.input, spec.inputs), (proto.graph.output, spec.outputs)):
+        by_name = {t.name: t for t in tensors}
+        for value in values:
+            tensor = by_name[value.name]
+            for dim, declared in zip(value.type.tensor_type.shape.dim, tensor.dims):
+                if isinstance(declared, str):
+                    dim.dim_param = declared
+    softmax_in_fp32(proto)
+    onnx.save(proto, str(path))
+
+
+HALF = (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16)
+
+
+def softmax_in_fp32(proto: onnx.ModelProto) -> int:
+    """Wrap every Softmax whose input is bf16 or fp16 in Cast(fp32) -> Softmax -> Cast(back).
+
+    A strongly typed TensorRT network computes each layer in its ONNX types: where attention is not
+    fused into one kernel, a bf16 Softmax would exponentiate and sum the logits in bf16 (8 mantissa
+    bits), while diffusers' SDPA (flash or memory-efficient kernels) accumulates the softmax in fp32.
+    The logits themselves stay bf16 (the MatMul's output type). Returns how many were wrapped."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    nodes, wrapped = [], 0
+    for node in proto.graph.node:
+        half = types.get(node.input[0]) if node.op_type == "Softmax" else None
+        if half not in HALF:
+            nodes.append(node)
+            continue
+        wrapped += 1
+        source, target = node.input[0], node.output[0]
+        up, down = f"{source}__fp32", f"{target}__fp32"
+        nodes.append(onnx.helper.make_node("Cast", [source], [up], name=f"{node.name}__to_fp32",
+                                           to=onnx.TensorProto.FLOAT))
+        node.input[0], node.output[0] = up, down
+        nodes.append(node)
+        nodes.append(onnx.helper.make_node("Cast", [down], [target], name=f"{node.name}__from_fp32", to=half))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return wrapped
+
+
+def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, dims: dict) -> Path:
+    """Export graph `name` to `out_dir/name/model.onnx` and return the path."""
+    spec = graph_specs(dims)[name]
+    wrapper = C.build(name, model, dtype)
+    args = sample_inputs(name, dims, dtype)
+    large = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > LARGE_GRAPH_BYTES
+    path = out_dir / name / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunked = C.query_chunked_attention() if name in ("vae_encoder", "vae_decoder") else contextlib.nullcontext()
+    with torch.no_grad(), C.float32_rope(), chunked:
+        program = torch.onnx.export(
+            wrapper, args, dynamo=True, opset_version=OPSET,
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=dynamic_shapes(spec), external_data=large, optimize=True,
+        )
+    for stale in path.parent.glob("model.onnx*"):
+        stale.unlink()
+    program.save(str(path), external_data=large)
+    _finish_graph(path, spec)
+    return path
+
+
+def export_all(model: str, out_dir: str | Path, dtype: str = "fp32", components=COMPONENTS, log=print) -> dict:
+    from .loading import DTYPES
+
+    out_dir = Path(out_dir)
+    dims = read_model_dims(model)
+    paths = {}
+    for index, name in enumerate(components, 1):
+        start = time.perf_counter()
+        log(f"[{index}/{len(components)}] exporting {name} ({dtype}) ...", flush=True)
+        paths[name] = export_component(name, model, out_dir, DTYPES[dtype], dims)
+        log(f"[{index}/{len(components)}] {name} -> {paths[name]} ({time.perf_counter() - start:.1f} s)", flush=True)
+    return paths

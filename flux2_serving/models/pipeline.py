@@ -1,0 +1,298 @@
+"""The served FLUX.2 [klein] KV pipeline, without Triton: what `flux2_klein_kv` runs per request.
+
+Request -> tokenizer -> text_encoder -> (references: preprocess -> vae_encoder -> one
+transformer_prefill, or their K/V from reference_kv_cache) -> transformer_cached for every step,
+step 0 included -> Euler step -> vae_decoder -> uint8 images. Numerics follow
+`Flux2KleinKVPipeline.__call__`: same tokenization, reference preprocessing, noise
+(`torch.Generator(device).manual_seed(seed)`), sigmas, mu and scheduler.
+
+Components are reached through one injected function, `run(model_name, inputs, output_names)`
+-> list of tensors (None for an output the model left out): Triton BLS calls in `model.py`,
+onnxruntime sessions in the tests. Torch only; no `triton_python_backend_utils` here.
+
+A request can be stopped between component calls: `should_stop()` (the client went away, or
+its deadline passed) is asked before every call, so an abandoned request costs at most the
+component call in progress (one denoising step at most).
+
+Per-block reference K/V (`ref_kv_00` ...) travel as a list, never stacked: at 9B one stacked
+tensor of the largest reference set would be 2 GiB more and over 2^31 elements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..contract.interface import Limits
+from ..contract.names import CACHE_MODEL, cached_name
+from ..contract.reference_key import encoded_reference_key, reference_key
+from .request_inputs import GenerationRequest, load_rgb, output_size, preprocess_reference
+
+Run = Callable[[str, dict, list], list]
+
+
+class Interrupted(Exception):
+    """The request was stopped between component calls; `reason` is what should_stop() said."""
+
+    def __init__(self, reason: str, stage: str):
+        super().__init__(f"{reason} (before {stage})")
+        self.reason, self.stage = reason, stage
+
+
+def tokenize(tokenizer, prompts: list[str], max_sequence_length: int):
+    """input_ids, attention_mask [B, max_sequence_length], exactly as the pipeline tokenizes.
+
+    `Flux2KleinKVPipeline._get_qwen3_prompt_embeds` tokenizes and encodes in one function; served,
+    the two run in different models, so the tokenizer half lives here.
+    """
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True, enable_thinking=False)
+             for prompt in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True,
+                      max_length=max_sequence_length)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+class StageClock:
+    """Wall seconds per named stage of one request (perf_counter), summed over repeats of a stage:
+    `with clock("tokenize"): ...`. Component calls are timed as "call:<model>". The BLS reports
+    them as a metric, so the serving overhead can be broken down from the outside."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+class BoundedCache:
+    """A least-recently-used dict of at most `entries` items (0: keeps nothing)."""
+
+    def __init__(self, entries: int):
+        self.entries, self.items = entries, OrderedDict()
+
+    def get(self, key):
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key, value) -> None:
+        if self.entries <= 0:
+            return
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.entries:
+            self.items.popitem(last=False)
+
+
+class ServedPipeline:
+    """One request in, uint8 images out; every component call goes through `run`.
+
+    Per-request work that gives the same result every time is kept (bounded): the tokenizer's
+    output per prompt, and per encoded reference set the pixel key and sizes it was found to have
+    (`cache_entries` each; 0 keeps nothing). Neither changes a value: both are pure functions of
+    the request, and the pixel key is checked again by reference_kv_cache."""
+
+    def __init__(self, run: Run, tokenizer, scheduler_config: dict, dims: dict, dtype: torch.dtype, limits: Limits,
+                 device: torch.device, max_sequence_length: int, model_identity: str, cache_entries: int = 1024,
+                 use_reference_cache: bool = True):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+        self.run, self.tokenizer, self.limits = run, tokenizer, limits
+        # One scheduler, reset by set_timesteps for every request (from_config per request costs more).
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        self.image_processor = Flux2ImageProcessor(vae_scale_factor=16)
+        self.dims, self.dtype, self.device = dims, dtype, torch.device(device)  # the export's (manifest.json)
+        self.max_sequence_length = max_sequence_length
+        # The reference cache's keys cover the references and the identity of the model serving them.
+        self.model_identity = model_identity
+        self.kv_names = [f"ref_kv_{index:02d}" for index in range(dims["kv_layers"])]
+        self.tokenized = BoundedCache(cache_entries)  # prompt -> (input_ids, attention_mask)
+        self.known_references = BoundedCache(cache_entries)  # encoded key -> (pixel key, preprocessed sizes)
+        self.known_reference_hits = 0  # requests whose references were not decoded
+        self.use_reference_cache = use_reference_cache  # False: reference_kv_cache is never asked
+        self.clock = StageClock()
+        self.should_stop: Callable[[], str | None] = lambda: None
+
+    def __call__(self, req: GenerationRequest, clock: StageClock | None = None,
+                 should_stop: Callable[[], str | None] | None = None) -> np.ndarray:
+        """`should_stop()` -> None to go on, or why to stop (raises Interrupted before the next component call)."""
+        from diffusers import Flux2KleinKVPipeline as P
+        from diffusers.pipelines.flux2.pipeline_flux2_klein_kv import compute_empirical_mu, retrieve_timesteps
+        from diffusers.utils.torch_utils import randn_tensor
+
+        # One request at a time per instance (a Triton Python-backend instance executes sequentially).
+        self.clock = clock = clock or StageClock()
+        self.should_stop = should_stop or (lambda: None)
+        # Everything a request can get wrong is checked before the first component runs.
+        references = self.references(req)
+        height, width = output_size(req, references.sizes, self.limits)
+        references.remember()
+
+        batch = req.num_images
+        prompt_embeds = self.encode_prompt(req.prompt).repeat(batch, 1, 1)
+        ref_kv = self.reference_kv(references)
+
+        with clock("noise_and_ids"):
+            txt_ids = P._prepare_text_ids(prompt_embeds)[0]
+            # Noise exactly as prepare_latents: [B, 128, H/16, W/16] from the seeded generator, packed.
+            seed = req.seed if req.seed is not None else secrets.randbits(63)
+            generator = torch.Generator(self.device).manual_seed(seed)
+            shape = (batch, self.dims["in_channels"], height // 16, width // 16)
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+            grid = (batch, height // 16, width // 16)
+            img_ids = P._prepare_latent_ids(latents)[0].reshape(*grid[1:], 4).to(self.device)
+            latents = P._pack_latents(latents)
+
+        with clock("scheduler"):
+            scheduler = self.scheduler
+            sigmas = np.linspace(1.0, 1 / req.steps, req.steps)
+            mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=req.steps)
+            timesteps, _ = retrieve_timesteps(scheduler, req.steps, self.device, sigmas=sigmas, mu=mu)
+            scheduler.set_begin_index(0)
+        shared = {"txt_ids": txt_ids.to(self.device), "img_ids": img_ids, **dict(zip(self.kv_names, ref_kv))}
+        for t in timesteps:
+            timestep = (t.expand(batch).to(latents.dtype) / 1000).contiguous()
+            # The images of a request share one K/V; the engine takes up to max_batch_transformer_cached
+            # of them per call. Samples are independent, so splitting changes no value.
+            noise_pred = self.run_in_chunks("transformer_cached", {
+                "latents": latents.reshape(*grid, -1), "prompt_embeds": prompt_embeds, "timestep": timestep},
+                shared, "noise_pred", self.limits.max_batch_transformer_cached)
+            with clock("scheduler"):
+                latents = scheduler.step(noise_pred.reshape(latents.shape), t, latents, return_dict=False)[0]
+
+        image = self.run_in_chunks("vae_decoder", {"latents": latents.reshape(*grid, -1)}, {}, "image",
+                                   self.limits.max_batch_vae_decoder)
+        with clock("postprocess"):
+            return self.to_uint8(image)
+
+    @staticmethod
+    def to_uint8(image: torch.Tensor) -> np.ndarray:
+        """VAE output [N, 3, H, W] in [-1, 1] -> [N, H, W, 3] uint8 on the host, as
+        `Flux2ImageProcessor.postprocess(output_type="np")` then `(x * 255).round()` give it, in tensor
+        ops on the serving device so one uint8 copy leaves it, in place after the first op (no new
+        buffers). The same operations in the same order, so the same values."""
+        x = image.float().mul(0.5).add_(0.5).clamp_(0, 1).mul_(255).round_()
+        return x.permute(0, 2, 3, 1).to(torch.uint8, memory_format=torch.contiguous_format).cpu().numpy()
+
+    def call(self, model: str, inputs: dict, outputs: list[str]) -> list:
+        """`run`, timed as the stage "call:<model>" (the BLS's side of a component call); first asks
+        should_stop()."""
+        reason = self.should_stop()
+        if reason:
+            raise Interrupted(reason, model)
+        with self.clock(f"call:{model}"):
+            return self.run(model, inputs, outputs)
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        with self.clock("tokenize"):
+            tokens = self.tokenized.get(prompt)
+            if tokens is None:
+                tokens = tokenize(self.tokenizer, [prompt], self.max_sequence_length)
+                self.tokenized.put(prompt, tokens)
+        input_ids, attention_mask = tokens
+        (embeds,) = self.call("text_encoder", {"input_ids": input_ids.to(self.device),
+                                               "attention_mask": attention_mask.to(self.device)}, ["prompt_embeds"])
+        return embeds
+
+    def references(self, req: GenerationRequest) -> "ReferenceSet":
+        """The request's references: on a repeat of the same encoded bytes, their pixel key and sizes
+        from the first time (nothing decoded); else decoded, preprocessed and hashed."""
+        if not req.images:
+            return ReferenceSet(self, req, [], None)
+        encoded_key = None
+        reuse = req.reuse_reference_cache and self.use_reference_cache
+        if reuse:
+            with self.clock("reference_key"):
+                encoded_key = encoded_reference_key(req.encoded)
+            known = self.known_references.get(encoded_key)
+            if known is not None:
+                self.known_reference_hits += 1
+                key, sizes = known
+                return ReferenceSet(self, req, sizes, key)
+        pixels = self.preprocess(req)
+        key = None
+        if reuse:
+            with self.clock("reference_key"):
+                key = reference_key(pixels, self.model_identity)
+        return ReferenceSet(self, req, [tuple(p.shape[-2:]) for p in pixels], key, pixels, encoded_key)
+
+    def preprocess(self, req: GenerationRequest) -> list[torch.Tensor]:
+        """Decode and preprocess the references as Flux2KleinKVPipeline does."""
+        with self.clock("preprocess"):
+            return [preprocess_reference(load_rgb(image, index), self.image_processor, self.limits)
+                    for index, image in enumerate(req.images)]
+
+    def reference_kv(self, references: "ReferenceSet") -> list[torch.Tensor]:
+        """Per-block K/V of the ordered reference set: from reference_kv_cache when an identical set
+        was seen, else VAE encoding + prefill (and stored), unless the request opted out."""
+        if references.key is None:
+            return self.prefill(references.load())
+        key = np.array([references.key.encode()], dtype=np.object_)
+        cached_names = [cached_name(name) for name in self.kv_names]
+        hit, *ref_kv = self.call(CACHE_MODEL, {"key": key}, ["hit", *cached_names])
+        if not bool(hit.reshape(-1)[0]):
+            ref_kv = self.prefill(references.load())
+            self.call(CACHE_MODEL, {"key": key, **dict(zip(self.kv_names, ref_kv))}, ["hit"])
+        return ref_kv
+
+    def prefill(self, references) -> list[torch.Tensor]:
+        """Per-block reference K/V for the whole ordered reference set, once per request."""
+        from diffusers import Flux2KleinKVPipeline as P
+
+        dims = self.dims
+        if not references:
+            empty = torch.zeros(2, 0, dims["heads"], dims["head_dim"], dtype=self.dtype, device=self.device)
+            return [empty] * len(self.kv_names)
+        tokens, grids = [], []
+        for image in references:
+            (packed,) = self.call("vae_encoder", {"image": image.to(self.device, self.dtype)}, ["ref_latents"])
+            tokens.append(packed)
+            grids.append(torch.empty(1, 1, image.shape[-2] // 16, image.shape[-1] // 16))
+        ref_ids = P._prepare_image_ids(grids)[0].to(self.device)
+        return self.call("transformer_prefill", {"ref_latents": torch.cat(tokens, dim=1), "ref_ids": ref_ids},
+                        self.kv_names)
+
+    def run_in_chunks(self, model: str, batched: dict, shared: dict, output: str, max_batch: int) -> torch.Tensor:
+        """Run `model` on the batch axis of `batched` in chunks of at most `max_batch` samples (the
+        engine's batch), with `shared` inputs (no batch axis) in every call; outputs concatenated."""
+        size = next(iter(batched.values())).shape[0]
+        chunks = []
+        for start in range(0, size, max_batch):
+            inputs = {name: value[start:start + max_batch] for name, value in batched.items()}
+            (result,) = self.call(model, {**inputs, **shared}, [output])
+            chunks.append(result)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+class ReferenceSet:
+    """A request's ordered references: preprocessed sizes, reference_kv_cache key (None: neither
+    looked up nor stored) and pixels, preprocessed on first use when a repeat skipped it."""
+
+    def __init__(self, pipeline: ServedPipeline, req: GenerationRequest, sizes: list, key: str | None,
+                 pixels: list | None = None, encoded_key: str | None = None):
+        self.pipeline, self.req, self.sizes, self.key = pipeline, req, sizes, key
+        self.pixels, self.encoded_key = pixels, encoded_key
+
+    def load(self) -> list[torch.Tensor]:
+        if self.pixels is None:  # the K/V of a known set was evicted: decode after all
+            self.pixels = self.pipeline.preprocess(self.req)
+        return self.pixels
+
+    def remember(self) -> None:
+        """After every limit passed: a repeat of these bytes may skip decoding."""
+        if self.encoded_key is not None:
+            self.pipeline.known_references.put(self.encoded_key, (self.key, self.sizes))

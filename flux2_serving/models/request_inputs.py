@@ -1,0 +1,162 @@
+"""Parsing and validation of a `flux2_klein_kv` request against its public interface
+(contract/interface.py): every failure names the field and the limit and becomes a Triton
+INVALID_ARG. Nothing is clamped or dropped. The limits come from the envelope through the model's
+config.pbtxt parameters (Limits has no defaults of its own)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from ..contract.interface import Limits
+
+
+class InvalidInput(ValueError):
+    """A client error: reported as INVALID_ARG, the server keeps serving."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    encoded: list = field(default_factory=list)  # the references' bytes as sent, in request order
+    images: list = field(default_factory=list)  # the same, opened with PIL (header checked, not decoded)
+    height: int | None = None
+    width: int | None = None
+    seed: int | None = None
+    num_images: int = 1
+    steps: int = 4
+    reuse_reference_cache: bool = True  # False: neither look up nor store this request's reference K/V
+
+
+def _scalar(array, name: str):
+    if array.size != 1:
+        raise InvalidInput(f"'{name}' must hold exactly one value, got {array.size}")
+    value = array.reshape(-1)[0]
+    return value.item() if hasattr(value, "item") else value  # numpy scalar, or bytes for strings
+
+
+def open_image(data: bytes, index: int, limits: Limits) -> Image.Image:
+    """Read one reference's header and check its size; no pixel is decoded (load_rgb does that, and
+    a request whose references' K/V are cached never needs to)."""
+    field_name = f"image[{index}]"
+    if len(data) > limits.max_reference_bytes:
+        raise InvalidInput(f"'{field_name}' is {len(data)} bytes; at most {limits.max_reference_bytes} bytes allowed")
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad bytes
+        raise InvalidInput(f"'{field_name}' is not a decodable PNG/JPEG/WebP image ({type(exc).__name__})") from exc
+    width, height = image.size
+    if width * height > limits.max_input_pixels:
+        raise InvalidInput(f"'{field_name}' declares {width}x{height} = {width * height} pixels, "
+                           f"over the limit of {limits.max_input_pixels} pixels")
+    low = limits.min_reference_side
+    if width < low or height < low:
+        raise InvalidInput(f"'{field_name}' is {width}x{height}; both sides must be at least {low} px")
+    if max(width, height) > limits.max_reference_aspect * min(width, height):
+        raise InvalidInput(f"'{field_name}' is {width}x{height}; the aspect ratio must be at most "
+                           f"{limits.max_reference_aspect}:1")
+    return image
+
+
+def load_rgb(image: Image.Image, index: int) -> Image.Image:
+    """Decode an opened reference's pixels as RGB (RGBA, grayscale, palette, CMYK, 16-bit: as
+    diffusers accepts them); a broken file is the client's error."""
+    try:
+        image.load()
+        return image.convert("RGB")
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidInput(f"'image[{index}]' could not be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
+    """open_image, then load_rgb: one reference, checked and decoded."""
+    return load_rgb(open_image(data, index, limits), index)
+
+
+def parse(inputs: dict, limits: Limits) -> GenerationRequest:
+    """`inputs`: {name: numpy array} of the request's tensors (optional ones may be absent)."""
+    if "prompt" not in inputs:
+        raise InvalidInput("'prompt' is required")
+    prompt = _scalar(inputs["prompt"], "prompt")
+    size = len(prompt) if isinstance(prompt, bytes) else len(str(prompt).encode())
+    if size > limits.max_prompt_bytes:
+        raise InvalidInput(f"'prompt' is {size} bytes; at most {limits.max_prompt_bytes} bytes allowed (only its first "
+                           "tokens reach the text encoder, as in diffusers)")
+    try:
+        prompt = prompt.decode("utf-8", errors="strict") if isinstance(prompt, bytes) else str(prompt)
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"'prompt' is not valid UTF-8 (byte {exc.start})") from exc
+    if not prompt.strip():
+        raise InvalidInput("'prompt' must be a non-empty string")
+    request = GenerationRequest(prompt=prompt)
+
+    encoded = inputs.get("image")
+    if encoded is not None:
+        encoded = encoded.reshape(-1)
+        if len(encoded) > limits.max_references:
+            raise InvalidInput(f"'image' holds {len(encoded)} references; at most {limits.max_references} allowed")
+        request.encoded = [bytes(data) for data in encoded]
+        request.images = [open_image(data, i, limits) for i, data in enumerate(request.encoded)]
+
+    for name in ("height", "width"):
+        if name in inputs:
+            value = int(_scalar(inputs[name], name))
+            if value % limits.multiple_of or not limits.min_side <= value <= limits.max_side:
+                raise InvalidInput(f"'{name}' is {value}; it must be a multiple of {limits.multiple_of} "
+                                   f"in [{limits.min_side}, {limits.max_side}]")
+            setattr(request, name, value)
+    if "seed" in inputs:
+        request.seed = int(_scalar(inputs["seed"], "seed"))
+        if request.seed < 0:
+            raise InvalidInput(f"'seed' is {request.seed}; it must be >= 0")
+    if "num_images_per_prompt" in inputs:
+        request.num_images = int(_scalar(inputs["num_images_per_prompt"], "num_images_per_prompt"))
+        if not 1 <= request.num_images <= limits.max_images:
+            raise InvalidInput(f"'num_images_per_prompt' is {request.num_images}; it must be in "
+                               f"[1, {limits.max_images}]")
+    if "num_inference_steps" in inputs:
+        request.steps = int(_scalar(inputs["num_inference_steps"], "num_inference_steps"))
+        if not 1 <= request.steps <= limits.max_steps:
+            raise InvalidInput(f"'num_inference_steps' is {request.steps}; it must be in [1, {limits.max_steps}]")
+    if "reuse_reference_cache" in inputs:
+        request.reuse_reference_cache = bool(_scalar(inputs["reuse_reference_cache"], "reuse_reference_cache"))
+    return request
+
+
+def preprocess_reference(image: Image.Image, processor, limits: Limits):
+    """As Flux2KleinKVPipeline.__call__: resize down to the area cap, crop to multiples of 16.
+    `processor` is diffusers' Flux2ImageProcessor; returns [1, 3, H, W] in [-1, 1]."""
+    if image.width * image.height > limits.reference_max_area:
+        image = processor._resize_to_target_area(image, limits.reference_max_area)
+    step = limits.multiple_of
+    width, height = (image.width // step) * step, (image.height // step) * step
+    return processor.preprocess(image, height=height, width=width, resize_mode="crop")
+
+
+def output_size(request: GenerationRequest, sizes: list[tuple[int, int]], limits: Limits) -> tuple[int, int]:
+    """Output (height, width): as asked, else the first preprocessed reference's, else the default.
+    `sizes`: the preprocessed references' (height, width). Also checks the reference set's token
+    count (its K/V size), so every limit is checked before the first component model runs."""
+    step = limits.multiple_of
+    for index, (h, w) in enumerate(sizes):  # guaranteed by the area cap and the aspect limit; checked anyway
+        if not limits.min_reference_side <= min(h, w) <= max(h, w) <= limits.max_reference_side:
+            raise InvalidInput(f"'image[{index}]' is {w}x{h} after preprocessing; sides must be in "
+                               f"[{limits.min_reference_side}, {limits.max_reference_side}]")
+    tokens = sum((h // step) * (w // step) for h, w in sizes)
+    if tokens > limits.max_reference_tokens:
+        listed = ", ".join(f"{w}x{h}" for h, w in sizes)
+        raise InvalidInput(f"'image': the references hold {tokens} tokens after preprocessing ({listed} px, one "
+                           f"token per {step}x{step} px); at most {limits.max_reference_tokens} allowed: send fewer "
+                           "or smaller references")
+    height, width = request.height, request.width
+    if sizes:
+        ref_h, ref_w = sizes[0]
+        height, width = height or ref_h, width or ref_w
+    height, width = height or limits.default_side, width or limits.default_side
+    for name, value in (("height", height), ("width", width)):
+        if not limits.min_side <= value <= limits.max_side:
+            raise InvalidInput(f"output {name} {value} (taken from image[0]) is outside "
+                               f"[{limits.min_side}, {limits.max_side}]; pass '{name}' explicitly")
+    return height, width

@@ -1,0 +1,414 @@
+"""python -m flux2_serving.server.launch: start a real tritonserver on a model repository and wait until ready.
+
+Here it runs the `tritonserver` binary bundled in the `nvidia-pytriton` wheel (server 2.51,
+Python backend only); on a GPU host use NVIDIA's container instead (see README). The
+Python-backend stub embeds Python and ignores PYTHONPATH: it takes its prefix from the first
+`python3` on PATH, so the venv's bin/ goes first, and it links the system libpython, so the
+venv Python's LIBDIR goes first on LD_LIBRARY_PATH.
+
+Hardened as flux2_serving/contract/security.py describes: admin APIs behind a key ($FLUX2_ADMIN_KEY, or
+--admin-key-file; without one they are closed), an internal secret for the internal models,
+loopback-only listeners unless --address says otherwise. Stopping is bounded: SIGTERM, then after
+STOP_TIMEOUT_S a SIGKILL to tritonserver's whole process group, Python-backend stubs included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flux2_serving import CHECKOUT
+from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.names import BLS_MODEL
+from flux2_serving.contract import security
+
+
+
+def bundled_server() -> Path:
+    """The tritonserver folder of the nvidia-pytriton wheel, or $FLUX2_TRITONSERVER_DIR (the same
+    layout, unpacked from build/gpu_bundle on a machine without the wheel)."""
+    import importlib.util
+
+    if os.environ.get("FLUX2_TRITONSERVER_DIR"):
+        return Path(os.environ["FLUX2_TRITONSERVER_DIR"])
+    spec = importlib.util.find_spec("pytriton")  # locate without importing (its __init__ needs more deps)
+    if spec is None:
+        raise RuntimeError("nvidia-pytriton is not installed: run `make setup`")
+    return Path(spec.submodule_search_locations[0]) / "tritonserver"
+
+
+class LaunchError(RuntimeError):
+    """tritonserver cannot run here as set up; the message is the one line to show."""
+
+
+def python_version() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def prepare_backends(target: Path) -> Path:
+    """backends/python with the stub that matches this Python (the wheel ships one per version),
+    copied again when the one there was made for another Python (e.g. a build/ folder shared by a
+    3.11 venv and a 3.12 GPU machine), and checked: stub_problem()."""
+    bundle = bundled_server()
+    python_dir = target / "python"
+    stub = python_dir / "triton_python_backend_stub"
+    if not stub.exists() or stub_python(stub) != python_version():
+        source = bundle / "python_backend_stubs" / python_version() / "triton_python_backend_stub"
+        if not source.exists():
+            raise LaunchError(f"{bundle} has no Python-backend stub for Python {python_version()} "
+                              f"(python_backend_stubs/{python_version()}): run with a Python it ships a stub for")
+        shutil.copytree(bundle / "backends" / "python", python_dir, dirs_exist_ok=True)
+        shutil.copy(source, stub)
+    problem = stub_problem(stub, server_env())
+    if problem:
+        raise LaunchError(problem)
+    return target
+
+
+def stub_python(stub: Path) -> str | None:
+    """The Python version a Python-backend stub was built for: the libpython3.X it links ('3.12'),
+    read from the binary (no loader involved); None if it names none."""
+    import re
+
+    names = set(re.findall(rb"libpython(3\.\d+)\.so", Path(stub).read_bytes()))
+    return names.pop().decode() if len(names) == 1 else None
+
+
+def stub_problem(stub: Path, env: dict) -> str | None:
+    """One line saying why `stub` cannot run this Python's models here, or None: it must be built
+    for this Python, and every library it links must resolve (ldd, with the server's environment)."""
+    built_for = stub_python(stub)
+    if built_for != python_version():
+        return (f"the Python-backend stub {stub} is built for Python {built_for}, not this Python "
+                f"{python_version()}: delete it and start again (it is copied from the wheel's stubs)")
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        return None
+    result = subprocess.run([ldd, str(stub)], capture_output=True, text=True, env=env, check=False)
+    lost = [line.split()[0] for line in result.stdout.splitlines() if "not found" in line]
+    if lost:
+        return (f"the Python-backend stub needs {', '.join(lost)}, which this machine lacks (a Python built "
+                f"without --enable-shared has no libpython{python_version()}.so): install it (Debian/Ubuntu: "
+                f"apt install libpython{python_version()}) or use a Python that ships it")
+    return None
+
+
+def server_env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    # The stub was copied out of the wheel, so its relative RPATH to the wheel's bundled libs is gone.
+    wheel_libs = bundled_server().parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = f"{sysconfig.get_config_var('LIBDIR')}:{wheel_libs}:{env.get('LD_LIBRARY_PATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+EXIT_TIMEOUT_S = 10  # tritonserver --exit-timeout-secs: how long it waits for requests in flight
+STOP_TIMEOUT_S = EXIT_TIMEOUT_S + 15  # then the process group is killed (a hung shutdown included)
+
+
+def bls_parameter(repository: Path, key: str) -> str | None:
+    """A string parameter of the BLS's config.pbtxt in `repository` (None if absent), read as text:
+    the launcher runs before any Triton package is imported."""
+    import re
+
+    config = Path(repository) / BLS_MODEL / "config.pbtxt"
+    if not config.exists():
+        return None
+    match = re.search(rf'key:\s*"{re.escape(key)}"\s*value\s*{{\s*string_value:\s*"([^"]*)"', config.read_text())
+    return match.group(1) if match else None
+
+
+def cuda_pool_args(repository: Path) -> list[str]:
+    """--cuda-memory-pool-byte-size for a repository whose BLS computes on a GPU: the memory plan's
+    value that flux2_serving.serving.repository wrote into the BLS's config. Without it the pool stays at Triton's
+    64 MiB and every K/V tensor between the BLS and the engines falls back to cudaMalloc + IPC."""
+    device, pool = bls_parameter(repository, "device"), bls_parameter(repository, "cuda_memory_pool_byte_size")
+    if not device or not device.startswith("cuda") or not pool:
+        return []
+    gpu = device.split(":", 1)[1] if ":" in device else "0"
+    return [f"--cuda-memory-pool-byte-size={gpu}:{pool}"]
+
+
+def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path,
+            explicit: bool = False, admin_key: str | None = None, address: str = "127.0.0.1") -> list[str]:
+    """tritonserver's command line; `explicit`: --model-control-mode=explicit with every model loaded
+    at start, so that one model can be reloaded alone (flux2_serving/server/watchdog.py). `admin_key` opens the
+    restricted APIs (None: nobody can use them). A repository served on a GPU gets the CUDA memory
+    pool its plan needs (cuda_pool_args)."""
+    control = ["--model-control-mode=explicit", "--load-model=*"] if explicit else []
+    return [str(bundled_server() / "bin" / "tritonserver"), f"--model-repository={repository}",
+            f"--backend-directory={backends}", f"--http-port={http}", f"--grpc-port={grpc}",
+            f"--metrics-port={metrics}", "--allow-metrics=true", "--log-verbose=0",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}", *cuda_pool_args(repository),
+            *security.server_args(admin_key or security.unknowable_key(), address), *control]
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll Triton's /v2/health/ready (plain HTTP: no client library needed)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerExited(f"tritonserver exited with status {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):  # not listening yet, or not ready (400)
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s")
+
+
+def free_port() -> int:
+    """A port free on loopback now (for servers started next to others: tests, perf, bench)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_ports() -> dict[str, int]:
+    return {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+
+
+def port_of(address: str) -> int:
+    """The port of a 'host:port' string."""
+    return int(address.rsplit(":", 1)[1])
+
+
+def stub_processes(server_pid: int) -> dict[str, int]:
+    """{instance name: pid} of tritonserver's Python-backend stubs (e.g. 'flux2_klein_kv_0_1': the
+    model, its instance group and index), from /proc: what a fault-injection test kills."""
+    stubs = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or f"PPid:\t{server_pid}\n" not in (proc / "status").read_text():
+                continue
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 2:
+            stubs[argv[-3].decode() if argv[-1] == b"" else argv[-2].decode()] = int(proc.name)
+    return stubs
+
+
+START_ATTEMPTS = 2  # a 2.51 server can abort while its Python stubs start on a loaded machine
+
+
+def start(repository, http=8000, grpc=8001, metrics=8002, log_file=None, explicit: bool = False,
+          append: bool = False, admin_key: str | None = None, address: str = "127.0.0.1",
+          attempts: int = START_ATTEMPTS) -> subprocess.Popen:
+    """Start tritonserver in a process group of its own (its stubs join it; stop() kills the group)
+    and wait until it is ready. A terminal's Ctrl-C then reaches only the launcher, which stops it.
+    A server that exits before it is ready is started again, `attempts` times in all: tritonserver
+    2.51 aborted once at start-up (boost's lock_exception) while four BLS processes imported torch on
+    a loaded machine, and no setting of the Python backend bounds that (flux2_serving/contract/security.py)."""
+    backends = prepare_backends(CHECKOUT / "build" / "tritonserver" / "backends")
+    env = security.server_environment(server_env())  # one internal secret for every attempt
+    for attempt in range(1, attempts + 1):
+        out = open(log_file, "a" if append or attempt > 1 else "w") if log_file else None  # noqa: SIM115
+        process = subprocess.Popen(
+            command(Path(repository).resolve(), http, grpc, metrics, backends, explicit, admin_key, address),
+            env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        try:
+            wait_ready(f"{_reachable(address)}:{http}", process)
+            return process
+        except ServerExited as exc:
+            stop(process)
+            if attempt == attempts:
+                raise
+            print(f"{exc}; starting it again (attempt {attempt + 1} of {attempts})", file=sys.stderr, flush=True)
+        except BaseException:
+            stop(process)
+            raise
+    raise AssertionError("not reached")
+
+
+class ServerExited(RuntimeError):
+    """tritonserver exited before it was ready."""
+
+
+def _reachable(address: str) -> str:
+    """Where to reach a server that listens on `address` from this host."""
+    return "127.0.0.1" if address in ("0.0.0.0", "") else f"[{address}]" if ":" in address else address
+
+
+def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
+    """Stop tritonserver within `timeout` s: SIGTERM (it finishes requests in flight for up to
+    EXIT_TIMEOUT_S, unloads its models and stops their stubs), then SIGKILL to its whole process
+    group, whose stubs are also killed if tritonserver itself died first (they would outlive it)."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"tritonserver did not stop within {timeout:.0f} s of SIGTERM: killing its process group",
+                  file=sys.stderr, flush=True)
+    kill_group(process.pid)
+    return process.wait()
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process left in process group `pgid` (tritonserver's: start() made it a leader)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def process_table() -> dict[int, tuple[str, int, int]]:
+    """{pid: (state, parent pid, process group)} of every process now, from /proc/<pid>/stat."""
+    table = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            state, ppid, pgid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+        table[int(proc.name)] = (state, int(ppid), int(pgid))
+    return table
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`."""
+    return [pid for pid, (state, _, group) in process_table().items() if group == pgid and state != "Z"]
+
+
+@dataclass
+class Running:
+    """A started server: its process and where to reach it (host:port strings). `process` may be
+    replaced (a replica restarted on the same ports); the context manager stops the current one.
+    `admin_key` opens the restricted APIs (security.admin_headers); `watchdog` is its thread, if any."""
+    process: subprocess.Popen
+    http: str
+    grpc: str
+    metrics: str
+    log: Path | None
+    repository: Path | None = None
+    explicit: bool = False
+    admin_key: str | None = None
+    watchdog: object = None
+
+    def restart(self) -> None:
+        """Start tritonserver again on the same repository and ports (after it died or was killed)."""
+        stop(self.process)
+        ports = [port_of(address) for address in (self.http, self.grpc, self.metrics)]
+        self.process = start(self.repository, *ports, log_file=self.log, explicit=self.explicit, append=True,
+                             admin_key=self.admin_key)
+
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        return security.admin_headers(self.admin_key, protocol)
+
+
+@contextlib.contextmanager
+def running(repository, ports: dict | None = None, log_file=None, watchdog: float | None = None,
+            admin_key: str | None = None, watchdog_timeout: float = 60, canary_every: int = 1):
+    """Start tritonserver on `repository` (free loopback ports unless given), yield a Running, and
+    stop it on the way out, whatever happened. `watchdog`: seconds between flux2_serving/server/watchdog.py probes,
+    run in a thread here (the server then uses explicit model control, so a model can be reloaded),
+    each probe waiting at most `watchdog_timeout` s, with the canary every `canary_every` rounds (0:
+    never). `admin_key`: default, a random one, known only to the returned Running (tests, the
+    watchdog thread)."""
+    import threading
+
+    ports = ports or free_ports()
+    explicit = watchdog is not None
+    admin_key = admin_key or security.unknowable_key()
+    process = start(repository, ports["http"], ports["grpc"], ports["metrics"], log_file=log_file, explicit=explicit,
+                    admin_key=admin_key)
+    server = Running(process, *(f"127.0.0.1:{ports[k]}" for k in ("http", "grpc", "metrics")),
+                     Path(log_file) if log_file else None, Path(repository), explicit, admin_key)
+    done = threading.Event()
+    if watchdog is not None:
+        from flux2_serving.server.watchdog import Watchdog
+
+        flux2_serving.server.watchdog = Watchdog(server.http, admin_key, probe_timeout=watchdog_timeout)
+        threading.Thread(target=server.watchdog.watch, args=(watchdog, canary_every, done), daemon=True).start()
+    try:
+        yield server
+    finally:
+        done.set()
+        stop(server.process)
+
+
+class Stopping(Exception):
+    """SIGINT or SIGTERM reached the launcher."""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flux2_serving.server.launch", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--repository", default="build/model_repository", help="model repository to serve")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    parser.add_argument("--address", default="127.0.0.1",
+                        help="address HTTP, gRPC and metrics listen on (0.0.0.0: every interface)")
+    parser.add_argument("--admin-key-file", default=None, metavar="FILE",
+                        help=f"file holding the key that opens the admin APIs ({', '.join(security.RESTRICTED_APIS)}) "
+                             f"to requests with the header {security.ADMIN_HEADER}; default ${security.ADMIN_KEY_ENV}; "
+                             "neither: those APIs are closed")
+    parser.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
+                        help="probe the models with requests every SECONDS and reload one whose Python-backend "
+                             "process died or that was unloaded (flux2_serving/server/watchdog.py; the server then uses explicit "
+                             "model control)")
+    args = parser.parse_args(argv)
+    environ = dict(os.environ, **({security.ADMIN_KEY_FILE_ENV: args.admin_key_file} if args.admin_key_file else {}))
+    configured = security.configured_admin_key(environ=environ)
+    admin_key = configured or security.unknowable_key()  # unknowable: only the watchdog thread below has it
+
+    def on_signal(signum, frame):  # the first SIGINT/SIGTERM stops the server (bounded); another kills it now
+        signal.signal(signal.SIGINT, lambda *_: kill_group(process.pid) if process else None)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stopping(signal.Signals(signum).name)
+
+    process = None
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"serving {Path(args.repository).resolve()} ...", flush=True)
+    try:
+        process = start(args.repository, args.http_port, args.grpc_port, args.metrics_port,
+                        explicit=args.watchdog is not None, admin_key=admin_key, address=args.address)
+        if args.watchdog is not None:
+            import threading
+
+            from flux2_serving.server.watchdog import Watchdog
+
+            dog = Watchdog(f"{_reachable(args.address)}:{args.http_port}", admin_key)
+            threading.Thread(target=dog.watch, args=(args.watchdog, 6), daemon=True).start()
+        admin = (f"admin APIs need the header {security.ADMIN_HEADER}" if configured else
+                 f"admin APIs closed (no ${security.ADMIN_KEY_ENV} or --admin-key-file)")
+        print(f"tritonserver ready on {args.address}: HTTP {args.http_port}, gRPC {args.grpc_port}, metrics "
+              f"{args.metrics_port}/metrics; {admin} (Ctrl-C stops it)", flush=True)
+        while True:
+            try:
+                return process.wait(timeout=1.0)  # polled: signals are handled between waits
+            except subprocess.TimeoutExpired:
+                continue
+    except Stopping as stopping:
+        print(f"{stopping}: stopping tritonserver (at most {STOP_TIMEOUT_S} s)", flush=True)
+        return 0
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if process is not None:
+            stop(process)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

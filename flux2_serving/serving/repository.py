@@ -1,0 +1,244 @@
+"""python -m flux2_serving.serving.repository: assemble a servable Triton model repository.
+
+  OUT/flux2_klein_kv/       the public BLS model: its committed folder (model_repository/, a
+                            model.py that imports flux2_serving.models.bls), the tokenizer,
+                            scheduler config and export manifest
+  OUT/<component>/          text_encoder, vae_encoder, transformer_prefill, transformer_cached,
+                            vae_decoder: config.pbtxt from the declared I/O spec, and
+                            1/model.plan (--backend tensorrt), or a Python-backend model that runs
+                            1/model.onnx in onnxruntime (--backend onnxruntime) or the exported
+                            wrapper module in PyTorch (--backend torch, from the manifest's model)
+  OUT/reference_kv_cache/   one instance holding reference K/V shared by all BLS instances
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from flux2_serving import CHECKOUT
+from flux2_serving.contract import interface
+from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.names import BLS_MODEL as BLS
+from flux2_serving.contract.names import CACHE_MODEL as CACHE
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE, GPU_BLS_INSTANCES, ServingEnvelope
+from flux2_serving.contract.manifest import Manifest
+from flux2_serving.contract.manifest import read as read_manifest
+from flux2_serving.contract.manifest import write as write_manifest
+
+from . import triton_config
+from .triton_config import BACKENDS, component_config, cpu_only
+
+# The committed model folders: each Python-backend model's model.py imports its implementation
+# from the installed package by name (flux2_serving.models); nothing is copied from the package.
+SOURCES = CHECKOUT / "model_repository"
+
+# Byte budget of the shared reference K/V cache: 4 GiB holds two 1024x1024 single-reference entries
+# at 9B in bf16 (2 GiB each), or one entry of the largest reference set (8192 tokens). The memory plan
+# (python -m flux2_serving.export.memory_plan) counts it next to the engines; 8 GiB does not fit 80 GB with headroom.
+REFERENCE_CACHE_BYTES = 4 * 2**30
+
+
+def cache_config(device: str, dtype: str, dims: dict, cache_bytes: int = REFERENCE_CACHE_BYTES) -> str:
+    """config.pbtxt of the shared reference K/V cache (triton_config.cache_config); `dims` the manifest's."""
+    return triton_config.cache_config(CACHE, device, dtype, dims, cache_bytes)
+
+
+def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.text_len,
+               envelope: ServingEnvelope = DEFAULT_ENVELOPE, parameters: dict | None = None,
+               max_queue: int = triton_config.BLS_MAX_QUEUE,
+               queue_timeout_s: float = triton_config.BLS_QUEUE_TIMEOUT_S) -> str:
+    """config.pbtxt of the public BLS model, from its own declaration of its interface."""
+    return triton_config.bls_config(BLS, interface, device, instances, text_tokens, envelope,
+                                    parameters, max_queue, queue_timeout_s)
+
+
+def _find_engine(engines_dir: Path, component: str) -> Path:
+    plans = sorted(engines_dir.glob(f"{component}.trt*.plan"))
+    if len(plans) != 1:
+        raise SystemExit(f"error: expected one {component}.trt*.plan in {engines_dir}, found {len(plans)}")
+    return plans[0]
+
+
+MARKER = ".flux2_repository"  # written into every repository this tool assembles
+
+
+def _replaceable(out: Path) -> None:
+    """Refuse to delete a folder this tool did not make (a wrong --out must not wipe anything)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
+        raise SystemExit(f"error: --out {out} exists and was not written by python -m flux2_serving.serving.repository "
+                         f"(no {MARKER} in it): choose another --out, or remove it yourself")
+
+
+def default_bls_instances(device: str) -> int:
+    """1 on a GPU (the GPU memory plan: each instance holds a request's K/V twice while a step runs),
+    2 on the CPU (requests overlap)."""
+    return GPU_BLS_INSTANCES if device.startswith("cuda") else 2
+
+
+def default_device(backend: str) -> str:
+    """Where the BLS computes: next to the engines for TensorRT (outputs stay on the GPU), else the CPU."""
+    return "cuda:0" if backend == "tensorrt" else "cpu"
+
+
+def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="onnxruntime", engines_dir=None,
+             device=None, bls_instances=None, threads=1, text_tokens=DEFAULT_ENVELOPE.text_len,
+             cache_bytes=REFERENCE_CACHE_BYTES, bls_parameters: dict | None = None,
+             bls_queue: tuple[int, float] = (triton_config.BLS_MAX_QUEUE, triton_config.BLS_QUEUE_TIMEOUT_S)) -> Path:
+    """Write the repository to `out`. Tokenizer and scheduler come from the model recorded in the
+    export's manifest; `checkpoint`, if given, must be that model (a local copy of it is fine).
+    `bls_parameters` override the BLS's config parameters (flux2_serving.serving.triton_config.BLS_PARAMETERS);
+    `bls_queue` is the BLS's (max waiting requests, queue timeout in seconds)."""
+    onnx_dir, out = Path(onnx_dir), Path(out)
+    device = device or default_device(backend)
+    bls_instances = bls_instances or default_bls_instances(device)
+    try:
+        manifest = read_manifest(onnx_dir)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    source = _tokenizer_source(manifest, checkpoint)
+    engines = {name: _find_engine(Path(engines_dir), name) for name in manifest.paths} if backend == "tensorrt" else {}
+    gpu = torch_device_index(device)
+    _replaceable(out)  # every input was checked above: only now may the old repository go
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text(f"assembled by python -m flux2_serving.serving.repository from {onnx_dir.resolve()}\n")
+    for name, path in manifest.paths.items():
+        version = out / name / "1"
+        version.mkdir(parents=True)
+        params = {}
+        if backend == "tensorrt":
+            _link_or_copy(engines[name], version / "model.plan")
+        elif backend == "onnxruntime":
+            for graph_file in (onnx_dir / path).parent.glob("model.onnx*"):
+                shutil.copy(graph_file, version / graph_file.name)
+            _model_folder(name, out)
+            params = {"runtime": "onnxruntime", "intra_op_threads": threads}
+        else:  # torch: the wrapper modules themselves, loaded from the exported model
+            _model_folder(name, out)
+            weights = manifest.model if manifest.model.startswith("random:") else _local_checkpoint(source, True)
+            params = {"runtime": "torch", "checkpoint": weights, "dtype": manifest.dtype, "device": device,
+                      "FORCE_CPU_ONLY_INPUT_TENSORS": cpu_only(device)}
+        config = component_config(manifest.specs[name], manifest.dtype, backend, gpu=gpu, params=params,
+                                  vocab_size=manifest.dims.get("vocab_size", 0))
+        (out / name / "config.pbtxt").write_text(config)
+
+    bls = out / BLS / "1"
+    _model_folder(BLS, out)
+    local = Path(_local_checkpoint(source))
+    for part in ("tokenizer", "scheduler"):
+        shutil.copytree(local / part, bls / part)
+    write_manifest(bls, manifest)  # the BLS reads its dims and dtype
+    parameters = dict(bls_parameters or {})
+    if device.startswith("cuda"):  # flux2_serving.server.launch passes it as --cuda-memory-pool-byte-size (the plan's BLS row)
+        from flux2_serving.export.memory_plan import bls_transfer_bytes
+
+        parameters.setdefault("cuda_memory_pool_byte_size",
+                              bls_instances * bls_transfer_bytes(manifest.dims, manifest.dtype, DEFAULT_ENVELOPE))
+    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens, parameters=parameters,
+                                                       max_queue=bls_queue[0], queue_timeout_s=bls_queue[1]))
+    _model_folder(CACHE, out)
+    (out / CACHE / "config.pbtxt").write_text(
+        cache_config(device, manifest.dtype, manifest.dims, cache_bytes))
+    return out
+
+
+def _model_folder(name: str, out: Path) -> None:
+    """A Python-backend model's committed folder (model_repository/NAME: its model.py, which imports
+    the model from the installed flux2_serving package)."""
+    shutil.copytree(SOURCES / name, out / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link a plan into the repository (tens of GB at 9B), copying only across file systems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy(source, target)
+
+
+def torch_device_index(device: str) -> int:
+    """The GPU index of 'cuda:N' (0 for 'cuda' or 'cpu'): where the TensorRT instances are pinned."""
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+
+
+def _tokenizer_source(manifest: Manifest, checkpoint) -> str:
+    """The model whose tokenizer and scheduler the BLS gets: the one the graphs were exported from."""
+    recorded = manifest.model
+    if checkpoint is None:
+        if not recorded:
+            raise SystemExit("error: the manifest records no model; pass --checkpoint (the model that was exported)")
+        return recorded
+    if recorded and not _same_model(checkpoint, recorded):
+        raise SystemExit(f"error: the graphs were exported from {recorded}, not {checkpoint}: the tokenizer and "
+                         "scheduler must come from the exported model (omit --checkpoint to use it)")
+    return checkpoint
+
+
+def _same_model(given: str, recorded: str) -> bool:
+    """True unless `given` is provably another model: two local folders or two hub ids that differ.
+    (A local folder for a hub id is taken as a downloaded copy of it.)"""
+    given_local, recorded_local = Path(given).is_dir(), Path(recorded).is_dir()
+    if given_local and recorded_local:
+        return Path(given).resolve() == Path(recorded).resolve()
+    if not given_local and not recorded_local:
+        return given == recorded
+    return given_local
+
+
+def _local_checkpoint(checkpoint: str, weights: bool = False) -> str:
+    """A local directory for `checkpoint`: downloads only the small tokenizer/scheduler files, or
+    everything with `weights` (the torch backend loads the components from it)."""
+    if Path(checkpoint).is_dir():
+        return str(Path(checkpoint).resolve())
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(checkpoint, allow_patterns=None if weights else ["tokenizer/*", "scheduler/*"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flux2_serving.serving.repository", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--onnx-dir", required=True, help="output of `python -m flux2_serving.export` (has manifest.json)")
+    parser.add_argument("--model", "--checkpoint", dest="checkpoint", default=None,
+                        help="local copy of the exported model (tokenizer, scheduler); default: the model recorded "
+                             "in the manifest")
+    parser.add_argument("--repository", "--out", dest="out", default="build/model_repository",
+                        help="repository folder to write (default %(default)s); replaced only if this tool wrote it")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                        help="tensorrt (production, GPU), onnxruntime (CPU, Python backend) or torch (the exported "
+                             "modules in PyTorch on --device, Python backend: a GPU host before its engines exist)")
+    parser.add_argument("--engines-dir", default="build/engines", help="TensorRT plans (with --backend tensorrt)")
+    parser.add_argument("--device", default=None,
+                        help="device the BLS and the reference cache compute on: cpu or cuda:N "
+                             "(default: cuda:0 with --backend tensorrt, else cpu); TensorRT instances are pinned to it")
+    parser.add_argument("--bls-instances", type=int, default=None,
+                        help="BLS instances, i.e. requests in flight (default: 1 on a GPU, see the GPU memory plan; "
+                             "2 on the CPU)")
+    parser.add_argument("--bls-max-queue", type=int, default=triton_config.BLS_MAX_QUEUE,
+                        help="requests that may wait for the BLS; beyond them Triton answers UNAVAILABLE at once")
+    parser.add_argument("--bls-queue-timeout", type=float, default=triton_config.BLS_QUEUE_TIMEOUT_S,
+                        metavar="SECONDS", help="longest wait in the BLS's queue (then UNAVAILABLE)")
+    parser.add_argument("--reference-cache-bytes", type=int, default=REFERENCE_CACHE_BYTES,
+                        help="byte budget of the shared reference K/V cache (default %(default)s = 4 GiB; 0 disables)")
+    args = parser.parse_args(argv)
+    try:
+        out = assemble(args.onnx_dir, args.checkpoint, args.out, args.backend, args.engines_dir, args.device,
+                       args.bls_instances, cache_bytes=args.reference_cache_bytes,
+                       bls_queue=(args.bls_max_queue, args.bls_queue_timeout))
+    except SystemExit as exc:  # a bad local input: one line, status 2
+        if not isinstance(exc.code, str):
+            raise
+        print(exc.code, file=sys.stderr)
+        return 2
+    print(f"wrote Triton model repository ({args.backend}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
