@@ -21,11 +21,13 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from bench.report import benchmark_parser, machine, parse_benchmark_args, publish, tree_memory_gib
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 
 SIDE, REF_SIDE, TEXT_TOKENS, STEPS = 512, 512, 128, 4
 PROMPTS = ["turn the scene into a snowy winter evening", "a watercolor version with soft pastel colors",
@@ -61,11 +63,11 @@ def diffusers_edit(pipe, prompt: str, references, seed: int) -> np.ndarray:
 
 def start_server(args, workdir: Path):
     """A context manager: tritonserver on the bench checkpoint's repository (flux2_serving.server.launch.Running)."""
-    from flux2_serving.serving.repository import assemble
     from flux2_serving.server.launch import running
+    from flux2_serving.serving.repository import assemble
 
     repository = assemble(args.onnx_dir, args.checkpoint, workdir / "model_repository", backend="onnxruntime",
-                          threads=args.threads, text_tokens=TEXT_TOKENS)
+                          threads=args.threads, envelope=replace(DEFAULT_ENVELOPE, text_len=TEXT_TOKENS))
     return running(repository, log_file=workdir / "server.log")
 
 
@@ -218,10 +220,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads per component")
     parser.add_argument("--skip-perf", action="store_true", help="leave out (d), perf_analyzer")
     args = parse_benchmark_args(parser, argv)
+    import io
+
+    from PIL import Image
+
     from bench.helpers import synthetic_reference
     from flux2_serving.clients.api import Flux2Client
-    from PIL import Image
-    import io
 
     started = time.perf_counter()
     pngs = [synthetic_reference((REF_SIDE, REF_SIDE), 30 + 50 * i) for i in range(4)]

@@ -35,9 +35,11 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"a": "environment", "b": "served_tiny", "c": "probe_9b", "d": "served", "e": "export"}
@@ -163,11 +165,11 @@ def _manifest(model: str, out: Path, dtype: str) -> Path:
 def torch_server(manifest_dir: Path, checkpoint: Path, out: Path, device: str, name: str):
     """A torch-flavor repository on `device`, served by a real tritonserver on free loopback ports
     (flux2_serving.server.launch.Running), stopped on the way out."""
-    from flux2_serving.serving.repository import assemble
     from flux2_serving.server.launch import running
+    from flux2_serving.serving.repository import assemble
 
     repository = assemble(manifest_dir, str(checkpoint), out / f"repo_{name}", backend="torch", device=device,
-                          bls_instances=1, cache_bytes=8 * GIB)
+                          bls_instances=1, envelope=replace(DEFAULT_ENVELOPE, reference_cache_bytes=8 * GIB))
     with running(repository, log_file=out / f"server_{name}.log") as server:
         yield server
 
@@ -410,11 +412,11 @@ def stage_export(args) -> dict:
 
     import torch
 
+    from flux2_serving.contract.specs import graph_specs
     from flux2_serving.export import components as C
     from flux2_serving.export.checkpoint import random_module
-    from flux2_serving.export.onnx_export import OPSET, dynamic_shapes, sample_inputs
-    from flux2_serving.contract.specs import graph_specs
     from flux2_serving.export.loading import read_model_dims
+    from flux2_serving.export.onnx_export import OPSET, dynamic_shapes, sample_inputs
     from flux2_serving.export.trt_compat import check_graph
 
     size = "9b" if args.device.startswith("cuda") else "tiny"

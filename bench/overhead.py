@@ -115,8 +115,8 @@ def measure(server, repeats: int = 5, side: int = SIDE, log=print) -> list[dict]
 def tiny_server(onnx_dir, checkpoint, workdir: Path, **options):
     """tritonserver on an onnxruntime repository of the tiny checkpoint (assemble's defaults, 1 BLS
     instance so the stage metrics are one process's); `options` go to flux2_serving.serving.repository.assemble."""
-    from flux2_serving.serving.repository import assemble
     from flux2_serving.server.launch import running
+    from flux2_serving.serving.repository import assemble
 
     repository = assemble(onnx_dir, checkpoint, workdir / "model_repository", backend="onnxruntime",
                           bls_instances=1, **options)

@@ -16,9 +16,11 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench.report import benchmark_parser, machine, parse_benchmark_args, publish, tree_memory_gib
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 
 # (label, BLS queue, queue timeout in s; None: the shipped value)
 CONFIGS = (("bounded (shipped)", None, None), ("unbounded (baseline)", 100_000, 100_000))
@@ -65,16 +67,17 @@ def drive(server, clients: int, seconds: float, side: int, steps: int, backoff: 
 
 
 def run(args) -> list[dict]:
-    from flux2_serving.serving.repository import assemble
-    from flux2_serving.serving.triton_config import BLS_MAX_QUEUE, BLS_QUEUE_TIMEOUT_S
     from flux2_serving.server.launch import running
+    from flux2_serving.serving.repository import assemble
 
     workdir = Path("build/bench/overload")
     rows = []
     for label, queue, timeout in CONFIGS:
-        queue, timeout = queue or args.queue or BLS_MAX_QUEUE, timeout or BLS_QUEUE_TIMEOUT_S
+        queue = queue or args.queue or DEFAULT_ENVELOPE.bls_max_queue
+        timeout = timeout or DEFAULT_ENVELOPE.bls_queue_timeout_s
+        envelope = replace(DEFAULT_ENVELOPE, bls_max_queue=queue, bls_queue_timeout_s=timeout)
         repository = assemble(args.onnx_dir, args.checkpoint, workdir / "model_repository", backend="onnxruntime",
-                              bls_instances=args.bls_instances, bls_queue=(queue, timeout))
+                              bls_instances=args.bls_instances, envelope=envelope)
         print(f"[overload] {label}: queue {queue}, {args.clients} clients for {args.seconds:.0f} s ...", flush=True)
         with running(repository, log_file=workdir / "server.log") as server:
             from flux2_serving.clients.api import Flux2Client
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="denoising steps")
     parser.add_argument("--bls-instances", type=int, default=2, help="BLS instances (the CPU default)")
     parser.add_argument("--queue", type=int, default=None,
-                        help="the bounded configuration's queue (default: the shipped BLS_MAX_QUEUE)")
+                        help="the bounded configuration's queue (default: the envelope's bls_max_queue)")
     parser.add_argument("--backoff", type=float, default=0.5, help="seconds a refused client waits")
     args = parse_benchmark_args(parser, argv)
     rows = run(args)

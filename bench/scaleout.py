@@ -112,8 +112,8 @@ def run_policy(replicas, gateway, requests: list[Request], side: int, steps: int
 @contextlib.contextmanager
 def replicas_of(onnx_dir, checkpoint, workdir: Path, count: int = 2, bls_instances: int = 1):
     """`count` tritonservers on one assembled repository (tiny, onnxruntime), free loopback ports."""
-    from flux2_serving.serving.repository import assemble
     from flux2_serving.server.launch import running
+    from flux2_serving.serving.repository import assemble
 
     repository = assemble(onnx_dir, checkpoint, workdir / "model_repository", backend="onnxruntime",
                           bls_instances=bls_instances)

@@ -13,10 +13,10 @@ composing model) and CASE_PROTOCOL.log in OUT; the table goes to OUT/results.md 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import re
-import contextlib
 import subprocess
 import sys
 import time

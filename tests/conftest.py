@@ -7,15 +7,16 @@ Set FLUX2_TEST_CACHE=DIR to keep them between runs while developing.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import subprocess
-import sys
-
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.export.checkpoint import write_checkpoint
 
 
@@ -109,12 +110,13 @@ CACHE_BYTES = 2**20
 
 def _serve(tmp_path_factory, onnx_dir, checkpoint, backend: str, bls_instances: int = BLS_INSTANCES):
     """Assemble a repository of the tiny checkpoint for `backend`; a real tritonserver on it."""
-    from flux2_serving.serving.repository import assemble
     from flux2_serving.server.launch import running
+    from flux2_serving.serving.repository import assemble
 
     workdir = tmp_path_factory.mktemp(f"triton_{backend}")
     repository = assemble(onnx_dir, checkpoint, workdir / "model_repository", backend=backend,
-                          bls_instances=bls_instances, cache_bytes=CACHE_BYTES)
+                          bls_instances=bls_instances,
+                          envelope=replace(DEFAULT_ENVELOPE, reference_cache_bytes=CACHE_BYTES))
     return repository, running(repository, log_file=workdir / "server.log")
 
 

@@ -11,14 +11,19 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
-from flux2_serving.export.build_engines import (TimingCacheRejected, apply_timing_cache, engine_name, timing_cache_name,
-                                  write_buffer)
 from flux2_serving.contract.specs import graph_specs
+from flux2_serving.export.build_engines import (
+    TimingCacheRejected,
+    apply_timing_cache,
+    engine_name,
+    timing_cache_name,
+    write_buffer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -210,9 +215,9 @@ class BuiltEngine:
 def test_build_record_feeds_the_memory_plan(tmp_path):
     """build_engines records each engine's context memory next to the plans; the memory plan uses it
     instead of its estimate, and says which is which."""
+    from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
     from flux2_serving.export import memory_plan
     from flux2_serving.export.build_engines import RECORD, engine_record, update_record
-    from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 
     record = engine_record(BuiltEngine(), tmp_path / "vae_decoder.trt10.13.0.sm90.plan", 170 * 2**20, "10.13.0", "90")
     assert record["device_memory_bytes"] == 3 * 2**30 and record["plan"] == "vae_decoder.trt10.13.0.sm90.plan"
@@ -221,7 +226,7 @@ def test_build_record_feeds_the_memory_plan(tmp_path):
     assert set(json.loads((tmp_path / RECORD).read_text())) == {"vae_decoder", "vae_encoder"}
     size = memory_plan.ModelSize(TINY_DIMS, dict.fromkeys(["text_encoder", "vae_encoder", "transformer_prefill",
                                                            "transformer_cached", "vae_decoder"], 1000), 96, 64, 32)
-    rows = memory_plan.plan(size, "bf16", DEFAULT_ENVELOPE, 0, 1, built=memory_plan.built_records(tmp_path))
+    rows = memory_plan.plan(size, "bf16", replace(DEFAULT_ENVELOPE, reference_cache_bytes=0), 1, built=memory_plan.built_records(tmp_path))
     activations = {who: (what, b) for what, who, b in rows if what.startswith("activations")}
     assert activations["vae_decoder"] == ("activations (built engine)", 3 * 2**30)
     # The VAE encoder has two profiles (landscape, portrait): Triton makes a context for each.

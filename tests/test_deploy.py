@@ -258,8 +258,8 @@ def _post(url: str, headers: dict) -> int:
 def test_serve_starts_tritonserver_with_the_admin_apis_behind_the_key(triton_server, tmp_path):
     """python -m flux2_serving.server.serve for real (the container's entry point) on the bundled tritonserver: it
     becomes tritonserver (exec), and the repository index answers only with the key."""
-    from flux2_serving.contract import security
     from flux2_serving import CHECKOUT as LAUNCH_ROOT
+    from flux2_serving.contract import security
     from flux2_serving.server.launch import bundled_server, free_ports, prepare_backends, server_env, wait_ready
 
     key = security.unknowable_key()

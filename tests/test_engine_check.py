@@ -16,8 +16,8 @@ import pytest
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.json import load_json
 
-from flux2_serving.export import engine_check as E
 from flux2_serving.contract.manifest import read as read_manifest
+from flux2_serving.export import engine_check as E
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,13 +13,17 @@ import pytest
 from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from PIL import Image
 
-from flux2_serving.export import memory_plan
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE, ServingEnvelope, engine_profiles
-from flux2_serving.contract.specs import GraphSpec, TensorSpec, graph_specs
-
 from flux2_serving.contract.interface import Limits
-from flux2_serving.models.request_inputs import (GenerationRequest, InvalidInput, decode_image, output_size,
-                                                 preprocess_reference)
+from flux2_serving.contract.specs import GraphSpec, TensorSpec, graph_specs
+from flux2_serving.export import memory_plan
+from flux2_serving.models.request_inputs import (
+    GenerationRequest,
+    InvalidInput,
+    decode_image,
+    output_size,
+    preprocess_reference,
+)
 
 DIMS_9B = {"text_hidden": 4096, "heads": 32, "head_dim": 128, "kv_layers": 32, "in_channels": 128}
 LIMITS = Limits(**DEFAULT_ENVELOPE.request_limits())
@@ -119,8 +123,9 @@ def test_accepted_output_sizes_fit_the_cached_step_and_decoder(side):
 
 
 def test_prompt_that_is_not_utf8_is_a_client_error():
-    from flux2_serving.models.request_inputs import parse
     import numpy as np
+
+    from flux2_serving.models.request_inputs import parse
 
     with pytest.raises(InvalidInput, match="'prompt' is not valid UTF-8"):
         parse({"prompt": np.array([b"\xff\xfe caf\xe9"], dtype=np.object_)}, LIMITS)
@@ -152,28 +157,25 @@ def _old_cached_spec(dims) -> GraphSpec:
 
 
 def test_the_old_envelope_does_not_fit_80_gb(size_9b):
-    old = ServingEnvelope(reference_tokens=(0, 4096, 16384), engine_batch={
+    old = ServingEnvelope(reference_tokens=(0, 4096, 16384), reference_cache_bytes=8 * 2**30, engine_batch={
         **DEFAULT_ENVELOPE.engine_batch, "transformer_cached": 4, "vae_decoder": 4})
     spec = _old_cached_spec(DIMS_9B)
     # [4, 32, 2, 16384, 32, 128]: 2^34 elements (32 GiB in bf16), far over TensorRT's 2^31-1
     assert memory_plan.max_tensor_elements(spec, old) == ("ref_kv", 2**34)
     assert memory_plan.io_bytes(spec, "bf16", old) > 32 * 2**30
-    rows = memory_plan.plan(size_9b, "bf16", old, 8 * 2**30, bls_instances=2)
+    rows = memory_plan.plan(size_9b, "bf16", old, bls_instances=2)
     rows = [(what, who, memory_plan.io_bytes(spec, "bf16", old) if who == "transformer_cached" and what.startswith("I/O")
              else value) for what, who, value in rows]
     assert memory_plan.total_bytes(rows) > 80 * 2**30
 
 
 def test_the_shipped_envelope_fits_80_gb_with_15_percent_headroom(size_9b):
-    from flux2_serving.serving.repository import REFERENCE_CACHE_BYTES
-
-    rows = memory_plan.plan(size_9b, "bf16", DEFAULT_ENVELOPE, REFERENCE_CACHE_BYTES,
-                            bls_instances=memory_plan.GPU_BLS_INSTANCES)
+    rows = memory_plan.plan(size_9b, "bf16", DEFAULT_ENVELOPE, bls_instances=memory_plan.GPU_BLS_INSTANCES)
     assert memory_plan.total_bytes(rows) <= 0.85 * 80 * 2**30
     # Each BLS instance holds a request's K/V twice while a step runs (and a CUDA context): a second one
     # costs that much more. (With the slim prefill two fit with 16% headroom; one stays the default
     # while the activation rows are estimates: envelope.GPU_BLS_INSTANCES.)
-    two = memory_plan.plan(size_9b, "bf16", DEFAULT_ENVELOPE, REFERENCE_CACHE_BYTES, bls_instances=2)
+    two = memory_plan.plan(size_9b, "bf16", DEFAULT_ENVELOPE, bls_instances=2)
     pool = memory_plan.bls_transfer_bytes(size_9b.dims, "bf16", DEFAULT_ENVELOPE)
     context = int(memory_plan.CUDA_CONTEXT_GIB * 2**30)
     assert memory_plan.total_bytes(two) - memory_plan.total_bytes(rows) == pool + context

@@ -6,9 +6,9 @@ import json
 import subprocess
 import sys
 
-from flux2_serving.export.build_engines import engine_name
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE, engine_profiles
 from flux2_serving.contract.specs import COMPONENTS, graph_specs
+from flux2_serving.export.build_engines import engine_name
 
 
 def _run(*args):

@@ -3,7 +3,6 @@ line (exit status 2) for the common mistakes."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys

@@ -165,8 +165,8 @@ def test_a_repository_served_on_a_gpu_gets_its_cuda_memory_pool(tmp_path, onnx_f
     from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
     from flux2_serving.contract.manifest import read
     from flux2_serving.export.memory_plan import bls_transfer_bytes
-    from flux2_serving.serving.repository import assemble
     from flux2_serving.server.launch import command
+    from flux2_serving.serving.repository import assemble
 
     manifest = read(onnx_fp32)
     expected = 2 * bls_transfer_bytes(manifest.dims, manifest.dtype, DEFAULT_ENVELOPE)

@@ -11,8 +11,8 @@ import pytest
 import tritonclient.grpc as grpc
 import tritonclient.http as http
 
-from bench.report import tree_memory_gib
 from bench.helpers import synthetic_reference
+from bench.report import tree_memory_gib
 from flux2_serving.clients.api import Flux2Client, Flux2Error
 from tests.test_reference_reuse import model_counts
 

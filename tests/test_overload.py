@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import tritonclient.http as http
 
 from bench.helpers import metric_by_label
 from flux2_serving.clients.api import Flux2Client, Flux2Error, infer_inputs, request_tensors
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 
 QUEUE = 20
 PROBE_TIMEOUT_S = 1.0
@@ -24,12 +26,13 @@ SIDE, STEPS = 1024, 4
 
 @pytest.fixture(scope="module")
 def busy_server(tmp_path_factory, onnx_fp32, tiny_checkpoint):
-    from flux2_serving.serving.repository import assemble
     from flux2_serving.server.launch import running
+    from flux2_serving.serving.repository import assemble
 
     workdir = tmp_path_factory.mktemp("busy")
     repository = assemble(onnx_fp32, tiny_checkpoint, workdir / "model_repository", backend="onnxruntime",
-                          bls_instances=1, bls_queue=(QUEUE, 120))
+                          bls_instances=1,
+                          envelope=replace(DEFAULT_ENVELOPE, bls_max_queue=QUEUE, bls_queue_timeout_s=120))
     with running(repository, log_file=workdir / "server.log", watchdog=1.0, watchdog_timeout=PROBE_TIMEOUT_S,
                  canary_every=0) as server:
         yield server

@@ -6,18 +6,14 @@ error <= 1e-4 (measured ~1e-7 to 1e-6; see the assertion messages with -v).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinKVPipeline as P
 from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 
-from tests.conftest import rel_l2, run_graph
-
 from flux2_serving.models.pipeline import tokenize  # the served tokenization, the one tested here
+from tests.conftest import rel_l2, run_graph
 
 TOL = 1e-4
 

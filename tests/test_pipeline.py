@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -6,14 +6,15 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from flux2_serving.contract.specs import spec_from_manifest
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.contract.specs import spec_from_manifest
 from flux2_serving.serving.repository import assemble, bls_config, cache_config
 from flux2_serving.serving.triton_config import COMPONENT_QUEUE, component_config
 
@@ -72,7 +73,7 @@ def test_bls_config_is_the_public_interface():
 
 
 def test_bls_queue_is_bounded_with_a_probe_level():
-    config = parse(bls_config("cpu", 2, max_queue=5, queue_timeout_s=7))
+    config = parse(bls_config("cpu", 2, replace(DEFAULT_ENVELOPE, bls_max_queue=5, bls_queue_timeout_s=7)))
     batcher = config.dynamic_batching
     assert batcher.priority_levels == 2 and batcher.default_priority_level == 2
     policy = batcher.default_queue_policy
@@ -171,6 +172,6 @@ def test_the_memory_plan_counts_weights_once_per_instance():
     dims = {"text_hidden": 32, "heads": 2, "head_dim": 16, "kv_layers": 2, "in_channels": 128}
     size = ModelSize(dims, dict.fromkeys(["text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached",
                                           "vae_decoder"], 1000), 96, 64, 32)
-    one, two = (memory_plan.plan(size, "bf16", DEFAULT_ENVELOPE, 0, 1, instances=n) for n in (1, 2))
+    one, two = (memory_plan.plan(size, "bf16", DEFAULT_ENVELOPE, 1, instances=n) for n in (1, 2))
     weights = [[b for what, _, b in rows if what == "weights"] for rows in (one, two)]
     assert weights[1] == [2 * b for b in weights[0]]

@@ -87,8 +87,8 @@ def test_every_graph_fits_its_profile_maximum(onnx_fp32, tiny_checkpoint):
     inference, nothing run): none over 2^31 - 1 elements (the transformers' attention scores excepted:
     fused, assumed), and the largest within the memory plan's activation estimate for that engine (the
     plan of this very model: fewer heads and channels than 9B, the same token counts)."""
-    from flux2_serving.export import memory_plan
     from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+    from flux2_serving.export import memory_plan
     from flux2_serving.export.profile_walk import LIMIT, walk_export
 
     size = memory_plan.model_size(tiny_checkpoint)

@@ -23,8 +23,8 @@ RECOVERY_S = 60  # stated in README ("Scaling out"): kill to first good answer, 
 
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory, onnx_fp32, tiny_checkpoint):
-    from flux2_serving.serving.repository import assemble
     from flux2_serving.server.launch import running
+    from flux2_serving.serving.repository import assemble
 
     workdir = tmp_path_factory.mktemp("watched")
     repository = assemble(onnx_fp32, tiny_checkpoint, workdir / "model_repository", backend="onnxruntime",

@@ -67,8 +67,8 @@ def main(argv=None) -> int:
 
     from bench.helpers import synthetic_reference
     from flux2_serving.clients.api import Flux2Client
-    from flux2_serving.export.loading import DTYPES, load_pipeline
     from flux2_serving.contract.manifest import read as read_manifest
+    from flux2_serving.export.loading import DTYPES, load_pipeline
     from flux2_serving.server.launch import free_port, running
 
     out = Path(args.out)

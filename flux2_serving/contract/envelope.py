@@ -52,8 +52,8 @@ class ServingEnvelope:
     reference_max_area: int = 1024 * 1024  # pixels; larger references are resized down to it (as diffusers)
     # Tokens of the whole ordered reference set after preprocessing: one reference of 1024^2, or two
     # of ~724^2, or four of 512^2. At 9B in bf16 the K/V of 4096 tokens is 2 GiB, held by the prefill's
-    # outputs, the cached step's inputs, each BLS instance and the cache: 8192 tokens (two references
-    # of 1024^2) do not fit 80 GB with 15% headroom next to ~45 GiB of weights (memory_plan).
+    # outputs, the cached step's inputs, each BLS instance and the cache; twice as many tokens (two
+    # references of 1024^2) did not fit 80 GB with 15% headroom (python -m flux2_serving.export.memory_plan).
     reference_tokens: tuple[int, int, int] = (0, 4096, 4096)
     images_per_request: int = 4  # num_images_per_prompt
     engine_batch: dict = field(default_factory=_engine_batch)
@@ -65,6 +65,16 @@ class ServingEnvelope:
     # Bytes of the UTF-8 prompt. The tokenizer keeps text_len tokens (diffusers truncates the rest, and so
     # do we); 16 KiB is several times what 512 tokens hold, and bounds the tokenizer's work and memory.
     max_prompt_bytes: int = 16 * 1024
+    # Byte budget of the shared reference K/V cache: 4 GiB holds two single-reference entries of the
+    # largest set (2 GiB each at 9B in bf16); the memory plan counts it next to the engines.
+    reference_cache_bytes: int = 4 * 2**30
+    # The BLS's queue (Triton's dynamic batcher, which for max_batch_size 0 queues without batching):
+    # beyond bls_max_queue waiting requests Triton refuses at once with UNAVAILABLE "Exceeds maximum
+    # queue size", and a request waits at most bls_queue_timeout_s (UNAVAILABLE "Request timeout
+    # expired"); a caller may ask for less with Triton's `timeout` request parameter, never for more.
+    # At 1024^2 one request takes about a second on an H100 (estimate), so 8 waiting is ~10 s of work.
+    bls_max_queue: int = 8
+    bls_queue_timeout_s: float = 60
 
     def tokens(self, side_px: int) -> int:
         return side_px // PIXELS_PER_TOKEN_SIDE

@@ -60,5 +60,5 @@ class Limits:
     max_batch_vae_decoder: int
 
     @classmethod
-    def from_parameters(cls, params: dict) -> "Limits":
+    def from_parameters(cls, params: dict) -> Limits:
         return cls(**{k: int(v) for k, v in params.items() if k in cls.__dataclass_fields__})

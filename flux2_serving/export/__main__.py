@@ -56,9 +56,9 @@ def main(argv=None) -> int:
         print(f"error: --model {args.model}: {problem}", file=sys.stderr)
         return 2
 
-    from .loading import read_model_dims
     from ..contract.manifest import Manifest
     from ..contract.manifest import write as write_manifest
+    from .loading import read_model_dims
 
     out = Path(args.out)
     start = time.perf_counter()

@@ -104,8 +104,8 @@ def build_text_encoder(vocab_size: int):
 
 
 def build_vae():
-    from diffusers import AutoencoderKLFlux2
     import torch
+    from diffusers import AutoencoderKLFlux2
 
 
     vae = AutoencoderKLFlux2(
@@ -167,7 +167,6 @@ def random_module(kind: str, size: str, dtype: torch.dtype, device: str = "cpu")
     (`size` "9b") or of the tiny checkpoint's (`size` "tiny"), built directly on `device` in `dtype`
     (no fp32 copy, nothing read from disk). Deterministic for a given device type and dtype."""
     import torch
-
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -191,7 +190,6 @@ def random_module(kind: str, size: str, dtype: torch.dtype, device: str = "cpu")
 def build_pipeline(seed: int = 0, size: str = "tiny"):
     """Build the small random `Flux2KleinKVPipeline` in memory (deterministic from `seed`)."""
     import torch
-
     from diffusers import Flux2KleinKVPipeline
 
     torch.manual_seed(seed)

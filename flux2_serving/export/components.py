@@ -18,7 +18,6 @@ from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 
 from ..contract.envelope import VAE_ATTENTION_QUERY_CHUNKS
 
-
 # The pipeline's static helpers are the single source of the latent layout.
 _pipe = Flux2KleinKVPipeline
 TEXT_LAYERS = (9, 18, 27)  # hidden states the pipeline stacks into prompt_embeds

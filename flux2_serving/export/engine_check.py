@@ -41,13 +41,13 @@ from polygraphy.comparator import Comparator, IterationResult, RunResults, Simpl
 from polygraphy.json import save_json
 from polygraphy.logger import G_LOGGER
 
-from .build_engines import MissingRequirement, compute_capability, engine_name, layer_summary, summary_line
 from ..contract.cli_help import HelpFormatter
 from ..contract.envelope import DEFAULT_ENVELOPE, engine_profiles, shape_range
 from ..contract.manifest import MissingManifest
 from ..contract.manifest import read as read_manifest
-from .sample_ids import grid_ids, reference_ids, text_ids
 from ..contract.specs import COMPONENTS
+from .build_engines import MissingRequirement, compute_capability, engine_name, layer_summary, summary_line
+from .sample_ids import grid_ids, reference_ids, text_ids
 
 # (check, atol, rtol) per export dtype, then per graph ("*": the rest). Polygraphy's checks: "elemwise" fails an
 # element off by more than atol AND by more than rtol x |onnxruntime's value|; "mean" checks the mean abs / rel

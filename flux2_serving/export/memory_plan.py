@@ -25,14 +25,20 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .build_engines import RECORD
 from ..contract.cli_help import HelpFormatter
-from ..contract.envelope import (DEFAULT_ENVELOPE, GPU_BLS_INSTANCES, VAE_ATTENTION_QUERY_CHUNKS, ServingEnvelope,
-                       binding_max_shapes, max_shapes)
+from ..contract.envelope import (
+    DEFAULT_ENVELOPE,
+    GPU_BLS_INSTANCES,
+    VAE_ATTENTION_QUERY_CHUNKS,
+    ServingEnvelope,
+    binding_max_shapes,
+)
+from ..contract.names import CACHE_MODEL
 from ..contract.specs import BYTES_PER_ELEMENT, COMPONENTS, graph_specs
+from .build_engines import RECORD
 
 GIB = 2**30
 TEXT_LAYERS_KEPT = 27  # the pipeline reads hidden states 9/18/27; the export drops the rest
@@ -70,8 +76,8 @@ def model_size(model: str | None) -> ModelSize:
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import AutoConfig, Qwen3Config, Qwen3ForCausalLM
 
-    from .checkpoint import KLEIN_9B_TEXT_ENCODER, KLEIN_9B_TRANSFORMER
     from ..contract.specs import model_dims
+    from .checkpoint import KLEIN_9B_TEXT_ENCODER, KLEIN_9B_TRANSFORMER
 
     if model is None:
         text_config, transformer_config, vae_config = Qwen3Config(**KLEIN_9B_TEXT_ENCODER), KLEIN_9B_TRANSFORMER, {}
@@ -173,7 +179,7 @@ def built_records(engines_dir) -> dict:
     return json.loads(path.read_text()) if path and path.exists() else {}
 
 
-def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, cache_bytes: int, bls_instances: int,
+def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, bls_instances: int,
          instances: int = 1, built: dict | None = None) -> list[tuple[str, str, int]]:
     """Rows (what, component or '-', bytes). `instances` per engine multiplies weights too: Triton's
     tensorrt_backend shares one deserialized engine between the instances on a device only when no
@@ -194,7 +200,7 @@ def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, cache_bytes: in
             rows.append(("activations (estimate)", name, contexts * activation_bytes(name, size, dtype, envelope)))
     rows.append(("BLS transfers (CUDA memory pool)", f"{bls_instances} BLS",
                  bls_instances * bls_transfer_bytes(size.dims, dtype, envelope)))
-    rows.append(("reference K/V cache budget", "reference_kv_cache", cache_bytes))
+    rows.append(("reference K/V cache budget", CACHE_MODEL, envelope.reference_cache_bytes))
     processes = 1 + bls_instances + 1  # tritonserver, the BLS instances, the cache
     rows.append(("CUDA contexts (estimate)", f"{processes} processes", int(processes * CUDA_CONTEXT_GIB * GIB)))
     return rows
@@ -255,8 +261,8 @@ def main(argv=None) -> int:
     parser.add_argument("--headroom", type=float, default=0.15, help="share of the GPU to keep free (default %(default)s)")
     parser.add_argument("--reference-tokens", type=int, default=DEFAULT_ENVELOPE.reference_tokens[2],
                         help="max tokens of a request's reference set (default %(default)s = one reference of 1024^2)")
-    parser.add_argument("--reference-cache-bytes", type=int, default=None,
-                        help="reference K/V cache budget (default: the repository's default)")
+    parser.add_argument("--reference-cache-bytes", type=int, default=DEFAULT_ENVELOPE.reference_cache_bytes,
+                        help="reference K/V cache budget (default %(default)s, the repository's)")
     parser.add_argument("--engines-dir", default=None,
                         help="built engines (their build_record.json): measured context memory replaces estimates")
     parser.add_argument("--instances", type=int, default=1,
@@ -264,13 +270,11 @@ def main(argv=None) -> int:
     parser.add_argument("--bls-instances", type=int, default=GPU_BLS_INSTANCES,
                         help="BLS instances on the GPU (default %(default)s, the repository's default on a GPU)")
     args = parser.parse_args(argv)
-
-    from flux2_serving.serving.repository import REFERENCE_CACHE_BYTES
-
-    envelope = ServingEnvelope(reference_tokens=(0, min(4096, args.reference_tokens), args.reference_tokens))
-    cache = REFERENCE_CACHE_BYTES if args.reference_cache_bytes is None else args.reference_cache_bytes
+    tokens = DEFAULT_ENVELOPE.reference_tokens
+    envelope = replace(DEFAULT_ENVELOPE, reference_cache_bytes=args.reference_cache_bytes,
+                       reference_tokens=(tokens[0], min(tokens[1], args.reference_tokens), args.reference_tokens))
     size = model_size(args.model)
-    rows = plan(size, args.dtype, envelope, cache, args.bls_instances, args.instances, built_records(args.engines_dir))
+    rows = plan(size, args.dtype, envelope, args.bls_instances, args.instances, built_records(args.engines_dir))
     print(f"model: {args.model or 'klein 9B (dims of black-forest-labs/FLUX.2-klein-9b-kv)'}; envelope: output "
           f"{envelope.output_side[0]}-{envelope.output_side[2]} px, up to {envelope.reference_tokens[2]} reference "
           f"tokens, {envelope.images_per_request} images per request, engine batches {envelope.engine_batch}")

@@ -8,7 +8,6 @@ traced at a size >= 2, and sizes are distinct so no two dimensions get unified b
 from __future__ import annotations
 
 import contextlib
-
 import time
 from pathlib import Path
 
@@ -16,10 +15,10 @@ import onnx
 import torch
 from torch.export import Dim
 
+from ..contract.specs import COMPONENTS, GraphSpec, graph_specs
 from . import components as C
 from .loading import read_model_dims
 from .sample_ids import grid_ids, reference_ids, text_ids
-from ..contract.specs import COMPONENTS, GraphSpec, graph_specs
 
 OPSET = 18  # within TensorRT 10's parser range (opset 9-20), see trt_supported_ops.tsv
 LARGE_GRAPH_BYTES = 1 << 30  # weights go to external data well before protobuf's 2 GB limit

@@ -37,7 +37,6 @@ from .pipeline import Interrupted, ServedPipeline, StageClock
 from .request_inputs import InvalidInput, parse
 from .triton_io import model_config, to_torch, to_triton
 
-
 OUTCOMES = ("ok", "invalid", "cancelled", "timeout", "overloaded", "failed")
 
 

@@ -28,7 +28,7 @@ class InputRules:
     areas: tuple = ()  # [dimension, dimension, most elements]: products bounded beyond the ranges
 
     @classmethod
-    def from_json(cls, text: str) -> "InputRules":
+    def from_json(cls, text: str) -> InputRules:
         data = json.loads(text)
         return cls(data["dims"], data["ranges"], int(data.get("vocab_size", 0)),
                    tuple(tuple(limit) for limit in data.get("areas", ())))

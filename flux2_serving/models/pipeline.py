@@ -24,7 +24,7 @@ import contextlib
 import secrets
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -208,7 +208,7 @@ class ServedPipeline:
                                                "attention_mask": attention_mask.to(self.device)}, ["prompt_embeds"])
         return embeds
 
-    def references(self, req: GenerationRequest) -> "ReferenceSet":
+    def references(self, req: GenerationRequest) -> ReferenceSet:
         """The request's references: on a repeat of the same encoded bytes, their pixel key and sizes
         from the first time (nothing decoded); else decoded, preprocessed and hashed."""
         if not req.images:
@@ -236,7 +236,7 @@ class ServedPipeline:
             return [preprocess_reference(load_rgb(image, index), self.image_processor, self.limits)
                     for index, image in enumerate(req.images)]
 
-    def reference_kv(self, references: "ReferenceSet") -> list[torch.Tensor]:
+    def reference_kv(self, references: ReferenceSet) -> list[torch.Tensor]:
         """Per-block K/V of the ordered reference set: from reference_kv_cache when an identical set
         was seen, else VAE encoding + prefill (and stored), unless the request opted out."""
         if references.key is None:

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flux2_serving import CHECKOUT
+from flux2_serving.contract import security
 from flux2_serving.contract.cli_help import HelpFormatter
 from flux2_serving.contract.names import BLS_MODEL
-from flux2_serving.contract import security
-
 
 
 def bundled_server() -> Path:
@@ -336,7 +335,7 @@ def running(repository, ports: dict | None = None, log_file=None, watchdog: floa
     if watchdog is not None:
         from flux2_serving.server.watchdog import Watchdog
 
-        flux2_serving.server.watchdog = Watchdog(server.http, admin_key, probe_timeout=watchdog_timeout)
+        server.watchdog = Watchdog(server.http, admin_key, probe_timeout=watchdog_timeout)
         threading.Thread(target=server.watchdog.watch, args=(watchdog, canary_every, done), daemon=True).start()
     try:
         yield server

@@ -17,17 +17,18 @@ import argparse
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from flux2_serving import CHECKOUT
 from flux2_serving.contract import interface
 from flux2_serving.contract.cli_help import HelpFormatter
-from flux2_serving.contract.names import BLS_MODEL as BLS
-from flux2_serving.contract.names import CACHE_MODEL as CACHE
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE, GPU_BLS_INSTANCES, ServingEnvelope
 from flux2_serving.contract.manifest import Manifest
 from flux2_serving.contract.manifest import read as read_manifest
 from flux2_serving.contract.manifest import write as write_manifest
+from flux2_serving.contract.names import BLS_MODEL as BLS
+from flux2_serving.contract.names import CACHE_MODEL as CACHE
 
 from . import triton_config
 from .triton_config import BACKENDS, component_config, cpu_only
@@ -36,24 +37,15 @@ from .triton_config import BACKENDS, component_config, cpu_only
 # from the installed package by name (flux2_serving.models); nothing is copied from the package.
 SOURCES = CHECKOUT / "model_repository"
 
-# Byte budget of the shared reference K/V cache: 4 GiB holds two 1024x1024 single-reference entries
-# at 9B in bf16 (2 GiB each), or one entry of the largest reference set (8192 tokens). The memory plan
-# (python -m flux2_serving.export.memory_plan) counts it next to the engines; 8 GiB does not fit 80 GB with headroom.
-REFERENCE_CACHE_BYTES = 4 * 2**30
-
-
-def cache_config(device: str, dtype: str, dims: dict, cache_bytes: int = REFERENCE_CACHE_BYTES) -> str:
+def cache_config(device: str, dtype: str, dims: dict, envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> str:
     """config.pbtxt of the shared reference K/V cache (triton_config.cache_config); `dims` the manifest's."""
-    return triton_config.cache_config(CACHE, device, dtype, dims, cache_bytes)
+    return triton_config.cache_config(CACHE, device, dtype, dims, envelope.reference_cache_bytes, envelope)
 
 
-def bls_config(device: str, instances: int, text_tokens: int = DEFAULT_ENVELOPE.text_len,
-               envelope: ServingEnvelope = DEFAULT_ENVELOPE, parameters: dict | None = None,
-               max_queue: int = triton_config.BLS_MAX_QUEUE,
-               queue_timeout_s: float = triton_config.BLS_QUEUE_TIMEOUT_S) -> str:
-    """config.pbtxt of the public BLS model, from its own declaration of its interface."""
-    return triton_config.bls_config(BLS, interface, device, instances, text_tokens, envelope,
-                                    parameters, max_queue, queue_timeout_s)
+def bls_config(device: str, instances: int, envelope: ServingEnvelope = DEFAULT_ENVELOPE,
+               parameters: dict | None = None) -> str:
+    """config.pbtxt of the public BLS model, from the declaration of its interface."""
+    return triton_config.bls_config(BLS, interface, device, instances, envelope, parameters)
 
 
 def _find_engine(engines_dir: Path, component: str) -> Path:
@@ -85,13 +77,12 @@ def default_device(backend: str) -> str:
 
 
 def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="onnxruntime", engines_dir=None,
-             device=None, bls_instances=None, threads=1, text_tokens=DEFAULT_ENVELOPE.text_len,
-             cache_bytes=REFERENCE_CACHE_BYTES, bls_parameters: dict | None = None,
-             bls_queue: tuple[int, float] = (triton_config.BLS_MAX_QUEUE, triton_config.BLS_QUEUE_TIMEOUT_S)) -> Path:
+             device=None, bls_instances=None, threads=1, envelope: ServingEnvelope = DEFAULT_ENVELOPE,
+             bls_parameters: dict | None = None) -> Path:
     """Write the repository to `out`. Tokenizer and scheduler come from the model recorded in the
     export's manifest; `checkpoint`, if given, must be that model (a local copy of it is fine).
-    `bls_parameters` override the BLS's config parameters (flux2_serving.serving.triton_config.BLS_PARAMETERS);
-    `bls_queue` is the BLS's (max waiting requests, queue timeout in seconds)."""
+    `envelope` sets every limit, the text length, the BLS's queue and the cache budget;
+    `bls_parameters` override the BLS's config parameters (triton_config.BLS_PARAMETERS)."""
     onnx_dir, out = Path(onnx_dir), Path(out)
     device = device or default_device(backend)
     bls_instances = bls_instances or default_bls_instances(device)
@@ -123,8 +114,8 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
             weights = manifest.model if manifest.model.startswith("random:") else _local_checkpoint(source, True)
             params = {"runtime": "torch", "checkpoint": weights, "dtype": manifest.dtype, "device": device,
                       "FORCE_CPU_ONLY_INPUT_TENSORS": cpu_only(device)}
-        config = component_config(manifest.specs[name], manifest.dtype, backend, gpu=gpu, params=params,
-                                  vocab_size=manifest.dims.get("vocab_size", 0))
+        config = component_config(manifest.specs[name], manifest.dtype, backend, envelope=envelope, gpu=gpu,
+                                  params=params, vocab_size=manifest.dims.get("vocab_size", 0))
         (out / name / "config.pbtxt").write_text(config)
 
     bls = out / BLS / "1"
@@ -138,12 +129,11 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
         from flux2_serving.export.memory_plan import bls_transfer_bytes
 
         parameters.setdefault("cuda_memory_pool_byte_size",
-                              bls_instances * bls_transfer_bytes(manifest.dims, manifest.dtype, DEFAULT_ENVELOPE))
-    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, text_tokens, parameters=parameters,
-                                                       max_queue=bls_queue[0], queue_timeout_s=bls_queue[1]))
+                              bls_instances * bls_transfer_bytes(manifest.dims, manifest.dtype, envelope))
+    (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, envelope, parameters))
     _model_folder(CACHE, out)
     (out / CACHE / "config.pbtxt").write_text(
-        cache_config(device, manifest.dtype, manifest.dims, cache_bytes))
+        cache_config(device, manifest.dtype, manifest.dims, envelope))
     return out
 
 
@@ -220,17 +210,18 @@ def main(argv=None) -> int:
     parser.add_argument("--bls-instances", type=int, default=None,
                         help="BLS instances, i.e. requests in flight (default: 1 on a GPU, see the GPU memory plan; "
                              "2 on the CPU)")
-    parser.add_argument("--bls-max-queue", type=int, default=triton_config.BLS_MAX_QUEUE,
+    parser.add_argument("--bls-max-queue", type=int, default=DEFAULT_ENVELOPE.bls_max_queue,
                         help="requests that may wait for the BLS; beyond them Triton answers UNAVAILABLE at once")
-    parser.add_argument("--bls-queue-timeout", type=float, default=triton_config.BLS_QUEUE_TIMEOUT_S,
+    parser.add_argument("--bls-queue-timeout", type=float, default=DEFAULT_ENVELOPE.bls_queue_timeout_s,
                         metavar="SECONDS", help="longest wait in the BLS's queue (then UNAVAILABLE)")
-    parser.add_argument("--reference-cache-bytes", type=int, default=REFERENCE_CACHE_BYTES,
+    parser.add_argument("--reference-cache-bytes", type=int, default=DEFAULT_ENVELOPE.reference_cache_bytes,
                         help="byte budget of the shared reference K/V cache (default %(default)s = 4 GiB; 0 disables)")
     args = parser.parse_args(argv)
     try:
         out = assemble(args.onnx_dir, args.checkpoint, args.out, args.backend, args.engines_dir, args.device,
-                       args.bls_instances, cache_bytes=args.reference_cache_bytes,
-                       bls_queue=(args.bls_max_queue, args.bls_queue_timeout))
+                       args.bls_instances, envelope=replace(
+                           DEFAULT_ENVELOPE, reference_cache_bytes=args.reference_cache_bytes,
+                           bls_max_queue=args.bls_max_queue, bls_queue_timeout_s=args.bls_queue_timeout))
     except SystemExit as exc:  # a bad local input: one line, status 2
         if not isinstance(exc.code, str):
             raise

@@ -156,13 +156,6 @@ BLS_PARAMETERS = {
     "request_cache_entries": 1024,  # per BLS instance: tokenized prompts, and encoded reference sets' keys
     "png_encoder": "fpng",  # or pillow:<level> (Pillow's default level is 6)
 }
-# The BLS's queue (Triton's dynamic batcher, which for max_batch_size 0 queues without batching):
-# beyond BLS_MAX_QUEUE waiting requests Triton refuses at once with UNAVAILABLE "Exceeds maximum
-# queue size", and a request waits at most BLS_QUEUE_TIMEOUT_S (UNAVAILABLE "Request timeout
-# expired"); a caller may ask for less with Triton's `timeout` request parameter, never for more.
-# At 1024^2 one request takes about a second on an H100 (estimate), so 8 waiting is ~10 s of work.
-BLS_MAX_QUEUE = 8
-BLS_QUEUE_TIMEOUT_S = 60
 # Priority level 1 (of 2; requests default to 2) has a small queue of its own: the watchdog's probes,
 # which then wait behind the requests in progress only, never behind the queue.
 PROBE_QUEUE = 4
@@ -175,22 +168,22 @@ def _queue_policy(policy, size: int, timeout_s: float) -> None:
     policy.allow_timeout_override = True
 
 
-def bls_config(name: str, interface, device: str, instances: int, text_tokens: int,
-               envelope: ServingEnvelope = DEFAULT_ENVELOPE, parameters: dict | None = None,
-               max_queue: int = BLS_MAX_QUEUE, queue_timeout_s: float = BLS_QUEUE_TIMEOUT_S) -> str:
-    """The public model: `interface` is the BLS's request_inputs module (PUBLIC_INPUTS/OUTPUTS);
-    `parameters` override BLS_PARAMETERS; `max_queue` and `queue_timeout_s` bound its queue."""
+def bls_config(name: str, interface, device: str, instances: int, envelope: ServingEnvelope = DEFAULT_ENVELOPE,
+               parameters: dict | None = None) -> str:
+    """The public model: `interface` declares its tensors (contract/interface.py: PUBLIC_INPUTS/OUTPUTS);
+    the envelope its limits, text length and queue (bls_max_queue, bls_queue_timeout_s); `parameters`
+    override BLS_PARAMETERS."""
     config = mc.ModelConfig(name=name, max_batch_size=0)
     for group, fields in ((config.input, interface.PUBLIC_INPUTS), (config.output, interface.PUBLIC_OUTPUTS)):
         for f in fields:
             _add(group, f.name, WIRE_TYPES[f.datatype], f.dims, optional=f.optional)
     # max_sequence_length: prompt length in tokens (padded), as the pipeline's; 512 for the real model.
-    _python_model(config, instances, {"device": device, "max_sequence_length": text_tokens,
+    _python_model(config, instances, {"device": device, "max_sequence_length": envelope.text_len,
                                       **envelope.request_limits(), **BLS_PARAMETERS, **(parameters or {}),
                                       "FORCE_CPU_ONLY_INPUT_TENSORS": cpu_only(device)})
     batcher = config.dynamic_batching
     batcher.priority_levels = 2
     batcher.default_priority_level = 2
-    _queue_policy(batcher.default_queue_policy, max_queue, queue_timeout_s)
-    _queue_policy(batcher.priority_queue_policy[1], PROBE_QUEUE, queue_timeout_s)
+    _queue_policy(batcher.default_queue_policy, envelope.bls_max_queue, envelope.bls_queue_timeout_s)
+    _queue_policy(batcher.priority_queue_policy[1], PROBE_QUEUE, envelope.bls_queue_timeout_s)
     return to_text(config)
