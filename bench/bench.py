@@ -79,7 +79,7 @@ def edit_latency(args, client, pipes, pils, pngs) -> list[dict]:
         jobs = {
             # The cross-request K/V cache is bypassed here: (a) and (b) compare one request's pipeline.
             "triton": lambda: np.asarray(client.generate(PROMPTS[0], pngs[:count], height=SIDE, width=SIDE, seed=seed,
-                                                          steps=STEPS, reuse_reference_cache=False)[0])[None],
+                                                          num_inference_steps=STEPS, reuse_reference_cache=False)[0])[None],
             "diffusers_kv": lambda: diffusers_edit(pipes[0], PROMPTS[0], pils[:count], seed),
             "diffusers_no_kv": lambda: diffusers_edit(pipes[1], PROMPTS[0], pils[:count], seed),
         }
@@ -116,7 +116,7 @@ def repeated_reference(args, client, pipe, server) -> dict:
         requests = []
         for i, prompt in enumerate(PROMPTS):
             start = time.perf_counter()
-            client.generate(prompt, [png], height=SIDE, width=SIDE, seed=i, steps=STEPS)
+            client.generate(prompt, [png], height=SIDE, width=SIDE, seed=i, num_inference_steps=STEPS)
             requests.append(time.perf_counter() - start)
         triton.append(sum(requests))
         if repeat:

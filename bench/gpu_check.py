@@ -276,7 +276,7 @@ CASES = {  # name: (references as (width, height), request arguments)
     "text_to_image": ([], dict(height=256, width=256)),
     "one_reference": ([(320, 256)], {}),
     "three_references": ([(96, 128), (200, 72), (160, 160)], dict(height=256, width=288)),
-    "two_images_per_prompt": ([(128, 96)], dict(height=256, width=256, num_images=2)),
+    "two_images_per_prompt": ([(128, 96)], dict(height=256, width=256, num_images_per_prompt=2)),
 }
 
 
@@ -300,8 +300,7 @@ def stage_served_tiny(args) -> dict:
                 refs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
                 prompt, seed = f"a watercolor fox ({name})", 1234
                 served = np.stack([np.asarray(i) for i in client.generate(prompt, refs, seed=seed, **kwargs)])
-                pipe_kwargs = {("num_images_per_prompt" if k == "num_images" else k): v for k, v in kwargs.items()}
-                expected = _pipeline_images(kv, device, prompt, refs, seed, **pipe_kwargs)
+                expected = _pipeline_images(kv, device, prompt, refs, seed, **kwargs)  # diffusers' names both ways
                 result["cases"][name] = _compare(served, expected, dtype)
             # A cache hit gives the miss's image: the same 1-reference request twice.
             ref = [Image.fromarray(rng.integers(0, 256, (192, 192, 3), dtype=np.uint8))]

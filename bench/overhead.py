@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 from bench.report import benchmark_parser, parse_benchmark_args, publish
+from flux2_serving.contract.names import CACHE_MODEL
+from flux2_serving.contract.specs import COMPONENTS
 
 SIDE = 1024
 CASES = {  # name -> (references, outputs requested)
@@ -31,8 +33,7 @@ CASES = {  # name -> (references, outputs requested)
     "text_to_image_png": (0, ("images", "png")),
     "reference_hit": (1, ("images",)),
 }
-CALLED = ("text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached", "vae_decoder",
-          "reference_kv_cache")
+CALLED = (*COMPONENTS, CACHE_MODEL)
 LABELS = {"text_to_image": "text-to-image", "text_to_image_png": "text-to-image, `png` requested",
           "reference_hit": "1 reference (1024^2 PNG), reference K/V cache hit"}
 

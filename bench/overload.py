@@ -48,7 +48,7 @@ def drive(server, clients: int, seconds: float, side: int, steps: int, backoff: 
                 started = time.monotonic()
                 try:
                     user.generate(f"overload {index}.{sent}", height=side, width=side, seed=index * 1000 + sent,
-                                  steps=steps)
+                                  num_inference_steps=steps)
                     outcome = "served"
                 except Flux2Error as exc:
                     outcome = "refused" if "overloaded" in str(exc) else f"error: {str(exc)[:80]}"
@@ -83,7 +83,7 @@ def run(args) -> list[dict]:
             from flux2_serving.clients.api import Flux2Client
 
             with Flux2Client(server.grpc) as warm:  # first-request costs out of the measurement
-                warm.generate("warm-up", height=args.side, width=args.side, seed=0, steps=args.steps)
+                warm.generate("warm-up", height=args.side, width=args.side, seed=0, num_inference_steps=args.steps)
             memory_before = tree_memory_gib(server.process.pid)["rss_gib"]
             driven = drive(server, args.clients, args.seconds, args.side, args.steps, args.backoff)
             memory_after = tree_memory_gib(server.process.pid)["rss_gib"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.report import benchmark_parser, parse_benchmark_args, publish
+from flux2_serving.contract.names import BLS_MODEL
 
 
 @dataclass
@@ -69,7 +70,7 @@ def send(gateway, request: Request, side: int, steps: int, timeout_s: float = 30
     start = time.perf_counter()
     try:
         with Flux2Client(url, request.protocol, timeout_s=timeout_s) as client:
-            client.generate(request.prompt, request.references, height=side, width=side, seed=1, steps=steps)
+            client.generate(request.prompt, request.references, height=side, width=side, seed=1, num_inference_steps=steps)
         return Result(request, time.perf_counter() - start)
     except Flux2Error as exc:
         return Result(request, time.perf_counter() - start, str(exc))
@@ -87,7 +88,7 @@ def cache_counts(replicas) -> dict[str, float]:
     return totals
 
 
-def inference_count(replica, model: str = "flux2_klein_kv") -> int:
+def inference_count(replica, model: str = BLS_MODEL) -> int:
     import tritonclient.grpc as grpc
 
     client = grpc.InferenceServerClient(replica.grpc)

@@ -44,7 +44,7 @@ def references(count: int, size: int) -> list[bytes]:
     return [synthetic_reference((size, size), (40 + 97 * index) % 256) for index in range(count)]
 
 
-def request(case: str, height: int = 256, width: int = 256, ref_size: int = 256, steps: int = 4,
+def request(case: str, height: int = 256, width: int = 256, ref_size: int = 256, num_inference_steps: int = 4,
             seed: int = 0, reuse_reference_cache: bool = True) -> dict:
     """One request of `case` as a perf_analyzer data entry. perf_analyzer repeats it, so with the
     reference K/V cache every request after the first reuses its K/V; `reuse_reference_cache=False`
@@ -52,7 +52,7 @@ def request(case: str, height: int = 256, width: int = 256, ref_size: int = 256,
     if case not in CASES:
         raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
     entry = {"prompt": [PROMPTS[case]], "height": [height], "width": [width], "seed": [seed],
-             "num_inference_steps": [steps]}
+             "num_inference_steps": [num_inference_steps]}
     if CASES[case]:
         entry["image"] = bytes_tensor(references(CASES[case], ref_size))
         if not reuse_reference_cache:
@@ -82,11 +82,11 @@ def main(argv=None) -> int:
     parser.add_argument("--height", type=int, default=256, help="output height, px")
     parser.add_argument("--width", type=int, default=256, help="output width, px")
     parser.add_argument("--ref-size", type=int, default=256, help="side of the square references, px")
-    parser.add_argument("--steps", type=int, default=4, help="num_inference_steps")
+    parser.add_argument("--num-inference-steps", type=int, default=4, help="denoising steps per request")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of every request")
     args = parser.parse_args(argv)
     paths = write_all(args.out, [c for c in args.cases.split(",") if c], height=args.height, width=args.width,
-                      ref_size=args.ref_size, steps=args.steps, seed=args.seed)
+                      ref_size=args.ref_size, num_inference_steps=args.num_inference_steps, seed=args.seed)
     for case, path in paths.items():
         print(f"{case}: {path}")
     return 0

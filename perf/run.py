@@ -24,14 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.names import BLS_MODEL as MODEL
+from flux2_serving.contract.specs import COMPONENTS
 from perf import input_data
 from perf.provision import DEFAULT_DIR as PROVISION_DIR
 from perf.provision import version as perf_analyzer_version
 
-MODEL = "flux2_klein_kv"
 # Versions are explicit: perf_analyzer 2.48 fails with "failed to find the requested model version"
 # when a composing model is named without one. The repository assembles version 1 of each.
-COMPOSING_MODELS = ("text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached", "vae_decoder")
+COMPOSING_MODELS = COMPONENTS
 PROTOCOLS = ("grpc", "http")
 
 
@@ -215,7 +216,7 @@ def _parse_args(argv):
     parser.add_argument("--height", type=int, default=256, help="output height, px")
     parser.add_argument("--width", type=int, default=256, help="output width, px")
     parser.add_argument("--ref-size", type=int, default=256, help="side of the square references, px")
-    parser.add_argument("--steps", type=int, default=4, help="num_inference_steps")
+    parser.add_argument("--num-inference-steps", type=int, default=4, help="denoising steps per request")
     parser.add_argument("--no-reference-cache", action="store_true",
                         help="send reuse_reference_cache=false: every request encodes its references and runs the "
                              "prefill (by default the repeated request reuses the cached reference K/V)")
@@ -243,7 +244,7 @@ def run(argv=None) -> tuple[int, str]:
         return 2, ""
 
     data = input_data.write_all(out / "inputs", cases, height=args.height, width=args.width,
-                                ref_size=args.ref_size, steps=args.steps,
+                                ref_size=args.ref_size, num_inference_steps=args.num_inference_steps,
                                 reuse_reference_cache=not args.no_reference_cache)
     external = args.grpc_url or args.http_url
     server = contextlib.ExitStack()  # holds the tritonserver we start, if any
@@ -291,7 +292,7 @@ def run(argv=None) -> tuple[int, str]:
 
     tool = perf_analyzer_version(perf_analyzer) or "perf_analyzer"
     header = (f"# perf_analyzer: {MODEL}\n\n{tool} on {os.cpu_count()} CPUs; {args.height}x{args.width} output, "
-              f"{args.steps} steps, references {args.ref_size}x{args.ref_size} PNG; concurrency {args.concurrency}; "
+              f"{args.num_inference_steps} steps, references {args.ref_size}x{args.ref_size} PNG; concurrency {args.concurrency}; "
               f"{args.measurement_mode} "
               f"(request count {args.measurement_request_count}, interval {args.measurement_interval} ms, "
               f"stability {args.stability_percentage:g}%).\n")

@@ -27,14 +27,14 @@ def test_cli_writes_pngs_equal_to_the_api(triton_server, tmp_path, protocol):
     reference = tmp_path / "ref.png"
     reference.write_bytes(synthetic_reference((256, 320), 90))
     run = cli("--protocol", protocol, "--url", triton_server[protocol], "--prompt", "a fox in snow",
-              "--image", str(reference), "--seed", "5", "--num-images", "2", "--steps", "2",
+              "--image", str(reference), "--seed", "5", "--num-images-per-prompt", "2", "--num-inference-steps", "2",
               "--out", str(tmp_path / "fox.png"))
     assert run.returncode == 0, run.stderr
     assert "latency" in run.stdout
     written = [np.asarray(Image.open(tmp_path / f"fox_{i}.png")) for i in range(2)]
     assert written[0].shape == (320, 256, 3)  # output size taken from the reference
     with Flux2Client(triton_server["grpc"]) as client:
-        expected = client.generate("a fox in snow", [reference], seed=5, num_images=2, steps=2)
+        expected = client.generate("a fox in snow", [reference], seed=5, num_images_per_prompt=2, num_inference_steps=2)
     for png, image in zip(written, expected):
         assert np.array_equal(png, np.asarray(image))
 
@@ -60,14 +60,14 @@ def test_cli_unreachable_server_is_one_line(tmp_path):
 
 def test_cli_help_lists_every_option():
     run = cli("--help")
-    for option in ("--prompt", "--image", "--height", "--width", "--seed", "--num-images", "--steps", "--url",
+    for option in ("--prompt", "--image", "--height", "--width", "--seed", "--num-images-per-prompt", "--num-inference-steps", "--url",
                    "--out", "--protocol"):
         assert option in run.stdout
 
 
 def test_api_error_carries_status(triton_server):
     with Flux2Client(triton_server["http"], "http") as client, pytest.raises(Flux2Error) as error:
-        client.generate("x", num_images=9, height=256, width=256)
+        client.generate("x", num_images_per_prompt=9, height=256, width=256)
     assert error.value.status == "400" and "'num_images_per_prompt' is 9" in str(error.value)
 
 
@@ -85,12 +85,12 @@ def test_async_client_concurrent_requests_match_sequential(triton_server):
 
     async def run_all():
         async with AsyncFlux2Client(triton_server["grpc"]) as client:
-            return await asyncio.gather(*(client.generate("a boat", height=256, width=256, seed=seed, steps=1)
+            return await asyncio.gather(*(client.generate("a boat", height=256, width=256, seed=seed, num_inference_steps=1)
                                           for seed in seeds))
 
     concurrent = asyncio.run(run_all())
     with Flux2Client(triton_server["grpc"]) as client:
         for seed, (image,) in zip(seeds, concurrent):
-            (alone,) = client.generate("a boat", height=256, width=256, seed=seed, steps=1)
+            (alone,) = client.generate("a boat", height=256, width=256, seed=seed, num_inference_steps=1)
             assert np.array_equal(np.asarray(image), np.asarray(alone))
     assert not np.array_equal(np.asarray(concurrent[0][0]), np.asarray(concurrent[1][0]))

@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from bench.helpers import metric_by_label, synthetic_reference
 from flux2_serving.clients.api import Flux2Client, Flux2Error
+from flux2_serving.contract.names import cached_name
 from flux2_serving.contract.security import INTERNAL_PARAMETER, INTERNAL_SECRET_ENV, admin_headers
 
 PROTOCOLS = ["grpc", "http"]
@@ -76,7 +77,7 @@ def test_concurrent_bad_component_calls_fail_alone_while_good_ones_are_served(tr
         if index == 0:  # a user's request through the public model, in flight meanwhile
             with Flux2Client(triton_server["grpc"]) as user:
                 return user.generate("a lighthouse", [synthetic_reference((128, 128), 7)], height=256, width=256,
-                                     seed=3, steps=2)
+                                     seed=3, num_inference_steps=2)
         inputs = bad_inputs[index % 2] if index % 3 == 0 else token_ids()
         return index % 3 == 0, call(triton_server, protocol, "text_encoder", inputs)
 
@@ -146,7 +147,7 @@ def test_the_control_plane_is_closed_to_callers_without_the_admin_key(triton_ser
         "unload": lambda **k: c.unload_model("flux2_klein_kv", **k),
         "load with a file override": lambda **k: c.load_model("evil", config=config, files=files, **k),
         "load with a config override": lambda **k: c.load_model(
-            "flux2_klein_kv", config=json.dumps({"parameters": {"max_steps": {"string_value": "100000"}}}), **k),
+            "flux2_klein_kv", config=json.dumps({"parameters": {"max_num_inference_steps": {"string_value": "100000"}}}), **k),
         "system shared memory": lambda **k: c.register_system_shared_memory(
             "region", "/triton_python_backend_shm_region_1", 1024, **k),
         "CUDA shared memory": lambda **k: c.register_cuda_shared_memory("region", b"\0" * 64, 0, 1024, **k),
@@ -231,7 +232,7 @@ def test_the_reference_cache_keeps_valid_entries_and_bounds_a_store(triton_serve
     store(kv(16, 2.0))  # an attempt to replace it: kept as it was
     found = call(triton_server, "grpc", "reference_kv_cache", _key(key), parameters=internal)
     assert found.as_numpy("hit")[0]
-    assert (found.as_numpy("cached" + names[0][3:]) == 1.0).all()
+    assert (found.as_numpy(cached_name(names[0])) == 1.0).all()
     assert_invalid(call(triton_server, "grpc", "reference_kv_cache", _key(b"g" * 64), parameters=internal), "grpc",
                    "sha256")
 

@@ -94,7 +94,7 @@ def test_ctrl_c_mid_request_stops_everything_within_the_bound(small_repository, 
     def long_request():
         try:
             with Flux2Client(f"127.0.0.1:{ports['grpc']}", timeout_s=120) as user:
-                user.generate("a long request", height=1024, width=1024, seed=attempt, steps=50)
+                user.generate("a long request", height=1024, width=1024, seed=attempt, num_inference_steps=50)
             outcome.append("served")
         except Flux2Error as exc:
             outcome.append(str(exc))

@@ -34,7 +34,7 @@ def _send(server, job, **kwargs) -> np.ndarray:
     refs = [synthetic_reference(size, hue) for size, hue in job["refs"]]
     with Flux2Client(server["grpc"]) as client:
         (image,) = client.generate(job["prompt"], refs, height=job["height"], width=job["width"], seed=job["seed"],
-                                   steps=2, **kwargs)
+                                   num_inference_steps=2, **kwargs)
     return np.asarray(image)
 
 
@@ -62,7 +62,7 @@ def _soak_job(rng: random.Random, index: int) -> tuple[dict, str | None]:
         job["refs"] = [((rng.choice([64, 128, 192]), 128), rng.randrange(6))]  # few distinct sets: cache hits
     if index % 5 == 0:
         field, bad = rng.choice([("height", dict(height=250)), ("width", dict(width=4096)),
-                                 ("num_inference_steps", dict(steps=0)), ("image[0]", dict(raw_image=b"\x89PNG nope")),
+                                 ("num_inference_steps", dict(num_inference_steps=0)), ("image[0]", dict(raw_image=b"\x89PNG nope")),
                                  ("prompt", dict(prompt=" "))])
         job.update(bad)
         return job, field
@@ -81,7 +81,7 @@ def test_soak_mixed_valid_and_invalid_requests(triton_server):
         try:
             with Flux2Client(triton_server["grpc"]) as client:
                 images = client.generate(job["prompt"], refs, height=job["height"], width=job["width"],
-                                         seed=job["seed"], steps=job.get("steps", 1))
+                                         seed=job["seed"], num_inference_steps=job.get("steps", 1))
         except Flux2Error as error:
             return field, error
         return field, images
@@ -112,10 +112,10 @@ def test_clients_that_give_up_mid_request_leave_the_server_healthy(triton_server
     long_request = dict(prompt="a very slow request", refs=[((512, 512), 3)], height=768, width=768, seed=1)
     refs = [synthetic_reference(size, hue) for size, hue in long_request["refs"]]
     with Flux2Client(triton_server["grpc"], timeout_s=0.3) as client, pytest.raises(Flux2Error) as error:
-        client.generate(long_request["prompt"], refs, height=768, width=768, steps=8)
+        client.generate(long_request["prompt"], refs, height=768, width=768, num_inference_steps=8)
     assert "Deadline" in str(error.value) or "DEADLINE" in str(error.value.status)
     with Flux2Client(triton_server["http"], "http", timeout_s=0.3) as client, pytest.raises(Flux2Error) as error:
-        client.generate(long_request["prompt"], refs, height=768, width=768, steps=8)
+        client.generate(long_request["prompt"], refs, height=768, width=768, num_inference_steps=8)
     assert "timed out" in str(error.value)
     # A gRPC call cancelled by the client itself.
     future_client = grpc.InferenceServerClient(triton_server["grpc"])

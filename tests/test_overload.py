@@ -64,7 +64,7 @@ def wait_idle(server, timeout: float = 120) -> None:
     with Flux2Client(server.grpc, timeout_s=timeout) as user:
         while True:
             try:
-                user.generate("idle?", height=256, width=256, seed=0, steps=1)
+                user.generate("idle?", height=256, width=256, seed=0, num_inference_steps=1)
                 return
             except Flux2Error as exc:
                 if "overloaded" not in str(exc) or time.monotonic() > deadline:
@@ -85,7 +85,7 @@ def test_a_full_queue_is_answered_at_once_and_the_admitted_are_served(busy_serve
         started = time.monotonic()
         try:
             with Flux2Client(getattr(busy_server, protocol), protocol, timeout_s=6) as user:
-                user.generate(f"burst {index}", height=SIDE, width=SIDE, seed=index, steps=STEPS)
+                user.generate(f"burst {index}", height=SIDE, width=SIDE, seed=index, num_inference_steps=STEPS)
             answers[index] = ("ok", time.monotonic() - started, "")
         except Flux2Error as exc:
             answers[index] = ("error", time.monotonic() - started, str(exc))
@@ -130,7 +130,7 @@ def test_abandoned_requests_stop_within_a_step(busy_server):
     def send(index):
         with Flux2Client(busy_server.grpc, timeout_s=1.0) as user:
             try:
-                user.generate(f"abandoned {index}", height=SIDE, width=SIDE, seed=index, steps=8)
+                user.generate(f"abandoned {index}", height=SIDE, width=SIDE, seed=index, num_inference_steps=8)
             except Flux2Error as exc:
                 return str(exc)
         return "served"
@@ -181,7 +181,7 @@ def test_the_watchdog_outlives_a_queue_longer_than_its_probe_timeout(busy_server
 
     def send(index):
         with Flux2Client(busy_server.grpc, timeout_s=60) as user:
-            user.generate(f"queue {index}", height=SIDE, width=SIDE, seed=index, steps=STEPS)
+            user.generate(f"queue {index}", height=SIDE, width=SIDE, seed=index, num_inference_steps=STEPS)
 
     with ThreadPoolExecutor(6) as pool:  # ~6 requests of >= 1 s each: far beyond one probe's wait
         list(pool.map(send, range(6)))
@@ -197,5 +197,5 @@ def test_the_watchdog_outlives_a_queue_longer_than_its_probe_timeout(busy_server
     assert client.is_model_ready("flux2_klein_kv"), "the watchdog did not load the unloaded model again"
     assert ("flux2_klein_kv", "reloaded") in dog.repairs[len(repairs):]
     with Flux2Client(busy_server.grpc, timeout_s=120) as user:
-        (image,) = user.generate("after the reload", height=256, width=256, seed=2, steps=1)
+        (image,) = user.generate("after the reload", height=256, width=256, seed=2, num_inference_steps=1)
     assert np.asarray(image).shape == (256, 256, 3)

@@ -49,7 +49,7 @@ def _decode_bytes_tensor(tensor: dict) -> list[bytes]:
 
 
 def test_input_data_files(tmp_path):
-    paths = input_data.write_all(tmp_path, height=256, width=320, ref_size=128, steps=2)
+    paths = input_data.write_all(tmp_path, height=256, width=320, ref_size=128, num_inference_steps=2)
     assert set(paths) == {"text_to_image", "reference_1", "reference_3"}
     for case, references in input_data.CASES.items():
         (entry,) = json.loads(paths[case].read_text())["data"]
@@ -69,7 +69,7 @@ def test_perf_analyzer_measures_text_to_image_over_grpc(triton_server, perf_anal
     out = tmp_path / "perf"
     cmd = [sys.executable, "-m", "perf.run", "--grpc-url", triton_server["grpc"], "--protocols", "grpc",
            "--cases", "text_to_image", "--concurrency", "1", "--measurement-request-count", "2",
-           "--steps", "1", "--perf-analyzer", str(perf_analyzer), "--out", str(out), "--timeout", "120"]
+           "--num-inference-steps", "1", "--perf-analyzer", str(perf_analyzer), "--out", str(out), "--timeout", "120"]
     # --bls-composing-models reads Triton's statistics, an admin API: the key comes from the environment.
     env = {**os.environ, "FLUX2_ADMIN_KEY": triton_server["admin_key"]}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)

@@ -18,6 +18,7 @@ from flux2_serving.models.input_checks import BadInput, InputRules
 from flux2_serving.models.lru import ReferenceKVCache
 from flux2_serving.models.pipeline import Interrupted, ServedPipeline, StageClock
 from flux2_serving.models.request_inputs import InvalidInput, decode_image, parse
+from flux2_serving.serving.triton_config import BLS_PARAMETERS
 from tests.test_serving import CASES, assert_matches, png_bytes, random_image, reference
 
 LIMITS = Limits(**DEFAULT_ENVELOPE.request_limits())
@@ -54,7 +55,8 @@ def served(ort_session, onnx_fp32, tiny_checkpoint):
     manifest = json.loads((onnx_fp32 / "manifest.json").read_text())
     pipeline = ServedPipeline(run, AutoTokenizer.from_pretrained(tiny_checkpoint, subfolder="tokenizer"),
                               FlowMatchEulerDiscreteScheduler.load_config(tiny_checkpoint, subfolder="scheduler"),
-                              manifest["dims"], torch.float32, LIMITS, torch.device("cpu"), 512, "in-process")
+                              manifest["dims"], torch.float32, LIMITS, torch.device("cpu"), DEFAULT_ENVELOPE.text_len,
+                              "in-process", cache_entries=BLS_PARAMETERS["request_cache_entries"])
     return pipeline, run
 
 

@@ -28,7 +28,7 @@ def model_counts(server, model: str) -> tuple[int, int]:
 
 def edit(server, references, seed=1, **kwargs) -> np.ndarray:
     with Flux2Client(server["grpc"]) as client:
-        images = client.generate("paint it like a mosaic", references, height=256, width=256, seed=seed, steps=2,
+        images = client.generate("paint it like a mosaic", references, height=256, width=256, seed=seed, num_inference_steps=2,
                                  **kwargs)
     return np.stack([np.asarray(image) for image in images])
 
@@ -65,7 +65,7 @@ def test_one_kv_per_request_shared_by_its_images(triton_server):
     refs = [synthetic_reference((256, 256), 11), synthetic_reference((192, 128), 12)]
     names = ("vae_encoder", "transformer_prefill", "transformer_cached", "vae_decoder")
     before = {name: model_counts(triton_server, name) for name in names}
-    images = edit(triton_server, refs, seed=4, num_images=3, reuse_reference_cache=False)
+    images = edit(triton_server, refs, seed=4, num_images_per_prompt=3, reuse_reference_cache=False)
     delta = {name: tuple(a - b for a, b in zip(model_counts(triton_server, name), before[name])) for name in names}
     print(delta)
     assert images.shape == (3, 256, 256, 3)

@@ -34,7 +34,7 @@ def watched(tmp_path_factory, onnx_fp32, tiny_checkpoint):
 
 
 def _request(client, reference):
-    images = client.generate("a fox in the snow", [reference], height=256, width=256, seed=5, steps=1)
+    images = client.generate("a fox in the snow", [reference], height=256, width=256, seed=5, num_inference_steps=1)
     return np.asarray(images[0])
 
 

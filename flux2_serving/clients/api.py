@@ -12,12 +12,13 @@ the server's one line naming the field at fault.
 from __future__ import annotations
 
 import io
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from flux2_serving.contract.interface import PUBLIC_INPUTS
+from flux2_serving.contract.interface import PUBLIC_INPUTS, GenerationOptions
 from flux2_serving.contract.names import BLS_MODEL as MODEL
 from flux2_serving.contract.names import OVERLOADED_MARKS, ROUTING_HEADER
 from flux2_serving.contract.reference_key import encoded_reference_key
@@ -125,9 +126,9 @@ def _error(exc) -> Flux2Error:
     return Flux2Error(message, None if status is None else str(status))
 
 
-def _arguments(prompt, images, height, width, seed, num_images, steps, reuse_reference_cache):
-    return request_tensors(prompt, images, height=height, width=width, seed=seed, num_images_per_prompt=num_images,
-                           num_inference_steps=steps, reuse_reference_cache=reuse_reference_cache)
+def _arguments(prompt, images, options: dict) -> dict:
+    """The request's tensors; `options` are GenerationOptions' fields (diffusers' names), unknown ones refused."""
+    return request_tensors(prompt, images, **asdict(GenerationOptions(**options)))
 
 
 def _timeouts(protocol: str, timeout_s: float | None) -> dict:
@@ -169,12 +170,11 @@ class Flux2Client:
         except OSError as exc:  # HTTP: refused, reset or timed out (gRPC reports these as above)
             raise Flux2Error(f"{self.url}: {type(exc).__name__}: {exc}{UNAVAILABLE_HINT}", "UNAVAILABLE") from None
 
-    def generate(self, prompt: str, images=(), *, height: int | None = None, width: int | None = None,
-                 seed: int | None = None, num_images: int = 1, steps: int | None = None,
-                 reuse_reference_cache: bool | None = None) -> list[Image.Image]:
-        """Text-to-image without `images`; an edit with 1-4 reference images (paths, bytes or PIL)."""
-        tensors = _arguments(prompt, images, height, width, seed, num_images, steps, reuse_reference_cache)
-        return to_pil(self.infer(tensors))
+    def generate(self, prompt: str, images=(), **options) -> list[Image.Image]:
+        """Text-to-image without `images`; an edit with 1-4 reference images (paths, bytes or PIL).
+        `options`: GenerationOptions' fields, diffusers' names (height, width, seed, num_images_per_prompt,
+        num_inference_steps, reuse_reference_cache); left out, the server's defaults."""
+        return to_pil(self.infer(_arguments(prompt, images, options)))
 
     def close(self):
         self.client.close()
@@ -196,12 +196,11 @@ class AsyncFlux2Client:
         self.module, self.model, self.timeout_s = module, model, timeout_s
         self.client = aio.InferenceServerClient(url or DEFAULT_URLS["grpc"])
 
-    async def generate(self, prompt: str, images=(), *, height: int | None = None, width: int | None = None,
-                       seed: int | None = None, num_images: int = 1, steps: int | None = None,
-                       reuse_reference_cache: bool | None = None) -> list[Image.Image]:
+    async def generate(self, prompt: str, images=(), **options) -> list[Image.Image]:
+        """As Flux2Client.generate."""
         from tritonclient.utils import InferenceServerException
 
-        tensors = _arguments(prompt, images, height, width, seed, num_images, steps, reuse_reference_cache)
+        tensors = _arguments(prompt, images, options)
         try:
             result = await self.client.infer(self.model, infer_inputs(self.module, tensors),
                                              outputs=requested_outputs(self.module),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from flux2_serving.clients.api import DEFAULT_URLS, UNAVAILABLE_HINT, Flux2Client, Flux2Error
 from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.interface import OPTIONS, PUBLIC_INPUTS
 
 
 def output_paths(out: str, count: int) -> list[Path]:
@@ -31,12 +32,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="a reference image (PNG/JPEG/WebP); repeat for up to 4, in order. The request then "
                         "carries the x-flux2-reference-key header, by which a gateway routes it to one replica")
-    p.add_argument("--height", type=int, help="output height, multiple of 16 (default: first reference's, else 1024)")
-    p.add_argument("--width", type=int, help="output width, multiple of 16 (default: first reference's, else 1024)")
-    p.add_argument("--seed", type=int, help="noise seed (default: random on the server)")
-    p.add_argument("--num-images", type=int, default=1, help="images for this prompt (default 1)")
-    p.add_argument("--steps", type=int, help="denoising steps (default 4, the distilled schedule)")
-    p.add_argument("--no-reference-cache", action="store_true",
+    docs = {f.name: f.doc for f in PUBLIC_INPUTS}
+    for name in OPTIONS:  # the request's options, diffusers' names as flags (--num-inference-steps ...)
+        if name != "reuse_reference_cache":
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, help=docs[name])
+    p.add_argument("--no-reference-cache", dest="reuse_reference_cache", action="store_const", const=False,
                    help="recompute the references' K/V instead of reusing the server's cached copy")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     p.add_argument("--url", help=f"server address (default {DEFAULT_URLS['grpc']} for gRPC, {DEFAULT_URLS['http']} for HTTP)")
@@ -58,9 +58,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         with Flux2Client(args.url, args.protocol, timeout_s=args.timeout) as client:
-            images = client.generate(args.prompt, args.image, height=args.height, width=args.width, seed=args.seed,
-                                     num_images=args.num_images, steps=args.steps,
-                                     reuse_reference_cache=False if args.no_reference_cache else None)
+            images = client.generate(args.prompt, args.image, **{name: getattr(args, name) for name in OPTIONS})
     except Flux2Error as exc:
         unreachable = exc.status is None or "UNAVAILABLE" in str(exc.status)
         hint = (f" (is tritonserver running at {args.url or DEFAULT_URLS[args.protocol]}? `make serve` starts one)"

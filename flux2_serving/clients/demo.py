@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.names import BLS_MODEL
 
 DEFAULT_REPOSITORY = "build/model_repository"
 REQUESTS = [
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port of the server (default %(default)s)")
     args = parser.parse_args(argv)
     repository = Path(args.repository)
-    if not (repository / "flux2_klein_kv" / "config.pbtxt").exists():
+    if not (repository / BLS_MODEL / "config.pbtxt").exists():
         print(f"error: --repository {repository}: no model repository there (make repository writes one)",
               file=sys.stderr)
         return 2
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(repository / "flux2_klein_kv" / "1")
+    manifest = read_manifest(repository / BLS_MODEL / "1")
     print(f"loading Flux2KleinKVPipeline from {manifest.model} (the weights the repository serves) ...", flush=True)
     pipe = load_pipeline(manifest.model, DTYPES[manifest.dtype])
     pipe.set_progress_bar_config(disable=True)

@@ -55,10 +55,10 @@ class ServingEnvelope:
     # outputs, the cached step's inputs, each BLS instance and the cache; twice as many tokens (two
     # references of 1024^2) did not fit 80 GB with 15% headroom (python -m flux2_serving.export.memory_plan).
     reference_tokens: tuple[int, int, int] = (0, 4096, 4096)
-    images_per_request: int = 4  # num_images_per_prompt
+    max_num_images_per_prompt: int = 4
     engine_batch: dict = field(default_factory=_engine_batch)
     text_len: int = 512
-    max_steps: int = 50
+    max_num_inference_steps: int = 50
     max_input_pixels: int = 4096 * 4096  # declared size of an encoded reference, checked before decoding
     # Bytes of one encoded reference: its raw RGBA pixels at max_input_pixels (no sane encoding is larger).
     max_reference_bytes: int = 4 * 4096 * 4096
@@ -156,8 +156,8 @@ class ServingEnvelope:
             "max_side": self.output_side[2],
             "default_side": self.output_side[1],
             "multiple_of": PIXELS_PER_TOKEN_SIDE,
-            "max_images": self.images_per_request,
-            "max_steps": self.max_steps,
+            "max_num_images_per_prompt": self.max_num_images_per_prompt,
+            "max_num_inference_steps": self.max_num_inference_steps,
             "max_batch_transformer_cached": self.engine_batch["transformer_cached"],
             "max_batch_vae_decoder": self.engine_batch["vae_decoder"],
         }

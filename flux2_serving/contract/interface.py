@@ -6,7 +6,13 @@ dependencies. Parsing and validating a request is the BLS's (models/request_inpu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from .envelope import DEFAULT_ENVELOPE
+
+DEFAULT_SIDE = DEFAULT_ENVELOPE.output_side[1]  # output side without a reference or a size asked for
+DEFAULT_NUM_IMAGES_PER_PROMPT = 1
+DEFAULT_NUM_INFERENCE_STEPS = 4  # klein's distilled schedule
 
 
 @dataclass(frozen=True)
@@ -23,11 +29,14 @@ class Field:
 PUBLIC_INPUTS = (
     Field("prompt", "BYTES", (1,), False, "UTF-8 prompt, non-empty, at most max_prompt_bytes"),
     Field("image", "BYTES", (-1,), True, "0-max_references encoded references (PNG/JPEG/WebP), in order"),
-    Field("height", "INT32", (1,), True, "output height, multiple of 16 (default: the first reference's, else 1024)"),
-    Field("width", "INT32", (1,), True, "output width, multiple of 16 (default: the first reference's, else 1024)"),
-    Field("seed", "INT64", (1,), True, ">= 0: torch.Generator(device).manual_seed(seed); random if absent"),
-    Field("num_images_per_prompt", "INT32", (1,), True, "images per request (default 1)"),
-    Field("num_inference_steps", "INT32", (1,), True, "denoising steps (default 4)"),
+    Field("height", "INT32", (1,), True,
+          f"output height, multiple of 16 (default: the first reference's, else {DEFAULT_SIDE})"),
+    Field("width", "INT32", (1,), True,
+          f"output width, multiple of 16 (default: the first reference's, else {DEFAULT_SIDE})"),
+    Field("seed", "INT64", (1,), True,
+          ">= 0: torch.Generator(device).manual_seed(seed); absent: a random one (the response's 'seed')"),
+    Field("num_images_per_prompt", "INT32", (1,), True, f"images per request (default {DEFAULT_NUM_IMAGES_PER_PROMPT})"),
+    Field("num_inference_steps", "INT32", (1,), True, f"denoising steps (default {DEFAULT_NUM_INFERENCE_STEPS})"),
     Field("reuse_reference_cache", "BOOL", (1,), True, "false: compute this request's reference K/V afresh"),
 )
 PUBLIC_OUTPUTS = (
@@ -38,8 +47,26 @@ INPUTS = tuple(f.name for f in PUBLIC_INPUTS)
 
 
 @dataclass(frozen=True)
+class GenerationOptions:
+    """A request's options beside its prompt and references, with diffusers' names
+    (Flux2KleinKVPipeline.__call__; `seed` stands for its generator): the same names are the
+    client's keyword arguments and CLI flags, the wire's inputs (PUBLIC_INPUTS), the BLS's parsed
+    request and its limits (Limits.max_<name>). None: the server's default."""
+
+    height: int | None = None
+    width: int | None = None
+    seed: int | None = None
+    num_images_per_prompt: int | None = None
+    num_inference_steps: int | None = None
+    reuse_reference_cache: bool | None = None  # False: compute this request's reference K/V afresh
+
+
+OPTIONS = tuple(f.name for f in fields(GenerationOptions))
+
+
+@dataclass(frozen=True)
 class Limits:
-    """Request limits: flux2_serving/contract/envelope.py's request_limits(), written into config.pbtxt by the assembler."""
+    """Request limits: the envelope's request_limits(), written into config.pbtxt by the assembler."""
 
     max_references: int
     max_reference_tokens: int  # the whole ordered set after preprocessing (its K/V size)
@@ -53,8 +80,8 @@ class Limits:
     min_side: int
     max_side: int
     multiple_of: int
-    max_images: int
-    max_steps: int
+    max_num_images_per_prompt: int
+    max_num_inference_steps: int
     default_side: int
     max_batch_transformer_cached: int  # images per cached-step call (the engine's batch)
     max_batch_vae_decoder: int

@@ -36,6 +36,9 @@ from dataclasses import dataclass
 
 MODEL_DTYPE = "model"  # the export dtype (fp32, bf16 or fp16)
 COMPONENTS = ("text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached", "vae_decoder")
+# Hidden states of the text encoder that the pipeline stacks into prompt_embeds (hence 3 * hidden); the
+# export keeps the layers up to the last of them and drops the rest.
+TEXT_LAYERS = (9, 18, 27)
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "int64": 8}
 
 
@@ -60,7 +63,7 @@ def kv_names(num_layers: int) -> list[str]:
 
 def graph_specs(config: dict) -> dict[str, GraphSpec]:
     """The I/O spec of each graph for a model described by `config` (see `model_dims`)."""
-    text_dim = 3 * config["text_hidden"]
+    text_dim = len(TEXT_LAYERS) * config["text_hidden"]
     c = config["in_channels"]
     kv = tuple(TensorSpec(name, (2, "n_ref", config["heads"], config["head_dim"]))
                for name in kv_names(config["kv_layers"]))

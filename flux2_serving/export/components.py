@@ -17,10 +17,11 @@ from diffusers.models.transformers import transformer_flux2
 from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 
 from ..contract.envelope import VAE_ATTENTION_QUERY_CHUNKS
+from ..contract.specs import TEXT_LAYERS
+from .latent_layout import pack_latents, patchify_latents, unpatchify_latents
 
 # The pipeline's static helpers are the single source of the latent layout.
 _pipe = Flux2KleinKVPipeline
-TEXT_LAYERS = (9, 18, 27)  # hidden states the pipeline stacks into prompt_embeds
 
 
 @contextlib.contextmanager
@@ -122,9 +123,9 @@ class VaeEncoder(torch.nn.Module):
 
     def forward(self, image):
         latents = self.vae.encode(image).latent_dist.mode()
-        latents = _pipe._patchify_latents(latents)
+        latents = patchify_latents(latents)
         mean, std = _bn_stats(self.vae, latents)
-        return _pipe._pack_latents((latents - mean) / std)
+        return pack_latents((latents - mean) / std)
 
 
 class VaeDecoder(torch.nn.Module):
@@ -141,7 +142,7 @@ class VaeDecoder(torch.nn.Module):
     def forward(self, latents):
         latents = latents.permute(0, 3, 1, 2)
         mean, std = _bn_stats(self.vae, latents)
-        latents = _pipe._unpatchify_latents(latents * std + mean)
+        latents = unpatchify_latents(latents * std + mean)
         return self.vae.decode(latents, return_dict=False)[0]
 
 

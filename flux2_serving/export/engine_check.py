@@ -47,7 +47,7 @@ from ..contract.manifest import MissingManifest
 from ..contract.manifest import read as read_manifest
 from ..contract.specs import COMPONENTS
 from .build_engines import MissingRequirement, compute_capability, engine_name, layer_summary, summary_line
-from .sample_ids import grid_ids, reference_ids, text_ids
+from .latent_layout import grid_ids, reference_ids, text_ids
 
 # (check, atol, rtol) per export dtype, then per graph ("*": the rest). Polygraphy's checks: "elemwise" fails an
 # element off by more than atol AND by more than rtol x |onnxruntime's value|; "mean" checks the mean abs / rel

@@ -37,11 +37,10 @@ from ..contract.envelope import (
     binding_max_shapes,
 )
 from ..contract.names import CACHE_MODEL
-from ..contract.specs import BYTES_PER_ELEMENT, COMPONENTS, graph_specs
+from ..contract.specs import BYTES_PER_ELEMENT, COMPONENTS, TEXT_LAYERS, graph_specs
 from .build_engines import RECORD
 
 GIB = 2**30
-TEXT_LAYERS_KEPT = 27  # the pipeline reads hidden states 9/18/27; the export drops the rest
 CUDA_CONTEXT_GIB = 0.5  # per process that initialises CUDA (estimate for an H100 with CUDA 12)
 
 EXAMPLES = """\
@@ -88,7 +87,7 @@ def model_size(model: str | None) -> ModelSize:
     with torch.device("meta"):
         transformer = Flux2Transformer2DModel.from_config(transformer_config)
         vae = AutoencoderKLFlux2.from_config(vae_config)
-        text_config.num_hidden_layers = min(text_config.num_hidden_layers, TEXT_LAYERS_KEPT)
+        text_config.num_hidden_layers = min(text_config.num_hidden_layers, max(TEXT_LAYERS))
         if getattr(text_config, "layer_types", None):
             text_config.layer_types = text_config.layer_types[:text_config.num_hidden_layers]
         text = Qwen3ForCausalLM(text_config).model  # no LM head; the final norm is replaced by identity
@@ -165,7 +164,7 @@ def bls_transfer_bytes(dims: dict, dtype: str, envelope: ServingEnvelope) -> int
     d, b = dims, BYTES_PER_ELEMENT[dtype]
     kv = d["kv_layers"] * 2 * envelope.reference_tokens[2] * d["heads"] * d["head_dim"] * b
     side = envelope.output_side[2]
-    embeds = envelope.images_per_request * envelope.text_len * 3 * d["text_hidden"] * b
+    embeds = envelope.max_num_images_per_prompt * envelope.text_len * 3 * d["text_hidden"] * b
     noise = envelope.engine_batch["transformer_cached"] * (side // 16) ** 2 * d["in_channels"] * b
     image = envelope.engine_batch["vae_decoder"] * 3 * side * side * b
     call_embeds = envelope.engine_batch["transformer_cached"] * envelope.text_len * 3 * d["text_hidden"] * b
@@ -277,7 +276,7 @@ def main(argv=None) -> int:
     rows = plan(size, args.dtype, envelope, args.bls_instances, args.instances, built_records(args.engines_dir))
     print(f"model: {args.model or 'klein 9B (dims of black-forest-labs/FLUX.2-klein-9b-kv)'}; envelope: output "
           f"{envelope.output_side[0]}-{envelope.output_side[2]} px, up to {envelope.reference_tokens[2]} reference "
-          f"tokens, {envelope.images_per_request} images per request, engine batches {envelope.engine_batch}")
+          f"tokens, {envelope.max_num_images_per_prompt} images per request, engine batches {envelope.engine_batch}")
     print(render(rows, args.gpu_gib, args.headroom, size, args.dtype, envelope))
     return 0 if 1 - total_bytes(rows) / (args.gpu_gib * GIB) >= args.headroom else 1
 

@@ -17,8 +17,8 @@ from torch.export import Dim
 
 from ..contract.specs import COMPONENTS, GraphSpec, graph_specs
 from . import components as C
+from .latent_layout import grid_ids, reference_ids, text_ids
 from .loading import read_model_dims
-from .sample_ids import grid_ids, reference_ids, text_ids
 
 OPSET = 18  # within TensorRT 10's parser range (opset 9-20), see trt_supported_ops.tsv
 LARGE_GRAPH_BYTES = 1 << 30  # weights go to external data well before protobuf's 2 GB limit

@@ -73,9 +73,9 @@ class TritonPythonModel:
         self.pipeline = ServedPipeline(
             self.infer, AutoTokenizer.from_pretrained(here / "tokenizer"),
             FlowMatchEulerDiscreteScheduler.load_config(here / "scheduler"), manifest.dims, DTYPES[manifest.dtype],
-            self.limits, self.device, int(params.get("max_sequence_length", 512)), identity,
-            cache_entries=int(params.get("request_cache_entries", 1024)), use_reference_cache=self.secret is not None)
-        self.encode_png = png_encoder(params.get("png_encoder", "fpng"))
+            self.limits, self.device, int(params["max_sequence_length"]), identity,
+            cache_entries=int(params["request_cache_entries"]), use_reference_cache=self.secret is not None)
+        self.encode_png = png_encoder(params["png_encoder"])
         # Outputs of every model we call arrive in our memory: TensorRT would otherwise hand GPU
         # tensors to a CPU BLS (and the scheduler step would mix devices).
         if self.device.type == "cuda":

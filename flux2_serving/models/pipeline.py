@@ -15,7 +15,7 @@ its deadline passed) is asked before every call, so an abandoned request costs a
 component call in progress (one denoising step at most).
 
 Per-block reference K/V (`ref_kv_00` ...) travel as a list, never stacked: at 9B one stacked
-tensor of the largest reference set would be 2 GiB more and over 2^31 elements.
+tensor of the largest reference set would be 2 GiB more, and one tensor of 2^30 elements.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 from ..contract.interface import Limits
 from ..contract.names import CACHE_MODEL, cached_name
 from ..contract.reference_key import encoded_reference_key, reference_key
+from ..export.latent_layout import grid_ids, image_ids, pack_latents, text_ids
 from .request_inputs import GenerationRequest, load_rgb, output_size, preprocess_reference
 
 Run = Callable[[str, dict, list], list]
@@ -106,7 +107,7 @@ class ServedPipeline:
     the request, and the pixel key is checked again by reference_kv_cache."""
 
     def __init__(self, run: Run, tokenizer, scheduler_config: dict, dims: dict, dtype: torch.dtype, limits: Limits,
-                 device: torch.device, max_sequence_length: int, model_identity: str, cache_entries: int = 1024,
+                 device: torch.device, max_sequence_length: int, model_identity: str, cache_entries: int,
                  use_reference_cache: bool = True):
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
@@ -130,7 +131,6 @@ class ServedPipeline:
     def __call__(self, req: GenerationRequest, clock: StageClock | None = None,
                  should_stop: Callable[[], str | None] | None = None) -> np.ndarray:
         """`should_stop()` -> None to go on, or why to stop (raises Interrupted before the next component call)."""
-        from diffusers import Flux2KleinKVPipeline as P
         from diffusers.pipelines.flux2.pipeline_flux2_klein_kv import compute_empirical_mu, retrieve_timesteps
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -142,26 +142,27 @@ class ServedPipeline:
         height, width = output_size(req, references.sizes, self.limits)
         references.remember()
 
-        batch = req.num_images
+        batch = req.num_images_per_prompt
         prompt_embeds = self.encode_prompt(req.prompt).repeat(batch, 1, 1)
         ref_kv = self.reference_kv(references)
 
         with clock("noise_and_ids"):
-            txt_ids = P._prepare_text_ids(prompt_embeds)[0]
+            txt_ids = torch.from_numpy(text_ids(prompt_embeds.shape[1]))
             # Noise exactly as prepare_latents: [B, 128, H/16, W/16] from the seeded generator, packed.
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             generator = torch.Generator(self.device).manual_seed(seed)
             shape = (batch, self.dims["in_channels"], height // 16, width // 16)
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
             grid = (batch, height // 16, width // 16)
-            img_ids = P._prepare_latent_ids(latents)[0].reshape(*grid[1:], 4).to(self.device)
-            latents = P._pack_latents(latents)
+            img_ids = torch.from_numpy(grid_ids(*grid[1:])).to(self.device)
+            latents = pack_latents(latents)
 
         with clock("scheduler"):
             scheduler = self.scheduler
-            sigmas = np.linspace(1.0, 1 / req.steps, req.steps)
-            mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=req.steps)
-            timesteps, _ = retrieve_timesteps(scheduler, req.steps, self.device, sigmas=sigmas, mu=mu)
+            steps = req.num_inference_steps
+            sigmas = np.linspace(1.0, 1 / steps, steps)
+            mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=steps)
+            timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
             scheduler.set_begin_index(0)
         shared = {"txt_ids": txt_ids.to(self.device), "img_ids": img_ids, **dict(zip(self.kv_names, ref_kv))}
         for t in timesteps:
@@ -251,8 +252,6 @@ class ServedPipeline:
 
     def prefill(self, references) -> list[torch.Tensor]:
         """Per-block reference K/V for the whole ordered reference set, once per request."""
-        from diffusers import Flux2KleinKVPipeline as P
-
         dims = self.dims
         if not references:
             empty = torch.zeros(2, 0, dims["heads"], dims["head_dim"], dtype=self.dtype, device=self.device)
@@ -261,8 +260,8 @@ class ServedPipeline:
         for image in references:
             (packed,) = self.call("vae_encoder", {"image": image.to(self.device, self.dtype)}, ["ref_latents"])
             tokens.append(packed)
-            grids.append(torch.empty(1, 1, image.shape[-2] // 16, image.shape[-1] // 16))
-        ref_ids = P._prepare_image_ids(grids)[0].to(self.device)
+            grids.append((image.shape[-2] // 16, image.shape[-1] // 16))
+        ref_ids = torch.from_numpy(image_ids(grids)).to(self.device)
         return self.call("transformer_prefill", {"ref_latents": torch.cat(tokens, dim=1), "ref_ids": ref_ids},
                         self.kv_names)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ..contract.interface import Limits
+from ..contract.interface import DEFAULT_NUM_IMAGES_PER_PROMPT, DEFAULT_NUM_INFERENCE_STEPS, Limits
 
 
 class InvalidInput(ValueError):
@@ -25,8 +25,8 @@ class GenerationRequest:
     height: int | None = None
     width: int | None = None
     seed: int | None = None
-    num_images: int = 1
-    steps: int = 4
+    num_images_per_prompt: int = DEFAULT_NUM_IMAGES_PER_PROMPT
+    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
     reuse_reference_cache: bool = True  # False: neither look up nor store this request's reference K/V
 
 
@@ -111,15 +111,12 @@ def parse(inputs: dict, limits: Limits) -> GenerationRequest:
         request.seed = int(_scalar(inputs["seed"], "seed"))
         if request.seed < 0:
             raise InvalidInput(f"'seed' is {request.seed}; it must be >= 0")
-    if "num_images_per_prompt" in inputs:
-        request.num_images = int(_scalar(inputs["num_images_per_prompt"], "num_images_per_prompt"))
-        if not 1 <= request.num_images <= limits.max_images:
-            raise InvalidInput(f"'num_images_per_prompt' is {request.num_images}; it must be in "
-                               f"[1, {limits.max_images}]")
-    if "num_inference_steps" in inputs:
-        request.steps = int(_scalar(inputs["num_inference_steps"], "num_inference_steps"))
-        if not 1 <= request.steps <= limits.max_steps:
-            raise InvalidInput(f"'num_inference_steps' is {request.steps}; it must be in [1, {limits.max_steps}]")
+    for name in ("num_images_per_prompt", "num_inference_steps"):
+        if name in inputs:
+            value, most = int(_scalar(inputs[name], name)), getattr(limits, f"max_{name}")
+            if not 1 <= value <= most:
+                raise InvalidInput(f"'{name}' is {value}; it must be in [1, {most}]")
+            setattr(request, name, value)
     if "reuse_reference_cache" in inputs:
         request.reuse_reference_cache = bool(_scalar(inputs["reuse_reference_cache"], "reuse_reference_cache"))
     return request
