@@ -106,7 +106,8 @@ def repeated_reference(args, client, pipe, server) -> dict:
 
     from PIL import Image
 
-    from bench.helpers import reference_cache_metrics, synthetic_reference
+    from flux2_serving.devtools.metrics import reference_cache_metrics
+    from flux2_serving.devtools.pictures import synthetic_reference
 
     triton, diffusers, first, later = [], [], [], []
     before = reference_cache_metrics(server.metrics)
@@ -224,8 +225,8 @@ def main(argv=None) -> int:
 
     from PIL import Image
 
-    from bench.helpers import synthetic_reference
     from flux2_serving.clients.api import Flux2Client
+    from flux2_serving.devtools.pictures import synthetic_reference
 
     started = time.perf_counter()
     pngs = [synthetic_reference((REF_SIDE, REF_SIDE), 30 + 50 * i) for i in range(4)]

@@ -285,8 +285,8 @@ def stage_served_tiny(args) -> dict:
     import torch
     from PIL import Image
 
-    from bench.helpers import bls_output_devices, reference_cache_metrics
     from flux2_serving.clients.api import Flux2Client
+    from flux2_serving.devtools.metrics import bls_output_devices, reference_cache_metrics
     from flux2_serving.export.loading import DTYPES
 
     out, device, dtype = args.out, args.device, _dtype_name(args.device)

@@ -62,7 +62,7 @@ def component_seconds(server) -> float:
 
 def stage_seconds(metrics_url: str) -> dict[str, float]:
     """{stage: seconds} the BLS has spent so far (all instances), from flux2_bls_stage_seconds_total."""
-    from bench.helpers import metric_by_label
+    from flux2_serving.devtools.metrics import metric_by_label
 
     return metric_by_label(metrics_url, "flux2_bls_stage_seconds_total", "stage")
 
@@ -87,8 +87,8 @@ def time_requests(server, send, repeats: int) -> tuple[list[float], list[float],
 def measure(server, repeats: int = 5, side: int = SIDE, log=print) -> list[dict]:
     """One row per case: median e2e and overhead (ms) over `repeats` sequential requests after a
     warm-up, and the mean per-request BLS stages (ms). `server`: flux2_serving.server.launch.Running."""
-    from bench.helpers import synthetic_reference
     from flux2_serving.clients.api import Flux2Client, request_tensors
+    from flux2_serving.devtools.pictures import synthetic_reference
 
     reference = synthetic_reference((side, side), 90)
     rows = []
@@ -151,7 +151,7 @@ def png_tradeoff(served, repeats: int = 5) -> list[dict]:
     import numpy as np
     from PIL import Image
 
-    from bench.helpers import synthetic_reference
+    from flux2_serving.devtools.pictures import synthetic_reference
 
     smooth = np.asarray(Image.open(io.BytesIO(synthetic_reference(served.shape[1::-1], 90))).convert("RGB"))
     encoders = {"pillow:6": None, "pillow:1": None, "fpng": None}

@@ -78,7 +78,7 @@ def send(gateway, request: Request, side: int, steps: int, timeout_s: float = 30
 
 def cache_counts(replicas) -> dict[str, float]:
     """Reference cache hits and misses summed over the replicas (their metrics endpoints)."""
-    from bench.helpers import reference_cache_metrics
+    from flux2_serving.devtools.metrics import reference_cache_metrics
 
     totals = {"hits_total": 0.0, "misses_total": 0.0}
     for replica in replicas:
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="denoising steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival order within a round")
     args = parse_benchmark_args(parser, argv)
-    from bench.helpers import synthetic_reference
+    from flux2_serving.devtools.pictures import synthetic_reference
     from flux2_serving.server.gateway import running_gateway
 
     started, rows = time.perf_counter(), {}

@@ -39,7 +39,9 @@ def bytes_tensor(items: list[bytes]) -> dict:
 
 def references(count: int, size: int) -> list[bytes]:
     """`count` deterministic PNG references of size x size pixels, each with its own hue."""
-    from bench.helpers import synthetic_reference  # lazy: pulls PIL/numpy only when pictures are needed
+    from flux2_serving.devtools.pictures import (
+        synthetic_reference,  # lazy: pulls PIL/numpy only when pictures are needed
+    )
 
     return [synthetic_reference((size, size), (40 + 97 * index) % 256) for index in range(count)]
 

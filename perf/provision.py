@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.devtools.debian import ToolError, glibc_version, last_line, run_step, unpack_debian_package
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = ROOT / "build" / "tools" / "perf_analyzer"
@@ -36,54 +37,19 @@ LIBB64 = "libb64.so.0d"
 PYPI_MIN_GLIBC = (2, 38)
 
 
-class ProvisionError(RuntimeError):
-    """One step failed; the message is the one line shown to the user."""
-
-
-class PackageUnavailable(ProvisionError):
-    """`apt-get download` could not fetch a Debian package (no repository or network here)."""
-
-
-def glibc_version() -> tuple[int, int]:
-    try:
-        text = os.confstr("CS_GNU_LIBC_VERSION") or ""  # "glibc 2.36"
-        major, minor = text.split()[1].split(".")[:2]
-        return int(major), int(minor)
-    except (ValueError, IndexError, OSError, AttributeError):
-        return (0, 0)  # not glibc (or unknown): the pypi wheel will not run either
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
-
-
-def _run(cmd: list[str], what: str, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
-    try:
-        result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError as exc:
-        raise ProvisionError(f"{what}: {exc.filename} not found") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise ProvisionError(f"{what}: no answer after {timeout:.0f} s") from exc
-    if result.returncode != 0:
-        raise ProvisionError(f"{what} failed (status {result.returncode}): "
-                             f"{_last_line(result.stderr) if result.stderr.strip() else _last_line(result.stdout)}")
-    return result
-
-
 def _pip(*args: str, what: str) -> None:
-    _run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], what)
+    run_step([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], what)
 
 
 def _extract(wheel_dir: Path, member: str, target: Path, executable: bool = False) -> Path:
     wheels = sorted(wheel_dir.glob("*.whl"))
     if len(wheels) != 1:
-        raise ProvisionError(f"expected one wheel in {wheel_dir}, found {len(wheels)}")
+        raise ToolError(f"expected one wheel in {wheel_dir}, found {len(wheels)}")
     with zipfile.ZipFile(wheels[0]) as archive:
         try:
             data = archive.read(member)
         except KeyError as exc:
-            raise ProvisionError(f"{wheels[0].name} has no {member}") from exc
+            raise ToolError(f"{wheels[0].name} has no {member}") from exc
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
     if executable:
@@ -125,11 +91,11 @@ def _verify(wrapper: Path, route: str) -> str:
     found = version(wrapper)
     if found is None:
         try:
-            detail = _last_line(subprocess.run([str(wrapper), "--version"], capture_output=True, text=True,
+            detail = last_line(subprocess.run([str(wrapper), "--version"], capture_output=True, text=True,
                                                timeout=60).stderr)
         except (OSError, subprocess.TimeoutExpired) as exc:
             detail = str(exc)
-        raise ProvisionError(f"route {route}: perf_analyzer --version does not run: {detail}")
+        raise ToolError(f"route {route}: perf_analyzer --version does not run: {detail}")
     return found
 
 
@@ -140,32 +106,9 @@ def provision_pypi(directory: Path) -> Path:
          what=f"pip install --target {target} {PYPI_PACKAGE}")
     binary = target / "perf_analyzer" / "bin" / "perf_analyzer"
     if not binary.exists():
-        raise ProvisionError(f"{PYPI_PACKAGE} installed no {binary.relative_to(target)}")
+        raise ToolError(f"{PYPI_PACKAGE} installed no {binary.relative_to(target)}")
     binary.chmod(binary.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return write_wrapper(directory, binary, [], f"pypi ({PYPI_PACKAGE})")
-
-
-def unpack_debian_package(package: str, target: Path) -> Path:
-    """Debian's `package` unpacked into `target` without installing it (`apt-get download` + `dpkg -x`,
-    no root needed; as root, the package lists are fetched first if a fresh container has none)."""
-    with tempfile.TemporaryDirectory(prefix="debian_package_") as scratch:
-        debs = Path(scratch)
-        try:
-            try:
-                _run(["apt-get", "download", package], f"apt-get download {package}", cwd=debs)
-            except ProvisionError:
-                if os.geteuid() != 0:
-                    raise
-                _run(["apt-get", "update", "-qq"], "apt-get update")  # fresh containers ship without package lists
-                _run(["apt-get", "download", package], f"apt-get download {package}", cwd=debs)
-        except ProvisionError as exc:
-            raise PackageUnavailable(str(exc)) from None
-        packages = sorted(debs.glob("*.deb"))
-        if not packages:
-            raise PackageUnavailable(f"apt-get download {package} wrote no .deb")
-        target.mkdir(parents=True, exist_ok=True)  # dpkg -x creates the last folder only
-        _run(["dpkg", "-x", str(packages[0]), str(target)], f"dpkg -x {packages[0].name}")
-    return target
 
 
 def _libb64(lib_dir: Path, scratch: Path) -> None:
@@ -177,7 +120,7 @@ def _libb64(lib_dir: Path, scratch: Path) -> None:
     unpacked = unpack_debian_package(LIBB64_PACKAGE, scratch / "libb64")
     found = sorted(unpacked.rglob(LIBB64))
     if not found:
-        raise ProvisionError(f"{LIBB64_PACKAGE} holds no {LIBB64}")
+        raise ToolError(f"{LIBB64_PACKAGE} holds no {LIBB64}")
     shutil.copy(found[0].resolve(), lib_dir / LIBB64)
 
 
@@ -222,7 +165,7 @@ def provision(directory=DEFAULT_DIR, route: str = "auto", force: bool = False, l
         try:
             wrapper = steps[name](directory)
             found = _verify(wrapper, name)
-        except ProvisionError as exc:
+        except ToolError as exc:
             if index + 1 == len(routes):
                 raise
             log(f"route '{name}' failed ({exc}); falling back to '{routes[index + 1]}'")
@@ -235,7 +178,7 @@ def provision(directory=DEFAULT_DIR, route: str = "auto", force: bool = False, l
             reason = "the pypi route failed" if glibc >= PYPI_MIN_GLIBC else "glibc < 2.38, no pypi wheel"
         log(f"perf_analyzer ready ({found}; route: {name}, {reason}, {glibc_text}): {wrapper}")
         return wrapper
-    raise ProvisionError("no route to try")  # unreachable
+    raise ToolError("no route to try")  # unreachable
 
 
 def main(argv=None) -> int:
@@ -248,7 +191,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         provision(args.dir or DEFAULT_DIR, args.route, args.force)
-    except ProvisionError as exc:
+    except ToolError as exc:
         print(f"error: perf_analyzer provisioning: {exc}", file=sys.stderr)
         return 1
     return 0

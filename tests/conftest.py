@@ -12,12 +12,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.export.checkpoint import write_checkpoint
+from tests.support import BLS_INSTANCES, CACHE_BYTES
 
 
 def pytest_configure(config):
@@ -90,22 +90,6 @@ def ort_session(onnx_fp32):
     return get
 
 
-def run_graph(session, **inputs) -> list[np.ndarray]:
-    feeds = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-    return session.run(None, feeds)
-
-
-def rel_l2(actual, expected) -> float:
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    err = float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-    print(f"rel_l2={err:.2e}")
-    return err
-
-
-BLS_INSTANCES = 4
-CACHE_BYTES = 2**20
 
 
 def _serve(tmp_path_factory, onnx_dir, checkpoint, backend: str, bls_instances: int = BLS_INSTANCES):

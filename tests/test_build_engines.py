@@ -8,6 +8,7 @@ needs exported ONNX graphs.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -126,11 +127,11 @@ def test_the_engines_image_holds_everything_the_builder_imports(tmp_path):
             (tmp_path / target / Path(source).name).write_bytes((ROOT / "flux2_serving" / source).read_bytes())
     workdir = re.search(r"^WORKDIR\s+(\S+)", text, flags=re.MULTILINE).group(1)
     assert workdir == "/opt/flux2"  # the image runs `python3 -m flux2_serving.export.build_engines` from there
-    # As `python3 -m` from WORKDIR: the working folder first, no site-packages.
-    code = ("import sys; sys.path[:] = ['.'] + [p for p in sys.path if 'site-packages' not in p]; "
-            "sys.argv = ['build_engines', '--help']; import runpy; "
-            "runpy.run_module('flux2_serving.export.build_engines', run_name='__main__', alter_sys=True)")
-    result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    # As `python3 -m` from WORKDIR: the working folder first; -S: no site-packages (nor this venv's
+    # editable install of the package), so only the copied files can be imported.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-S", "-m", "flux2_serving.export.build_engines", "--help"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     assert "--onnx-dir" in result.stdout
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.helpers import synthetic_reference
 from flux2_serving.clients.api import AsyncFlux2Client, Flux2Client, Flux2Error, infer_inputs, request_tensors
+from flux2_serving.devtools.pictures import synthetic_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 

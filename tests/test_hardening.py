@@ -19,10 +19,11 @@ import tritonclient.grpc as grpc
 import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
 
-from bench.helpers import metric_by_label, synthetic_reference
 from flux2_serving.clients.api import Flux2Client, Flux2Error
 from flux2_serving.contract.names import cached_name
 from flux2_serving.contract.security import INTERNAL_PARAMETER, INTERNAL_SECRET_ENV, admin_headers
+from flux2_serving.devtools.metrics import metric_by_label
+from flux2_serving.devtools.pictures import synthetic_reference
 
 PROTOCOLS = ["grpc", "http"]
 MODULES = {"grpc": grpc, "http": http}

@@ -11,10 +11,10 @@ import pytest
 import tritonclient.grpc as grpc
 import tritonclient.http as http
 
-from bench.helpers import synthetic_reference
 from bench.report import tree_memory_gib
 from flux2_serving.clients.api import Flux2Client, Flux2Error
-from tests.test_reference_reuse import model_counts
+from flux2_serving.devtools.pictures import synthetic_reference
+from tests.support import model_counts
 
 # Mixed requests: different prompts, references, sizes and seeds. Their prompts (all padded to the
 # same length) can meet in the text encoder's dynamic batcher.

@@ -15,9 +15,9 @@ import pytest
 import tritonclient.grpc as grpc
 import tritonclient.http as http
 
-from bench.helpers import metric_by_label
 from flux2_serving.clients.api import Flux2Client, Flux2Error, infer_inputs, request_tensors
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.devtools.metrics import metric_by_label
 
 QUEUE = 20
 PROBE_TIMEOUT_S = 1.0
@@ -44,10 +44,10 @@ def outcomes(server) -> dict[str, float]:
 
 def triton_failures(server, reason: str, model: str = "flux2_klein_kv") -> float:
     """Triton's own count of requests it ended before the model (e.g. CANCELED while queued)."""
-    from bench.helpers import _metrics
+    from flux2_serving.devtools.metrics import scrape
 
     pattern = f'nv_inference_request_failure{{model="{model}",reason="{reason}",version="1"}} '
-    line = next(line for line in _metrics(server.metrics).splitlines() if line.startswith(pattern))
+    line = next(line for line in scrape(server.metrics).splitlines() if line.startswith(pattern))
     return float(line.rsplit(" ", 1)[1])
 
 

@@ -13,7 +13,7 @@ from diffusers import Flux2KleinKVPipeline as P
 from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 
 from flux2_serving.models.pipeline import tokenize  # the served tokenization, the one tested here
-from tests.conftest import rel_l2, run_graph
+from tests.support import rel_l2, run_graph
 
 TOL = 1e-4
 

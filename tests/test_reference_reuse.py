@@ -8,22 +8,15 @@ fp32), so a 256x256 reference (256 tokens) takes 512 KiB: two fit.
 from __future__ import annotations
 
 import numpy as np
-import tritonclient.grpc as grpc
 
-from bench.helpers import reference_cache_metrics, synthetic_reference
 from flux2_serving.clients.api import Flux2Client
-from flux2_serving.contract.security import admin_headers
-from tests.conftest import BLS_INSTANCES, CACHE_BYTES
+from flux2_serving.devtools.metrics import reference_cache_metrics
+from flux2_serving.devtools.pictures import synthetic_reference
+from tests.support import BLS_INSTANCES, CACHE_BYTES, model_counts
 
 
 def cache_metrics(server) -> dict[str, float]:
     return reference_cache_metrics(server["metrics"])
-
-
-def model_counts(server, model: str) -> tuple[int, int]:
-    headers = admin_headers(server["admin_key"], "grpc")  # statistics are an admin API
-    stats = grpc.InferenceServerClient(server["grpc"]).get_inference_statistics(model, headers=headers).model_stats[0]
-    return stats.inference_count, stats.execution_count
 
 
 def edit(server, references, seed=1, **kwargs) -> np.ndarray:

@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from bench.helpers import synthetic_reference
 from bench.scaleout import gateway_replicas, kill_and_restart, replicas_of, run_policy, workload
+from flux2_serving.devtools.pictures import synthetic_reference
 
 SIDE, STEPS = 256, 1
 

@@ -89,7 +89,7 @@ def test_torch_flavor_output_equals_diffusers(pipe, torch_server, case):
 def test_every_component_output_arrives_on_the_bls_device(triton_server):
     """The BLS asks every model for outputs in its own memory and counts where they arrive (CPU here;
     cuda on a GPU server, where TensorRT would otherwise hand GPU tensors to a CPU BLS)."""
-    from bench.helpers import bls_output_devices
+    from flux2_serving.devtools.metrics import bls_output_devices
 
     before = bls_output_devices(triton_server["metrics"]).get("cpu", 0)
     infer(triton_server, "grpc", images=[png_bytes(random_image(128, 128, seed=5))], seed=2, height=256, width=256,

@@ -15,8 +15,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from bench.helpers import synthetic_reference
 from flux2_serving.clients.api import Flux2Client, Flux2Error
+from flux2_serving.devtools.pictures import synthetic_reference
 
 RECOVERY_S = 60  # stated in README ("Scaling out"): kill to first good answer, watchdog every 1 s here
 

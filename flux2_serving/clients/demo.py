@@ -66,9 +66,9 @@ def main(argv=None) -> int:
     import torch
     from PIL import Image
 
-    from bench.helpers import synthetic_reference
     from flux2_serving.clients.api import Flux2Client
     from flux2_serving.contract.manifest import read as read_manifest
+    from flux2_serving.devtools.pictures import synthetic_reference
     from flux2_serving.export.loading import DTYPES, load_pipeline
     from flux2_serving.server.launch import free_port, running
 

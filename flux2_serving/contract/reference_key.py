@@ -18,23 +18,22 @@ import hashlib
 
 def reference_key(references: list, model_identity: str) -> str:
     """sha256 over the model identity and each preprocessed reference's dtype, shape and pixels
-    (torch tensors; torch is imported here only, so clients can use encoded_reference_key alone)."""
-    import torch
-
+    (torch tensors, used through their methods: this module imports nothing but the standard library)."""
     digest = hashlib.sha256(model_identity.encode())
     digest.update(len(references).to_bytes(4, "little"))
     for image in references:
         pixels = image.detach().to("cpu").contiguous()
         digest.update(f"{pixels.dtype}:{tuple(pixels.shape)}".encode())
-        digest.update(pixels.view(torch.uint8).numpy().tobytes() if pixels.dtype == torch.bfloat16
-                      else pixels.numpy().tobytes())
+        if str(pixels.dtype) == "torch.bfloat16":  # numpy has no bfloat16: its float32 values are exact
+            pixels = pixels.float()
+        digest.update(pixels.numpy().tobytes())
     return digest.hexdigest()
 
 
 def encoded_reference_key(encoded: list[bytes]) -> str:
     """sha256 over the references' encoded bytes, in order, each with its length. Clients send it as
-    the routing header x-flux2-reference-key (flux2_serving/clients/api.py), so a gateway can hash one reference
-    set to one replica."""
+    the routing header (names.ROUTING_HEADER; clients/api.py), so a gateway can hash one
+    reference set to one replica."""
     digest = hashlib.sha256(len(encoded).to_bytes(4, "little"))
     for data in encoded:
         digest.update(len(data).to_bytes(8, "little"))

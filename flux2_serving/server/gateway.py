@@ -49,7 +49,7 @@ def nginx_binary() -> Path:
     for candidate in (shutil.which("nginx"), "/usr/sbin/nginx", TOOLS / "usr" / "sbin" / "nginx"):
         if candidate and Path(candidate).exists():
             return Path(candidate)
-    from perf.provision import PackageUnavailable, unpack_debian_package
+    from flux2_serving.devtools.debian import PackageUnavailable, unpack_debian_package
 
     try:
         unpack_debian_package("nginx", TOOLS)  # a failure to unpack what was fetched is an error, not this

@@ -1,0 +1,129 @@
+"""The package's structure, read from the source (nothing run): layers import only downwards, the
+contract needs the standard library alone, no code edits sys.path, model folders import the package
+by name, and the facts that used to be copied by hand are declared once."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "flux2_serving"
+# Lower layers first; a module may import its own layer and the ones before it (flux2_serving/__init__.py
+# says what each holds). contract and devtools depend on nothing of the project.
+LAYERS = [{"(root)", "contract", "devtools"}, {"export"}, {"models"}, {"serving"}, {"server"}, {"clients"}]
+MAX_UPWARD_IMPORTS = 0
+
+
+def _layer(name: str) -> int:
+    return next(index for index, names in enumerate(LAYERS) if name in names)
+
+
+def _imports(path: Path):
+    """(imported module, line) for every import of `path`, relative ones resolved, function-level ones too."""
+    package = list(path.relative_to(ROOT).parent.parts)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from ((alias.name, node.lineno) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                yield ".".join([*base, *([node.module] if node.module else [])]), node.lineno
+            else:
+                yield node.module, node.lineno
+
+
+def _subpackage(module_path: Path) -> str:
+    parts = module_path.relative_to(PACKAGE).parts
+    return parts[0] if len(parts) > 1 else "(root)"
+
+
+def test_layers_import_only_downwards():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = _subpackage(path)
+        for module, line in _imports(path):
+            parts = module.split(".")
+            if parts[0] in ("bench", "perf", "tests"):
+                upward.append(f"{path.relative_to(ROOT)}:{line} imports {module} (outside the package)")
+            elif parts[0] == "flux2_serving":
+                target = parts[1] if len(parts) > 1 and (PACKAGE / parts[1]).is_dir() else "(root)"
+                if _layer(target) > _layer(source):
+                    upward.append(f"{path.relative_to(ROOT)}:{line} ({source}) imports {module} ({target})")
+    assert len(upward) <= MAX_UPWARD_IMPORTS, "\n".join(upward)
+
+
+def test_the_contract_needs_the_standard_library_only():
+    for path in sorted((PACKAGE / "contract").glob("*.py")):
+        for module, line in _imports(path):
+            top = module.split(".")[0]
+            assert top in sys.stdlib_module_names or module.startswith("flux2_serving.contract"), (
+                f"{path.relative_to(ROOT)}:{line} imports {module}")
+
+
+def _python_files():
+    for folder in ("flux2_serving", "model_repository", "bench", "perf", "tests"):
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_no_code_edits_sys_path():
+    for path in _python_files():
+        text = path.read_text()
+        assert not re.search(r"sys\.path\s*(\[[^\]]*\]\s*)?(=|\.insert|\.append|\.extend|\+=)", text), path
+
+
+def test_model_folders_import_the_package_by_name():
+    """Every committed model.py is a shim: one import of its model from flux2_serving.models."""
+    shims = sorted((ROOT / "model_repository").rglob("*.py"))
+    assert shims and all(path.name == "model.py" for path in shims), shims
+    for path in shims:
+        imports = list(_imports(path))
+        assert [module for module, _ in imports if module != "__future__"] == [
+            f"flux2_serving.models.{m}" for m in re.findall(r"from flux2_serving\.models\.(\w+) import", path.read_text())
+        ] and len(imports) == 1, path
+
+
+def test_the_assembler_copies_no_project_module():
+    """serving/repository.py writes configs, links graphs and plans, and copies committed model folders and the
+    tokenizer/scheduler data: never a module of the package (model.py imports it instead)."""
+    text = (PACKAGE / "serving" / "repository.py").read_text()
+    assert "flux2_export" not in text and "_export_modules" not in text and "triton_io.py" not in text
+
+
+# Facts that were copied by hand (issue 20): each literal may appear only where it is declared.
+DECLARED_ONCE = {
+    '"flux2_klein_kv"': "contract/names.py",
+    '"reference_kv_cache"': "contract/names.py",
+    '"x-flux2-reference-key"': "contract/names.py",
+    '"Exceeds maximum queue size"': "contract/names.py",
+    '"Request timeout expired"': "contract/names.py",
+    '"cached" +': None,
+    "[3:]": None,
+    "REFERENCE_CACHE_BYTES": None,
+    "TEXT_LAYERS_KEPT": None,
+    "text_tokens": None,
+    "served_module": None,
+    "(9, 18, 27)": "contract/specs.py",
+    '("text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached", "vae_decoder")': "contract/specs.py",
+    "max_images": None,
+    "images_per_request": None,
+    "max_steps": None,
+}
+
+
+def _holds(path: Path, literal: str) -> bool:
+    """A quoted literal: a string constant of exactly that value (prose in docstrings may quote it); else
+    the text itself anywhere in the code."""
+    if literal.startswith('"') and literal.endswith('"') and literal.count('"') == 2:
+        value = literal[1:-1]
+        return any(isinstance(node, ast.Constant) and node.value == value for node in ast.walk(ast.parse(path.read_text())))
+    return literal in path.read_text()
+
+
+def test_facts_are_declared_once():
+    product = [p for p in _python_files() if p.parts[len(ROOT.parts)] != "tests"]
+    for literal, home in DECLARED_ONCE.items():
+        found = [str(p.relative_to(PACKAGE if p.is_relative_to(PACKAGE) else ROOT)) for p in product if _holds(p, literal)]
+        assert found == ([home] if home else []), (literal, found)
