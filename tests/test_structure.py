@@ -106,7 +106,10 @@ DECLARED_ONCE = {
     "text_tokens": None,
     "served_module": None,
     "(9, 18, 27)": "contract/specs.py",
-    '("text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached", "vae_decoder")': "contract/specs.py",
+    '("text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached", "vae_decoder")': None,  # GRAPHS
+    'graph == "vae_encoder"': None,  # special cases by name: graphs.Graph fields instead
+    'spec.name == "transformer_cached" else': None,
+    '("vae_encoder", "vae_decoder")': None,
     "max_images": None,
     "images_per_request": None,
     "max_steps": None,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .graphs import GRAPHS
+
 PIXELS_PER_TOKEN_SIDE = 16
 # Dynamic dims that must be a multiple of more than 1: the VAE encoder's pixel sizes (the graph
 # patchifies 16x16 pixels into a token; onnx_export traces them as 16 * Dim).
@@ -32,13 +34,8 @@ GPU_BLS_INSTANCES = 1
 
 
 def _engine_batch() -> dict[str, int]:
-    # Largest batch each engine runs. The text encoder batches requests (Triton's dynamic batcher):
-    # 512 tokens per prompt leave its GEMMs short. The cached step runs up to 2 images of one request
-    # at a time (the BLS splits larger requests): at 1024^2 a sample is 4096 + 512 tokens, already
-    # compute-bound, and each extra sample costs ~1 GiB of activations at 1440^2. The VAE decoder
-    # decodes one image per call: its activations at 1440^2 are ~1.6 GiB per image.
-    return {"text_encoder": 4, "vae_encoder": 1, "transformer_prefill": 1, "transformer_cached": 2,
-            "vae_decoder": 1}
+    """Largest batch each engine runs (graphs.Graph.engine_batch says why)."""
+    return {name: graph.engine_batch for name, graph in GRAPHS.items()}
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,7 @@ class ServingEnvelope:
 
     def area_limits(self, graph: str) -> list[tuple[str, str, int]]:
         """(dimension, dimension, most pixels) products of dims that `graph` bounds beyond their ranges."""
-        return [("height", "width", self.reference_max_area)] if graph == "vae_encoder" else []
+        return [("height", "width", self.reference_max_area)] if GRAPHS[graph].area_bounded else []
 
     def dim_ranges(self, graph: str) -> dict[str, tuple[int, int, int]]:
         """(min, opt, max) of every dynamic dimension name used in specs.graph_specs, for `graph`:
@@ -101,8 +98,8 @@ class ServingEnvelope:
         ref_lo, ref_opt, ref_hi = self.reference_side
         ref_short = self.reference_short_side
         n_ref = self.reference_tokens
-        if graph == "transformer_prefill":  # a prefill has at least one reference (the smallest: 4x4 tokens)
-            n_ref = (self.tokens(ref_lo) ** 2, *n_ref[1:])
+        if GRAPHS[graph].min_references:  # at least that many references, each at least 4x4 tokens
+            n_ref = (GRAPHS[graph].min_references * self.tokens(ref_lo) ** 2, *n_ref[1:])
         batch_hi = self.engine_batch[graph]
         return {
             "batch": (1, 1, batch_hi),
@@ -131,7 +128,7 @@ class ServingEnvelope:
         ranges = self.dim_ranges(graph)
         lo, opt, hi = self.reference_side
         short = self.reference_short_side
-        if graph != "vae_encoder" or short >= hi:
+        if not GRAPHS[graph].area_bounded or short >= hi:
             return [ranges]
         boxes = []
         for h_hi, w_hi in ((short, hi), (hi, short)):
@@ -171,7 +168,7 @@ def shape_range(dims, ranges: dict) -> tuple[tuple, tuple, tuple]:
     lo, opt, hi = [], [], []
     for dim in dims:
         triple = ranges[dim] if isinstance(dim, str) else (dim, dim, dim)
-        for acc, value in zip((lo, opt, hi), triple):
+        for acc, value in zip((lo, opt, hi), triple, strict=True):
             acc.append(value)
     return tuple(lo), tuple(opt), tuple(hi)
 

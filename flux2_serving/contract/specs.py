@@ -35,7 +35,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODEL_DTYPE = "model"  # the export dtype (fp32, bf16 or fp16)
-COMPONENTS = ("text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached", "vae_decoder")
 # Hidden states of the text encoder that the pipeline stacks into prompt_embeds (hence 3 * hidden); the
 # export keeps the layers up to the last of them and drops the rest.
 TEXT_LAYERS = (9, 18, 27)

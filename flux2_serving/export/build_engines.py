@@ -27,9 +27,10 @@ from pathlib import Path
 
 from ..contract.cli_help import HelpFormatter
 from ..contract.envelope import DEFAULT_ENVELOPE, engine_profiles
+from ..contract.graphs import COMPONENTS
 from ..contract.manifest import MissingManifest
 from ..contract.manifest import read as read_manifest
-from ..contract.specs import COMPONENTS, GraphSpec
+from ..contract.specs import GraphSpec
 
 WHERE = ("run it on a GPU host with the TensorRT of the serving Triton, e.g. docker/engines.Dockerfile: NVIDIA's "
          "TensorRT container of the release of the serving tritonserver container (nvcr.io/nvidia/tritonserver:<release>-py3)")

@@ -17,6 +17,7 @@ from diffusers.models.transformers import transformer_flux2
 from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 
 from ..contract.envelope import VAE_ATTENTION_QUERY_CHUNKS
+from ..contract.graphs import GRAPHS
 from ..contract.specs import TEXT_LAYERS
 from .latent_layout import pack_latents, patchify_latents, unpatchify_latents
 
@@ -288,12 +289,7 @@ class TransformerCached(torch.nn.Module):
         return noise_pred.reshape(batch, lat_h, lat_w, channels)
 
 
-WRAPPERS = {"text_encoder": TextEncoder, "vae_encoder": VaeEncoder, "transformer_prefill": TransformerPrefill,
-            "transformer_cached": TransformerCached, "vae_decoder": VaeDecoder}
-
-
-KINDS = {"text_encoder": "text_encoder", "vae_encoder": "vae", "vae_decoder": "vae",
-         "transformer_prefill": "transformer", "transformer_cached": "transformer"}
+WRAPPERS = {name: globals()[graph.wrapper] for name, graph in GRAPHS.items()}
 
 
 def build(name: str, model: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
@@ -306,9 +302,9 @@ def build(name: str, model: str, dtype: torch.dtype = torch.float32, device: str
     if model.startswith("random:"):
         from .checkpoint import random_module
 
-        return WRAPPERS[name](random_module(KINDS[name], model.split(":", 1)[1], dtype, device)).eval()
+        return WRAPPERS[name](random_module(GRAPHS[name].module, model.split(":", 1)[1], dtype, device)).eval()
     from .loading import load_text_encoder, load_transformer, load_vae
 
-    loader = {"text_encoder": load_text_encoder, "vae": load_vae, "transformer": load_transformer}[KINDS[name]]
+    loader = {"text_encoder": load_text_encoder, "vae": load_vae, "transformer": load_transformer}[GRAPHS[name].module]
     # Wrap on the CPU, then move: the text encoder drops its unused layers before reaching the GPU.
     return WRAPPERS[name](loader(model, dtype)).to(device).eval()

@@ -43,9 +43,9 @@ from polygraphy.logger import G_LOGGER
 
 from ..contract.cli_help import HelpFormatter
 from ..contract.envelope import DEFAULT_ENVELOPE, engine_profiles, shape_range
+from ..contract.graphs import COMPONENTS
 from ..contract.manifest import MissingManifest
 from ..contract.manifest import read as read_manifest
-from ..contract.specs import COMPONENTS
 from .build_engines import MissingRequirement, compute_capability, engine_name, layer_summary, summary_line
 from .latent_layout import grid_ids, reference_ids, text_ids
 

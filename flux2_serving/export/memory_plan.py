@@ -36,8 +36,9 @@ from ..contract.envelope import (
     ServingEnvelope,
     binding_max_shapes,
 )
+from ..contract.graphs import COMPONENTS, GRAPHS
 from ..contract.names import CACHE_MODEL
-from ..contract.specs import BYTES_PER_ELEMENT, COMPONENTS, TEXT_LAYERS, graph_specs
+from ..contract.specs import BYTES_PER_ELEMENT, TEXT_LAYERS, graph_specs
 from .build_engines import RECORD
 
 GIB = 2**30
@@ -131,7 +132,8 @@ def activation_bytes(name: str, size: ModelSize, dtype: str, envelope: ServingEn
     d, b = size.dims, BYTES_PER_ELEMENT[dtype]
     ranges = envelope.dim_ranges(name)
     hidden = d["heads"] * d["head_dim"]
-    if name in ("transformer_prefill", "transformer_cached"):
+    module = GRAPHS[name].module
+    if module == "transformer":
         if name == "transformer_cached":
             tokens = ranges["batch"][2] * (ranges["lat_h"][2] * ranges["lat_w"][2] + ranges["text_len"][2])
         else:
@@ -139,7 +141,7 @@ def activation_bytes(name: str, size: ModelSize, dtype: str, envelope: ServingEn
         # A single-stream block: fused QKV+MLP projection (3h + 2m), RoPE'd q and k (2h), attention
         # output (h), MLP activation (m), residual in and out (2h).
         return tokens * (8 * hidden + 3 * size.mlp_hidden) * b
-    if name == "text_encoder":
+    if module == "text_encoder":
         tokens = ranges["batch"][2] * ranges["text_len"][2]
         text = d["text_hidden"]
         # Residual, normed input, q/k/v, attention output, gate/up, activation; plus the three kept hidden states.

@@ -15,7 +15,8 @@ import onnx
 import torch
 from torch.export import Dim
 
-from ..contract.specs import COMPONENTS, GraphSpec, graph_specs
+from ..contract.graphs import COMPONENTS, GRAPHS
+from ..contract.specs import GraphSpec, graph_specs
 from . import components as C
 from .latent_layout import grid_ids, reference_ids, text_ids
 from .loading import read_model_dims
@@ -62,9 +63,9 @@ def _mask(shape) -> torch.Tensor:
 
 def dynamic_shapes(spec: GraphSpec) -> tuple:
     """torch.export dynamic shapes of every input, in order, from the declared dims of `spec`."""
-    n_ref_min = 0 if spec.name == "transformer_cached" else 1  # 0 = text-to-image; a prefill has references
     dims = {name: Dim(name, min=1, max=MAX[name]) for name in ("batch", "text_len", "lat_h", "lat_w")}
-    dims["n_ref"] = Dim("n_ref", min=n_ref_min, max=MAX["n_ref"])
+    if GRAPHS[spec.name].min_references is not None:  # 0: text-to-image; a prefill has at least one token
+        dims["n_ref"] = Dim("n_ref", min=GRAPHS[spec.name].min_references, max=MAX["n_ref"])
     # Reference pixels: multiples of 16 (the VAE downsamples 8x, then 2x2 patches).
     dims["height"] = 16 * Dim("ref_h", min=1, max=MAX["lat_h"])
     dims["width"] = 16 * Dim("ref_w", min=1, max=MAX["lat_w"])
@@ -130,7 +131,7 @@ def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, d
     large = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > LARGE_GRAPH_BYTES
     path = out_dir / name / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    chunked = C.query_chunked_attention() if name in ("vae_encoder", "vae_decoder") else contextlib.nullcontext()
+    chunked = C.query_chunked_attention() if GRAPHS[name].sliced_attention else contextlib.nullcontext()
     with torch.no_grad(), C.float32_rope(), chunked:
         program = torch.onnx.export(
             wrapper, args, dynamo=True, opset_version=OPSET,
