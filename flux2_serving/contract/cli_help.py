@@ -15,3 +15,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 and action.default is not False and action.default is not argparse.SUPPRESS):
             text += " (default: %(default)s)"
         return text
+
+
+def command_parser(module: str, doc: str, epilog_extra: str = "") -> argparse.ArgumentParser:
+    """The parser of `python -m <module>`: the first paragraph of its docstring `doc` describes it, the
+    rest (and `epilog_extra`) follows the options, line breaks kept."""
+    description, _, epilog = doc.partition("\n\n")
+    epilog = "\n".join(part for part in (epilog.rstrip(), epilog_extra.rstrip()) if part)
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=description, epilog=epilog or None,
+                                   formatter_class=HelpFormatter)

@@ -16,7 +16,6 @@ truncated plan under the final name.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..contract.cli_help import HelpFormatter
+from ..contract.cli_help import command_parser
 from ..contract.envelope import DEFAULT_ENVELOPE, engine_profiles
 from ..contract.graphs import COMPONENTS
 from ..contract.manifest import MissingManifest
@@ -33,7 +32,8 @@ from ..contract.manifest import read as read_manifest
 from ..contract.specs import GraphSpec
 
 WHERE = ("run it on a GPU host with the TensorRT of the serving Triton, e.g. docker/engines.Dockerfile: NVIDIA's "
-         "TensorRT container of the release of the serving tritonserver container (nvcr.io/nvidia/tritonserver:<release>-py3)")
+         "TensorRT container of the release of the serving tritonserver container "
+         "(nvcr.io/nvidia/tritonserver:<release>-py3)")
 
 
 class MissingRequirement(RuntimeError):
@@ -96,7 +96,7 @@ def apply_timing_cache(config, path: Path, trt_version: str, compute_capability:
 
 def import_tensorrt():
     try:
-        import tensorrt as trt  # noqa: PLC0415 - optional, only on GPU hosts
+        import tensorrt as trt  # optional, only on GPU hosts
     except ImportError as exc:
         raise MissingRequirement(f"TensorRT Python package not found ({exc}); {WHERE}") from exc
     return trt
@@ -219,10 +219,9 @@ def describe_profiles(specs: dict[str, GraphSpec]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.export.build_engines", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--onnx-dir", required=True, help="output of `python -m flux2_serving.export` (has manifest.json)")
+    parser = command_parser("flux2_serving.export.build_engines", __doc__)
+    parser.add_argument("--onnx-dir", required=True,
+                        help="output of `python -m flux2_serving.export` (has manifest.json)")
     parser.add_argument("--engines-dir", "--out", dest="out", default="build/engines",
                         help="folder for the .plan files (default %(default)s)")
     parser.add_argument("--components", nargs="+", choices=COMPONENTS, metavar="NAME",

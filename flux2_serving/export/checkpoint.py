@@ -24,7 +24,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch is imported where it is used: --help answers without it
+from ..contract.cli_help import HelpFormatter
+
+# torch, diffusers, transformers and tokenizers are imported in the functions that build modules: heavy,
+# and optional for this module's other users (--help; the memory plan reads the 9B dims from here).
+if TYPE_CHECKING:
     import torch
 
 
@@ -217,8 +221,6 @@ def write_checkpoint(out: str | Path, seed: int = 0, size: str = "tiny") -> Path
 
 
 def main(argv=None) -> int:
-    from ..contract.cli_help import HelpFormatter
-
     parser = argparse.ArgumentParser(
         prog="python -m flux2_serving.export.checkpoint", formatter_class=HelpFormatter,
         description="Write a small random Flux2KleinKVPipeline checkpoint (diffusers layout).",

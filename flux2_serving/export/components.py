@@ -9,6 +9,7 @@ contract of each graph is declared in `specs.py`.
 from __future__ import annotations
 
 import contextlib
+import copy
 from types import SimpleNamespace
 
 import torch
@@ -19,7 +20,9 @@ from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 from ..contract.envelope import VAE_ATTENTION_QUERY_CHUNKS
 from ..contract.graphs import GRAPHS
 from ..contract.specs import TEXT_LAYERS
+from .checkpoint import random_module
 from .latent_layout import pack_latents, patchify_latents, unpatchify_latents
+from .loading import load_text_encoder, load_transformer, load_vae
 
 # The pipeline's static helpers are the single source of the latent layout.
 _pipe = Flux2KleinKVPipeline
@@ -49,8 +52,9 @@ def query_chunked_attention(chunks: int = VAE_ATTENTION_QUERY_CHUNKS):
     [1, 1, 32768, 32768] score tensor, 1.1e9 elements and 2-4 GiB (a square 2048x2048 profile: 4.3e9,
     over TensorRT's 2^31 - 1), unless TensorRT fuses it, which its fused attention kernels do not
     promise for a head this wide. Softmax is per query row, so `chunks` slices of the queries against
-    all keys compute exactly the same rows, and only one slice's scores (here 2048 x 32768) is alive. Patches torch's scaled_dot_product_attention while the
-    VAE graphs are traced; they call it without a mask, causal flag or dropout."""
+    all keys compute exactly the same rows, and only one slice's scores (here 2048 x 32768) is alive.
+    Patches torch's scaled_dot_product_attention while the VAE graphs are traced; they call it without
+    a mask, causal flag or dropout."""
     original = torch.nn.functional.scaled_dot_product_attention
 
     def chunked(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
@@ -59,7 +63,7 @@ def query_chunked_attention(chunks: int = VAE_ATTENTION_QUERY_CHUNKS):
         n = query.shape[-2]
         bounds = [(i * n) // chunks for i in range(chunks + 1)]
         return torch.cat([original(query[..., lo:hi, :], key, value, scale=scale)
-                          for lo, hi in zip(bounds, bounds[1:])], dim=-2)
+                          for lo, hi in zip(bounds, bounds[1:], strict=False)], dim=-2)
 
     torch.nn.functional.scaled_dot_product_attention = chunked
     try:
@@ -186,8 +190,6 @@ class _Discarded(torch.nn.Module):
 
 def _shallow_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of `module` sharing its parameters, whose submodules can be replaced without touching it."""
-    import copy
-
     clone = copy.copy(module)
     clone._modules = dict(module._modules)
     return clone
@@ -300,11 +302,7 @@ def build(name: str, model: str, dtype: torch.dtype = torch.float32, device: str
     (checkpoint.random_module: the GPU check serves klein 9B dims without downloading anything).
     """
     if model.startswith("random:"):
-        from .checkpoint import random_module
-
         return WRAPPERS[name](random_module(GRAPHS[name].module, model.split(":", 1)[1], dtype, device)).eval()
-    from .loading import load_text_encoder, load_transformer, load_vae
-
     loader = {"text_encoder": load_text_encoder, "vae": load_vae, "transformer": load_transformer}[GRAPHS[name].module]
     # Wrap on the CPU, then move: the text encoder drops its unused layers before reaching the GPU.
     return WRAPPERS[name](loader(model, dtype)).to(device).eval()

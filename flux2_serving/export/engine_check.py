@@ -1,4 +1,5 @@
-"""python -m flux2_serving.export.engine_check: each built TensorRT engine against onnxruntime on the same inputs (Polygraphy).
+"""python -m flux2_serving.export.engine_check: each built TensorRT engine against onnxruntime on the
+same inputs (Polygraphy).
 
 For every graph of an export (or --components) it records one set of inputs at the serving envelope's opt
 shapes (--shapes min for a quick run): random normal floats, input_ids in [0, vocab_size), position ids laid
@@ -27,7 +28,6 @@ runs the venv's python.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import OrderedDict
@@ -41,7 +41,7 @@ from polygraphy.comparator import Comparator, IterationResult, RunResults, Simpl
 from polygraphy.json import save_json
 from polygraphy.logger import G_LOGGER
 
-from ..contract.cli_help import HelpFormatter
+from ..contract.cli_help import command_parser
 from ..contract.envelope import DEFAULT_ENVELOPE, engine_profiles, shape_range
 from ..contract.graphs import COMPONENTS
 from ..contract.manifest import MissingManifest
@@ -115,7 +115,7 @@ def engine_feed(feed: OrderedDict, dtype: str) -> OrderedDict:
         return feed
     if dtype == "fp16":
         return OrderedDict((k, v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in feed.items())
-    import torch  # noqa: PLC0415 - only for bf16 engines
+    import torch  # only for bf16 engines
 
     return OrderedDict((k, torch.from_numpy(v).to(torch.bfloat16) if v.dtype == np.float32 else torch.from_numpy(v))
                        for k, v in feed.items())
@@ -156,7 +156,7 @@ def compare(candidate: RunResults, reference: RunResults, check: tuple[str, floa
 def tensorrt_status(engines_dir: Path):
     """(tensorrt module, compute capability, None) or (None, None, why the TensorRT half does not run)."""
     try:
-        import tensorrt as trt  # noqa: PLC0415 - optional, only on GPU hosts
+        import tensorrt as trt  # optional, only on GPU hosts
     except ImportError:
         return None, None, "TensorRT not installed here"
     try:
@@ -221,8 +221,7 @@ def _describe(name: str, r: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.export.engine_check", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
+    parser = command_parser("flux2_serving.export.engine_check", __doc__)
     parser.add_argument("--onnx-dir", required=True, help="the export the engines were built from (has manifest.json)")
     parser.add_argument("--engines-dir", default="build/engines", help="folder of the .plan files")
     parser.add_argument("--reference-onnx-dir", help="fp32 export of the same model, for onnxruntime "
@@ -260,7 +259,7 @@ def main(argv=None) -> int:
         try:
             result = check_component(name, manifest, reference, reference_dir, engines_dir, out, args.shapes,
                                      trt, sm, why_not)
-        except Exception as exc:  # noqa: BLE001 - a graph that cannot run is a failed check, reported
+        except Exception as exc:  # a graph that cannot run is a failed check, reported
             result = {"passed": False, "error": f"{type(exc).__name__}: {exc}"}
             print(f"{name}: FAILED: {result['error']}")
         else:

@@ -17,9 +17,10 @@ DIFFUSERS_VERSION = "0.42.1"  # the version whose helpers these equal (requireme
 REFERENCE_TIME_SCALE = 10  # _prepare_image_ids: the i-th reference sits at time 10 + 10 i
 
 
-def _ids(t, h, w, l) -> np.ndarray:
-    """Rows (t, h, w, l) of every combination, last axis fastest: torch.cartesian_prod's order."""
-    grid = np.meshgrid(*(np.asarray(axis) for axis in (t, h, w, l)), indexing="ij")
+def _ids(*axes) -> np.ndarray:
+    """Rows (t, h, w, l) of every combination of the four axes' values, the last fastest
+    (torch.cartesian_prod's order)."""
+    grid = np.meshgrid(*(np.asarray(axis) for axis in axes), indexing="ij")
     return np.stack([axis.reshape(-1) for axis in grid], axis=-1).astype(np.int64)
 
 

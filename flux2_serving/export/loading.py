@@ -8,54 +8,42 @@ never holds the text encoder and the transformer in memory together.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
+from diffusers import AutoencoderKLFlux2, Flux2KleinKVPipeline, Flux2Transformer2DModel
+from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
+
+from ..contract.specs import model_dims
+from .checkpoint import random_module
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_text_encoder(model: str, dtype: torch.dtype = torch.float32):
-    from transformers import Qwen3ForCausalLM
-
     return Qwen3ForCausalLM.from_pretrained(model, subfolder="text_encoder", dtype=dtype).eval()
 
 
 def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
 
 
 def load_vae(model: str, dtype: torch.dtype = torch.float32):
-    from diffusers import AutoencoderKLFlux2
-
     return AutoencoderKLFlux2.from_pretrained(model, subfolder="vae", dtype=dtype).eval()
 
 
 def load_transformer(model: str, dtype: torch.dtype = torch.float32):
-    from diffusers import Flux2Transformer2DModel
-
     return Flux2Transformer2DModel.from_pretrained(model, subfolder="transformer", dtype=dtype).eval()
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
     """The reference `Flux2KleinKVPipeline` (parity tests and benchmarks)."""
-    from diffusers import Flux2KleinKVPipeline
-
     return Flux2KleinKVPipeline.from_pretrained(model, dtype=dtype)
 
 
 def read_model_dims(model: str) -> dict:
     """The sizes the I/O spec needs (specs.model_dims), plus the vocabulary size, from the configs."""
-    from types import SimpleNamespace
-
-    from diffusers import Flux2Transformer2DModel
-    from transformers import AutoConfig
-
-    from ..contract.specs import model_dims
-
     if model.startswith("random:"):  # checkpoint.random_module's dims: read off modules built on the meta device
-        from .checkpoint import random_module
-
         size = model.split(":", 1)[1]
         text_cfg = random_module("text_encoder", size, torch.float32, "meta").config
         transformer_cfg = random_module("transformer", size, torch.float32, "meta").config

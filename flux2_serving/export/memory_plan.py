@@ -21,14 +21,13 @@ GPU: the activation and runtime rows are estimates, the rest is arithmetic on sh
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..contract.cli_help import HelpFormatter
+from ..contract.cli_help import command_parser
 from ..contract.envelope import (
     DEFAULT_ENVELOPE,
     GPU_BLS_INSTANCES,
@@ -38,8 +37,9 @@ from ..contract.envelope import (
 )
 from ..contract.graphs import COMPONENTS, GRAPHS
 from ..contract.names import CACHE_MODEL
-from ..contract.specs import BYTES_PER_ELEMENT, TEXT_LAYERS, graph_specs
+from ..contract.specs import BYTES_PER_ELEMENT, TEXT_LAYERS, graph_specs, model_dims
 from .build_engines import RECORD
+from .checkpoint import KLEIN_9B_TEXT_ENCODER, KLEIN_9B_TRANSFORMER
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = 0.5  # per process that initialises CUDA (estimate for an H100 with CUDA 12)
@@ -72,12 +72,13 @@ def model_size(model: str | None) -> ModelSize:
 
     The modules are built on the meta device: no weight is read or allocated.
     """
+    # torch, diffusers, transformers and the wrappers: heavy, and only this function needs them
+    # (serving.repository imports this module for bls_transfer_bytes alone).
     import torch
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import AutoConfig, Qwen3Config, Qwen3ForCausalLM
 
-    from ..contract.specs import model_dims
-    from .checkpoint import KLEIN_9B_TEXT_ENCODER, KLEIN_9B_TRANSFORMER
+    from .components import reference_stream_only
 
     if model is None:
         text_config, transformer_config, vae_config = Qwen3Config(**KLEIN_9B_TEXT_ENCODER), KLEIN_9B_TRANSFORMER, {}
@@ -95,8 +96,6 @@ def model_size(model: str | None) -> ModelSize:
     cfg = transformer.config
     dims = model_dims(text_config, cfg)
     transformer_params = _count(transformer)
-    from .components import reference_stream_only  # noqa: PLC0415 - diffusers, like the rest of this function
-
     prefill_params = _count(reference_stream_only(transformer))  # without the text stream and output layers
     encoder = _count(vae.encoder) + _count(vae.bn) + (_count(vae.quant_conv) if vae.quant_conv is not None else 0)
     decoder = _count(vae.decoder) + _count(vae.bn) + (
@@ -251,15 +250,14 @@ def total_bytes(rows) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.export.memory_plan", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1] + "\n" + EXAMPLES,
-                                     formatter_class=HelpFormatter)
+    parser = command_parser("flux2_serving.export.memory_plan", __doc__, EXAMPLES)
     parser.add_argument("--model", default=None, help="diffusers checkpoint folder or hub id (default: klein 9B dims)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="engine dtype (default %(default)s)")
     parser.add_argument("--gpu-gib", type=float, default=80.0,
                         help="GPU memory in GiB (default %(default)s; an H100 80GB reports ~79.2 to CUDA)")
-    parser.add_argument("--headroom", type=float, default=0.15, help="share of the GPU to keep free (default %(default)s)")
+    parser.add_argument("--headroom", type=float, default=0.15,
+                        help="share of the GPU to keep free (default %(default)s)")
     parser.add_argument("--reference-tokens", type=int, default=DEFAULT_ENVELOPE.reference_tokens[2],
                         help="max tokens of a request's reference set (default %(default)s = one reference of 1024^2)")
     parser.add_argument("--reference-cache-bytes", type=int, default=DEFAULT_ENVELOPE.reference_cache_bytes,

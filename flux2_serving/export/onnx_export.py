@@ -19,7 +19,7 @@ from ..contract.graphs import COMPONENTS, GRAPHS
 from ..contract.specs import GraphSpec, graph_specs
 from . import components as C
 from .latent_layout import grid_ids, reference_ids, text_ids
-from .loading import read_model_dims
+from .loading import DTYPES, read_model_dims
 
 OPSET = 18  # within TensorRT 10's parser range (opset 9-20), see trt_supported_ops.tsv
 LARGE_GRAPH_BYTES = 1 << 30  # weights go to external data well before protobuf's 2 GB limit
@@ -84,7 +84,7 @@ def _finish_graph(path: Path, spec: GraphSpec) -> None:
         by_name = {t.name: t for t in tensors}
         for value in values:
             tensor = by_name[value.name]
-            for dim, declared in zip(value.type.tensor_type.shape.dim, tensor.dims):
+            for dim, declared in zip(value.type.tensor_type.shape.dim, tensor.dims, strict=True):
                 if isinstance(declared, str):
                     dim.dim_param = declared
     softmax_in_fp32(proto)
@@ -146,8 +146,6 @@ def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, d
 
 
 def export_all(model: str, out_dir: str | Path, dtype: str = "fp32", components=COMPONENTS, log=print) -> dict:
-    from .loading import DTYPES
-
     out_dir = Path(out_dir)
     dims = read_model_dims(model)
     paths = {}

@@ -15,11 +15,17 @@ klein 9B; the memory plan states the 9B figures).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import onnx
+from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+from ..contract.cli_help import command_parser
+from ..contract.envelope import DEFAULT_ENVELOPE, engine_profiles
+from ..contract.manifest import read
 
 LIMIT = 2**31 - 1
 ASSUMED_FUSED = ("text_encoder", "transformer_prefill", "transformer_cached")  # multi-head attention, head 128
@@ -77,12 +83,9 @@ def score_tensors(graph) -> set[str]:
 
 def walk(onnx_path, input_shapes: dict[str, tuple]) -> Walk:
     """Shapes of every tensor of the graph at `input_shapes` ({input: shape}); the largest ones."""
-    import onnx
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
     proto = onnx.load(str(onnx_path), load_external_data=False)
     for value in proto.graph.input:
-        for dim, size in zip(value.type.tensor_type.shape.dim, input_shapes[value.name]):
+        for dim, size in zip(value.type.tensor_type.shape.dim, input_shapes[value.name], strict=True):
             dim.ClearField("dim_param")
             dim.dim_value = size
     inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
@@ -102,9 +105,6 @@ def walk(onnx_path, input_shapes: dict[str, tuple]) -> Walk:
 
 def walk_export(onnx_dir) -> list[Walk]:
     """Every graph of an export at each of its profiles' maximum shapes."""
-    from ..contract.envelope import DEFAULT_ENVELOPE, engine_profiles
-    from ..contract.manifest import read
-
     manifest = read(onnx_dir)
     walks = []
     for name, spec in manifest.specs.items():
@@ -116,8 +116,7 @@ def walk_export(onnx_dir) -> list[Walk]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.export.profile_walk", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = command_parser("flux2_serving.export.profile_walk", __doc__)
     parser.add_argument("onnx_dir", help="an export (has manifest.json)")
     args = parser.parse_args(argv)
     failed = False

@@ -12,7 +12,6 @@ Usage: python -m flux2_serving.export.trt_compat DIR_OR_ONNX [...]
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from ..contract.cli_help import HelpFormatter
+from ..contract.cli_help import command_parser
 
 SUPPORTED_OPS_FILE = Path(__file__).with_name("trt_supported_ops.tsv")
 FLOAT_TYPES = {
@@ -84,16 +83,17 @@ def check_graph(path: str | Path) -> Report:
     supported, meta = load_supported_ops()
     try:
         onnx.checker.check_model(str(path), full_check=False)
-    except Exception as exc:  # noqa: BLE001 - any checker failure is a finding
+    except Exception as exc:  # any checker failure is a finding
         report.problems.append(f"onnx.checker: {exc}")
     model = onnx.load(str(path), load_external_data=False)
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # any parser failure is a finding of the report, not a crash
         report.problems.append(f"shape inference: {exc}")
     report.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if not 9 <= report.opset <= int(meta["max_opset"]):
-        report.problems.append(f"opset {report.opset} outside TensorRT {meta['tensorrt_version']}'s 9..{meta['max_opset']}")
+        report.problems.append(
+            f"opset {report.opset} outside TensorRT {meta['tensorrt_version']}'s 9..{meta['max_opset']}")
     if model.functions:
         report.problems.append(f"{len(model.functions)} local ONNX functions (inline them)")
 
@@ -131,7 +131,7 @@ def find_graphs(paths) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.export.trt_compat", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = command_parser("flux2_serving.export.trt_compat", __doc__)
     parser.add_argument("paths", nargs="+", help="ONNX files or directories searched for *.onnx")
     args = parser.parse_args(argv)
     _, meta = load_supported_ops()
