@@ -223,8 +223,8 @@ class TransformerPrefill(torch.nn.Module):
     """Reference tokens alone -> post-RoPE K/V of every double and single block.
 
     In `kv_cache_mode="extract"` reference tokens attend only to reference tokens and are
-    modulated with the fixed timestep 0, so their K/V depend on nothing else (README, "How it fits
-    together"). This runs diffusers' own extract forward over the references, a one-token dummy
+    modulated with the fixed timestep 0, so their K/V depend on nothing else (docs/architecture.md,
+    "How it fits together"). This runs diffusers' own extract forward over the references, a one-token dummy
     image and no text token, on the transformer without its text stream and output layers
     (reference_stream_only: ~1.9B parameters fewer at 9B), and keeps only the extracted K/V:
     equal to what diffusers extracts with any prompt and latents (tested).
@@ -265,7 +265,7 @@ class TransformerCached(torch.nn.Module):
     Text-to-image uses the same graph with N_ref = 0: an empty K/V adds nothing to the
     attention, so the step equals diffusers' plain forward (tested). This avoids a third
     full-size transformer engine; a TensorRT profile with min N_ref = 0 is the assumption
-    to confirm on a GPU host (see README).
+    to confirm on a GPU host (docs/runbook.md).
     """
 
     def __init__(self, transformer):
