@@ -18,6 +18,7 @@ max_sequence_length parameter and the pipeline's argument of that name) = 8 : 8 
 
 from __future__ import annotations
 
+import io
 import statistics
 import tempfile
 import time
@@ -25,9 +26,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from bench import gpu_probe
 from bench.report import benchmark_parser, machine, parse_benchmark_args, publish, tree_memory_gib
+from flux2_serving.clients.api import Flux2Client
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.devtools.metrics import reference_cache_metrics
+from flux2_serving.devtools.pictures import synthetic_reference
+from flux2_serving.server.launch import running
+from flux2_serving.serving.repository import assemble
+from perf import run as perf_run
+from perf.provision import provision
 
 SIDE, REF_SIDE, TEXT_TOKENS, STEPS = 512, 512, 128, 4
 PROMPTS = ["turn the scene into a snowy winter evening", "a watercolor version with soft pastel colors",
@@ -39,6 +49,7 @@ def log(message: str) -> None:
 
 
 def load_pipelines(checkpoint: str):
+    # torch, diffusers: heavy, only the diffusers side of the benchmark needs them (--help answers without)
     import torch
     from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
 
@@ -52,7 +63,7 @@ def load_pipelines(checkpoint: str):
 
 
 def diffusers_edit(pipe, prompt: str, references, seed: int) -> np.ndarray:
-    import torch
+    import torch  # heavy, only the diffusers side needs it (as load_pipelines)
 
     kwargs = dict(guidance_scale=1.0) if type(pipe).__name__ == "Flux2KleinPipeline" else {}
     images = pipe(prompt=prompt, image=list(references) or None, height=SIDE, width=SIDE,
@@ -63,9 +74,6 @@ def diffusers_edit(pipe, prompt: str, references, seed: int) -> np.ndarray:
 
 def start_server(args, workdir: Path):
     """A context manager: tritonserver on the bench checkpoint's repository (flux2_serving.server.launch.Running)."""
-    from flux2_serving.server.launch import running
-    from flux2_serving.serving.repository import assemble
-
     repository = assemble(args.onnx_dir, args.checkpoint, workdir / "model_repository", backend="onnxruntime",
                           threads=args.threads, envelope=replace(DEFAULT_ENVELOPE, text_len=TEXT_TOKENS))
     return running(repository, log_file=workdir / "server.log")
@@ -78,10 +86,11 @@ def edit_latency(args, client, pipes, pils, pngs) -> list[dict]:
         seed = 100 + count
         jobs = {
             # The cross-request K/V cache is bypassed here: (a) and (b) compare one request's pipeline.
-            "triton": lambda: np.asarray(client.generate(PROMPTS[0], pngs[:count], height=SIDE, width=SIDE, seed=seed,
-                                                          num_inference_steps=STEPS, reuse_reference_cache=False)[0])[None],
-            "diffusers_kv": lambda: diffusers_edit(pipes[0], PROMPTS[0], pils[:count], seed),
-            "diffusers_no_kv": lambda: diffusers_edit(pipes[1], PROMPTS[0], pils[:count], seed),
+            "triton": lambda count=count, seed=seed: np.asarray(client.generate(
+                PROMPTS[0], pngs[:count], height=SIDE, width=SIDE, seed=seed, num_inference_steps=STEPS,
+                reuse_reference_cache=False)[0])[None],
+            "diffusers_kv": lambda count=count, seed=seed: diffusers_edit(pipes[0], PROMPTS[0], pils[:count], seed),
+            "diffusers_no_kv": lambda count=count, seed=seed: diffusers_edit(pipes[1], PROMPTS[0], pils[:count], seed),
         }
         times = {name: [] for name in jobs}
         outputs = {name: job() for name, job in jobs.items()}  # warm-up
@@ -102,13 +111,6 @@ def repeated_reference(args, client, pipe, server) -> dict:
     """Issue 5's workload: one reference, 4 different prompts, sequentially; a new reference each
     repeat (so each sequence starts with a miss). Triton reuses the reference K/V across requests;
     diffusers' KV pipeline recomputes it every call."""
-    import io
-
-    from PIL import Image
-
-    from flux2_serving.devtools.metrics import reference_cache_metrics
-    from flux2_serving.devtools.pictures import synthetic_reference
-
     triton, diffusers, first, later = [], [], [], []
     before = reference_cache_metrics(server.metrics)
     for repeat in range(args.repeats + 1):  # the first sequence is the warm-up
@@ -140,17 +142,12 @@ def repeated_reference(args, client, pipe, server) -> dict:
 
 def per_step_costs(args) -> list[dict]:
     """(c) bench.gpu_probe on the CPU at this configuration's token counts, in-process."""
-    from bench import gpu_probe
-
     return gpu_probe.run(size="bench", device="cpu", dtype="fp32", text_len=TEXT_TOKENS, img_grid=SIDE // 16,
                          ref_grid=REF_SIDE // 16, refs="1,4", repeats=max(5, args.repeats))["measurements"]
 
 
 def throughput(args, server, workdir: Path) -> str:
     """(d) perf_analyzer over gRPC on the 1-reference edit, concurrency 1 to 4."""
-    from perf import run as perf_run
-    from perf.provision import provision
-
     provision(log=log)
     out = workdir / "perf"
     _, table = perf_run.run(["--grpc-url", server.grpc, "--protocols", "grpc", "--cases", "reference_1",
@@ -164,8 +161,9 @@ def markdown(args, rows, steps, perf_table, memory, repeated, seconds) -> str:
         "## Edit latency, KV vs no KV, per-step cost, throughput, memory (`make bench`)",
         "",
         f"Command: `{args.command}` ({seconds / 60:.1f} min). Machine: {machine()}.",
-        f"Configuration: bench random checkpoint (`python -m flux2_serving.export.checkpoint --size bench`: transformer 8 heads "
-        f"x 64 = width 512, 2 double + 2 single blocks; text encoder and VAE as the tiny test checkpoint), fp32, "
+        "Configuration: bench random checkpoint (`python -m flux2_serving.export.checkpoint --size bench`: "
+        "transformer 8 heads x 64 = width 512, 2 double + 2 single blocks; text encoder and VAE as the tiny test "
+        "checkpoint), fp32, "
         f"CPU (onnxruntime in Triton with {args.threads} intra-op "
         f"threads per component, torch with its default threads in-process), {STEPS} steps, output "
         f"{SIDE}x{SIDE} = {(SIDE // 16) ** 2} tokens, references {REF_SIDE}x{REF_SIDE} = {(REF_SIDE // 16) ** 2} "
@@ -183,16 +181,19 @@ def markdown(args, rows, steps, perf_table, memory, repeated, seconds) -> str:
     bfl = {1: "1.40x", 4: "2.22x"}
     for row in rows:
         lines.append(
-            f"| {row['references']} | {row['triton_s']:.2f} | {row['diffusers_kv_s']:.2f} | {row['diffusers_no_kv_s']:.2f} | "
-            f"{row['triton_s'] / row['diffusers_kv_s']:.2f}x | {row['diffusers_no_kv_s'] / row['triton_s']:.2f}x | "
-            f"{row['diffusers_no_kv_s'] / row['diffusers_kv_s']:.2f}x | {bfl[row['references']]} | {row['max_pixel_diff']} |")
+            f"| {row['references']} | {row['triton_s']:.2f} | {row['diffusers_kv_s']:.2f} | "
+            f"{row['diffusers_no_kv_s']:.2f} | {row['triton_s'] / row['diffusers_kv_s']:.2f}x | "
+            f"{row['diffusers_no_kv_s'] / row['triton_s']:.2f}x | "
+            f"{row['diffusers_no_kv_s'] / row['diffusers_kv_s']:.2f}x | {bfl[row['references']]} | "
+            f"{row['max_pixel_diff']} |")
     lines += ["", "Repeated-reference editing (one 512x512 reference, 4 different prompts, sequential; "
               "cross-request reference K/V cache, model reference_kv_cache; target >= 1.5x):", "",
               "| Triton, 4 edits (s) | diffusers KV pipeline, 4 edits (s) | speed-up | cache hit rate | "
               "bytes per cached entry |", "|---|---|---|---|---|",
               f"| {repeated['triton_s']:.2f} | {repeated['diffusers_s']:.2f} | "
               f"{repeated['diffusers_s'] / repeated['triton_s']:.2f}x | {repeated['hit_rate']:.2f} "
-              f"({repeated['hits']} hits, {repeated['misses']} misses) | {repeated['bytes_per_entry'] / 2**20:.2f} MiB |"]
+              f"({repeated['hits']} hits, {repeated['misses']} misses) | "
+              f"{repeated['bytes_per_entry'] / 2**20:.2f} MiB |"]
     miss, hit = repeated["first_s"], repeated["later_s"]  # medians of the sequences' first / later requests
     per_edit = repeated["diffusers_s"] / len(PROMPTS)
     lines += ["", f"A hit skips VAE encoding and the prefill; the {STEPS} cached steps, the text encoder and the VAE "
@@ -221,13 +222,6 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads per component")
     parser.add_argument("--skip-perf", action="store_true", help="leave out (d), perf_analyzer")
     args = parse_benchmark_args(parser, argv)
-    import io
-
-    from PIL import Image
-
-    from flux2_serving.clients.api import Flux2Client
-    from flux2_serving.devtools.pictures import synthetic_reference
-
     started = time.perf_counter()
     pngs = [synthetic_reference((REF_SIDE, REF_SIDE), 30 + 50 * i) for i in range(4)]
     pils = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]

@@ -31,6 +31,7 @@ import zipfile
 from pathlib import Path
 
 from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.server.launch import bundled_server
 
 LIMIT_BYTES = 60 * 2**20
 # What diffusers and tritonclient's gRPC client need beyond PyTorch, transformers and their
@@ -53,8 +54,6 @@ def _tar_xz(path: Path, add) -> int:
 
 def server_files(python: str) -> tuple[Path, list[tuple[Path, str]]]:
     """(site-packages root, [(file, name in the archive)]) of the server part, for Python `python`."""
-    from flux2_serving.server.launch import bundled_server
-
     server = bundled_server()  # site-packages/pytriton/tritonserver
     site = server.parent.parent
     files = []

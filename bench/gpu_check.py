@@ -27,19 +27,37 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import importlib.util
 import json
 import os
+import platform
+import resource
+import site
 import statistics
 import subprocess
 import sys
+import sysconfig
+import tarfile
+import tempfile
 import threading
 import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
 
+from bench.report import tree_memory_gib, write_section
 from flux2_serving.contract.cli_help import HelpFormatter
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.contract.specs import graph_specs
+from flux2_serving.devtools.metrics import bls_output_devices, reference_cache_metrics
+from flux2_serving.export.__main__ import main as export_main
+from flux2_serving.export.checkpoint import random_module, write_checkpoint
+from flux2_serving.server.launch import LaunchError, bundled_server, prepare_backends, running, server_env
+
+# Imports inside the functions below are of packages this machine may lack until the bundle's venv is entered
+# (numpy, Pillow, torch, diffusers, transformers, tritonclient, onnx, and the project modules that import them):
+# each stage imports its own, so a missing one fails only that stage, and --help needs none.
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"a": "environment", "b": "served_tiny", "c": "probe_9b", "d": "served", "e": "export"}
@@ -54,8 +72,6 @@ GIB = 2**30
 
 
 def _have(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None
 
 
@@ -63,7 +79,7 @@ def ready_here() -> list[str]:
     """What this Python lacks for the check (empty: ready)."""
     missing = [m for m in ("torch", "diffusers", "transformers", "tritonclient", "PIL") if not _have(m)]
     try:
-        import numpy
+        import numpy  # may be missing or 2.x: that is what this function reports
 
         if int(numpy.__version__.split(".")[0]) >= 2:
             missing.append("numpy<2")
@@ -78,10 +94,6 @@ def enter_bundle_venv(bundle: Path, argv: list[str]) -> None:
     """Build build/gpu_venv from the bundle and re-run there. The venv sees this interpreter's packages
     (torch with CUDA) through a .pth file, behind its own (numpy < 2 wins over a numpy 2.x here), and this
     checkout's flux2_serving through another."""
-    import site
-    import sysconfig
-    import tarfile
-
     venv = ROOT / "build" / "gpu_venv"
     python = venv / "bin" / "python"
     if not python.exists():
@@ -90,8 +102,10 @@ def enter_bundle_venv(bundle: Path, argv: list[str]) -> None:
                                  capture_output=True, text=True, check=True).stdout.strip()
         with tarfile.open(bundle / "site.tar.xz") as tar:
             tar.extractall(purelib)
-        here = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
-        Path(purelib, "flux2_host_packages.pth").write_text("".join(f"{path}\n" for path in here if Path(path).is_dir()))
+        paths = sysconfig.get_paths()
+        here = dict.fromkeys([*site.getsitepackages(), paths["purelib"], paths["platlib"]])
+        Path(purelib, "flux2_host_packages.pth").write_text(
+            "".join(f"{path}\n" for path in here if Path(path).is_dir()))
         # This checkout, as an editable install would put it: the model folders' model.py import flux2_serving.
         Path(purelib, "flux2_serving_checkout.pth").write_text(f"{ROOT}\n")
         with tarfile.open(bundle / "tritonserver.tar.xz") as tar:
@@ -116,11 +130,9 @@ def _device_memory_sampler(device: str):
     def used_gib() -> float:
         if device.startswith("cuda"):
             index = device.split(":")[1] if ":" in device else "0"
-            out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, check=False).stdout.strip()
+            query = ["nvidia-smi", f"--id={index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+            out = subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip()
             return float(out) / 1024 if out else 0.0
-        from bench.report import tree_memory_gib
-
         return tree_memory_gib(os.getpid())["rss_gib"]
 
     def loop():
@@ -144,8 +156,6 @@ def _dtype_name(device: str) -> str:
 
 
 def _tiny_checkpoint(out: Path) -> Path:
-    from flux2_serving.export.checkpoint import write_checkpoint
-
     path = out / "tiny"
     if not (path / "model_index.json").exists():
         write_checkpoint(path, seed=0)
@@ -153,8 +163,6 @@ def _tiny_checkpoint(out: Path) -> Path:
 
 
 def _manifest(model: str, out: Path, dtype: str) -> Path:
-    from flux2_serving.export.__main__ import main as export_main
-
     folder = out / f"manifest_{model.replace(':', '_').replace('/', '_')}_{dtype}"
     if not (folder / "manifest.json").exists():
         assert export_main(["--model", model, "--out", str(folder), "--dtype", dtype, "--manifest-only"]) == 0
@@ -165,8 +173,7 @@ def _manifest(model: str, out: Path, dtype: str) -> Path:
 def torch_server(manifest_dir: Path, checkpoint: Path, out: Path, device: str, name: str):
     """A torch-flavor repository on `device`, served by a real tritonserver on free loopback ports
     (flux2_serving.server.launch.Running), stopped on the way out."""
-    from flux2_serving.server.launch import running
-    from flux2_serving.serving.repository import assemble
+    from flux2_serving.serving.repository import assemble  # needs tritonclient: only the serving stages import it
 
     repository = assemble(manifest_dir, str(checkpoint), out / f"repo_{name}", backend="torch", device=device,
                           bls_instances=1, envelope=replace(DEFAULT_ENVELOPE, reference_cache_bytes=8 * GIB))
@@ -175,7 +182,7 @@ def torch_server(manifest_dir: Path, checkpoint: Path, out: Path, device: str, n
 
 
 def _compare(served, expected, dtype: str) -> dict:
-    import numpy as np
+    import numpy as np  # may be missing outside the bundle's venv: only the stages that compare need it
 
     diff = np.abs(served.astype(np.int16) - expected.astype(np.int16))
     result = {"shape": list(served.shape), "max_diff": int(diff.max()), "mean_diff": round(float(diff.mean()), 3),
@@ -189,13 +196,15 @@ def _compare(served, expected, dtype: str) -> dict:
 
 def _pipelines(checkpoint, device: str, dtype, modules=None):
     """Flux2KleinKVPipeline and the non-KV Flux2KleinPipeline (distilled: no CFG) on the same modules."""
+    # diffusers, transformers: heavy, may be missing; only the stages that run diffusers import them
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline, Flux2KleinPipeline
     from transformers import AutoTokenizer
 
     if modules is None:
         kv = Flux2KleinKVPipeline.from_pretrained(checkpoint, dtype=dtype).to(device)
     else:
-        kv = Flux2KleinKVPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint, subfolder="scheduler"),
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint, subfolder="scheduler")
+        kv = Flux2KleinKVPipeline(scheduler=scheduler,
                                   tokenizer=AutoTokenizer.from_pretrained(checkpoint, subfolder="tokenizer"), **modules)
     parts = {k: getattr(kv, k) for k in ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")}
     plain = Flux2KleinPipeline(**parts, is_distilled=True)
@@ -205,6 +214,7 @@ def _pipelines(checkpoint, device: str, dtype, modules=None):
 
 
 def _pipeline_images(pipe, device: str, prompt, refs, seed, **kwargs):
+    # numpy, torch: may be missing outside the bundle's venv; only the stages that run diffusers need them
     import numpy as np
     import torch
 
@@ -216,7 +226,7 @@ def _pipeline_images(pipe, device: str, prompt, refs, seed, **kwargs):
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        import torch
+        import torch  # heavy, may be missing: only the stages that time on a GPU need it
 
         torch.cuda.synchronize()
 
@@ -230,12 +240,7 @@ def stage_limit(letter: str, budget_s: float, stages: str = "abcde") -> float:
 
 
 def stage_environment(args) -> dict:
-    import platform
-    import sysconfig
-
-    import torch
-
-    from flux2_serving.server.launch import LaunchError, bundled_server, prepare_backends, server_env
+    import torch  # heavy, may be missing: a missing torch fails this stage only
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "cuda_available": torch.cuda.is_available(), "device": args.device}
@@ -249,7 +254,7 @@ def stage_environment(args) -> dict:
     for module in ("numpy", "diffusers", "transformers", "tritonclient"):
         try:
             info[module] = __import__(module).__version__
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # any failure to import is reported, not raised
             info[module] = f"missing ({type(exc).__name__})"
     server = bundled_server()
     backends = ROOT / "build" / "tritonserver" / "backends"
@@ -281,12 +286,12 @@ CASES = {  # name: (references as (width, height), request arguments)
 
 
 def stage_served_tiny(args) -> dict:
+    # numpy, torch, Pillow, the client (tritonclient) and export.loading (torch): may be missing, fail this stage only
     import numpy as np
     import torch
     from PIL import Image
 
     from flux2_serving.clients.api import Flux2Client
-    from flux2_serving.devtools.metrics import bls_output_devices, reference_cache_metrics
     from flux2_serving.export.loading import DTYPES
 
     out, device, dtype = args.out, args.device, _dtype_name(args.device)
@@ -337,12 +342,13 @@ def stage_probe(args, limit_s: float) -> dict:
 
 def stage_served(args) -> dict:
     """Served stack vs diffusers, same random weights (checkpoint.random_module), same device, same run."""
+    # numpy, Pillow, the client and bench.overhead (tritonclient), export.loading (torch): may be missing, fail this
+    # stage only
     import numpy as np
     from PIL import Image
 
     from bench.overhead import time_requests
     from flux2_serving.clients.api import Flux2Client
-    from flux2_serving.export.checkpoint import random_module
     from flux2_serving.export.loading import DTYPES
 
     out, device, dtype = args.out, args.device, _dtype_name(args.device)
@@ -351,8 +357,12 @@ def stage_served(args) -> dict:
     text_len = 512  # the BLS's max_sequence_length (the envelope's) at both sizes
     checkpoint = _tiny_checkpoint(out)  # tokenizer and scheduler only
     rng = np.random.default_rng(1)
-    image = lambda s: Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8))  # noqa: E731
-    cases = {"text_to_image": [], "one_reference": [image(side)], "four_references": [image(side // 2) for _ in range(4)]}
+
+    def image(s):
+        return Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8))
+
+    cases = {"text_to_image": [], "one_reference": [image(side)],
+             "four_references": [image(side // 2) for _ in range(4)]}
     repeats = args.repeats
     result = {"size": size, "dtype": dtype, "side": side, "steps": 4, "repeats": repeats, "rows": []}
     stop_sampler = _device_memory_sampler(device)
@@ -361,8 +371,8 @@ def stage_served(args) -> dict:
         with torch_server(_manifest(f"random:{size}", out, dtype), checkpoint, out, device, size) as server, \
                 Flux2Client(server.grpc) as client:
             for name, refs in cases.items():
-                call = lambda: client.generate(f"served {name}", refs, seed=7, height=side, width=side,  # noqa: E731
-                                               reuse_reference_cache=False)
+                call = functools.partial(client.generate, f"served {name}", refs, seed=7, height=side, width=side,
+                                         reuse_reference_cache=False)
                 served_images[name] = np.asarray(call()[0])  # warm-up
                 e2e, outside, stages = time_requests(server, call, repeats)
                 result["rows"].append({"case": name, "refs": len(refs), "served_s": statistics.median(e2e),
@@ -382,8 +392,8 @@ def stage_served(args) -> dict:
     for row in result["rows"]:
         refs = cases[row["case"]]
         for key, pipe in (("diffusers_kv_s", kv), ("diffusers_no_kv_s", plain)):
-            run = lambda: _pipeline_images(pipe, device, f"served {row['case']}", refs, 7, height=side,  # noqa: E731
-                                           width=side, num_inference_steps=4, max_sequence_length=text_len)
+            run = functools.partial(_pipeline_images, pipe, device, f"served {row['case']}", refs, 7, height=side,
+                                    width=side, num_inference_steps=4, max_sequence_length=text_len)
             first = run()
             if key == "diffusers_kv_s":
                 row["vs_served"] = _compare(served_images[row["case"]], first[0], dtype)
@@ -406,14 +416,10 @@ def stage_served(args) -> dict:
 def stage_export(args) -> dict:
     """The cached-step graph at the served dims, bf16, exported as `python -m flux2_serving.export` does (the onnxscript
     optimizer included: without it the graph keeps sequence ops that TensorRT's parser lacks)."""
-    import resource
-    import tempfile
-
+    # torch, and the export modules that import torch, diffusers and onnx: heavy, may be missing, fail this stage only
     import torch
 
-    from flux2_serving.contract.specs import graph_specs
     from flux2_serving.export import components as C
-    from flux2_serving.export.checkpoint import random_module
     from flux2_serving.export.loading import read_model_dims
     from flux2_serving.export.onnx_export import OPSET, dynamic_shapes, sample_inputs
     from flux2_serving.export.trt_compat import check_graph
@@ -447,9 +453,9 @@ def markdown(results: dict) -> str:
     env = results["stages"].get("a", {})
     card = env.get("gpu") or "no GPU (CPU run)"
     lines = ["## GPU check (`make gpu-check`)", "",
-             f"Card: {card}; device {results['device']}; driver {env.get('driver', '-')}; torch {env.get('torch', '-')} "
-             f"(CUDA {env.get('cuda', '-')}); Python {env.get('python', '-')}; {results['started']}; "
-             f"{results['seconds']:.0f} s.", "", "| stage | status | result |", "|---|---|---|"]
+             f"Card: {card}; device {results['device']}; driver {env.get('driver', '-')}; "
+             f"torch {env.get('torch', '-')} (CUDA {env.get('cuda', '-')}); Python {env.get('python', '-')}; "
+             f"{results['started']}; {results['seconds']:.0f} s.", "", "| stage | status | result |", "|---|---|---|"]
     for letter, name in STAGES.items():
         stage = results["stages"].get(letter)
         if stage is None:
@@ -459,23 +465,25 @@ def markdown(results: dict) -> str:
     served = results["stages"].get("d", {})
     if served.get("ok"):
         lines += ["", f"Served stack (torch flavor, {served['size']} dims, random weights, {served['dtype']}, "
-                      f"{served['side']}x{served['side']}, 4 steps, medians of {served['repeats']}; references recomputed "
-                      "every request):", "",
+                      f"{served['side']}x{served['side']}, 4 steps, medians of {served['repeats']}; "
+                      "references recomputed every request):", "",
                   "| case | served e2e (s) | outside components | diffusers KV (s) | no-KV (s) | served vs KV | "
                   "served vs no-KV | served vs KV image |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         for row in served["rows"]:
             vs = row.get("vs_served", {})
             lines.append(f"| {row['case']} | {row['served_s']:.3f} | {row['outside_components_s'] * 1e3:.0f} ms "
-                         f"({row['outside_share']:.0%}) | {row['diffusers_kv_s']:.3f} | {row['diffusers_no_kv_s']:.3f} | "
-                         f"{row['served_vs_kv']:.2f}x | {row['served_vs_no_kv']:.2f}x | mean diff {vs.get('mean_diff')} |")
+                         f"({row['outside_share']:.0%}) | {row['diffusers_kv_s']:.3f} | "
+                         f"{row['diffusers_no_kv_s']:.3f} | {row['served_vs_kv']:.2f}x | "
+                         f"{row['served_vs_no_kv']:.2f}x | mean diff {vs.get('mean_diff')} |")
         lines += ["", "BLS stages outside the component calls (ms per request, flux2_bls_stage_seconds_total; "
                   "reference decoding and the cache key included, since these requests bypass the cache):", ""]
         for row in served["rows"]:
             own = {k: v for k, v in row.get("bls_stages_ms", {}).items() if not k.startswith("call:")}
             lines.append(f"- {row['case']}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(own.items())))
         lines.append("")
+        measured = "whole GPU, nvidia-smi" if results["device"] != "cpu" else "process tree RSS"
         lines.append(f"Peak memory: served {served['served_peak_memory_gib']} GiB, diffusers "
-                     f"{served['diffusers_peak_memory_gib']} GiB ({'whole GPU, nvidia-smi' if results['device'] != 'cpu' else 'process tree RSS'}).")
+                     f"{served['diffusers_peak_memory_gib']} GiB ({measured}).")
     return "\n".join(lines)
 
 
@@ -528,7 +536,8 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=3, help="timed requests per case in stage d (default 3)")
     parser.add_argument("--bundle", type=Path, default=ROOT / "build" / "gpu_bundle",
                         help="what python -m bench.gpu_bundle wrote, used where packages are missing")
-    parser.add_argument("--benchmarks", type=Path, default=None, help="also write the GPU section of this BENCHMARKS.md")
+    parser.add_argument("--benchmarks", type=Path, default=None,
+                        help="also write the GPU section of this BENCHMARKS.md")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)  # child process: one stage
     parser.add_argument("--limit-s", type=float, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -541,7 +550,7 @@ def main(argv=None) -> int:
     if args.stage:  # child: run one stage, write its result
         try:
             result = run_stage(args)
-        except Exception as exc:  # noqa: BLE001 - one line for the report, the traceback for the log
+        except Exception as exc:  # any failure: one line for the report, the traceback for the log
             traceback.print_exc()
             result = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
         (args.out / f"stage_{args.stage}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -554,7 +563,7 @@ def main(argv=None) -> int:
         print(f"error: this Python lacks {', '.join(missing)}; run `python -m bench.gpu_bundle` where packages "
               "install and bring build/gpu_bundle here", file=sys.stderr)
         return 2
-    import torch
+    import torch  # only now: this Python may lack it until the bundle's venv is entered above
 
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     stages = args.stages or "abcde"  # on the CPU, c reports itself skipped
@@ -573,8 +582,8 @@ def main(argv=None) -> int:
             _log(f"stage {letter} ({STAGES[letter]}), up to {limit:.0f} s ...")
             result_path = args.out / f"stage_{letter}.json"
             result_path.unlink(missing_ok=True)
-            cmd = [sys.executable, "-m", "bench.gpu_check", "--stage", letter, "--device", device, "--out", str(args.out),
-                   "--limit-s", str(limit), "--repeats", str(args.repeats)]
+            cmd = [sys.executable, "-m", "bench.gpu_check", "--stage", letter, "--device", device,
+                   "--out", str(args.out), "--limit-s", str(limit), "--repeats", str(args.repeats)]
             with open(args.out / f"stage_{letter}.log", "w") as log:
                 try:
                     subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=limit, check=False)
@@ -588,8 +597,6 @@ def main(argv=None) -> int:
         results["seconds"] = time.monotonic() - start
         (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         if args.benchmarks:
-            from bench.report import write_section
-
             write_section("gpu_check", markdown(results), args.benchmarks)
     print(markdown(results))
     failed = [k for k, v in results["stages"].items() if not v.get("ok") and not v.get("skipped")]

@@ -49,6 +49,7 @@ from pathlib import Path
 
 from bench.report import count_text, probe_markdown, size_text, write_section
 from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.export.checkpoint import random_module
 
 torch = None  # imported by _load_torch() once the arguments are parsed: --help answers without it
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
@@ -56,7 +57,7 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 def _load_torch():
     global torch
-    import torch as module
+    import torch as module  # heavy: only once the arguments are parsed (--help answers without it)
 
     torch = module
     return module
@@ -190,7 +191,7 @@ class Probe:
         self.argv = argv
         self.start = time.perf_counter()
         self.dev = Device(torch.device(args.device))
-        from flux2_serving.export.loading import DTYPES
+        from flux2_serving.export.loading import DTYPES  # imports torch at its top: here, after _load_torch
 
         self.dtype = DTYPES[args.dtype]
         self.shape = dict(SHAPES[args.size])
@@ -257,7 +258,7 @@ class Probe:
 
     # ---------------------------------------------------------------- inputs
     def inputs(self, refs: int):
-        from diffusers import Flux2KleinKVPipeline as P
+        from diffusers import Flux2KleinKVPipeline as P  # heavy: not at the top, so --help answers without it
 
         t, d, dt = self.transformer, self.dev.device, self.dtype
         cfg = t.config
@@ -296,6 +297,7 @@ class Probe:
 
     # ---------------------------------------------------------------- stages
     def run_refs(self, refs: int) -> None:
+        # export.components imports torch and diffusers at its top: here, so --help answers without them
         from flux2_serving.export.components import TransformerCached, TransformerPrefill
 
         t = self.transformer
@@ -377,14 +379,12 @@ class Probe:
 
     # ---------------------------------------------------------------- main
     def run(self) -> dict:
-        import diffusers
+        import diffusers  # heavy: not at the top, so --help answers without it
 
         args = self.args
         self.log(f"device {self.dev.name}; torch {torch.__version__}, diffusers {diffusers.__version__}")
         self.log(f"building Flux2Transformer2DModel ({args.size}, {args.dtype}, random weights) on {args.device}")
         t0 = time.perf_counter()
-        from flux2_serving.export.checkpoint import random_module
-
         self.transformer = random_module("transformer", args.size, self.dtype, self.dev.device)
         self.dev.sync()
         build_s = time.perf_counter() - t0
@@ -454,7 +454,8 @@ def parse_args(argv):
                    help="reference latent grid side = pixels/16 (default 64 = 1024x1024 at 9B, 4 tiny)")
     p.add_argument("--img-grid", type=int, default=None,
                    help="output latent grid side = pixels/16 (default 64 = 1024x1024 at 9B, 4 tiny)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (the weights come from checkpoint.random_module's fixed seeds)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random inputs (the weights come from checkpoint.random_module's fixed seeds)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="skip the stages that would start after this many seconds (default 420)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")

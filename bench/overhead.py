@@ -18,14 +18,30 @@ the shipped defaults); `make bench` runs it after bench.bench and writes both to
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from bench.report import benchmark_parser, parse_benchmark_args, publish
+import numpy as np
+import tritonclient.grpc as grpc
+from PIL import Image
+
+from bench.report import benchmark_parser, machine, parse_benchmark_args, publish
+from flux2_serving.clients.api import Flux2Client, request_tensors
+from flux2_serving.contract.graphs import COMPONENTS
 from flux2_serving.contract.names import CACHE_MODEL
-from flux2_serving.contract.specs import COMPONENTS
+from flux2_serving.devtools.metrics import metric_by_label
+from flux2_serving.devtools.pictures import synthetic_reference
+from flux2_serving.server.launch import running
+from flux2_serving.serving.repository import assemble
+
+try:  # optional: the BLS falls back to Pillow without it, and so does the PNG comparison here
+    import fpng
+except ImportError:
+    fpng = None
 
 SIDE = 1024
 CASES = {  # name -> (references, outputs requested)
@@ -41,8 +57,6 @@ LABELS = {"text_to_image": "text-to-image", "text_to_image_png": "text-to-image,
 def model_seconds(server, models) -> dict[str, float]:
     """{model: queue + compute seconds so far} from Triton's statistics (an admin API: `server`, a
     flux2_serving.server.launch.Running, holds the key)."""
-    import tritonclient.grpc as grpc
-
     client = grpc.InferenceServerClient(server.grpc)
     seconds = {}
     for model in models:
@@ -55,15 +69,11 @@ def model_seconds(server, models) -> dict[str, float]:
 
 def component_seconds(server) -> float:
     """Queue + compute time of every component model so far (Triton's statistics)."""
-    from flux2_serving.contract.specs import COMPONENTS
-
     return sum(model_seconds(server, COMPONENTS).values())
 
 
 def stage_seconds(metrics_url: str) -> dict[str, float]:
     """{stage: seconds} the BLS has spent so far (all instances), from flux2_bls_stage_seconds_total."""
-    from flux2_serving.devtools.metrics import metric_by_label
-
     return metric_by_label(metrics_url, "flux2_bls_stage_seconds_total", "stage")
 
 
@@ -87,9 +97,6 @@ def time_requests(server, send, repeats: int) -> tuple[list[float], list[float],
 def measure(server, repeats: int = 5, side: int = SIDE, log=print) -> list[dict]:
     """One row per case: median e2e and overhead (ms) over `repeats` sequential requests after a
     warm-up, and the mean per-request BLS stages (ms). `server`: flux2_serving.server.launch.Running."""
-    from flux2_serving.clients.api import Flux2Client, request_tensors
-    from flux2_serving.devtools.pictures import synthetic_reference
-
     reference = synthetic_reference((side, side), 90)
     rows = []
     with Flux2Client(server.grpc) as client:
@@ -98,7 +105,7 @@ def measure(server, repeats: int = 5, side: int = SIDE, log=print) -> list[dict]
                                       seed=3, num_inference_steps=4)
             client.infer(tensors, outputs)  # warm-up; with a reference, it also fills the cache
             models_before = model_seconds(server, CALLED)
-            e2e, overhead, stages = time_requests(server, lambda: client.infer(tensors, outputs), repeats)
+            e2e, overhead, stages = time_requests(server, functools.partial(client.infer, tensors, outputs), repeats)
             # The BLS's wall time of a call, less the callee's own queue + compute: the transfers.
             inside = model_seconds(server, CALLED)
             for model in CALLED:
@@ -116,9 +123,6 @@ def measure(server, repeats: int = 5, side: int = SIDE, log=print) -> list[dict]
 def tiny_server(onnx_dir, checkpoint, workdir: Path, **options):
     """tritonserver on an onnxruntime repository of the tiny checkpoint (assemble's defaults, 1 BLS
     instance so the stage metrics are one process's); `options` go to flux2_serving.serving.repository.assemble."""
-    from flux2_serving.server.launch import running
-    from flux2_serving.serving.repository import assemble
-
     repository = assemble(onnx_dir, checkpoint, workdir / "model_repository", backend="onnxruntime",
                           bls_instances=1, **options)
     with running(repository, log_file=workdir / "server.log") as server:
@@ -146,19 +150,9 @@ def stage_table(columns: dict[str, list[dict]]) -> str:
 def png_tradeoff(served, repeats: int = 5) -> list[dict]:
     """Encode time and size of the BLS's PNG encoders on a served 1024^2 image (a random model's: noise
     to a compressor, the worst case) and on a smooth synthetic picture (close to the best case)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from flux2_serving.devtools.pictures import synthetic_reference
-
     smooth = np.asarray(Image.open(io.BytesIO(synthetic_reference(served.shape[1::-1], 90))).convert("RGB"))
     encoders = {"pillow:6": None, "pillow:1": None, "fpng": None}
-    try:
-        import fpng
-    except ImportError:
-        fpng = None
+    if fpng is None:
         del encoders["fpng"]
 
     def encode(name, image):
@@ -189,8 +183,6 @@ TARGETS_MS = {"text_to_image": "<= 15", "text_to_image_png": "<= 60 more than te
 
 
 def markdown(args, runs: dict[str, list[dict]], seconds: float) -> str:
-    from bench.report import machine
-
     before, after = ({row["case"]: row for row in runs[label]} for label in ("before", "after"))
     png_extra = {label: rows["text_to_image_png"]["overhead_ms"] - rows["text_to_image"]["overhead_ms"]
                  for label, rows in (("before", before), ("after", after))}
@@ -233,8 +225,6 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed requests per case")
     args = parse_benchmark_args(parser, argv)
 
-    import numpy as np
-
     started, runs = time.perf_counter(), {}
     for label, parameters in (("before", BEFORE), ("after", {})):
         with tempfile.TemporaryDirectory(prefix="flux2-overhead-") as tmp, \
@@ -242,8 +232,6 @@ def main(argv=None) -> int:
             print(f"[overhead] {label}: {parameters or 'defaults'}", flush=True)
             runs[label] = measure(server, args.repeats, log=lambda m: print(f"[overhead] {m}", flush=True))
             if label == "after":
-                from flux2_serving.clients.api import Flux2Client
-
                 with Flux2Client(server.grpc) as client:
                     served = np.asarray(client.generate("a lighthouse on a cliff at dusk", height=SIDE, width=SIDE,
                                                         seed=3)[0])

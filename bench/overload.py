@@ -20,7 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.report import benchmark_parser, machine, parse_benchmark_args, publish, tree_memory_gib
+from flux2_serving.clients.api import Flux2Client, Flux2Error
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.server.launch import running
+from flux2_serving.serving.repository import assemble
 
 # (label, BLS queue, queue timeout in s; None: the shipped value)
 CONFIGS = (("bounded (shipped)", None, None), ("unbounded (baseline)", 100_000, 100_000))
@@ -35,8 +38,6 @@ def percentile(values: list[float], q: float) -> float:
 
 def drive(server, clients: int, seconds: float, side: int, steps: int, backoff: float) -> dict:
     """`clients` threads for `seconds`; every request's (outcome, seconds)."""
-    from flux2_serving.clients.api import Flux2Client, Flux2Error
-
     results: list[tuple[str, float]] = []
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
@@ -67,9 +68,6 @@ def drive(server, clients: int, seconds: float, side: int, steps: int, backoff: 
 
 
 def run(args) -> list[dict]:
-    from flux2_serving.server.launch import running
-    from flux2_serving.serving.repository import assemble
-
     workdir = Path("build/bench/overload")
     rows = []
     for label, queue, timeout in CONFIGS:
@@ -80,8 +78,6 @@ def run(args) -> list[dict]:
                               bls_instances=args.bls_instances, envelope=envelope)
         print(f"[overload] {label}: queue {queue}, {args.clients} clients for {args.seconds:.0f} s ...", flush=True)
         with running(repository, log_file=workdir / "server.log") as server:
-            from flux2_serving.clients.api import Flux2Client
-
             with Flux2Client(server.grpc) as warm:  # first-request costs out of the measurement
                 warm.generate("warm-up", height=args.side, width=args.side, seed=0, num_inference_steps=args.steps)
             memory_before = tree_memory_gib(server.process.pid)["rss_gib"]
@@ -110,10 +106,11 @@ def markdown(rows: list[dict], args) -> str:
         "## Overload: a bounded queue",
         "",
         f"Machine: {machine()}. Command: `{args.command}`. Tiny model on the CPU (onnxruntime components), "
-        f"{args.bls_instances} BLS instances; {args.clients} gRPC clients sending text-to-image {args.side}x{args.side}, "
-        f"{args.steps} steps, back to back for {args.seconds:.0f} s per configuration; a refused client waits "
-        f"{args.backoff:g} s before its next request. Same run, same machine: the baseline is the same server with "
-        f"a queue of {baseline['queue']} (practically unbounded, the behaviour before issue 18).",
+        f"{args.bls_instances} BLS instances; {args.clients} gRPC clients sending text-to-image "
+        f"{args.side}x{args.side}, {args.steps} steps, back to back for {args.seconds:.0f} s per configuration; "
+        f"a refused client waits {args.backoff:g} s before its next request. Same run, same machine: the baseline "
+        f"is the same server with a queue of {baseline['queue']} (practically unbounded, the behaviour before "
+        "issue 18).",
         "",
         "| configuration | BLS queue | requests | served | served/s | admitted p50 s | admitted p99 s | refused | "
         "median refusal ms | other errors | server memory before -> after GiB |",
@@ -129,10 +126,11 @@ def markdown(rows: list[dict], args) -> str:
               f"unbounded ({ratio:.2f}x), at {bounded['throughput'] / baseline['throughput']:.2f}x the baseline's "
               "throughput (the refusals and the clients' retries share the machine with the server); "
               f"{100 * bounded['refused_share']:.0f}% of the requests sent were refused at once (UNAVAILABLE "
-              "\"Exceeds maximum queue size\", median refusal time in the table) instead of waiting. These clients wait "
-              "for each answer before the next request, so without a bound the queue holds at most one request per "
-              f"client: the admitted latency grows with the number of callers ({args.clients} here), while the bound "
-              f"caps it near (queue + instances) requests' worth of work whatever the number of callers.", ""]
+              "\"Exceeds maximum queue size\", median refusal time in the table) instead of waiting. These clients "
+              "wait for each answer before the next request, so without a bound the queue holds at most one "
+              f"request per client: the admitted latency grows with the number of callers ({args.clients} here), "
+              "while the bound caps it near (queue + instances) requests' worth of work whatever the number of "
+              "callers.", ""]
     return "\n".join(lines)
 
 

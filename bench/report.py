@@ -3,12 +3,14 @@ BENCHMARKS.md sections that each benchmark rewrites without touching the others'
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
 import sys
 from pathlib import Path
 
+from flux2_serving.contract.cli_help import HelpFormatter
 from flux2_serving.server.launch import process_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,8 +90,8 @@ def probe_markdown(result: dict) -> str:
         f"Command: `{result['command']}`",
         "",
         f"Random-weight `Flux2Transformer2DModel` ({result['size']}, {result['dtype']}): "
-        f"{count_text(result['weights']['parameters'])} parameters, {size_text(result['weights']['bytes'])} of weights, "
-        f"built in {result['build_s']:.1f} s. Median of {result['repeats']} calls after {result['warmup']} "
+        f"{count_text(result['weights']['parameters'])} parameters, {size_text(result['weights']['bytes'])} of "
+        f"weights, built in {result['build_s']:.1f} s. Median of {result['repeats']} calls after {result['warmup']} "
         f"warm-up call(s) ({result['timer']}), batch 1, under `torch.inference_mode()`; peak memory is "
         f"{result['memory']} per measurement (weights and held inputs included).",
         "",
@@ -126,10 +128,6 @@ def size_text(n: int) -> str:
 def benchmark_parser(prog: str, doc: str, model: str, onnx_dir: str, model_help: str):
     """The argument parser every make-bench script starts from: its docstring as help, the model and
     its fp32 export, --no-write. parse_args(argv) of it gives args.command too (parse_benchmark_args)."""
-    import argparse
-
-    from flux2_serving.contract.cli_help import HelpFormatter
-
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--model", "--checkpoint", dest="checkpoint", default=model, help=model_help)

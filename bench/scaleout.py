@@ -15,6 +15,7 @@ the same functions on a small workload; `make bench` writes the figures to BENCH
 from __future__ import annotations
 
 import contextlib
+import random
 import statistics
 import tempfile
 import threading
@@ -22,8 +23,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.report import benchmark_parser, parse_benchmark_args, publish
+import tritonclient.grpc as grpc
+
+from bench.report import benchmark_parser, machine, parse_benchmark_args, publish
+from flux2_serving.clients.api import UNAVAILABLE_HINT, Flux2Client, Flux2Error
 from flux2_serving.contract.names import BLS_MODEL
+from flux2_serving.devtools.metrics import reference_cache_metrics
+from flux2_serving.devtools.pictures import synthetic_reference
+from flux2_serving.server.gateway import Replica, running_gateway
+from flux2_serving.server.launch import running
+from flux2_serving.serving.repository import assemble
 
 
 @dataclass
@@ -46,8 +55,6 @@ def workload(references: list[bytes], repeats: int, text_to_image_every: int = 3
     """Each reference edited `repeats` times, round after round (in a seeded random order within a
     round if `shuffle_seed` is given, as independent callers would arrive), a text-to-image request
     after every `text_to_image_every` edits; gRPC for even rounds, HTTP for odd ones."""
-    import random
-
     rng = random.Random(shuffle_seed)
     requests, edits = [], 0
     for round_ in range(repeats):
@@ -64,13 +71,12 @@ def workload(references: list[bytes], repeats: int, text_to_image_every: int = 3
 
 
 def send(gateway, request: Request, side: int, steps: int, timeout_s: float = 300) -> Result:
-    from flux2_serving.clients.api import Flux2Client, Flux2Error
-
     url = gateway.grpc if request.protocol == "grpc" else gateway.http
     start = time.perf_counter()
     try:
         with Flux2Client(url, request.protocol, timeout_s=timeout_s) as client:
-            client.generate(request.prompt, request.references, height=side, width=side, seed=1, num_inference_steps=steps)
+            client.generate(request.prompt, request.references, height=side, width=side, seed=1,
+                            num_inference_steps=steps)
         return Result(request, time.perf_counter() - start)
     except Flux2Error as exc:
         return Result(request, time.perf_counter() - start, str(exc))
@@ -78,8 +84,6 @@ def send(gateway, request: Request, side: int, steps: int, timeout_s: float = 30
 
 def cache_counts(replicas) -> dict[str, float]:
     """Reference cache hits and misses summed over the replicas (their metrics endpoints)."""
-    from flux2_serving.devtools.metrics import reference_cache_metrics
-
     totals = {"hits_total": 0.0, "misses_total": 0.0}
     for replica in replicas:
         metrics = reference_cache_metrics(replica.metrics)
@@ -89,8 +93,6 @@ def cache_counts(replicas) -> dict[str, float]:
 
 
 def inference_count(replica, model: str = BLS_MODEL) -> int:
-    import tritonclient.grpc as grpc
-
     client = grpc.InferenceServerClient(replica.grpc)
     stats = client.get_inference_statistics(model, headers=replica.admin_headers("grpc")).model_stats[0]
     return stats.inference_count
@@ -113,9 +115,6 @@ def run_policy(replicas, gateway, requests: list[Request], side: int, steps: int
 @contextlib.contextmanager
 def replicas_of(onnx_dir, checkpoint, workdir: Path, count: int = 2, bls_instances: int = 1):
     """`count` tritonservers on one assembled repository (tiny, onnxruntime), free loopback ports."""
-    from flux2_serving.server.launch import running
-    from flux2_serving.serving.repository import assemble
-
     repository = assemble(onnx_dir, checkpoint, workdir / "model_repository", backend="onnxruntime",
                           bls_instances=bls_instances)
     with contextlib.ExitStack() as stack:
@@ -123,8 +122,6 @@ def replicas_of(onnx_dir, checkpoint, workdir: Path, count: int = 2, bls_instanc
 
 
 def gateway_replicas(replicas):
-    from flux2_serving.server.gateway import Replica
-
     return [Replica(r.http, r.grpc) for r in replicas]
 
 
@@ -178,11 +175,9 @@ def kill_and_restart(replicas, gateway, references: list[bytes], side: int, step
 
 
 def markdown(args, rows: dict, failover: dict, seconds: float) -> str:
-    from bench.report import machine
-    from flux2_serving.clients.api import UNAVAILABLE_HINT
-
     lines = [
-        "## Scale-out: 2 replicas behind nginx, routing by reference vs round robin (`make bench`: `python -m bench.scaleout`)",
+        "## Scale-out: 2 replicas behind nginx, routing by reference vs round robin "
+        "(`make bench`: `python -m bench.scaleout`)",
         "",
         f"Command: `{args.command}` ({seconds / 60:.1f} min). Machine: {machine()}. Tiny checkpoint, fp32, CPU, 2 "
         f"tritonserver replicas (one BLS instance each, a reference K/V cache each) on loopback, nginx "
@@ -191,7 +186,8 @@ def markdown(args, rows: dict, failover: dict, seconds: float) -> str:
         f"text-to-image request after every 3 edits, gRPC and HTTP in alternate rounds, sequential, "
         f"{args.side}x{args.side} output, {args.steps} steps. Each policy gets references of its own.",
         "",
-        "| routing | requests | cache hit rate | hits / misses | mean edit latency (s) | mean text-to-image (s) | errors |",
+        "| routing | requests | cache hit rate | hits / misses | mean edit latency (s) | mean text-to-image (s) | "
+        "errors |",
         "|---|---|---|---|---|---|---|",
     ]
     for policy, row in rows.items():
@@ -222,9 +218,6 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="denoising steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival order within a round")
     args = parse_benchmark_args(parser, argv)
-    from flux2_serving.devtools.pictures import synthetic_reference
-    from flux2_serving.server.gateway import running_gateway
-
     started, rows = time.perf_counter(), {}
     with tempfile.TemporaryDirectory(prefix="flux2-scaleout-") as tmp, \
             replicas_of(args.onnx_dir, args.checkpoint, Path(tmp)) as replicas:

@@ -17,7 +17,9 @@ import json
 import struct
 from pathlib import Path
 
+from flux2_serving.clients.api import public_inputs
 from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.devtools.pictures import synthetic_reference
 
 # case name -> number of reference images
 CASES = {"text_to_image": 0, "reference_1": 1, "reference_3": 3}
@@ -39,10 +41,6 @@ def bytes_tensor(items: list[bytes]) -> dict:
 
 def references(count: int, size: int) -> list[bytes]:
     """`count` deterministic PNG references of size x size pixels, each with its own hue."""
-    from flux2_serving.devtools.pictures import (
-        synthetic_reference,  # lazy: pulls PIL/numpy only when pictures are needed
-    )
-
     return [synthetic_reference((size, size), (40 + 97 * index) % 256) for index in range(count)]
 
 
@@ -59,8 +57,7 @@ def request(case: str, height: int = 256, width: int = 256, ref_size: int = 256,
         entry["image"] = bytes_tensor(references(CASES[case], ref_size))
         if not reuse_reference_cache:
             entry["reuse_reference_cache"] = [False]
-    from flux2_serving.clients.api import public_inputs  # the served model's own declaration of its inputs
-
+    # public_inputs: the served model's own declaration of its inputs
     unknown = set(entry) - {f.name for f in public_inputs()}
     assert not unknown, f"not inputs of flux2_klein_kv: {unknown}"
     return entry
@@ -78,7 +75,8 @@ def write_all(out_dir, cases=tuple(CASES), **options) -> dict[str, Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perf.input_data", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m perf.input_data", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", default="build/perf/inputs", help="directory for CASE.json")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--height", type=int, default=256, help="output height, px")

@@ -59,7 +59,10 @@ def _extract(wheel_dir: Path, member: str, target: Path, executable: bool = Fals
 
 def write_wrapper(directory: Path, binary: Path, library_dirs: list[Path], route: str) -> Path:
     """DIR/perf_analyzer: exec the binary with its libraries first on LD_LIBRARY_PATH."""
-    rel = lambda path: os.path.relpath(path, directory)  # noqa: E731
+
+    def rel(path):
+        return os.path.relpath(path, directory)
+
     libs = ":".join(f"$here/{rel(d)}" for d in library_dirs)
     lib_line = f'export LD_LIBRARY_PATH="{libs}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}"\n' if libs else ""
     wrapper = directory / "perf_analyzer"
@@ -182,7 +185,8 @@ def provision(directory=DEFAULT_DIR, route: str = "auto", force: bool = False, l
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perf.provision", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m perf.provision", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--dir", default=None,
                         help=f"where to put perf_analyzer (default: {DEFAULT_DIR.relative_to(ROOT)} of the repository)")
     parser.add_argument("--route", choices=["auto", "pypi", "tritonclient"], default="auto",

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.graphs import COMPONENTS
 from flux2_serving.contract.names import BLS_MODEL as MODEL
-from flux2_serving.contract.specs import COMPONENTS
+from flux2_serving.contract.security import admin_headers, configured_admin_key
+from flux2_serving.server.launch import running
 from perf import input_data
 from perf.provision import DEFAULT_DIR as PROVISION_DIR
 from perf.provision import version as perf_analyzer_version
@@ -70,8 +72,6 @@ def command(perf_analyzer, url: str, protocol: str, data: Path, csv_name: str, a
             admin_key: str | None = None) -> list[str]:
     """perf_analyzer's command line. The composing models' server-side numbers come from Triton's
     statistics, an admin API: `admin_key` goes with every request as a header (-H)."""
-    from flux2_serving.contract.security import admin_headers
-
     headers = [arg for name, value in admin_headers(admin_key, protocol).items() for arg in ("-H", f"{name}:{value}")]
     cmd = [str(perf_analyzer), "-m", MODEL, "-u", url, "-i", protocol, "--input-data", str(data), *headers,
            f"--bls-composing-models={','.join(_versioned(args.composing_models))}",
@@ -250,8 +250,6 @@ def run(argv=None) -> tuple[int, str]:
     server = contextlib.ExitStack()  # holds the tritonserver we start, if any
     if external:
         urls = {"grpc": args.grpc_url, "http": args.http_url}
-        from flux2_serving.contract.security import configured_admin_key
-
         admin_key = configured_admin_key()  # $FLUX2_ADMIN_KEY: the composing models' statistics
         missing = [p for p in protocols if not urls[p]]
         if missing:
@@ -259,13 +257,11 @@ def run(argv=None) -> tuple[int, str]:
                   file=sys.stderr)
             return 2, ""
     else:
-        from flux2_serving.server.launch import running
-
         print(f"starting tritonserver on {args.repository} (log: {out / 'server.log'}) ...", flush=True)
         started = time.perf_counter()
         try:
             running_server = server.enter_context(running(args.repository, log_file=out / "server.log"))
-        except Exception as exc:  # noqa: BLE001 - one line for the user
+        except Exception as exc:  # any failure to start: one line for the user
             print(f"error: tritonserver did not start: {exc} (see {out / 'server.log'})", file=sys.stderr)
             return 1, ""
         print(f"tritonserver ready in {time.perf_counter() - started:.0f} s", flush=True)
@@ -292,8 +288,8 @@ def run(argv=None) -> tuple[int, str]:
 
     tool = perf_analyzer_version(perf_analyzer) or "perf_analyzer"
     header = (f"# perf_analyzer: {MODEL}\n\n{tool} on {os.cpu_count()} CPUs; {args.height}x{args.width} output, "
-              f"{args.num_inference_steps} steps, references {args.ref_size}x{args.ref_size} PNG; concurrency {args.concurrency}; "
-              f"{args.measurement_mode} "
+              f"{args.num_inference_steps} steps, references {args.ref_size}x{args.ref_size} PNG; "
+              f"concurrency {args.concurrency}; {args.measurement_mode} "
               f"(request count {args.measurement_request_count}, interval {args.measurement_interval} ms, "
               f"stability {args.stability_percentage:g}%).\n")
     report = table(results, args.composing_models, header)

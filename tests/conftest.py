@@ -7,6 +7,7 @@ Set FLUX2_TEST_CACHE=DIR to keep them between runs while developing.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,14 +18,15 @@ import torch
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.export.checkpoint import write_checkpoint
+from flux2_serving.export.loading import load_pipeline
+from flux2_serving.server.launch import running
+from flux2_serving.serving.repository import assemble
 from tests.support import BLS_INSTANCES, CACHE_BYTES
 
 
 def pytest_configure(config):
     """SIGTERM (a CI timeout, a supervisor) ends the run like Ctrl-C: fixtures stop their servers.
     Each tritonserver runs in a process group of its own (flux2_serving.server.launch), so nothing else would."""
-    import signal
-
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -48,7 +50,8 @@ def _export(tmp_path_factory, checkpoint: str, dtype: str) -> Path:
     """Export through the user-facing CLI, so its progress lines and manifest are exercised."""
     out = _workdir(tmp_path_factory, f"onnx_{dtype}")
     if not (out / "manifest.json").exists():
-        cmd = [sys.executable, "-m", "flux2_serving.export", "--model", checkpoint, "--onnx-dir", str(out), "--dtype", dtype]
+        cmd = [sys.executable, "-m", "flux2_serving.export", "--model", checkpoint, "--onnx-dir", str(out),
+               "--dtype", dtype]
         result = subprocess.run(cmd, capture_output=True, text=True)
         (out / "export.log").write_text(result.stdout + result.stderr)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -68,14 +71,12 @@ def onnx_bf16(tmp_path_factory, tiny_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def pipe(tiny_checkpoint):
     """The reference: diffusers' own Flux2KleinKVPipeline on the same weights."""
-    from flux2_serving.export.loading import load_pipeline
-
     return load_pipeline(tiny_checkpoint, torch.float32)
 
 
 @pytest.fixture(scope="session")
 def ort_session(onnx_fp32):
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: only the tests that run a graph in onnxruntime need it, not every session
 
     sessions = {}
 
@@ -90,13 +91,8 @@ def ort_session(onnx_fp32):
     return get
 
 
-
-
 def _serve(tmp_path_factory, onnx_dir, checkpoint, backend: str, bls_instances: int = BLS_INSTANCES):
     """Assemble a repository of the tiny checkpoint for `backend`; a real tritonserver on it."""
-    from flux2_serving.server.launch import running
-    from flux2_serving.serving.repository import assemble
-
     workdir = tmp_path_factory.mktemp(f"triton_{backend}")
     repository = assemble(onnx_dir, checkpoint, workdir / "model_repository", backend=backend,
                           bls_instances=bls_instances,

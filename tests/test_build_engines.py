@@ -17,12 +17,17 @@ from pathlib import Path
 
 import pytest
 
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.specs import graph_specs
+from flux2_serving.export import memory_plan
 from flux2_serving.export.build_engines import (
+    RECORD,
     TimingCacheRejected,
     apply_timing_cache,
     engine_name,
+    engine_record,
     timing_cache_name,
+    update_record,
     write_buffer,
 )
 
@@ -187,12 +192,13 @@ def test_dockerfiles_share_the_release_and_serve_with_complete_configs():
     text = serving.read_text()
     cmd = [line for line in text.splitlines() if line.startswith("CMD")]
     assert len(cmd) == 1
-    for flag in ("python3 -m flux2_serving.server.serve", "--model-repository=/models", "--disable-auto-complete-config",
-                 "--cuda-memory-pool-byte-size=0:${CUDA_POOL_BYTES}"):
+    for flag in ("python3 -m flux2_serving.server.serve", "--model-repository=/models",
+                 "--disable-auto-complete-config", "--cuda-memory-pool-byte-size=0:${CUDA_POOL_BYTES}"):
         assert flag in cmd[0]
     assert re.search(r"^(ARG|ENV) CUDA_POOL_BYTES=\d+$", text, flags=re.MULTILINE)  # the plan's value: test_envelope
     assert re.search(r"^EXPOSE 8000 8001 8002$", text, flags=re.MULTILINE)
-    assert "python3 -m flux2_serving.export.build_engines --onnx-dir /work/onnx --out /work/engines" in engines.read_text()
+    build = "python3 -m flux2_serving.export.build_engines --onnx-dir /work/onnx --out /work/engines"
+    assert build in engines.read_text()
     for path in (serving, engines):
         assert "not built or run yet" in path.read_text().lower()
 
@@ -216,10 +222,6 @@ class BuiltEngine:
 def test_build_record_feeds_the_memory_plan(tmp_path):
     """build_engines records each engine's context memory next to the plans; the memory plan uses it
     instead of its estimate, and says which is which."""
-    from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
-    from flux2_serving.export import memory_plan
-    from flux2_serving.export.build_engines import RECORD, engine_record, update_record
-
     record = engine_record(BuiltEngine(), tmp_path / "vae_decoder.trt10.13.0.sm90.plan", 170 * 2**20, "10.13.0", "90")
     assert record["device_memory_bytes"] == 3 * 2**30 and record["plan"] == "vae_decoder.trt10.13.0.sm90.plan"
     update_record(tmp_path, "vae_decoder", record)
@@ -227,7 +229,8 @@ def test_build_record_feeds_the_memory_plan(tmp_path):
     assert set(json.loads((tmp_path / RECORD).read_text())) == {"vae_decoder", "vae_encoder"}
     size = memory_plan.ModelSize(TINY_DIMS, dict.fromkeys(["text_encoder", "vae_encoder", "transformer_prefill",
                                                            "transformer_cached", "vae_decoder"], 1000), 96, 64, 32)
-    rows = memory_plan.plan(size, "bf16", replace(DEFAULT_ENVELOPE, reference_cache_bytes=0), 1, built=memory_plan.built_records(tmp_path))
+    rows = memory_plan.plan(size, "bf16", replace(DEFAULT_ENVELOPE, reference_cache_bytes=0), 1,
+                            built=memory_plan.built_records(tmp_path))
     activations = {who: (what, b) for what, who, b in rows if what.startswith("activations")}
     assert activations["vae_decoder"] == ("activations (built engine)", 3 * 2**30)
     # The VAE encoder has two profiles (landscape, portrait): Triton makes a context for each.

@@ -15,8 +15,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
+
+from flux2_serving import CHECKOUT as LAUNCH_ROOT
+from flux2_serving.clients.api import ROUTING_HEADER
+from flux2_serving.contract import security
+from flux2_serving.server.gateway import ROUTING_HEADER as GATEWAY_HEADER
+from flux2_serving.server.launch import bundled_server, free_ports, prepare_backends, server_env, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -42,10 +49,8 @@ def _one(kind: str, name: str | None = None) -> dict:
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_builtin_resource_validates_strictly(version):
-    import kubernetes_validate
-
     validated = []
-    for file, doc in _documents():
+    for _file, doc in _documents():
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # a CRD (Prometheus Operator): checked by the test below
         kubernetes_validate.validate(doc, version, strict=True)
@@ -55,8 +60,6 @@ def test_every_builtin_resource_validates_strictly(version):
 
 
 def test_validation_rejects_a_misspelt_field():
-    import kubernetes_validate
-
     deployment = _one("Deployment")
     deployment["spec"]["template"]["spec"]["containers"][0]["livenesprobe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError, match="livenesprobe"):
@@ -95,12 +98,14 @@ def test_both_containers_run_the_hardened_modules_with_the_admin_key_from_the_se
     containers = _containers(deployment)
     triton, watchdog = containers["triton"], containers["watchdog"]
     assert triton["command"] == ["python3", "-m", "flux2_serving.server.serve"]
-    assert watchdog["command"][:3] == ["python3", "-m", "flux2_serving.server.watchdog"] and "--once" not in watchdog["command"]
+    assert watchdog["command"][:3] == ["python3", "-m", "flux2_serving.server.watchdog"]
+    assert "--once" not in watchdog["command"]
     # Liveness: one probe round, no canary (a real request would queue behind the work in progress), with
     # room after the probes' own timeout.
     liveness = triton["livenessProbe"]
     command = liveness["exec"]["command"]
-    assert command[:3] == ["python3", "-m", "flux2_serving.server.watchdog"] and "--once" in command and "--canary" not in command
+    assert command[:3] == ["python3", "-m", "flux2_serving.server.watchdog"]
+    assert "--once" in command and "--canary" not in command
     assert liveness["timeoutSeconds"] > float(command[command.index("--probe-timeout") + 1])
 
     secret = _one("Secret")
@@ -117,8 +122,6 @@ def test_both_containers_run_the_hardened_modules_with_the_admin_key_from_the_se
     assert "admin-key" in secret["stringData"]
     # The placeholder is refused by flux2_serving.server.serve, so an unedited Secret cannot open the admin APIs with
     # a key published in this repository.
-    from flux2_serving.contract import security
-
     with pytest.raises(ValueError):
         security.restriction_args(secret["stringData"]["admin-key"])
 
@@ -128,11 +131,13 @@ def test_the_image_runs_server_serve_from_the_files_the_context_lets_in():
     copies = re.findall(r"^COPY (.+) (\S+)$", dockerfile, re.M)
     sources = {source for sources, _ in copies for source in sources.split()}
     # The package is installed from what the context lets in (pyproject.toml names README.md as its readme).
-    assert ("flux2_serving", "/opt/flux2/src/flux2_serving") in copies and ("pyproject.toml README.md", "/opt/flux2/src/") in copies
+    assert ("flux2_serving", "/opt/flux2/src/flux2_serving") in copies
+    assert ("pyproject.toml README.md", "/opt/flux2/src/") in copies
     assert re.search(r"^RUN python3 -m pip install --no-cache-dir --no-deps /opt/flux2/src$", dockerfile, re.M)
     allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
     assert allowed == sources and all((ROOT / source).exists() for source in sources)
-    # The CMD as /bin/sh runs it (${CUDA_POOL_BYTES} expanded, '*' not globbed), through flux2_serving.server.serve --print.
+    # The CMD as /bin/sh runs it (${CUDA_POOL_BYTES} expanded, '*' not globbed), through
+    # flux2_serving.server.serve --print.
     cmd = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1))
     assert cmd[:2] == ["/bin/sh", "-c"] and cmd[2].startswith("exec python3 -m flux2_serving.server.serve ")
     script = cmd[2].replace("exec python3 ", f"exec {sys.executable} ", 1) + " --print"
@@ -189,9 +194,6 @@ def test_kustomization_lists_existing_resources():
 
 
 def test_the_routing_header_is_the_one_clients_send_and_the_gateway_hashes():
-    from flux2_serving.clients.api import ROUTING_HEADER
-    from flux2_serving.server.gateway import ROUTING_HEADER as GATEWAY_HEADER
-
     variable = "$http_" + ROUTING_HEADER.replace("-", "_")
     assert GATEWAY_HEADER == ROUTING_HEADER
     assert variable in (ROOT / "deploy" / "nginx" / "flux2-gateway.conf").read_text()
@@ -218,14 +220,12 @@ def test_the_ingresses_route_exactly_the_public_allowlist(name, allowed):
 
 def _serve_print(environ: dict) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX2_ADMIN_KEY")}
-    return subprocess.run([sys.executable, "-m", "flux2_serving.server.serve", "--print", "--model-repository=/models"], cwd=ROOT,
-                          env={**env, **environ}, capture_output=True, text=True, check=True)
+    return subprocess.run([sys.executable, "-m", "flux2_serving.server.serve", "--print", "--model-repository=/models"],
+                          cwd=ROOT, env={**env, **environ}, capture_output=True, text=True, check=True)
 
 
 @pytest.mark.parametrize("key_from", ["env", "file", "none"])
 def test_serve_print_masks_the_key_and_restricts_exactly_the_admin_apis(key_from, tmp_path):
-    from flux2_serving.contract import security
-
     key = "k3y-" + "a" * 40
     (tmp_path / "key").write_text(key + "\n")
     environ = {"env": {"FLUX2_ADMIN_KEY": key}, "file": {"FLUX2_ADMIN_KEY_FILE": str(tmp_path / "key")},
@@ -242,7 +242,8 @@ def test_serve_print_masks_the_key_and_restricts_exactly_the_admin_apis(key_from
         assert restriction == f"{security.ADMIN_HEADER}=***"
     for listener in ("http", "grpc", "metrics"):
         assert f"--{listener}-address=0.0.0.0" in printed
-    assert "stub-timeout-seconds" not in printed  # the Python backend never reads it (flux2_serving/contract/security.py)
+    # The Python backend never reads it (flux2_serving/contract/security.py).
+    assert "stub-timeout-seconds" not in printed
 
 
 def _post(url: str, headers: dict) -> int:
@@ -258,10 +259,6 @@ def _post(url: str, headers: dict) -> int:
 def test_serve_starts_tritonserver_with_the_admin_apis_behind_the_key(triton_server, tmp_path):
     """python -m flux2_serving.server.serve for real (the container's entry point) on the bundled tritonserver: it
     becomes tritonserver (exec), and the repository index answers only with the key."""
-    from flux2_serving import CHECKOUT as LAUNCH_ROOT
-    from flux2_serving.contract import security
-    from flux2_serving.server.launch import bundled_server, free_ports, prepare_backends, server_env, wait_ready
-
     key = security.unknowable_key()
     ports = free_ports()
     backends = prepare_backends(LAUNCH_ROOT / "build" / "tritonserver" / "backends")

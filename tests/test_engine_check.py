@@ -1,6 +1,6 @@
-"""python -m flux2_serving.export.engine_check on the tiny fp32 export: the onnxruntime half (Polygraphy's OnnxrtRunner) runs;
-the TensorRT half is reported as not run. No TensorRT here: its half is never exercised or imitated, except the
-layer counting, fed a hand-written engine-inspector JSON in the two layouts TensorRT documents.
+"""python -m flux2_serving.export.engine_check on the tiny fp32 export: the onnxruntime half (Polygraphy's
+OnnxrtRunner) runs; the TensorRT half is reported as not run. No TensorRT here: its half is never exercised or
+imitated, except the layer counting, fed a hand-written engine-inspector JSON in the two layouts TensorRT documents.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    # `python -m flux2_serving.export.engine_check ARGS` with `import tensorrt` failing, whether or not it is installed here.
+    # `python -m flux2_serving.export.engine_check ARGS` with `import tensorrt` failing, whether or not it is
+    # installed here.
     code = ("import runpy, sys; sys.modules['tensorrt'] = None; "
             f"sys.argv = ['engine_check', *{list(args)!r}]; "
             "runpy.run_module('flux2_serving.export.engine_check', run_name='__main__', alter_sys=True)")

@@ -5,10 +5,12 @@ Also the memory plan: the old envelope does not fit an 80 GB GPU, the shipped on
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from PIL import Image
@@ -22,6 +24,7 @@ from flux2_serving.models.request_inputs import (
     InvalidInput,
     decode_image,
     output_size,
+    parse,
     preprocess_reference,
 )
 
@@ -42,7 +45,7 @@ def _sizes(pixels) -> list[tuple[int, int]]:
 
 def _within(shape, profile) -> bool:
     lo, _, hi = profile
-    return all(a <= s <= b for a, s, b in zip(lo, shape, hi))
+    return all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True))
 
 
 def _in_a_profile(shape, spec, tensor) -> bool:
@@ -106,7 +109,8 @@ def test_references_outside_the_profiles_are_rejected(width, height, message):
 
 def test_reference_set_within_the_token_budget():
     four_small = [preprocess_reference(decode_image(_png(512, 512), i, LIMITS), PROCESSOR, LIMITS) for i in range(4)]
-    assert output_size(GenerationRequest(prompt="x"), _sizes(four_small), LIMITS) == (512, 512)  # 4 x 1024 = 4096 tokens
+    # 4 x 1024 = 4096 tokens
+    assert output_size(GenerationRequest(prompt="x"), _sizes(four_small), LIMITS) == (512, 512)
     two_large = [preprocess_reference(decode_image(_png(1024, 1024), i, LIMITS), PROCESSOR, LIMITS) for i in range(2)]
     with pytest.raises(InvalidInput, match="'image': the references hold 8192 tokens .* at most 4096 allowed"):
         output_size(GenerationRequest(prompt="x", height=512, width=512), _sizes(two_large), LIMITS)
@@ -123,10 +127,6 @@ def test_accepted_output_sizes_fit_the_cached_step_and_decoder(side):
 
 
 def test_prompt_that_is_not_utf8_is_a_client_error():
-    import numpy as np
-
-    from flux2_serving.models.request_inputs import parse
-
     with pytest.raises(InvalidInput, match="'prompt' is not valid UTF-8"):
         parse({"prompt": np.array([b"\xff\xfe caf\xe9"], dtype=np.object_)}, LIMITS)
 
@@ -164,8 +164,8 @@ def test_the_old_envelope_does_not_fit_80_gb(size_9b):
     assert memory_plan.max_tensor_elements(spec, old) == ("ref_kv", 2**34)
     assert memory_plan.io_bytes(spec, "bf16", old) > 32 * 2**30
     rows = memory_plan.plan(size_9b, "bf16", old, bls_instances=2)
-    rows = [(what, who, memory_plan.io_bytes(spec, "bf16", old) if who == "transformer_cached" and what.startswith("I/O")
-             else value) for what, who, value in rows]
+    rows = [(what, who, memory_plan.io_bytes(spec, "bf16", old)
+             if who == "transformer_cached" and what.startswith("I/O") else value) for what, who, value in rows]
     assert memory_plan.total_bytes(rows) > 80 * 2**30
 
 
@@ -185,11 +185,10 @@ def test_the_shipped_envelope_fits_80_gb_with_15_percent_headroom(size_9b):
 
 def test_serving_image_pool_is_the_plans(size_9b):
     """The serving image's default --cuda-memory-pool-byte-size is what the plan says the GPU's BLS instances hold."""
-    import re
-
     dockerfile = (Path(__file__).resolve().parents[1] / "docker" / "serving.Dockerfile").read_text()
     pool = int(re.search(r"^ENV CUDA_POOL_BYTES=(\d+)$", dockerfile, flags=re.MULTILINE).group(1))
-    assert pool == memory_plan.GPU_BLS_INSTANCES * memory_plan.bls_transfer_bytes(size_9b.dims, "bf16", DEFAULT_ENVELOPE)
+    per_instance = memory_plan.bls_transfer_bytes(size_9b.dims, "bf16", DEFAULT_ENVELOPE)
+    assert pool == memory_plan.GPU_BLS_INSTANCES * per_instance
 
 
 def test_memory_plan_cli_prints_the_table_and_fails_on_48_gb():

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE, engine_profiles
-from flux2_serving.contract.specs import COMPONENTS, graph_specs
+from flux2_serving.contract.graphs import COMPONENTS
+from flux2_serving.contract.specs import graph_specs
 from flux2_serving.export.build_engines import engine_name
 
 
@@ -47,7 +48,8 @@ def test_build_engines_dry_run_prints_every_profile(onnx_bf16):
 
 
 def test_build_engines_without_tensorrt_fails_with_one_clear_line(onnx_bf16, tmp_path):
-    result = _run("flux2_serving.export.build_engines", "--onnx-dir", str(onnx_bf16), "--out", str(tmp_path / "engines"))
+    result = _run("flux2_serving.export.build_engines", "--onnx-dir", str(onnx_bf16),
+                  "--out", str(tmp_path / "engines"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -60,7 +62,7 @@ def test_profiles_cover_every_dynamic_dim_in_order():
     for spec in graph_specs(dims).values():
         for profile in engine_profiles(spec, DEFAULT_ENVELOPE):
             for name, (lo, opt, hi) in profile.items():
-                assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (spec.name, name)
+                assert all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)), (spec.name, name)
     [cached] = engine_profiles(graph_specs(dims)["transformer_cached"])
     assert cached["ref_kv_31"][2] == (2, 4096, 32, 128)  # one reference of 1024x1024, shared by the images
     [prefill] = engine_profiles(graph_specs(dims)["transformer_prefill"])

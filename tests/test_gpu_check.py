@@ -7,12 +7,15 @@ import json
 import subprocess
 import sys
 
+from bench.gpu_check import STAGES, stage_limit
+
 
 def test_gpu_check_runs_its_cpu_stages(tmp_path):
     out = tmp_path / "gpu_check"
     benchmarks = tmp_path / "BENCHMARKS.md"
     run = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--out", str(out),
-                          "--benchmarks", str(benchmarks), "--repeats", "1"], capture_output=True, text=True, timeout=900)
+                          "--benchmarks", str(benchmarks), "--repeats", "1"],
+                         capture_output=True, text=True, timeout=900)
     print(run.stdout[-3000:], run.stderr[-3000:])
     results = json.loads((out / "gpu_check.json").read_text())
     stages = results["stages"]
@@ -33,8 +36,6 @@ def test_gpu_check_runs_its_cpu_stages(tmp_path):
 
 def test_stage_time_boxes_fit_the_budget():
     """The stages' time boxes sum to the budget, whichever stages run (a box beyond the budget cut the last stage)."""
-    from bench.gpu_check import STAGES, stage_limit
-
     for stages in ("abcde", "abde", "ab", "e"):
         boxes = [stage_limit(letter, 480, stages) for letter in stages]
         assert abs(sum(boxes) - 480) < 1e-6 and min(boxes) >= 30, (stages, boxes)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import gpu_probe
+
 ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED = {
@@ -39,7 +41,7 @@ def test_gpu_probe_tiny_cpu(tmp_path):
     assert data["weights"]["parameters"] > 0 and data["weights"]["bytes"] > 0
     measured = {m["name"]: m for m in data["measurements"]}
     assert set(measured) == set(EXPECTED)
-    for name, m in measured.items():
+    for _name, m in measured.items():
         assert "error" not in m, m
         assert m["median_ms"] > 0 and len(m["times_ms"]) == 2, m
         assert m["peak_gib"] > 0, m
@@ -77,8 +79,6 @@ def test_gpu_probe_help_and_cpu_9b_refused():
 
 def test_gpu_probe_runs_in_process():
     """make bench calls it as a function: measurements come back, no files written or re-read."""
-    from bench import gpu_probe
-
     result = gpu_probe.run(size="tiny", device="cpu", refs="1", repeats=1, warmup=0)
     names = {m["name"] for m in result["measurements"]}
     assert names == {"diffusers_extract_1ref", "diffusers_cached_1ref", "ours_prefill_1ref", "ours_cached_1ref"}

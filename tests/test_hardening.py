@@ -107,7 +107,8 @@ BAD_CALLS = {
         np.full((1, TEXT_LEN), 7, np.int64), "INT64")}, ["'attention_mask'"]),
     "vae_decoder_beyond_1440px": ("vae_decoder", lambda: {"latents": (_latents(200, 16), "FP32")},
                                   ["'latents'", "lat_h = 200", "[16, 90]"]),
-    "vae_encoder_not_a_multiple_of_16": ("vae_encoder", lambda: {"image": (np.zeros((1, 3, 72, 64), np.float32), "FP32")},
+    "vae_encoder_not_a_multiple_of_16": ("vae_encoder",
+                                         lambda: {"image": (np.zeros((1, 3, 72, 64), np.float32), "FP32")},
                                          ["'image'", "height = 72", "multiple of 16"]),
     "vae_encoder_over_the_reference_area": ("vae_encoder", lambda: {"image": (
         np.zeros((1, 3, 1024, 1040), np.float32), "FP32")}, ["'image'", "= 1064960", "at most 1048576"]),
@@ -136,7 +137,8 @@ def _evil_model_files() -> tuple[str, dict]:
     config = json.dumps({"backend": "python", "max_batch_size": 0,
                          "input": [{"name": "x", "data_type": "TYPE_INT32", "dims": [1]}],
                          "output": [{"name": "y", "data_type": "TYPE_INT32", "dims": [1]}]})
-    source = b"import os\nclass TritonPythonModel:\n    def initialize(self, args):\n        open('/tmp/flux2_pwned', 'w')\n"
+    source = (b"import os\nclass TritonPythonModel:\n    def initialize(self, args):\n"
+              b"        open('/tmp/flux2_pwned', 'w')\n")
     return config, {"file:1/model.py": source}
 
 
@@ -148,7 +150,8 @@ def test_the_control_plane_is_closed_to_callers_without_the_admin_key(triton_ser
         "unload": lambda **k: c.unload_model("flux2_klein_kv", **k),
         "load with a file override": lambda **k: c.load_model("evil", config=config, files=files, **k),
         "load with a config override": lambda **k: c.load_model(
-            "flux2_klein_kv", config=json.dumps({"parameters": {"max_num_inference_steps": {"string_value": "100000"}}}), **k),
+            "flux2_klein_kv",
+            config=json.dumps({"parameters": {"max_num_inference_steps": {"string_value": "100000"}}}), **k),
         "system shared memory": lambda **k: c.register_system_shared_memory(
             "region", "/triton_python_backend_shm_region_1", 1024, **k),
         "CUDA shared memory": lambda **k: c.register_cuda_shared_memory("region", b"\0" * 64, 0, 1024, **k),

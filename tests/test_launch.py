@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,10 +12,29 @@ import threading
 import time
 
 import pytest
+import tritonclient.http as http
 
 from bench.report import process_tree
 from flux2_serving.clients.api import Flux2Client, Flux2Error
-from flux2_serving.server.launch import STOP_TIMEOUT_S, free_ports, group_members, process_table
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.contract.manifest import read as read_manifest
+from flux2_serving.export.memory_plan import bls_transfer_bytes
+from flux2_serving.server.launch import (
+    START_ATTEMPTS,
+    STOP_TIMEOUT_S,
+    LaunchError,
+    ServerExited,
+    bundled_server,
+    command,
+    free_ports,
+    group_members,
+    prepare_backends,
+    process_table,
+    python_version,
+    start,
+    stub_python,
+)
+from flux2_serving.serving.repository import assemble
 
 STOP_BOUND_S = STOP_TIMEOUT_S + 10  # stated in README ("Serving with Triton"): the launcher's bound, plus slack
 
@@ -65,8 +85,6 @@ def test_the_launcher_listens_on_loopback_and_keeps_the_admin_apis_closed(triton
         mine = [line for line in listening.splitlines() if f"pid={pid}," in line]
         # HTTP, gRPC (shown as the IPv4-mapped [::ffff:127.0.0.1]) and metrics: loopback only.
         assert len(mine) == 3 and all(re.search(r"[ \[:]127\.0\.0\.1\]?:\d+ ", line) for line in mine), mine
-        import tritonclient.http as http
-
         with pytest.raises(Exception, match="restricted"):  # no key configured: nobody may unload
             http.InferenceServerClient(f"127.0.0.1:{ports['http']}").unload_model("flux2_klein_kv")
     finally:
@@ -76,8 +94,6 @@ def test_the_launcher_listens_on_loopback_and_keeps_the_admin_apis_closed(triton
 
 @pytest.fixture(scope="module")
 def small_repository(tmp_path_factory, onnx_fp32, tiny_checkpoint):
-    from flux2_serving.serving.repository import assemble
-
     return assemble(onnx_fp32, tiny_checkpoint, tmp_path_factory.mktemp("launch") / "model_repository",
                     backend="onnxruntime", bls_instances=1)
 
@@ -122,8 +138,6 @@ def test_ctrl_c_mid_request_stops_everything_within_the_bound(small_repository, 
 def test_a_server_that_exits_during_start_up_is_started_again(tmp_path, capfd):
     """tritonserver 2.51 aborted once while its Python stubs started on a loaded machine: the launcher
     starts it again (START_ATTEMPTS in all) before it gives up, with one line saying so."""
-    from flux2_serving.server.launch import START_ATTEMPTS, ServerExited, start
-
     ports = free_ports()
     with pytest.raises(ServerExited, match="exited with status"):
         start(tmp_path / "no-such-repository", ports["http"], ports["grpc"], ports["metrics"],
@@ -135,10 +149,6 @@ def test_a_stub_built_for_another_python_is_replaced_or_refused(tmp_path, monkey
     """A backends folder shared with another Python (a 3.12 GPU machine, a 3.11 venv) holds a stub
     linked to the wrong libpython: the launcher copies this Python's stub over it; where the only stub
     on offer is for another Python, it refuses with one line instead of starting models that fail."""
-    import shutil
-
-    from flux2_serving.server.launch import LaunchError, bundled_server, prepare_backends, python_version, stub_python
-
     other = "3.12" if python_version() != "3.12" else "3.11"
     wrong = bundled_server() / "python_backend_stubs" / other / "triton_python_backend_stub"
     assert stub_python(wrong) == other
@@ -162,13 +172,7 @@ def test_a_stub_built_for_another_python_is_replaced_or_refused(tmp_path, monkey
 def test_a_repository_served_on_a_gpu_gets_its_cuda_memory_pool(tmp_path, onnx_fp32, tiny_checkpoint):
     """The BLS on cuda:N: the launcher passes --cuda-memory-pool-byte-size=N:<the plan's BLS transfers>,
     written into the repository by the assembler; on the CPU no pool flag."""
-    from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
-    from flux2_serving.contract.manifest import read
-    from flux2_serving.export.memory_plan import bls_transfer_bytes
-    from flux2_serving.server.launch import command
-    from flux2_serving.serving.repository import assemble
-
-    manifest = read(onnx_fp32)
+    manifest = read_manifest(onnx_fp32)
     expected = 2 * bls_transfer_bytes(manifest.dims, manifest.dtype, DEFAULT_ENVELOPE)
     gpu = assemble(onnx_fp32, tiny_checkpoint, tmp_path / "gpu", backend="onnxruntime", device="cuda:1",
                    bls_instances=2)

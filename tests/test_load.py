@@ -12,7 +12,7 @@ import tritonclient.grpc as grpc
 import tritonclient.http as http
 
 from bench.report import tree_memory_gib
-from flux2_serving.clients.api import Flux2Client, Flux2Error
+from flux2_serving.clients.api import Flux2Client, Flux2Error, infer_inputs, request_tensors
 from flux2_serving.devtools.pictures import synthetic_reference
 from tests.support import model_counts
 
@@ -45,9 +45,10 @@ def test_concurrent_mixed_requests_equal_each_alone_and_are_batched(triton_serve
         before = model_counts(triton_server, "text_encoder")
         with ThreadPoolExecutor(len(MIXED)) as pool:
             together = list(pool.map(lambda job: _send(triton_server, job), MIXED))
-        for job, expected, actual in zip(MIXED, alone, together):
+        for job, expected, actual in zip(MIXED, alone, together, strict=True):
             assert np.array_equal(actual, expected), job["prompt"]
-        inferences, executions = (a - b for a, b in zip(model_counts(triton_server, "text_encoder"), before))
+        inferences, executions = (a - b for a, b in zip(model_counts(triton_server, "text_encoder"), before,
+                                                        strict=True))
         batched_calls = inferences - executions
         print(f"burst {attempt}: text_encoder {inferences} inferences in {executions} executions")
         if batched_calls > 0:
@@ -62,8 +63,8 @@ def _soak_job(rng: random.Random, index: int) -> tuple[dict, str | None]:
         job["refs"] = [((rng.choice([64, 128, 192]), 128), rng.randrange(6))]  # few distinct sets: cache hits
     if index % 5 == 0:
         field, bad = rng.choice([("height", dict(height=250)), ("width", dict(width=4096)),
-                                 ("num_inference_steps", dict(num_inference_steps=0)), ("image[0]", dict(raw_image=b"\x89PNG nope")),
-                                 ("prompt", dict(prompt=" "))])
+                                 ("num_inference_steps", dict(steps=0)),
+                                 ("image[0]", dict(raw_image=b"\x89PNG nope")), ("prompt", dict(prompt=" "))])
         job.update(bad)
         return job, field
     return job, None
@@ -119,11 +120,10 @@ def test_clients_that_give_up_mid_request_leave_the_server_healthy(triton_server
     assert "timed out" in str(error.value)
     # A gRPC call cancelled by the client itself.
     future_client = grpc.InferenceServerClient(triton_server["grpc"])
-    from flux2_serving.clients.api import infer_inputs, request_tensors
-
     tensors = request_tensors("cancelled", refs, height=768, width=768, num_inference_steps=8)
     done = []
-    future = future_client.async_infer("flux2_klein_kv", infer_inputs(grpc, tensors), callback=lambda *r: done.append(r))
+    future = future_client.async_infer("flux2_klein_kv", infer_inputs(grpc, tensors),
+                                       callback=lambda *r: done.append(r))
     time.sleep(0.2)
     future.cancel()
     assert grpc.InferenceServerClient(triton_server["grpc"]).is_server_live()

@@ -17,7 +17,9 @@ import tritonclient.http as http
 
 from flux2_serving.clients.api import Flux2Client, Flux2Error, infer_inputs, request_tensors
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
-from flux2_serving.devtools.metrics import metric_by_label
+from flux2_serving.devtools.metrics import metric_by_label, scrape
+from flux2_serving.server.launch import running
+from flux2_serving.serving.repository import assemble
 
 QUEUE = 20
 PROBE_TIMEOUT_S = 1.0
@@ -26,9 +28,6 @@ SIDE, STEPS = 1024, 4
 
 @pytest.fixture(scope="module")
 def busy_server(tmp_path_factory, onnx_fp32, tiny_checkpoint):
-    from flux2_serving.server.launch import running
-    from flux2_serving.serving.repository import assemble
-
     workdir = tmp_path_factory.mktemp("busy")
     repository = assemble(onnx_fp32, tiny_checkpoint, workdir / "model_repository", backend="onnxruntime",
                           bls_instances=1,
@@ -44,8 +43,6 @@ def outcomes(server) -> dict[str, float]:
 
 def triton_failures(server, reason: str, model: str = "flux2_klein_kv") -> float:
     """Triton's own count of requests it ended before the model (e.g. CANCELED while queued)."""
-    from flux2_serving.devtools.metrics import scrape
-
     pattern = f'nv_inference_request_failure{{model="{model}",reason="{reason}",version="1"}} '
     line = next(line for line in scrape(server.metrics).splitlines() if line.startswith(pattern))
     return float(line.rsplit(" ", 1)[1])
@@ -97,8 +94,9 @@ def test_a_full_queue_is_answered_at_once_and_the_admitted_are_served(busy_serve
         thread.join(120)
     refused = [a for a in answers if "Exceeds maximum queue size" in a[2]]
     admitted = [a for a in answers if a not in refused]
+    served = sum(a[0] == "ok" for a in admitted)
     print(f"{len(refused)} refused in at most {max(a[1] for a in refused):.2f} s; admitted: "
-          f"{sum(a[0] == 'ok' for a in admitted)} served, {len(admitted) - sum(a[0] == 'ok' for a in admitted)} gave up")
+          f"{served} served, {len(admitted) - served} gave up")
     assert len(refused) >= burst - QUEUE - 2  # (a request or two may leave the queue while the burst arrives)
     assert all("overloaded" in a[2] for a in refused)  # the client's hint: send it again later
     first_finished = min(a[1] for a in admitted)
@@ -185,7 +183,8 @@ def test_the_watchdog_outlives_a_queue_longer_than_its_probe_timeout(busy_server
 
     with ThreadPoolExecutor(6) as pool:  # ~6 requests of >= 1 s each: far beyond one probe's wait
         list(pool.map(send, range(6)))
-    print(f"watchdog rounds {dog.rounds - rounds}, busy answers {dog.busy - busy}, repairs {dog.repairs[len(repairs):]}")
+    print(f"watchdog rounds {dog.rounds - rounds}, busy answers {dog.busy - busy}, "
+          f"repairs {dog.repairs[len(repairs):]}")
     assert dog.rounds - rounds >= 3  # the loop kept going
     assert dog.repairs == repairs  # and repaired nothing that was merely busy
 

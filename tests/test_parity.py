@@ -12,6 +12,7 @@ import torch
 from diffusers import Flux2KleinKVPipeline as P
 from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 
+from flux2_serving.export.components import TransformerPrefill
 from flux2_serving.models.pipeline import tokenize  # the served tokenization, the one tested here
 from tests.support import rel_l2, run_graph
 
@@ -147,8 +148,6 @@ def test_prefill_ignores_text_and_image(pipe, ort_session):
 def test_the_slim_prefill_extracts_exactly_what_diffusers_does(pipe):
     """The prefill module (no text stream, no output layers) gives bit-identical K/V to diffusers'
     extract forward with a prompt and latents; the pipeline's transformer keeps every layer."""
-    from flux2_serving.export.components import TransformerPrefill
-
     refs, ref_ids = _references([(4, 6), (3, 3)], seed=8)
     latents, embeds, img_ids, txt_ids = _step_inputs(1, 2, 3, 11, seed=9)
     transformer = pipe.transformer

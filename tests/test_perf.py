@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from perf import input_data
+from perf.provision import provision
 from perf.run import parse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,8 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def perf_analyzer(tmp_path_factory) -> Path:
     """Provisioned once per run (or kept in FLUX2_TEST_CACHE between runs)."""
-    from perf.provision import provision
-
     cache = os.environ.get("FLUX2_TEST_CACHE")
     directory = Path(cache) / "perf_analyzer" if cache else tmp_path_factory.mktemp("perf_analyzer")
     lines = []
@@ -95,5 +94,6 @@ def test_perf_analyzer_measures_text_to_image_over_grpc(triton_server, perf_anal
 
 def test_input_data_can_bypass_the_reference_cache():
     assert "reuse_reference_cache" not in input_data.request("reference_1", ref_size=64)
-    assert input_data.request("reference_1", ref_size=64, reuse_reference_cache=False)["reuse_reference_cache"] == [False]
+    bypassed = input_data.request("reference_1", ref_size=64, reuse_reference_cache=False)
+    assert bypassed["reuse_reference_cache"] == [False]
     assert "reuse_reference_cache" not in input_data.request("text_to_image", reuse_reference_cache=False)

@@ -7,7 +7,10 @@ fp32), so a 256x256 reference (256 tokens) takes 512 KiB: two fit.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from PIL import Image
 
 from flux2_serving.clients.api import Flux2Client
 from flux2_serving.devtools.metrics import reference_cache_metrics
@@ -21,8 +24,8 @@ def cache_metrics(server) -> dict[str, float]:
 
 def edit(server, references, seed=1, **kwargs) -> np.ndarray:
     with Flux2Client(server["grpc"]) as client:
-        images = client.generate("paint it like a mosaic", references, height=256, width=256, seed=seed, num_inference_steps=2,
-                                 **kwargs)
+        images = client.generate("paint it like a mosaic", references, height=256, width=256, seed=seed,
+                                 num_inference_steps=2, **kwargs)
     return np.stack([np.asarray(image) for image in images])
 
 
@@ -59,7 +62,8 @@ def test_one_kv_per_request_shared_by_its_images(triton_server):
     names = ("vae_encoder", "transformer_prefill", "transformer_cached", "vae_decoder")
     before = {name: model_counts(triton_server, name) for name in names}
     images = edit(triton_server, refs, seed=4, num_images_per_prompt=3, reuse_reference_cache=False)
-    delta = {name: tuple(a - b for a, b in zip(model_counts(triton_server, name), before[name])) for name in names}
+    delta = {name: tuple(a - b for a, b in zip(model_counts(triton_server, name), before[name], strict=True))
+             for name in names}
     print(delta)
     assert images.shape == (3, 256, 256, 3)
     assert delta["vae_encoder"][0] == 2  # once per reference, not per image
@@ -102,10 +106,6 @@ def test_repeated_bytes_are_not_decoded_and_give_the_identical_image(triton_serv
 
 
 def test_the_same_picture_as_png_and_lossless_webp_shares_the_kv(triton_server):
-    import io
-
-    from PIL import Image
-
     png = synthetic_reference((256, 256), 77)
     buffer = io.BytesIO()
     Image.open(io.BytesIO(png)).save(buffer, format="WEBP", lossless=True)

@@ -7,19 +7,21 @@ nginx can be neither found nor unpacked from Debian's package."""
 from __future__ import annotations
 
 import re
+import urllib.error
+import urllib.request
 
 import pytest
+import tritonclient.grpc as grpc
 
 from bench.scaleout import gateway_replicas, kill_and_restart, replicas_of, run_policy, workload
 from flux2_serving.devtools.pictures import synthetic_reference
+from flux2_serving.server.gateway import GatewayError, nginx_binary, running_gateway
 
 SIDE, STEPS = 256, 1
 
 
 @pytest.fixture(scope="module")
 def nginx():
-    from flux2_serving.server.gateway import GatewayError, nginx_binary
-
     try:
         return nginx_binary()
     except GatewayError as exc:
@@ -37,8 +39,6 @@ def _replica_of(address: str, replicas) -> int:
 
 
 def test_affinity_keeps_each_reference_on_one_replica_round_robin_does_not(replicas, tmp_path):
-    from flux2_serving.server.gateway import running_gateway
-
     results = {}
     for offset, policy in enumerate(("round-robin", "affinity")):
         # 3 references (odd: round robin's alternation moves each across replicas), 3 rounds each.
@@ -69,8 +69,6 @@ def test_affinity_keeps_each_reference_on_one_replica_round_robin_does_not(repli
 
 
 def test_a_killed_replica_fails_over_and_rejoins_when_restarted(replicas, tmp_path):
-    from flux2_serving.server.gateway import running_gateway
-
     references = [synthetic_reference((128, 128), 90 + i) for i in range(4)]
     with running_gateway(gateway_replicas(replicas), tmp_path / "failover") as gateway:
         report = kill_and_restart(replicas, gateway, references, SIDE, STEPS, victim=1, before_kill=4, concurrency=2)
@@ -87,13 +85,6 @@ def test_the_gateway_passes_only_what_callers_of_the_public_model_need(replicas,
     """Health and flux2_klein_kv pass; the admin APIs, the internal models' HTTP paths and model
     configs get 403 at the gateway (over gRPC too, but for ModelInfer, whose model name travels in
     the message: the internal models check what they are sent themselves)."""
-    import urllib.error
-    import urllib.request
-
-    import tritonclient.grpc as grpc
-
-    from flux2_serving.server.gateway import running_gateway
-
     with running_gateway(gateway_replicas(replicas), tmp_path / "allowlist") as gateway:
         def status(path, data=None):
             try:

@@ -80,8 +80,9 @@ def test_model_folders_import_the_package_by_name():
     assert shims and all(path.name == "model.py" for path in shims), shims
     for path in shims:
         imports = list(_imports(path))
+        named = re.findall(r"from flux2_serving\.models\.(\w+) import", path.read_text())
         assert [module for module, _ in imports if module != "__future__"] == [
-            f"flux2_serving.models.{m}" for m in re.findall(r"from flux2_serving\.models\.(\w+) import", path.read_text())
+            f"flux2_serving.models.{m}" for m in named
         ] and len(imports) == 1, path
 
 
@@ -121,12 +122,14 @@ def _holds(path: Path, literal: str) -> bool:
     the text itself anywhere in the code."""
     if literal.startswith('"') and literal.endswith('"') and literal.count('"') == 2:
         value = literal[1:-1]
-        return any(isinstance(node, ast.Constant) and node.value == value for node in ast.walk(ast.parse(path.read_text())))
+        tree = ast.parse(path.read_text())
+        return any(isinstance(node, ast.Constant) and node.value == value for node in ast.walk(tree))
     return literal in path.read_text()
 
 
 def test_facts_are_declared_once():
     product = [p for p in _python_files() if p.parts[len(ROOT.parts)] != "tests"]
     for literal, home in DECLARED_ONCE.items():
-        found = [str(p.relative_to(PACKAGE if p.is_relative_to(PACKAGE) else ROOT)) for p in product if _holds(p, literal)]
+        found = [str(p.relative_to(PACKAGE if p.is_relative_to(PACKAGE) else ROOT))
+                 for p in product if _holds(p, literal)]
         assert found == ([home] if home else []), (literal, found)

@@ -15,6 +15,8 @@ from tritonclient.grpc import model_config_pb2
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.specs import spec_from_manifest
+from flux2_serving.export import memory_plan
+from flux2_serving.export.memory_plan import ModelSize
 from flux2_serving.serving.repository import assemble, bls_config, cache_config
 from flux2_serving.serving.triton_config import COMPONENT_QUEUE, component_config
 
@@ -63,7 +65,8 @@ def test_bls_config_is_the_public_interface():
     assert inputs["prompt"].data_type == model_config_pb2.TYPE_STRING and list(inputs["image"].dims) == [-1]
     assert inputs["seed"].data_type == model_config_pb2.TYPE_INT64
     outputs = {o.name: o for o in config.output}
-    assert list(outputs["images"].dims) == [-1, -1, -1, 3] and outputs["images"].data_type == model_config_pb2.TYPE_UINT8
+    assert list(outputs["images"].dims) == [-1, -1, -1, 3]
+    assert outputs["images"].data_type == model_config_pb2.TYPE_UINT8
     assert outputs["png"].data_type == model_config_pb2.TYPE_STRING
     assert config.max_batch_size == 0 and config.instance_group[0].count == 3
     assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
@@ -166,9 +169,6 @@ def test_a_dynamic_tensorrt_engine_never_gets_two_instances_by_accident(onnx_fp3
 
 
 def test_the_memory_plan_counts_weights_once_per_instance():
-    from flux2_serving.export import memory_plan
-    from flux2_serving.export.memory_plan import ModelSize
-
     dims = {"text_hidden": 32, "heads": 2, "head_dim": 16, "kv_layers": 2, "in_channels": 128}
     size = ModelSize(dims, dict.fromkeys(["text_encoder", "vae_encoder", "transformer_prefill", "transformer_cached",
                                           "vae_decoder"], 1000), 96, 64, 32)

@@ -3,11 +3,18 @@ catches what TensorRT's ONNX parser would reject."""
 
 from __future__ import annotations
 
+import contextlib
+
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 
-from flux2_serving.contract.specs import COMPONENTS
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.contract.graphs import COMPONENTS
+from flux2_serving.export import memory_plan, profile_walk
+from flux2_serving.export.loading import read_model_dims
+from flux2_serving.export.profile_walk import LIMIT, walk_export
 from flux2_serving.export.trt_compat import check_graph, load_supported_ops, main
 
 
@@ -64,8 +71,6 @@ def test_half_precision_graphs_run_softmax_in_fp32(onnx_bf16, onnx_fp32):
     """Every Softmax of a bf16 graph reads fp32 (a Cast in front, one back after): where TensorRT does
     not fuse attention, a strongly typed engine computes each layer in its ONNX types. fp32 graphs have
     no such casts. The VAE graphs run their attention in 16 query slices (components.query_chunked_attention)."""
-    import onnx
-
     for name in ("text_encoder", "transformer_prefill", "transformer_cached", "vae_encoder", "vae_decoder"):
         for folder, wrapped in ((onnx_bf16, True), (onnx_fp32, False)):
             proto = onnx.shape_inference.infer_shapes(onnx.load(str(folder / name / "model.onnx"),
@@ -87,10 +92,6 @@ def test_every_graph_fits_its_profile_maximum(onnx_fp32, tiny_checkpoint):
     inference, nothing run): none over 2^31 - 1 elements (the transformers' attention scores excepted:
     fused, assumed), and the largest within the memory plan's activation estimate for that engine (the
     plan of this very model: fewer heads and channels than 9B, the same token counts)."""
-    from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
-    from flux2_serving.export import memory_plan
-    from flux2_serving.export.profile_walk import LIMIT, walk_export
-
     size = memory_plan.model_size(tiny_checkpoint)
     for walk in walk_export(onnx_fp32):
         print(walk)
@@ -105,20 +106,16 @@ def test_the_walk_finds_an_attention_too_large_for_tensorrt(tmp_path, tiny_check
     """The VAE encoder exported without query slices: at 2048x2048 (the square profile it had before its
     profiles were bounded by area) its attention scores are [1, 1, 65536, 65536], over 2^31 - 1
     elements, and the walk says so."""
-    import contextlib
-
-    import torch
-
+    # export.components and export.onnx_export import diffusers (heavy): only this test of the module needs them
     from flux2_serving.export import components
-    from flux2_serving.export.loading import read_model_dims
     from flux2_serving.export.onnx_export import export_component
-    from flux2_serving.export.profile_walk import LIMIT, walk
 
     original = components.query_chunked_attention
     components.query_chunked_attention = lambda *a, **k: contextlib.nullcontext()
     try:
-        path = export_component("vae_encoder", tiny_checkpoint, tmp_path, torch.float32, read_model_dims(tiny_checkpoint))
+        path = export_component("vae_encoder", tiny_checkpoint, tmp_path, torch.float32,
+                                read_model_dims(tiny_checkpoint))
     finally:
         components.query_chunked_attention = original
-    result = walk(path, {"image": (1, 3, 2048, 2048)})
+    result = profile_walk.walk(path, {"image": (1, 3, 2048, 2048)})
     assert result.largest_score[0] == 65536 * 65536 > LIMIT and result.over_limit

@@ -1,13 +1,15 @@
 """A dead Python-backend process must not look healthy: fault injection on a real tritonserver.
 
 Each kind of stub (the BLS, the reference cache, a component runner) is killed with -9 while
-requests flow. Triton keeps answering ready; flux2_serving/server/watchdog.py (running here as it does next to
-the server in Kubernetes) notices through requests, reloads the model through the repository API,
+requests flow. Triton keeps answering ready; flux2_serving/server/watchdog.py (running here as it
+does next to the server in Kubernetes) notices through requests, reloads the model through the repository API,
 and the server serves again within RECOVERY_S. Requests in flight fail with a clear error; the
 same request afterwards gives the same image as before the kill."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import urllib.request
@@ -17,15 +19,14 @@ import pytest
 
 from flux2_serving.clients.api import Flux2Client, Flux2Error
 from flux2_serving.devtools.pictures import synthetic_reference
+from flux2_serving.server.launch import running, stub_processes
+from flux2_serving.serving.repository import assemble
 
 RECOVERY_S = 60  # stated in README ("Scaling out"): kill to first good answer, watchdog every 1 s here
 
 
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory, onnx_fp32, tiny_checkpoint):
-    from flux2_serving.server.launch import running
-    from flux2_serving.serving.repository import assemble
-
     workdir = tmp_path_factory.mktemp("watched")
     repository = assemble(onnx_fp32, tiny_checkpoint, workdir / "model_repository", backend="onnxruntime",
                           bls_instances=2)
@@ -40,8 +41,6 @@ def _request(client, reference):
 
 @pytest.mark.parametrize("instance", ["flux2_klein_kv_0_1", "reference_kv_cache_0_0", "transformer_cached_0_0"])
 def test_a_killed_stub_is_found_and_reloaded_while_requests_flow(watched, instance):
-    from flux2_serving.server.launch import stub_processes
-
     reference = synthetic_reference((128, 128), 61)
     with Flux2Client(watched.grpc, timeout_s=120) as client:
         before = _request(client, reference)
@@ -64,9 +63,6 @@ def test_a_killed_stub_is_found_and_reloaded_while_requests_flow(watched, instan
     thread.start()
     time.sleep(1.0)
     killed_at[0] = time.monotonic()
-    import os
-    import signal
-
     os.kill(pid, signal.SIGKILL)
     deadline = killed_at[0] + RECOVERY_S
     # Ready stays 200 throughout: readiness cannot see it (why the watchdog exists).
@@ -95,6 +91,4 @@ def test_a_killed_stub_is_found_and_reloaded_while_requests_flow(watched, instan
 
 
 def new_pid_differs(server, instance: str, old_pid: int) -> bool:
-    from flux2_serving.server.launch import stub_processes
-
     return stub_processes(server.process.pid).get(instance) not in (None, old_pid)

@@ -48,7 +48,8 @@ def write(folder, manifest: Manifest) -> Path:
 def read(folder) -> Manifest:
     path = Path(folder) / FILE
     if not path.exists():
-        raise MissingManifest(f"{path} not found: export the graphs first (python -m flux2_serving.export --model MODEL --onnx-dir {folder})")
+        raise MissingManifest(f"{path} not found: export the graphs first "
+                              f"(python -m flux2_serving.export --model MODEL --onnx-dir {folder})")
     data = json.loads(path.read_text())
     manifest = Manifest(data["model"], data["dtype"], data.get("opset"), data["dims"],
                         {name: entry["path"] for name, entry in data["graphs"].items()})

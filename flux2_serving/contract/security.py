@@ -1,5 +1,6 @@
 """Who may do what to a flux2 Triton server: the settings every way of starting one shares
-(`python -m flux2_serving.server.launch`, `python -m flux2_serving.server.serve` in the container, the Kubernetes manifests).
+(`python -m flux2_serving.server.launch`, `python -m flux2_serving.server.serve` in the container, the
+Kubernetes manifests).
 
 * **Admin APIs behind a key.** Triton's model-repository (load, unload, config and file overrides:
   code execution), shared-memory (system and CUDA), logging, trace and statistics APIs answer only

@@ -4,13 +4,15 @@ TensorRT engine. The parameter `runtime` picks how:
 * `onnxruntime`: the exported ONNX graph (`model.onnx` next to this file) on the CPU, since
   Triton's onnxruntime backend is not available on the development machines;
 * `torch`: the very wrapper module the graph is exported from (flux2_serving.export.components),
-  loaded from the checkpoint the export recorded, in the export dtype on the parameter `device`. It serves on a GPU before any engine is built (a 9B
-  build takes long) and is the baseline the engines are checked against.
+  loaded from the checkpoint the export recorded, in the export dtype on the parameter `device`.
+  It serves on a GPU before any engine is built (a 9B build takes long) and is the baseline the
+  engines are checked against.
 
 Each component's committed model folder (model_repository/<component>/1/model.py) imports this
 class; `python -m flux2_serving.serving.repository --backend onnxruntime|torch` writes its
-config.pbtxt from the declared I/O spec, the same as the TensorRT engine's. With dynamic batching Triton hands over several requests at
-once: requests of equal shapes (apart from the batch axis) run as one batch, as an engine would.
+config.pbtxt from the declared I/O spec, the same as the TensorRT engine's. With dynamic batching
+Triton hands over several requests at once: requests of equal shapes (apart from the batch axis)
+run as one batch, as an engine would.
 
 One caller's error is that caller's alone: every request is checked on its own first
 (input_checks.py: the envelope's shapes, token ids within the vocabulary) and a bad one answers
@@ -32,7 +34,7 @@ class OnnxRuntime:
     """The exported graph in onnxruntime (CPU); numpy in and out."""
 
     def __init__(self, args, params, output_names):
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: only this runtime needs it (the torch runtime runs without it)
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
@@ -60,9 +62,10 @@ class Torch:
     """The wrapper module in PyTorch on `device`; tensors stay there (DLPack in and out)."""
 
     def __init__(self, args, params, output_names):
+        # torch, diffusers (export.components, export.loading): heavy, only this runtime needs them
         import torch
 
-        from ..export.components import build  # torch and diffusers: only this runtime needs them
+        from ..export.components import build
         from ..export.loading import DTYPES
 
         self.torch = torch
@@ -114,7 +117,7 @@ class TritonPythonModel:
                 feeds[index] = feed
             except BadInput as exc:
                 responses[index] = self.error(str(exc))
-            except Exception as exc:  # noqa: BLE001 - unreadable input: this request's error only
+            except Exception as exc:  # unreadable input: this request's error only
                 responses[index] = self.error(f"unreadable input ({type(exc).__name__})")
         groups = {}
         for index, feed in feeds.items():
@@ -131,7 +134,7 @@ class TritonPythonModel:
                  for name in self.inputs}
         try:
             results = rt(batch)
-        except Exception as exc:  # noqa: BLE001 - e.g. shapes the graph does not take, as an engine rejects them
+        except Exception as exc:  # e.g. shapes the graph does not take, as an engine rejects them
             if len(members) > 1:
                 for index in members:
                     self._run([index], feeds, responses)
@@ -144,5 +147,5 @@ class TritonPythonModel:
             size = len(feeds[index][self.inputs[0]]) if self.batching else None  # None: whole outputs
             stop = None if size is None else start + size
             responses[index] = pb_utils.InferenceResponse(
-                [rt.write(name, value[start:stop]) for name, value in zip(self.outputs, results)])
+                [rt.write(name, value[start:stop]) for name, value in zip(self.outputs, results, strict=True)])
             start = stop

@@ -40,7 +40,7 @@ class InputRules:
             shape = tuple(feed[name].shape)
             if len(shape) != len(axes):
                 raise BadInput(f"'{name}' has shape {list(shape)}; expected {len(axes)} dimensions {axes}")
-            for size, axis in zip(shape, axes):
+            for size, axis in zip(shape, axes, strict=True):
                 if isinstance(axis, int):
                     if size != axis:
                         raise BadInput(f"'{name}' has shape {list(shape)}; expected {axes}")

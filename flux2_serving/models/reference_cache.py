@@ -74,7 +74,7 @@ class TritonPythonModel:
             except Refused as exc:  # one error object per response (a shared one crashed tritonserver 2.51)
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"reference_kv_cache: {exc}", pb_utils.TritonError.INVALID_ARG)))
-            except Exception as exc:  # noqa: BLE001 - e.g. out of memory while storing: logged, one line back
+            except Exception as exc:  # e.g. out of memory while storing: logged, one line back
                 pb_utils.Logger.log_error(f"reference_kv_cache: {type(exc).__name__}: {exc}")
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"reference_kv_cache: internal error: {type(exc).__name__}")))
@@ -102,12 +102,12 @@ class TritonPythonModel:
         found = self.cache.get(key)
         outputs = [_hit(found is not None)]
         if found is not None:
-            outputs += [to_triton(cached_name(name), tensor) for name, tensor in zip(self.kv_names, found)]
+            outputs += [to_triton(cached_name(name), tensor) for name, tensor in zip(self.kv_names, found, strict=True)]
         return outputs
 
     def _store(self, key: str, values: list) -> None:
         """Keep copies of a complete, consistent K/V set (the request's memory is freed after the response)."""
-        missing = [name for name, value in zip(self.kv_names, values) if value is None]
+        missing = [name for name, value in zip(self.kv_names, values, strict=True) if value is None]
         if missing:
             raise Refused(f"a store needs all {len(self.kv_names)} ref_kv_NN inputs; missing {', '.join(missing[:3])}"
                           + (" ..." if len(missing) > 3 else ""))

@@ -18,7 +18,7 @@ def model_config(args) -> tuple[dict, dict]:
 def to_torch(tensor, device=None):
     """A Triton tensor as a torch tensor (None stays None): numpy for CPU tensors, DLPack for GPU
     ones and for bf16, which numpy cannot hold; moved to `device` if given."""
-    import torch
+    import torch  # heavy: the onnxruntime component runner imports this module and never needs it
 
     if tensor is None:
         return None
@@ -26,7 +26,7 @@ def to_torch(tensor, device=None):
     if tensor.is_cpu():
         try:
             value = torch.from_numpy(tensor.as_numpy())
-        except Exception:  # noqa: BLE001 - bf16 has no numpy type: go through DLPack
+        except Exception:  # e.g. bf16, which has no numpy type: go through DLPack
             pass
     if value is None:
         value = torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
@@ -37,7 +37,7 @@ def to_triton(name: str, value):
     """A numpy array or torch tensor as a Triton tensor. GPU and bf16 tensors go as DLPack producers
     (the tensor itself, not a capsule): the Python backend calls __dlpack__(stream=...) and
     synchronises, so no request reads a GPU buffer that a kernel is still writing."""
-    import torch
+    import torch  # heavy: as in to_torch, not needed by the onnxruntime component runner
 
     if isinstance(value, np.ndarray):
         return pb_utils.Tensor(name, value)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -26,6 +27,8 @@ from pathlib import Path
 from flux2_serving import CHECKOUT
 from flux2_serving.contract.cli_help import HelpFormatter
 from flux2_serving.contract.names import ROUTING_HEADER
+from flux2_serving.devtools.debian import PackageUnavailable, unpack_debian_package
+from flux2_serving.server.launch import free_port
 
 TEMPLATE = CHECKOUT / "deploy" / "nginx" / "flux2-gateway.conf"
 TOOLS = CHECKOUT / "build" / "tools" / "nginx"
@@ -49,15 +52,14 @@ def nginx_binary() -> Path:
     for candidate in (shutil.which("nginx"), "/usr/sbin/nginx", TOOLS / "usr" / "sbin" / "nginx"):
         if candidate and Path(candidate).exists():
             return Path(candidate)
-    from flux2_serving.devtools.debian import PackageUnavailable, unpack_debian_package
-
     try:
         unpack_debian_package("nginx", TOOLS)  # a failure to unpack what was fetched is an error, not this
     except PackageUnavailable as exc:
         raise GatewayError(f"nginx is not installed and could not be unpacked from Debian's package: {exc}") from None
     binary = TOOLS / "usr" / "sbin" / "nginx"
     if not binary.exists():
-        raise GatewayError("Debian's nginx package holds no usr/sbin/nginx here (another release may put it in nginx-core)")
+        raise GatewayError("Debian's nginx package holds no usr/sbin/nginx here "
+                           "(another release may put it in nginx-core)")
     return binary
 
 
@@ -68,12 +70,10 @@ def render(replicas: list[Replica], listen_http: str, listen_grpc: str, prefix: 
         return "\n".join(f"        server {getattr(r, kind)} max_fails=1 fail_timeout=5s;" for r in replicas)
 
     text = TEMPLATE.read_text()
-    import pwd
-
     user = pwd.getpwuid(os.geteuid()).pw_name  # workers write temp files under prefix: run them as its owner
-    for key, value in {"@USER@": user, "@PREFIX@": str(prefix), "@AFFINE_POLICY@": POLICIES[policy], "@HTTP_SERVERS@": servers("http"),
-                       "@GRPC_SERVERS@": servers("grpc"), "@LISTEN_HTTP@": listen_http,
-                       "@LISTEN_GRPC@": listen_grpc}.items():
+    for key, value in {"@USER@": user, "@PREFIX@": str(prefix), "@AFFINE_POLICY@": POLICIES[policy],
+                       "@HTTP_SERVERS@": servers("http"), "@GRPC_SERVERS@": servers("grpc"),
+                       "@LISTEN_HTTP@": listen_http, "@LISTEN_GRPC@": listen_grpc}.items():
         text = text.replace(key, value)
     return text
 
@@ -106,8 +106,6 @@ class Gateway:
 def running_gateway(replicas: list[Replica], prefix, policy: str = "affinity", http_port: int | None = None,
                     grpc_port: int | None = None, host: str = "127.0.0.1"):
     """nginx on loopback (free ports unless given) in front of `replicas`; stopped on the way out."""
-    from flux2_serving.server.launch import free_port
-
     prefix = Path(prefix).resolve()
     prefix.mkdir(parents=True, exist_ok=True)
     http = f"{host}:{http_port or free_port()}"
@@ -136,8 +134,9 @@ def running_gateway(replicas: list[Replica], prefix, policy: str = "affinity", h
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.server.gateway", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m flux2_serving.server.gateway",
+                                     description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--replica", action="append", required=True, metavar="HOST:HTTP_PORT:GRPC_PORT",
                         help="a Triton replica (repeat for each), e.g. 127.0.0.1:8000:8001")
     parser.add_argument("--http-port", type=int, default=8080, help="gateway HTTP port")

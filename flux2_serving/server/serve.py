@@ -3,8 +3,9 @@
 Runs `tritonserver` (on PATH: NVIDIA's image) with the hardening of flux2_serving/contract/security.py in front
 of the options given: admin APIs (model repository, shared memory, logging, trace, statistics)
 behind $FLUX2_ADMIN_KEY or the file named by $FLUX2_ADMIN_KEY_FILE (neither: closed to everyone),
-an internal secret for the internal models, and listeners on --address (0.0.0.0 in a container: the pod's network is its boundary). The process
-becomes tritonserver (exec), so signals from Docker or Kubernetes reach it directly.
+an internal secret for the internal models, and listeners on --address (0.0.0.0 in a container:
+the pod's network is its boundary). The process becomes tritonserver (exec), so signals from
+Docker or Kubernetes reach it directly.
 
     python3 -m flux2_serving.server.serve --model-repository=/models --model-control-mode=explicit --load-model=*
     python3 -m flux2_serving.server.serve --print -- --model-repository=/models   # show the command, key masked
@@ -46,8 +47,9 @@ def main(argv=None) -> int:
         return 0
     cmd, configured = command(argv)
     if not configured:
-        print(f"flux2_serving.server.serve: no ${security.ADMIN_KEY_ENV} or ${security.ADMIN_KEY_FILE_ENV}: the admin APIs "
-              f"({', '.join(security.RESTRICTED_APIS)}) are closed to everyone", file=sys.stderr, flush=True)
+        print(f"flux2_serving.server.serve: no ${security.ADMIN_KEY_ENV} or ${security.ADMIN_KEY_FILE_ENV}: "
+              f"the admin APIs ({', '.join(security.RESTRICTED_APIS)}) are closed to everyone",
+              file=sys.stderr, flush=True)
     if "--print" in argv:
         print(" ".join(security.mask(arg) for arg in cmd))
         return 0

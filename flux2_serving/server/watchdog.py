@@ -37,6 +37,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from PIL import Image
+
 from flux2_serving.contract import security
 from flux2_serving.contract.names import BLS_MODEL as BLS
 from flux2_serving.contract.names import CACHE_MODEL as CACHE
@@ -82,9 +84,8 @@ def infer(base: str, model: str, inputs: list[tuple[str, str, list, list[bytes] 
                                  "parameters": {"binary_data_size": len(blob)}})
         blobs.append(blob)
     head = json.dumps(header).encode()
-    status, body = _post(f"http://{base}/v2/models/{model}/infer", head + b"".join(blobs),
-                         {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))},
-                         timeout)
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+    status, body = _post(f"http://{base}/v2/models/{model}/infer", head + b"".join(blobs), headers, timeout)
     if status == 200:
         return status, ""
     try:
@@ -100,8 +101,6 @@ def _get_json(url: str, timeout: float, headers: dict | None = None):
 
 
 def _canary_png() -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (90, 140, 200)).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -228,7 +227,7 @@ class Watchdog:
                     self.repairs.append((model, f"failed: {exc}"))
                     log(f"reloading {model} failed: {exc}")
             return broken
-        except Exception:  # noqa: BLE001 - log and keep watching
+        except Exception:  # any failure: log and keep watching
             log(f"probe round failed unexpectedly; watching on:\n{traceback.format_exc()}")
             return {}
         finally:
@@ -258,8 +257,9 @@ def log(message: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.server.watchdog", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m flux2_serving.server.watchdog",
+                                     description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="127.0.0.1:8000", help="Triton's HTTP address (default %(default)s)")
     parser.add_argument("--interval", type=float, default=10, help="seconds between probes (default %(default)s)")
     parser.add_argument("--canary-every", type=int, default=6,

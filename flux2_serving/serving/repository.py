@@ -29,6 +29,7 @@ from flux2_serving.contract.manifest import read as read_manifest
 from flux2_serving.contract.manifest import write as write_manifest
 from flux2_serving.contract.names import BLS_MODEL as BLS
 from flux2_serving.contract.names import CACHE_MODEL as CACHE
+from flux2_serving.export.memory_plan import bls_transfer_bytes
 
 from . import triton_config
 from .triton_config import BACKENDS, component_config, cpu_only
@@ -125,9 +126,8 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
         shutil.copytree(local / part, bls / part)
     write_manifest(bls, manifest)  # the BLS reads its dims and dtype
     parameters = dict(bls_parameters or {})
-    if device.startswith("cuda"):  # flux2_serving.server.launch passes it as --cuda-memory-pool-byte-size (the plan's BLS row)
-        from flux2_serving.export.memory_plan import bls_transfer_bytes
-
+    if device.startswith("cuda"):
+        # flux2_serving.server.launch passes it as --cuda-memory-pool-byte-size (the plan's BLS row)
         parameters.setdefault("cuda_memory_pool_byte_size",
                               bls_instances * bls_transfer_bytes(manifest.dims, manifest.dtype, envelope))
     (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, envelope, parameters))
@@ -185,16 +185,17 @@ def _local_checkpoint(checkpoint: str, weights: bool = False) -> str:
     everything with `weights` (the torch backend loads the components from it)."""
     if Path(checkpoint).is_dir():
         return str(Path(checkpoint).resolve())
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # heavy (an HTTP stack): only a hub id, not a local folder, needs it
 
     return snapshot_download(checkpoint, allow_patterns=None if weights else ["tokenizer/*", "scheduler/*"])
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.serving.repository", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
+    parser = argparse.ArgumentParser(prog="python -m flux2_serving.serving.repository",
+                                     description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--onnx-dir", required=True, help="output of `python -m flux2_serving.export` (has manifest.json)")
+    parser.add_argument("--onnx-dir", required=True,
+                        help="output of `python -m flux2_serving.export` (has manifest.json)")
     parser.add_argument("--model", "--checkpoint", dest="checkpoint", default=None,
                         help="local copy of the exported model (tokenizer, scheduler); default: the model recorded "
                              "in the manifest")
