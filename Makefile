@@ -8,6 +8,14 @@ ONNX    ?= build/onnx/$(DTYPE)
 ENGINES ?= build/engines
 REPO    ?= build/model_repository
 BACKEND ?= onnxruntime
+# Ports of make serve, make demo and make docker-serving (on the host).
+HTTP_PORT    ?= 8000
+GRPC_PORT    ?= 8001
+METRICS_PORT ?= 8002
+PORTS := --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+# VERBOSE=1: the frameworks' warnings and progress bars (export, demo) and tritonserver's own log
+# (serve) on the terminal; quiet by default (tritonserver's log then goes to a file the launcher names).
+VERBOSE ?=
 # Where the BLS computes: empty = cuda:0 for BACKEND=tensorrt, cpu otherwise. Inside a container
 # started with --gpus '"device=N"' the one visible GPU is cuda:0.
 DEVICE  ?=
@@ -31,19 +39,22 @@ help:
 	@echo "make repository       assemble the Triton model repository in REPO=$(REPO) (BACKEND=onnxruntime|tensorrt|torch,"
 	@echo "                      DEVICE=cpu|cuda:N for the BLS; default cuda:0 with tensorrt); tokenizer and"
 	@echo "                      scheduler come from the model recorded in ONNX/manifest.json"
-	@echo "make serve            start tritonserver on REPO and wait (HTTP 8000, gRPC 8001, metrics 8002)"
+	@echo "make serve            start tritonserver on REPO and wait (HTTP_PORT=$(HTTP_PORT), GRPC_PORT=$(GRPC_PORT),"
+	@echo "                      METRICS_PORT=$(METRICS_PORT)); its log goes to build/tritonserver/ (VERBOSE=1: terminal)"
 	@echo "make check            TensorRT compatibility check of the graphs in ONNX, and every tensor at the profile"
 	@echo "                      maximum under 2^31-1 elements (flux2_serving.export.profile_walk)"
 	@echo "make engines          build TensorRT engines from ONNX (GPU host with TensorRT only; ENGINE_PYTHON=python3)"
 	@echo "make engine-check     after engines: each plan vs onnxruntime, same inputs (Polygraphy; REFERENCE_ONNX=fp32 export for bf16)"
 	@echo "make docker-engines   the same inside NVIDIA's TensorRT $(RELEASE) container (docker/engines.Dockerfile), GPU=$(GPU)"
-	@echo "make docker-serving   tritonserver $(RELEASE) on REPO (docker/serving.Dockerfile), GPU=$(GPU); the admin"
+	@echo "make docker-serving   tritonserver $(RELEASE) on REPO (docker/serving.Dockerfile), GPU=$(GPU), on the host's"
+	@echo "                      HTTP_PORT, GRPC_PORT, METRICS_PORT; the admin"
 	@echo "                      APIs need \$$FLUX2_ADMIN_KEY (passed through when set; else closed)"
 	@echo "make engines-dry-run  print the TensorRT optimization profiles without building"
 	@echo "make memory-plan      GPU memory of the served klein 9B (bf16, 80 GiB): weights, profile-max I/O,"
 	@echo "                      activations, BLS, cache; fails when under 15% headroom"
 	@echo "make demo             setup, tiny checkpoint, export, repository, tritonserver, a text-to-image"
 	@echo "                      and a 2-reference edit over gRPC -> build/demo/*.png, server stopped"
+	@echo "                      (on HTTP_PORT, GRPC_PORT, METRICS_PORT as make serve)"
 	@echo "make perf             perf_analyzer load test of the served model (3 cases, gRPC + HTTP, concurrency 1-4)"
 	@echo "                      -> build/perf/results.md"
 	@echo "make bench            Triton vs diffusers (KV and no-KV), per-step cost, throughput, memory,"
@@ -56,6 +67,7 @@ help:
 	@echo "                      transformer probe, 9B export -> build/gpu_check, BENCHMARKS.md (CPU: tiny stages)"
 	@echo "make test             the test suite (setup included)"
 	@echo "make clean            remove what the CPU workflow made (keeps your checkpoints, bf16 exports, engines)"
+	@echo "VERBOSE=1             export, serve, demo: show the frameworks' warnings and tritonserver's own log"
 
 setup: $(VENV)/.installed
 
@@ -76,7 +88,7 @@ checkpoints/tiny/model_index.json: | setup
 checkpoint: checkpoints/tiny/model_index.json
 
 export: setup $(if $(filter checkpoints/tiny,$(MODEL)),checkpoint)
-	$(BIN)/python -m flux2_serving.export --model $(MODEL) --onnx-dir $(ONNX) --dtype $(DTYPE)
+	$(BIN)/python -m flux2_serving.export --model $(MODEL) --onnx-dir $(ONNX) --dtype $(DTYPE) $(if $(VERBOSE),--verbose)
 
 # Re-export by itself only the embedded tiny model (a minute): never over an export of another
 # model (a 9B export takes hours and a GPU host's memory).
@@ -94,7 +106,7 @@ serve: setup
 	@if [ -f $(REPO)/flux2_klein_kv/config.pbtxt ]; then \
 		echo "serving the existing repository $(REPO) (make repository rebuilds it)"; \
 	else $(MAKE) repository; fi
-	$(BIN)/python -m flux2_serving.server.launch --repository $(REPO)
+	$(BIN)/python -m flux2_serving.server.launch --repository $(REPO) $(PORTS) $(if $(VERBOSE),--verbose)
 
 check: setup
 	$(BIN)/python -m flux2_serving.export.trt_compat $(ONNX)
@@ -121,7 +133,8 @@ docker-engines:
 
 docker-serving:
 	docker build -f docker/serving.Dockerfile -t flux2-klein-kv-serving:$(RELEASE) .
-	docker run --rm --gpus '"device=$(GPU)"' --shm-size=8g -p 8000:8000 -p 8001:8001 -p 8002:8002 \
+	docker run --rm --gpus '"device=$(GPU)"' --shm-size=8g -p $(HTTP_PORT):8000 -p $(GRPC_PORT):8001 \
+		-p $(METRICS_PORT):8002 \
 		-v $(CURDIR)/$(REPO):/models $(if $(CUDA_POOL_BYTES),-e CUDA_POOL_BYTES=$(CUDA_POOL_BYTES)) \
 		$(if $(FLUX2_ADMIN_KEY),-e FLUX2_ADMIN_KEY) \
 		flux2-klein-kv-serving:$(RELEASE)
@@ -130,7 +143,7 @@ memory-plan: setup
 	$(BIN)/python -m flux2_serving.export.memory_plan --dtype bf16 --gpu-gib 80
 
 demo: repository
-	$(BIN)/python -m flux2_serving.clients.demo --repository $(REPO) --out build/demo
+	$(BIN)/python -m flux2_serving.clients.demo --repository $(REPO) --out build/demo $(PORTS) $(if $(VERBOSE),--verbose)
 
 perf: repository
 	$(BIN)/python -m perf.provision

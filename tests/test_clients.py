@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flux2_serving.clients.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "flux2_serving.clients.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -35,7 +35,7 @@ def test_cli_writes_pngs_equal_to_the_api(triton_server, tmp_path, protocol):
     assert written[0].shape == (320, 256, 3)  # output size taken from the reference
     with Flux2Client(triton_server["grpc"]) as client:
         expected = client.generate("a fox in snow", [reference], seed=5, num_images_per_prompt=2, num_inference_steps=2)
-    for png, image in zip(written, expected):
+    for png, image in zip(written, expected, strict=True):
         assert np.array_equal(png, np.asarray(image))
 
 
@@ -60,8 +60,8 @@ def test_cli_unreachable_server_is_one_line(tmp_path):
 
 def test_cli_help_lists_every_option():
     run = cli("--help")
-    for option in ("--prompt", "--image", "--height", "--width", "--seed", "--num-images-per-prompt", "--num-inference-steps", "--url",
-                   "--out", "--protocol"):
+    for option in ("--prompt", "--image", "--height", "--width", "--seed", "--num-images-per-prompt",
+                   "--num-inference-steps", "--url", "--out", "--protocol"):
         assert option in run.stdout
 
 
@@ -85,12 +85,12 @@ def test_async_client_concurrent_requests_match_sequential(triton_server):
 
     async def run_all():
         async with AsyncFlux2Client(triton_server["grpc"]) as client:
-            return await asyncio.gather(*(client.generate("a boat", height=256, width=256, seed=seed, num_inference_steps=1)
-                                          for seed in seeds))
+            return await asyncio.gather(*(client.generate("a boat", height=256, width=256, seed=seed,
+                                                          num_inference_steps=1) for seed in seeds))
 
     concurrent = asyncio.run(run_all())
     with Flux2Client(triton_server["grpc"]) as client:
-        for seed, (image,) in zip(seeds, concurrent):
+        for seed, (image,) in zip(seeds, concurrent, strict=True):
             (alone,) = client.generate("a boat", height=256, width=256, seed=seed, num_inference_steps=1)
             assert np.array_equal(np.asarray(image), np.asarray(alone))
     assert not np.array_equal(np.asarray(concurrent[0][0]), np.asarray(concurrent[1][0]))

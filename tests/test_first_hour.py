@@ -76,8 +76,8 @@ def test_repository_from_a_folder_without_manifest(tmp_path):
 
 
 def test_client_url_with_a_scheme(tmp_path):
-    _one_line(_run("flux2_serving.clients.cli", "--url", "http://127.0.0.1:8000", "--protocol", "http", "--prompt", "x"), 2,
-              "without a scheme", "--url 127.0.0.1:8000")
+    _one_line(_run("flux2_serving.clients.cli", "--url", "http://127.0.0.1:8000", "--protocol", "http",
+                   "--prompt", "x"), 2, "without a scheme", "--url 127.0.0.1:8000")
 
 
 def test_client_when_no_server_runs(tmp_path):
@@ -87,9 +87,11 @@ def test_client_when_no_server_runs(tmp_path):
                    "--out", str(tmp_path / "x.png")), 1, "is tritonserver running", "make serve")
 
 
-@pytest.mark.parametrize("module", ["flux2_serving.export", "flux2_serving.export.checkpoint", "flux2_serving.export.build_engines", "flux2_serving.export.memory_plan",
-                                    "flux2_serving.serving.repository", "flux2_serving.server.launch", "flux2_serving.clients.cli", "perf.run",
-                                    "bench.gpu_check", "bench.gpu_probe", "bench.gpu_bundle"])
+@pytest.mark.parametrize("module", ["flux2_serving.export", "flux2_serving.export.checkpoint",
+                                    "flux2_serving.export.build_engines", "flux2_serving.export.memory_plan",
+                                    "flux2_serving.serving.repository", "flux2_serving.server.launch",
+                                    "flux2_serving.clients.cli", "perf.run", "bench.gpu_check", "bench.gpu_probe",
+                                    "bench.gpu_bundle"])
 def test_help_answers_without_importing_torch(module):
     probe = (f"import runpy, sys; sys.argv = ['{module}', '--help']\n"
              f"try:\n    runpy.run_module('{module}', run_name='__main__')\nexcept SystemExit:\n    pass\n"
@@ -102,11 +104,12 @@ def test_help_answers_without_importing_torch(module):
 def test_demo_shows_served_next_to_diffusers(tmp_path, triton_server):
     from PIL import Image
 
-    from flux2_serving.server.launch import free_port
+    from flux2_serving.server.launch import free_ports
 
     out = tmp_path / "demo"
+    ports = [arg for name, port in free_ports().items() for arg in (f"--{name}-port", str(port))]
     result = _run("flux2_serving.clients.demo", "--repository", str(triton_server["repository"]), "--out", str(out),
-                  "--grpc-port", str(free_port()), timeout=600)
+                  *ports, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for name in ("text_to_image", "edit_2_references"):
         line = next(line for line in result.stdout.splitlines() if line.startswith(f"{name}: max difference"))
@@ -115,6 +118,7 @@ def test_demo_shows_served_next_to_diffusers(tmp_path, triton_server):
         served = Image.open(out / f"{name}_0.png")
         assert picture.width > 3 * served.width  # served | diffusers | difference side by side
     assert "random" in result.stdout  # it says why the pictures are noise
+    assert "Loading" not in result.stderr and "it/s" not in result.stderr  # no progress bars unless --verbose
 
 
 def test_make_serve_serves_the_existing_repository(tmp_path, triton_server):

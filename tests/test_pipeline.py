@@ -76,15 +76,16 @@ def test_in_process_pipeline_equals_diffusers(pipe, served, case):
     refs = [random_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case]["refs"])]
     kwargs = CASES[case]["kwargs"]
     prompt, seed = f"a watercolor fox ({case})", 1234
-    assert_matches(pipeline(_request(prompt, refs, seed, **kwargs)), reference(pipe, prompt, refs, seed, **kwargs))
+    assert_matches(pipeline(_request(prompt, refs, seed, **kwargs)).images,
+                   reference(pipe, prompt, refs, seed, **kwargs))
 
 
 def test_in_process_cache_hit_equals_miss_and_skips_the_prefill(served):
     pipeline, run = served
     request = _request("a cache", [random_image(128, 160, seed=9)], 3, height=256, width=256)
-    miss = pipeline(request)
+    miss = pipeline(request).images
     run.calls.clear()
-    hit = pipeline(request)
+    hit = pipeline(request).images
     assert np.array_equal(hit, miss)
     assert "transformer_prefill" not in run.calls and "vae_encoder" not in run.calls
 
@@ -93,15 +94,83 @@ def test_in_process_repeat_of_the_same_bytes_is_not_decoded(served):
 
     pipeline, run = served
     refs = [random_image(160, 128, seed=21)]
-    fresh = pipeline(_request("known bytes", refs, 4, height=256, width=256, reuse=False))
+    fresh = pipeline(_request("known bytes", refs, 4, height=256, width=256, reuse=False)).images
     pipeline(_request("known bytes", refs, 4, height=256, width=256))
     clock = StageClock()
-    repeat = pipeline(_request("known bytes", refs, 4, height=256, width=256), clock)
+    repeat = pipeline(_request("known bytes", refs, 4, height=256, width=256), clock).images
     assert "preprocess" not in clock.seconds and np.array_equal(repeat, fresh)
     run.cache = ReferenceKVCache(2**30)  # the K/V evicted behind the first-level key: decoded after all, same image
     clock = StageClock()
-    assert np.array_equal(pipeline(_request("known bytes", refs, 4, height=256, width=256), clock), fresh)
+    assert np.array_equal(pipeline(_request("known bytes", refs, 4, height=256, width=256), clock).images, fresh)
     assert "preprocess" in clock.seconds
+
+
+def rgba_reference(width, height, seed) -> Image.Image:
+    """A random RGBA picture whose left half is transparent."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)
+    pixels[:, : width // 2, 3] = 0
+    pixels[:, width // 2:, 3] = 255
+    return Image.fromarray(pixels, "RGBA")
+
+
+LONG_PROMPT = " ".join(["a lighthouse on a cliff at dawn, waves, gulls, long exposure"] * 60)  # over 512 tokens
+
+
+def test_in_process_seed_is_returned_and_a_random_one_reproduces(served):
+    pipeline, _ = served
+    sent = pipeline(_request("a seeded fox", [], 77, height=256, width=256))
+    assert sent.seed == 77 and sent.notes == []
+    inputs = {"prompt": np.array([b"a random fox"], dtype=np.object_), "height": np.array([256], dtype=np.int32),
+              "width": np.array([256], dtype=np.int32), "num_inference_steps": np.array([1], dtype=np.int32)}
+    drawn = pipeline(parse(inputs, LIMITS))
+    again = pipeline(parse({**inputs, "seed": np.array([drawn.seed], dtype=np.int64)}, LIMITS))
+    assert 0 <= drawn.seed < 2**63 and again.seed == drawn.seed
+    assert np.array_equal(again.images, drawn.images)
+
+
+def test_in_process_notes_are_the_same_when_the_references_are_known(served):
+    """The prompt cut to the text length, an alpha channel dropped, a reference cropped: one note each,
+    in request order, and the same notes when the references' bytes are known (not decoded again)
+    and when their K/V was evicted (decoded again)."""
+    pipeline, run = served
+    refs = [rgba_reference(128, 96, seed=5), random_image(250, 200, seed=6)]
+    expected = [
+        "prompt: ",  # its token count depends on the tokenizer: checked below
+        "image[0]: alpha channel dropped (RGBA converted to RGB, as diffusers does: transparent pixels show their "
+        "stored color)",
+        "image[1]: 250x200 cropped to 240x192 (sides multiples of 16)",
+    ]
+    fresh = pipeline(_request(LONG_PROMPT, refs, 8, height=256, width=256, reuse=False)).notes
+    assert len(fresh) == 3 and fresh[1:] == expected[1:], fresh
+    assert re.fullmatch(r"prompt: \d+ tokens \(chat template included\), only the first 512 were used; the rest "
+                        r"was cut, as diffusers does", fresh[0]), fresh[0]
+    pipeline(_request(LONG_PROMPT, refs, 8, height=256, width=256))  # stores the K/V; its bytes become known
+    clock = StageClock()
+    assert pipeline(_request(LONG_PROMPT, refs, 8, height=256, width=256), clock).notes == fresh
+    assert "preprocess" not in clock.seconds  # not decoded: the notes were remembered
+    run.cache = ReferenceKVCache(2**30)  # K/V evicted: decoded again for the prefill, still the same notes
+    assert pipeline(_request(LONG_PROMPT, refs, 8, height=256, width=256)).notes == fresh
+    assert pipeline(_request("a short prompt", [random_image(256, 256, seed=7)], 8)).notes == []
+
+
+def test_notes_name_every_size_change_of_a_reference():
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    from flux2_serving.models.request_inputs import load_rgb, preprocess_reference
+
+    processor, notes = Flux2ImageProcessor(vae_scale_factor=16), []
+    for index, size in enumerate([(1500, 1100), (1100, 1100), (256, 192), (2048, 512)]):
+        preprocess_reference(Image.new("RGB", size), processor, LIMITS, notes, index)
+    assert notes == ["image[0]: 1500x1100 resized to 1195x876 (at most 1048576 pixels) and cropped to 1184x864 "
+                     "(sides multiples of 16)",
+                     "image[1]: 1100x1100 resized to 1024x1024 (at most 1048576 pixels)"]
+    notes = []
+    load_rgb(rgba_reference(64, 64, seed=1), 0, notes)
+    load_rgb(Image.new("RGBA", (64, 64), (1, 2, 3, 255)), 1, notes)  # opaque: no pixel changes, no note
+    palette = Image.new("P", (64, 64))
+    palette.info["transparency"] = 0
+    load_rgb(palette, 2, notes)
+    assert [note.split(":")[0] for note in notes] == ["image[0]", "image[2]"], notes
 
 
 def test_limits_are_checked_before_the_first_component_call(served):
@@ -149,8 +218,8 @@ def test_a_truncated_reference_fails_on_decoding_before_any_component_call(serve
     # parse reads headers only (a repeat of known bytes is never decoded); the pixels fail on decoding.
     pipeline, run = served
     truncated = _png(300, 300)[:80]
-    request = parse({"prompt": np.array([b"a cat"], dtype=np.object_), "image": np.array([truncated], dtype=np.object_)},
-                    LIMITS)
+    request = parse({"prompt": np.array([b"a cat"], dtype=np.object_),
+                     "image": np.array([truncated], dtype=np.object_)}, LIMITS)
     run.calls.clear()
     with pytest.raises(InvalidInput, match=r"'image\[0\]' could not be decoded"):
         pipeline(request)
@@ -214,7 +283,8 @@ def test_component_input_checks_name_the_tensor_and_the_limit():
     ids[1, 7] = 0
     with pytest.raises(BadInput, match="'attention_mask' must hold only 0 and 1"):
         text.check({"input_ids": ids, "attention_mask": np.full_like(ids, 2)})
-    with pytest.raises(BadInput, match=re.escape("'input_ids' has text_len = 513; the serving envelope allows [512, 512]")):
+    with pytest.raises(BadInput,
+                       match=re.escape("'input_ids' has text_len = 513; the serving envelope allows [512, 512]")):
         text.check({"input_ids": np.zeros((1, 513), np.int64), "attention_mask": np.ones((1, 513), np.int64)})
     decoder = InputRules.from_json(input_rules(specs["vae_decoder"], DEFAULT_ENVELOPE))
     decoder.check({"latents": np.zeros((1, 16, 90, 128), np.float32)})

@@ -2,15 +2,19 @@
 
     from flux2_serving.clients.api import Flux2Client
     images = Flux2Client("127.0.0.1:8001").generate("a red fox", images=["ref.png"], seed=7)
+    images.seed   # the seed used: the one sent, or the random one drawn (pass it back to reproduce)
+    images.notes  # what the server changed in the request, one line each (e.g. a reference cropped)
 
 `Flux2Client` is synchronous over gRPC or HTTP (binary tensors on HTTP, never JSON arrays of
 pixels); `AsyncFlux2Client` uses `tritonclient.grpc.aio` for many concurrent callers in one
-event loop. Both return PIL images. Server-side rejections raise `Flux2Error` whose message is
-the server's one line naming the field at fault.
+event loop. Both return a list of PIL images (a `Generation`: the list, with `.seed` and `.notes`).
+Server-side rejections raise `Flux2Error` whose message is the server's one line naming the field
+at fault; an address that answers the other protocol raises `WrongProtocol`, saying which.
 """
 
 from __future__ import annotations
 
+import http.client
 import io
 from dataclasses import asdict
 from pathlib import Path
@@ -18,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flux2_serving.contract.interface import PUBLIC_INPUTS, GenerationOptions
+from flux2_serving.contract.interface import DEFAULT_OUTPUTS, PUBLIC_INPUTS, GenerationOptions
 from flux2_serving.contract.names import BLS_MODEL as MODEL
 from flux2_serving.contract.names import OVERLOADED_MARKS, ROUTING_HEADER
 from flux2_serving.contract.reference_key import encoded_reference_key
 
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+PROTOCOL_NAMES = {"grpc": "gRPC", "http": "HTTP"}
 # ROUTING_HEADER (HTTP header / gRPC metadata key) for gateways in front of several replicas: the
 # sha256 of the request's encoded references, the BLS's own first-level cache key. A gateway that
 # hashes on it (deploy/nginx/flux2-gateway.conf) sends every edit of one reference set to one
@@ -51,6 +56,89 @@ class Flux2Error(RuntimeError):
     def __init__(self, message: str, status: str | None = None):
         super().__init__(message)
         self.status = status
+
+
+class WrongProtocol(Flux2Error):
+    """`url` answers another protocol than the client's: `answers` is "http" or "grpc"; `triton` False
+    for an HTTP server that is not Triton's inference endpoint (its metrics port, another service).
+    Sending the request again will not help: the address or the protocol must change."""
+
+    def __init__(self, url: str, protocol: str, answers: str, triton: bool = True):
+        self.url, self.protocol, self.answers, self.triton = url, protocol, answers, triton
+        super().__init__(self.explain(f"protocol={answers!r}"))
+
+    def explain(self, switch: str) -> str:
+        """The one-line message, with `switch` saying how to change protocol (the CLI: --protocol http)."""
+        ours, theirs = PROTOCOL_NAMES[self.protocol], PROTOCOL_NAMES[self.answers]
+        port = DEFAULT_URLS[self.protocol].rsplit(":", 1)[1]
+        if not self.triton:
+            return (f"{self.url} answers HTTP, but it is not Triton's inference endpoint (its metrics port?): "
+                    f"give the {ours} port ({port} by default)")
+        return f"{self.url} answers {theirs}, not {ours}: use {switch}, or the {ours} port ({port} by default)"
+
+
+def answers_http(url: str, timeout: float = 2.0) -> bool | None:
+    """Whether `url` answers HTTP/1.1 GET /v2 as Triton's HTTP endpoint does (True: the server's
+    metadata, KServe v2), as another HTTP server (False: e.g. Triton's metrics port, which answers
+    every path), or not at all (None)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{url}/v2", timeout=timeout) as response:
+            body = response.read(1 << 16)
+    except urllib.error.HTTPError:  # an HTTP answer all the same
+        return False
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    try:
+        metadata = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(metadata, dict) and "version" in metadata and "extensions" in metadata
+
+
+def answers_grpc(url: str, timeout: float = 2.0) -> bool:
+    """Whether a Triton gRPC endpoint answers at `url` (False without tritonclient's gRPC part)."""
+    try:
+        import tritonclient.grpc as grpc
+    except ImportError:
+        return False
+    try:
+        client = grpc.InferenceServerClient(url)
+        try:
+            return bool(client.is_server_live(client_timeout=timeout))
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - whatever the reason, it does not answer gRPC
+        return False
+
+
+def wrong_protocol(url: str, protocol: str) -> WrongProtocol | None:
+    """After a connection failure of `protocol` at `url`: WrongProtocol when the port answers the other
+    one (8000 is HTTP and 8001 gRPC by default; a gRPC client at an HTTP port sees "Socket closed", an
+    HTTP client at a gRPC port an unparsable answer), else None."""
+    if protocol == "grpc":
+        triton = answers_http(url)
+        return None if triton is None else WrongProtocol(url, protocol, "http", triton=triton)
+    return WrongProtocol(url, protocol, "grpc") if answers_grpc(url) else None
+
+
+def _cannot_connect(exc) -> bool:
+    """A gRPC error that says no connection could be made (refused, or the peer closed it: not gRPC)."""
+    return "UNAVAILABLE" in str(exc.status()) and "failed to connect" in str(exc.message())
+
+
+class Generation(list):
+    """What generate() returns: the PIL images, as a list, with the `seed` of their noise (the one
+    sent, or the random one the server drew: pass it back as seed= to reproduce them) and the
+    server's `notes`, one line per change it made to the request (prompt cut to the text length, a
+    reference's alpha channel dropped, a reference resized or cropped); empty when none."""
+
+    def __init__(self, images=(), seed: int | None = None, notes=()):
+        super().__init__(images)
+        self.seed, self.notes = seed, list(notes)
 
 
 def encode_image(image) -> bytes:
@@ -106,6 +194,13 @@ def to_pil(result) -> list[Image.Image]:
     return [Image.fromarray(array) for array in result.as_numpy("images")]
 
 
+def to_generation(result) -> Generation:
+    """A result with the outputs images, seed and notes as a Generation."""
+    seed, notes = result.as_numpy("seed"), result.as_numpy("notes")
+    return Generation(to_pil(result), None if seed is None else int(seed.reshape(-1)[0]),
+                      [] if notes is None else [bytes(note).decode() for note in notes.reshape(-1)])
+
+
 UNAVAILABLE = ("UNAVAILABLE", "502", "503", "504")  # gRPC status, or HTTP status from a gateway
 UNAVAILABLE_HINT = (" (unavailable: the server, or the replica a gateway sent this request to, went away while the "
                     "request was in flight or could not be reached; it can be sent again)")
@@ -114,9 +209,16 @@ OVERLOADED_HINT = (" (overloaded: a queue of the server was full, or the request
                    "not completed: send it again later, or to another replica)")
 
 
+# A repository assembled before an output was declared (its config.pbtxt lacks it) refuses a request for it.
+STALE_REPOSITORY_HINT = (" (the served model repository was assembled before this output existed: assemble it "
+                         "again, `make repository` or python -m flux2_serving.serving.repository)")
+
+
 def _error(exc) -> Flux2Error:
     status = exc.status() if hasattr(exc, "status") else None
     message = " ".join(str(exc.message() if hasattr(exc, "message") else exc).split())
+    if "unexpected inference output" in message:
+        return Flux2Error(message + STALE_REPOSITORY_HINT, None if status is None else str(status))
     if any(text in message for text in OVERLOADED_MARKS):
         return Flux2Error(message + OVERLOADED_HINT, None if status is None else str(status))
     if (status is not None and any(code in str(status) for code in UNAVAILABLE)) or "RST_STREAM" in message:
@@ -153,7 +255,8 @@ class Flux2Client:
         else:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         self.module, self.protocol, self.model, self.timeout_s = module, protocol, model, timeout_s
-        options = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" and timeout_s else {}
+        options = ({"network_timeout": timeout_s, "connection_timeout": timeout_s}
+                   if protocol == "http" and timeout_s else {})
         self.url = url or DEFAULT_URLS[protocol]
         self.client = module.InferenceServerClient(self.url, **options)
 
@@ -164,17 +267,31 @@ class Flux2Client:
         try:
             return self.client.infer(self.model, infer_inputs(self.module, tensors),
                                      outputs=requested_outputs(self.module, outputs),
-                                     headers=routing_headers(tensors) or None, **_timeouts(self.protocol, self.timeout_s))
+                                     headers=routing_headers(tensors) or None,
+                                     **_timeouts(self.protocol, self.timeout_s))
         except InferenceServerException as exc:
+            if _cannot_connect(exc):
+                raise (wrong_protocol(self.url, self.protocol) or _error(exc)) from None
             raise _error(exc) from None
-        except OSError as exc:  # HTTP: refused, reset or timed out (gRPC reports these as above)
-            raise Flux2Error(f"{self.url}: {type(exc).__name__}: {exc}{UNAVAILABLE_HINT}", "UNAVAILABLE") from None
+        except (OSError, http.client.HTTPException) as exc:  # HTTP only: gRPC reports these as above
+            raise self._transport_error(exc) from None
 
-    def generate(self, prompt: str, images=(), **options) -> list[Image.Image]:
+    def _transport_error(self, exc: Exception) -> Flux2Error:
+        """An HTTP connection that failed: refused, reset, timed out or closed (UNAVAILABLE: it can be
+        sent again), or answered with something that is not HTTP/1.1 (a gRPC port: WrongProtocol)."""
+        from geventhttpclient.response import HTTPConnectionClosed
+
+        if isinstance(exc, OSError | HTTPConnectionClosed):
+            return Flux2Error(f"{self.url}: {type(exc).__name__}: {exc}{UNAVAILABLE_HINT}", "UNAVAILABLE")
+        return wrong_protocol(self.url, self.protocol) or Flux2Error(
+            f"{self.url}: the answer is not HTTP ({type(exc).__name__}: {exc})")
+
+    def generate(self, prompt: str, images=(), **options) -> Generation:
         """Text-to-image without `images`; an edit with 1-4 reference images (paths, bytes or PIL).
         `options`: GenerationOptions' fields, diffusers' names (height, width, seed, num_images_per_prompt,
-        num_inference_steps, reuse_reference_cache); left out, the server's defaults."""
-        return to_pil(self.infer(_arguments(prompt, images, options)))
+        num_inference_steps, reuse_reference_cache); left out, the server's defaults. Returns the list
+        of PIL images, with `.seed` and `.notes` (Generation)."""
+        return to_generation(self.infer(_arguments(prompt, images, options), DEFAULT_OUTPUTS))
 
     def close(self):
         self.client.close()
@@ -194,20 +311,26 @@ class AsyncFlux2Client:
         import tritonclient.grpc.aio as aio
 
         self.module, self.model, self.timeout_s = module, model, timeout_s
-        self.client = aio.InferenceServerClient(url or DEFAULT_URLS["grpc"])
+        self.url = url or DEFAULT_URLS["grpc"]
+        self.client = aio.InferenceServerClient(self.url)
 
-    async def generate(self, prompt: str, images=(), **options) -> list[Image.Image]:
+    async def generate(self, prompt: str, images=(), **options) -> Generation:
         """As Flux2Client.generate."""
+        import asyncio
+
         from tritonclient.utils import InferenceServerException
 
         tensors = _arguments(prompt, images, options)
         try:
             result = await self.client.infer(self.model, infer_inputs(self.module, tensors),
-                                             outputs=requested_outputs(self.module),
-                                             headers=routing_headers(tensors) or None, **_timeouts("grpc", self.timeout_s))
+                                             outputs=requested_outputs(self.module, DEFAULT_OUTPUTS),
+                                             headers=routing_headers(tensors) or None,
+                                             **_timeouts("grpc", self.timeout_s))
         except InferenceServerException as exc:
+            if _cannot_connect(exc):
+                raise (await asyncio.to_thread(wrong_protocol, self.url, "grpc") or _error(exc)) from None
             raise _error(exc) from None
-        return to_pil(result)
+        return to_generation(result)
 
     async def close(self):
         await self.client.close()

@@ -3,6 +3,10 @@
 Examples:
   python -m flux2_serving.clients.cli --prompt "a lighthouse at dawn" --height 512 --width 512 --seed 7
   python -m flux2_serving.clients.cli --protocol http --url 127.0.0.1:8000 --prompt "make it winter" --image ref.png
+
+It prints the seed the images came from (without --seed, the one the server drew: pass it as --seed to
+reproduce them) and a "note:" line for each change the server made to the request (a prompt cut to
+the text length, a reference's alpha channel dropped, a reference resized or cropped).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from flux2_serving.clients.api import DEFAULT_URLS, UNAVAILABLE_HINT, Flux2Client, Flux2Error
+from flux2_serving.clients.api import DEFAULT_URLS, UNAVAILABLE_HINT, Flux2Client, Flux2Error, WrongProtocol
 from flux2_serving.contract.cli_help import HelpFormatter
 from flux2_serving.contract.interface import OPTIONS, PUBLIC_INPUTS
 
@@ -39,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reference-cache", dest="reuse_reference_cache", action="store_const", const=False,
                    help="recompute the references' K/V instead of reusing the server's cached copy")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    p.add_argument("--url", help=f"server address (default {DEFAULT_URLS['grpc']} for gRPC, {DEFAULT_URLS['http']} for HTTP)")
+    p.add_argument("--url", help=f"server address (default {DEFAULT_URLS['grpc']} for gRPC, "
+                                 f"{DEFAULT_URLS['http']} for HTTP)")
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
     p.add_argument("--out", default="flux2.png", help="PNG path; several images get _0, _1, ... (default flux2.png)")
     return p
@@ -59,6 +64,9 @@ def main(argv=None) -> int:
     try:
         with Flux2Client(args.url, args.protocol, timeout_s=args.timeout) as client:
             images = client.generate(args.prompt, args.image, **{name: getattr(args, name) for name in OPTIONS})
+    except WrongProtocol as exc:  # the command line names the wrong port or protocol: a usage error
+        print(f"error: {exc.explain(f'--protocol {exc.answers}')}", file=sys.stderr)
+        return 2
     except Flux2Error as exc:
         unreachable = exc.status is None or "UNAVAILABLE" in str(exc.status)
         hint = (f" (is tritonserver running at {args.url or DEFAULT_URLS[args.protocol]}? `make serve` starts one)"
@@ -67,10 +75,14 @@ def main(argv=None) -> int:
         print(f"error: {message}{hint}", file=sys.stderr)
         return 1
     latency = time.perf_counter() - start
-    for image, path in zip(images, output_paths(args.out, len(images))):
+    for note in images.notes:
+        print(f"note: {note}")
+    for image, path in zip(images, output_paths(args.out, len(images)), strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         print(f"wrote {path} ({image.width}x{image.height})")
+    reproduce = "" if args.seed is not None else f" (pass --seed {images.seed} to reproduce)"
+    print(f"seed {images.seed}{reproduce}")
     print(f"latency {latency * 1000:.0f} ms over {args.protocol} for {len(images)} image(s)")
     return 0
 

@@ -5,7 +5,8 @@ and a 2-reference edit over gRPC, and show what that proves: each served image n
 The embedded checkpoint has random weights, so both images are noise; what matters is that they
 are the same noise. One picture per request goes to OUT/<request>_compare.png (served | diffusers |
 |difference| x 64), the served PNGs to OUT/<request>_<i>.png, and one line per request is printed:
-max difference, share of equal values, served vs in-process time.
+max difference, share of equal values, served vs in-process time. tritonserver's own log goes to
+OUT/server.log; the frameworks' progress bars and warnings are off unless --verbose.
 """
 
 from __future__ import annotations
@@ -47,6 +48,21 @@ def comparison(served, expected, title: str):
     return canvas, diff
 
 
+def quiet_frameworks() -> None:
+    """This run only: no progress bars from diffusers/transformers while the pipeline loads, their
+    warnings and Python's deprecation/user warnings off; errors still show."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux2_serving.clients.demo", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
@@ -54,13 +70,28 @@ def main(argv=None) -> int:
     parser.add_argument("--repository", default=DEFAULT_REPOSITORY,
                         help="model repository to serve (default %(default)s; make repository writes it)")
     parser.add_argument("--out", default="build/demo", help="folder for the pictures (default %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port of the server (default %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port of the server (default %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=8002,
+                        help="metrics port of the server (default %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="show the frameworks' progress bars and warnings")
     args = parser.parse_args(argv)
     repository = Path(args.repository)
     if not (repository / BLS_MODEL / "config.pbtxt").exists():
         print(f"error: --repository {repository}: no model repository there (make repository writes one)",
               file=sys.stderr)
         return 2
+    from flux2_serving.server.launch import busy_ports
+
+    ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
+    busy = busy_ports(ports)
+    if busy:  # e.g. `make serve` runs in another terminal
+        print(f"error: {', '.join(busy)} already in use (a tritonserver of make serve?): stop it, or pick free ports "
+              "with --http-port/--grpc-port/--metrics-port (make demo HTTP_PORT=... GRPC_PORT=... METRICS_PORT=...)",
+              file=sys.stderr)
+        return 2
+    if not args.verbose:
+        quiet_frameworks()
 
     import numpy as np
     import torch
@@ -70,7 +101,7 @@ def main(argv=None) -> int:
     from flux2_serving.contract.manifest import read as read_manifest
     from flux2_serving.devtools.pictures import synthetic_reference
     from flux2_serving.export.loading import DTYPES, load_pipeline
-    from flux2_serving.server.launch import free_port, running
+    from flux2_serving.server.launch import running
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +110,6 @@ def main(argv=None) -> int:
     pipe = load_pipeline(manifest.model, DTYPES[manifest.dtype])
     pipe.set_progress_bar_config(disable=True)
     print(f"starting tritonserver on {repository} ...", flush=True)
-    ports = {"http": free_port(), "grpc": args.grpc_port, "metrics": free_port()}
     with running(repository, ports=ports, log_file=out / "server.log") as server, Flux2Client(server.grpc) as client:
         for name, request in REQUESTS:
             references = [synthetic_reference(size, hue) for size, hue in request.get("references", [])]

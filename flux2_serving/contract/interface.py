@@ -35,14 +35,22 @@ PUBLIC_INPUTS = (
           f"output width, multiple of 16 (default: the first reference's, else {DEFAULT_SIDE})"),
     Field("seed", "INT64", (1,), True,
           ">= 0: torch.Generator(device).manual_seed(seed); absent: a random one (the response's 'seed')"),
-    Field("num_images_per_prompt", "INT32", (1,), True, f"images per request (default {DEFAULT_NUM_IMAGES_PER_PROMPT})"),
+    Field("num_images_per_prompt", "INT32", (1,), True,
+          f"images per request (default {DEFAULT_NUM_IMAGES_PER_PROMPT})"),
     Field("num_inference_steps", "INT32", (1,), True, f"denoising steps (default {DEFAULT_NUM_INFERENCE_STEPS})"),
     Field("reuse_reference_cache", "BOOL", (1,), True, "false: compute this request's reference K/V afresh"),
 )
 PUBLIC_OUTPUTS = (
     Field("images", "UINT8", (-1, -1, -1, 3), False, "[N, H, W, 3] RGB images"),
     Field("png", "BYTES", (-1,), False, "the same images PNG-encoded, only when requested"),
+    Field("seed", "INT64", (1,), False,
+          "the seed of the noise: the one sent, else the random one drawn (send it back to reproduce the images)"),
+    Field("notes", "BYTES", (-1,), False,
+          "one UTF-8 line per change the server made to the request as diffusers makes it (prompt cut to the text "
+          "length, a reference's alpha channel dropped, a reference resized or cropped); empty: none"),
 )
+# What a request that names no output gets back (png is encoded only when asked for).
+DEFAULT_OUTPUTS = ("images", "seed", "notes")
 INPUTS = tuple(f.name for f in PUBLIC_INPUTS)
 
 

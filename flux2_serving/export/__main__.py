@@ -20,6 +20,10 @@ component, written to OUT/<component>/model.onnx, plus OUT/manifest.json describ
   vae_decoder          packed latents -> image
 
 Every graph is checked against TensorRT's ONNX parser support list after export.
+
+Quiet by default: the frameworks' warnings (torch.onnx, onnxscript's constant folding, transformers,
+diffusers: none of them a fault of the export) and their weight-loading progress bars are off;
+--verbose shows them. Errors always show, and download progress bars stay.
 """
 
 EPILOG = """\
@@ -31,7 +35,7 @@ examples:
 
 
 def main(argv=None) -> int:
-    from ..contract.specs import COMPONENTS
+    from ..contract.graphs import COMPONENTS
 
     parser = argparse.ArgumentParser(
         prog="python -m flux2_serving.export", description=DESCRIPTION, epilog=EPILOG,
@@ -47,6 +51,9 @@ def main(argv=None) -> int:
     parser.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS),
                         metavar="NAME", help=f"subset to export (default: all of {', '.join(COMPONENTS)})")
     parser.add_argument("--skip-check", action="store_true", help="skip the TensorRT compatibility check")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the frameworks' warnings and progress bars (torch.onnx, onnxscript, transformers, "
+                             "diffusers)")
     parser.add_argument("--manifest-only", action="store_true",
                         help="write OUT/manifest.json without exporting any graph: all that the torch serving "
                              "flavor (python -m flux2_serving.serving.repository --backend torch) needs")
@@ -55,6 +62,8 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: --model {args.model}: {problem}", file=sys.stderr)
         return 2
+    if not args.verbose:
+        quiet_frameworks()
 
     from ..contract.manifest import Manifest
     from ..contract.manifest import write as write_manifest
@@ -89,6 +98,30 @@ def main(argv=None) -> int:
             failed += not report.ok
     print(f"done in {time.perf_counter() - start:.0f} s: {out / 'manifest.json'}")
     return 1 if failed else 0
+
+
+def quiet_frameworks() -> None:
+    """For this run only (an entry point's choice, never a library's): the frameworks' warnings below
+    ERROR and their weight-loading progress bars off. What they say on an export that works: torch.onnx
+    that torchvision is absent and that dynamic axes share constraints, onnxscript's constant folding
+    that it cannot fold an empty reshape (the graph keeps the node), copyreg's pytree deprecation.
+    Errors still show; so do download progress bars (a 9B checkpoint takes a while to fetch)."""
+    import logging
+    import warnings
+
+    import huggingface_hub.utils
+    import torch  # noqa: F401 - imported first: its logging set-up would reset the level set below
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for name in ("torch.onnx", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()  # transformers turned the download bars off with its own
 
 
 def checkpoint_problem(model: str) -> str | None:

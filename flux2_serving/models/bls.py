@@ -1,5 +1,7 @@
 """flux2_klein_kv: the public BLS model. Triton plumbing only: parse and validate the request
-(request_inputs.py against contract/interface.py), run the pipeline (pipeline.py), answer; component calls are BLS requests.
+(request_inputs.py against contract/interface.py), run the pipeline (pipeline.py), answer; component
+calls are BLS requests. The answer holds the outputs the client named (Triton names every output
+for a client that names none; `png`, the costly one, is encoded only when named).
 
 Every component output is requested in the BLS's own memory (`preferred_memory`: GPU for
 `cuda:N`, CPU for `cpu`), checked to be there and counted per device, so the scheduler step never
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from ..contract.interface import INPUTS, Limits
+from ..contract.interface import DEFAULT_OUTPUTS, INPUTS, Limits
 from ..contract.manifest import read as read_manifest
 from ..contract.names import BLS_MODEL, BLS_OVERLOADED, QUEUE_FULL, SHUTTING_DOWN
 from ..contract.names import CACHE_MODEL as CACHE
@@ -69,7 +71,8 @@ class TritonPythonModel:
         self.secret = internal_secret()
         if self.secret is None:
             pb_utils.Logger.log_warn("no internal secret in the environment (FLUX2_INTERNAL_SECRET): reference K/V "
-                                     "is computed for every request; start tritonserver with flux2_serving.server.launch or serve")
+                                     "is computed for every request; start tritonserver with "
+                                     "flux2_serving.server.launch or serve")
         self.pipeline = ServedPipeline(
             self.infer, AutoTokenizer.from_pretrained(here / "tokenizer"),
             FlowMatchEulerDiscreteScheduler.load_config(here / "scheduler"), manifest.dims, DTYPES[manifest.dtype],
@@ -162,8 +165,11 @@ class TritonPythonModel:
         with clock("parse"):
             tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in INPUTS}
             parsed = parse({k: v.as_numpy() for k, v in tensors.items() if v is not None}, self.limits)
-        images = self.pipeline(parsed, clock, self._stop_check(request))  # [N, H, W, 3] uint8
-        requested = request.requested_output_names() or {"images"}  # a client naming none gets images
+        generated = self.pipeline(parsed, clock, self._stop_check(request))
+        images = generated.images  # [N, H, W, 3] uint8
+        # Triton names every declared output for a client that names none; the fallback covers a core
+        # that passes none on.
+        requested = request.requested_output_names() or DEFAULT_OUTPUTS
         outputs = []
         if "png" in requested:
             with clock("png"):
@@ -172,6 +178,11 @@ class TritonPythonModel:
         if "images" in requested:
             with clock("response"):
                 outputs.append(pb_utils.Tensor("images", images))
+        if "seed" in requested:
+            outputs.append(pb_utils.Tensor("seed", np.array([generated.seed], dtype=np.int64)))
+        if "notes" in requested:
+            outputs.append(pb_utils.Tensor("notes", np.array([note.encode() for note in generated.notes],
+                                                             dtype=np.object_).reshape(-1)))
         self._report_stages(clock)
         return pb_utils.InferenceResponse(outputs)
 
@@ -195,7 +206,7 @@ class TritonPythonModel:
         if response.has_error():
             raise ComponentError(model, response.error().message())
         results = [to_torch(pb_utils.get_output_tensor_by_name(response, name)) for name in outputs]
-        for name, tensor in zip(outputs, results):  # None: an output the model left out (a cache miss)
+        for name, tensor in zip(outputs, results, strict=True):  # None: an output the model left out (a cache miss)
             if tensor is None:
                 continue
             self._increment(self.output_family, "device", tensor.device.type, 1)

@@ -16,6 +16,11 @@ component call in progress (one denoising step at most).
 
 Per-block reference K/V (`ref_kv_00` ...) travel as a list, never stacked: at 9B one stacked
 tensor of the largest reference set would be 2 GiB more, and one tensor of 2^30 elements.
+
+Besides the images a request gets back the seed its noise came from (the one sent, or the random
+one drawn: sent back, it reproduces the images) and one note per change made to it as diffusers
+makes it (prompt cut to the text length, a reference's alpha dropped, a reference resized or
+cropped), the same whether its references were decoded or known from an earlier request.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +42,15 @@ from ..export.latent_layout import grid_ids, image_ids, pack_latents, text_ids
 from .request_inputs import GenerationRequest, load_rgb, output_size, preprocess_reference
 
 Run = Callable[[str, dict, list], list]
+
+
+@dataclass
+class Generated:
+    """What one request produced: the images, the seed of their noise and what was changed in the request."""
+
+    images: np.ndarray  # [N, H, W, 3] uint8
+    seed: int  # as sent, or drawn at random: sending it back reproduces the images
+    notes: list[str] = field(default_factory=list)  # one line per change made to the request, in request order
 
 
 class Interrupted(Exception):
@@ -58,6 +73,20 @@ def tokenize(tokenizer, prompts: list[str], max_sequence_length: int):
     batch = tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True,
                       max_length=max_sequence_length)
     return batch["input_ids"], batch["attention_mask"]
+
+
+def truncation_note(tokenizer, prompt: str, attention_mask, max_sequence_length: int) -> str | None:
+    """A note when the prompt did not fit the text length (tokenize cut it, as diffusers does without
+    a word): its token count, chat template included. Counted only when the mask is full."""
+    if int(attention_mask.sum()) < max_sequence_length:
+        return None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+    count = len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
+    if count <= max_sequence_length:
+        return None
+    return (f"prompt: {count} tokens (chat template included), only the first {max_sequence_length} were used; "
+            "the rest was cut, as diffusers does")
 
 
 class StageClock:
@@ -121,15 +150,16 @@ class ServedPipeline:
         # The reference cache's keys cover the references and the identity of the model serving them.
         self.model_identity = model_identity
         self.kv_names = [f"ref_kv_{index:02d}" for index in range(dims["kv_layers"])]
-        self.tokenized = BoundedCache(cache_entries)  # prompt -> (input_ids, attention_mask)
-        self.known_references = BoundedCache(cache_entries)  # encoded key -> (pixel key, preprocessed sizes)
+        self.tokenized = BoundedCache(cache_entries)  # prompt -> (input_ids, attention_mask, truncation note)
+        # encoded key -> (pixel key, preprocessed sizes, notes): a repeat is answered as the first request was
+        self.known_references = BoundedCache(cache_entries)
         self.known_reference_hits = 0  # requests whose references were not decoded
         self.use_reference_cache = use_reference_cache  # False: reference_kv_cache is never asked
         self.clock = StageClock()
         self.should_stop: Callable[[], str | None] = lambda: None
 
     def __call__(self, req: GenerationRequest, clock: StageClock | None = None,
-                 should_stop: Callable[[], str | None] | None = None) -> np.ndarray:
+                 should_stop: Callable[[], str | None] | None = None) -> Generated:
         """`should_stop()` -> None to go on, or why to stop (raises Interrupted before the next component call)."""
         from diffusers.pipelines.flux2.pipeline_flux2_klein_kv import compute_empirical_mu, retrieve_timesteps
         from diffusers.utils.torch_utils import randn_tensor
@@ -143,7 +173,8 @@ class ServedPipeline:
         references.remember()
 
         batch = req.num_images_per_prompt
-        prompt_embeds = self.encode_prompt(req.prompt).repeat(batch, 1, 1)
+        notes = []
+        prompt_embeds = self.encode_prompt(req.prompt, notes).repeat(batch, 1, 1)
         ref_kv = self.reference_kv(references)
 
         with clock("noise_and_ids"):
@@ -164,7 +195,8 @@ class ServedPipeline:
             mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=steps)
             timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
             scheduler.set_begin_index(0)
-        shared = {"txt_ids": txt_ids.to(self.device), "img_ids": img_ids, **dict(zip(self.kv_names, ref_kv))}
+        shared = {"txt_ids": txt_ids.to(self.device), "img_ids": img_ids,
+                  **dict(zip(self.kv_names, ref_kv, strict=True))}
         for t in timesteps:
             timestep = (t.expand(batch).to(latents.dtype) / 1000).contiguous()
             # The images of a request share one K/V; the engine takes up to max_batch_transformer_cached
@@ -178,7 +210,7 @@ class ServedPipeline:
         image = self.run_in_chunks("vae_decoder", {"latents": latents.reshape(*grid, -1)}, {}, "image",
                                    self.limits.max_batch_vae_decoder)
         with clock("postprocess"):
-            return self.to_uint8(image)
+            return Generated(self.to_uint8(image), seed, notes + references.notes)
 
     @staticmethod
     def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -198,22 +230,27 @@ class ServedPipeline:
         with self.clock(f"call:{model}"):
             return self.run(model, inputs, outputs)
 
-    def encode_prompt(self, prompt: str) -> torch.Tensor:
+    def encode_prompt(self, prompt: str, notes: list | None = None) -> torch.Tensor:
+        """prompt_embeds [1, max_sequence_length, hidden]; a prompt cut to fit is noted in `notes`."""
         with self.clock("tokenize"):
             tokens = self.tokenized.get(prompt)
             if tokens is None:
-                tokens = tokenize(self.tokenizer, [prompt], self.max_sequence_length)
+                input_ids, attention_mask = tokenize(self.tokenizer, [prompt], self.max_sequence_length)
+                note = truncation_note(self.tokenizer, prompt, attention_mask, self.max_sequence_length)
+                tokens = input_ids, attention_mask, note
                 self.tokenized.put(prompt, tokens)
-        input_ids, attention_mask = tokens
+        input_ids, attention_mask, note = tokens
+        if note and notes is not None:
+            notes.append(note)
         (embeds,) = self.call("text_encoder", {"input_ids": input_ids.to(self.device),
                                                "attention_mask": attention_mask.to(self.device)}, ["prompt_embeds"])
         return embeds
 
     def references(self, req: GenerationRequest) -> ReferenceSet:
-        """The request's references: on a repeat of the same encoded bytes, their pixel key and sizes
-        from the first time (nothing decoded); else decoded, preprocessed and hashed."""
+        """The request's references: on a repeat of the same encoded bytes, their pixel key, sizes and
+        notes from the first time (nothing decoded); else decoded, preprocessed and hashed."""
         if not req.images:
-            return ReferenceSet(self, req, [], None)
+            return ReferenceSet(self, req, [], None, notes=[])
         encoded_key = None
         reuse = req.reuse_reference_cache and self.use_reference_cache
         if reuse:
@@ -222,20 +259,23 @@ class ServedPipeline:
             known = self.known_references.get(encoded_key)
             if known is not None:
                 self.known_reference_hits += 1
-                key, sizes = known
-                return ReferenceSet(self, req, sizes, key)
-        pixels = self.preprocess(req)
+                key, sizes, notes = known
+                return ReferenceSet(self, req, sizes, key, notes=notes)
+        pixels, notes = self.preprocess(req)
         key = None
         if reuse:
             with self.clock("reference_key"):
                 key = reference_key(pixels, self.model_identity)
-        return ReferenceSet(self, req, [tuple(p.shape[-2:]) for p in pixels], key, pixels, encoded_key)
+        return ReferenceSet(self, req, [tuple(p.shape[-2:]) for p in pixels], key, pixels, encoded_key, notes)
 
-    def preprocess(self, req: GenerationRequest) -> list[torch.Tensor]:
-        """Decode and preprocess the references as Flux2KleinKVPipeline does."""
+    def preprocess(self, req: GenerationRequest) -> tuple[list[torch.Tensor], list[str]]:
+        """Decode and preprocess the references as Flux2KleinKVPipeline does; with a note per change."""
+        notes = []
         with self.clock("preprocess"):
-            return [preprocess_reference(load_rgb(image, index), self.image_processor, self.limits)
-                    for index, image in enumerate(req.images)]
+            pixels = [preprocess_reference(load_rgb(image, index, notes), self.image_processor, self.limits, notes,
+                                           index)
+                      for index, image in enumerate(req.images)]
+        return pixels, notes
 
     def reference_kv(self, references: ReferenceSet) -> list[torch.Tensor]:
         """Per-block K/V of the ordered reference set: from reference_kv_cache when an identical set
@@ -247,7 +287,7 @@ class ServedPipeline:
         hit, *ref_kv = self.call(CACHE_MODEL, {"key": key}, ["hit", *cached_names])
         if not bool(hit.reshape(-1)[0]):
             ref_kv = self.prefill(references.load())
-            self.call(CACHE_MODEL, {"key": key, **dict(zip(self.kv_names, ref_kv))}, ["hit"])
+            self.call(CACHE_MODEL, {"key": key, **dict(zip(self.kv_names, ref_kv, strict=True))}, ["hit"])
         return ref_kv
 
     def prefill(self, references) -> list[torch.Tensor]:
@@ -279,19 +319,20 @@ class ServedPipeline:
 
 class ReferenceSet:
     """A request's ordered references: preprocessed sizes, reference_kv_cache key (None: neither
-    looked up nor stored) and pixels, preprocessed on first use when a repeat skipped it."""
+    looked up nor stored), the notes their preprocessing made, and pixels, preprocessed on first use
+    when a repeat skipped it."""
 
     def __init__(self, pipeline: ServedPipeline, req: GenerationRequest, sizes: list, key: str | None,
-                 pixels: list | None = None, encoded_key: str | None = None):
+                 pixels: list | None = None, encoded_key: str | None = None, notes: list | None = None):
         self.pipeline, self.req, self.sizes, self.key = pipeline, req, sizes, key
-        self.pixels, self.encoded_key = pixels, encoded_key
+        self.pixels, self.encoded_key, self.notes = pixels, encoded_key, list(notes or [])
 
     def load(self) -> list[torch.Tensor]:
-        if self.pixels is None:  # the K/V of a known set was evicted: decode after all
-            self.pixels = self.pipeline.preprocess(self.req)
+        if self.pixels is None:  # the K/V of a known set was evicted: decode after all (its notes are known)
+            self.pixels, _ = self.pipeline.preprocess(self.req)
         return self.pixels
 
     def remember(self) -> None:
-        """After every limit passed: a repeat of these bytes may skip decoding."""
+        """After every limit passed: a repeat of these bytes may skip decoding (and says what this one said)."""
         if self.encoded_key is not None:
-            self.pipeline.known_references.put(self.encoded_key, (self.key, self.sizes))
+            self.pipeline.known_references.put(self.encoded_key, (self.key, self.sizes, tuple(self.notes)))

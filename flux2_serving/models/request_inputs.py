@@ -1,7 +1,12 @@
 """Parsing and validation of a `flux2_klein_kv` request against its public interface
 (contract/interface.py): every failure names the field and the limit and becomes a Triton
 INVALID_ARG. Nothing is clamped or dropped. The limits come from the envelope through the model's
-config.pbtxt parameters (Limits has no defaults of its own)."""
+config.pbtxt parameters (Limits has no defaults of its own).
+
+What diffusers changes in a valid request without a word (a reference's alpha channel dropped, a
+reference resized to the area cap or cropped to multiples of 16) the served pipeline changes the
+same way, for parity, but says so: one line per change, appended to a `notes` list, which the BLS
+returns as the public output `notes`."""
 
 from __future__ import annotations
 
@@ -60,19 +65,33 @@ def open_image(data: bytes, index: int, limits: Limits) -> Image.Image:
     return image
 
 
-def load_rgb(image: Image.Image, index: int) -> Image.Image:
+def load_rgb(image: Image.Image, index: int, notes: list | None = None) -> Image.Image:
     """Decode an opened reference's pixels as RGB (RGBA, grayscale, palette, CMYK, 16-bit: as
-    diffusers accepts them); a broken file is the client's error."""
+    diffusers accepts them); a broken file is the client's error. A transparency that the RGB
+    conversion drops is noted in `notes` (a fully opaque alpha channel changes no pixel: no note)."""
     try:
         image.load()
+        if notes is not None and transparent(image):
+            notes.append(f"image[{index}]: alpha channel dropped ({image.mode} converted to RGB, as diffusers does: "
+                         "transparent pixels show their stored color)")
         return image.convert("RGB")
     except Exception as exc:  # noqa: BLE001
         raise InvalidInput(f"'image[{index}]' could not be decoded ({type(exc).__name__}: {exc})") from exc
 
 
-def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
+def transparent(image: Image.Image) -> bool:
+    """Whether a decoded image has a pixel that is not fully opaque: an alpha channel (RGBA, LA, PA)
+    or a transparent color (palette or tRNS chunk), with at least one pixel below 255."""
+    if "A" in image.getbands():
+        return image.getchannel("A").getextrema()[0] < 255
+    if "transparency" in image.info:
+        return image.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    return False
+
+
+def decode_image(data: bytes, index: int, limits: Limits, notes: list | None = None) -> Image.Image:
     """open_image, then load_rgb: one reference, checked and decoded."""
-    return load_rgb(open_image(data, index, limits), index)
+    return load_rgb(open_image(data, index, limits), index, notes)
 
 
 def parse(inputs: dict, limits: Limits) -> GenerationRequest:
@@ -122,13 +141,22 @@ def parse(inputs: dict, limits: Limits) -> GenerationRequest:
     return request
 
 
-def preprocess_reference(image: Image.Image, processor, limits: Limits):
+def preprocess_reference(image: Image.Image, processor, limits: Limits, notes: list | None = None, index: int = 0):
     """As Flux2KleinKVPipeline.__call__: resize down to the area cap, crop to multiples of 16.
-    `processor` is diffusers' Flux2ImageProcessor; returns [1, 3, H, W] in [-1, 1]."""
+    `processor` is diffusers' Flux2ImageProcessor; returns [1, 3, H, W] in [-1, 1]. A size changed is
+    noted in `notes`, naming the reference as image[index]."""
+    sent = image.size
     if image.width * image.height > limits.reference_max_area:
         image = processor._resize_to_target_area(image, limits.reference_max_area)
     step = limits.multiple_of
     width, height = (image.width // step) * step, (image.height // step) * step
+    if notes is not None and (width, height) != sent:
+        changes = []
+        if image.size != sent:
+            changes.append(f"resized to {image.width}x{image.height} (at most {limits.reference_max_area} pixels)")
+        if (width, height) != image.size:
+            changes.append(f"cropped to {width}x{height} (sides multiples of {step})")
+        notes.append(f"image[{index}]: {sent[0]}x{sent[1]} {' and '.join(changes)}")
     return processor.preprocess(image, height=height, width=width, resize_mode="crop")
 
 

@@ -10,6 +10,10 @@ Hardened as flux2_serving/contract/security.py describes: admin APIs behind a ke
 --admin-key-file; without one they are closed), an internal secret for the internal models,
 loopback-only listeners unless --address says otherwise. Stopping is bounded: SIGTERM, then after
 STOP_TIMEOUT_S a SIGKILL to tritonserver's whole process group, Python-backend stubs included.
+
+Quiet by default: tritonserver's own log (model loading, its option tables, and on a host without a
+GPU its NVML/DCGM/CUDA-driver complaints) goes to a log file, whose path the ready line names;
+--verbose shows it on the terminal instead. When tritonserver exits, the end of its log is printed.
 """
 
 from __future__ import annotations
@@ -184,6 +188,35 @@ def free_ports() -> dict[str, int]:
     return {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
 
 
+def busy_ports(ports: dict[str, int], address: str = "127.0.0.1") -> list[str]:
+    """'HTTP 8000'-style names of the `ports` ({"http": 8000, ...}) that something already listens on
+    at `address`, checked as tritonserver binds them (SO_REUSEADDR: a port in TIME_WAIT is free)."""
+    import socket
+
+    busy = []
+    for name, port in ports.items():
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((address, port))
+            except OSError:
+                busy.append(f"{PORT_NAMES.get(name, name)} {port}")
+    return busy
+
+
+PORT_NAMES = {"http": "HTTP", "grpc": "gRPC", "metrics": "metrics"}
+
+
+def log_tail(path, lines: int = 20) -> str:
+    """The last `lines` lines of a log file ('' when there is none), each indented."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(f"  {line}" for line in text.rstrip().splitlines()[-lines:])
+
+
 def port_of(address: str) -> int:
     """The port of a 'host:port' string."""
     return int(address.rsplit(":", 1)[1])
@@ -348,9 +381,15 @@ class Stopping(Exception):
     """SIGINT or SIGTERM reached the launcher."""
 
 
+def default_log_file(http_port: int) -> Path:
+    """Where the launcher writes tritonserver's log: one file per HTTP port, so that servers started
+    side by side (tests, replicas) keep theirs apart."""
+    return CHECKOUT / "build" / "tritonserver" / f"server-{http_port}.log"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.server.launch", description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m flux2_serving.server.launch",
+                                     description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--repository", default="build/model_repository", help="model repository to serve")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
@@ -363,9 +402,25 @@ def main(argv=None) -> int:
                              "neither: those APIs are closed")
     parser.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
                         help="probe the models with requests every SECONDS and reload one whose Python-backend "
-                             "process died or that was unloaded (flux2_serving/server/watchdog.py; the server then uses explicit "
-                             "model control)")
+                             "process died or that was unloaded (flux2_serving/server/watchdog.py; the server then "
+                             "uses explicit model control)")
+    parser.add_argument("--log-file", default=None, metavar="FILE",
+                        help="where tritonserver's own log goes (default build/tritonserver/server-<http port>.log)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="tritonserver's own log on this terminal instead of the log file (model loading, "
+                             "option tables; on a host without a GPU, NVML/DCGM/CUDA-driver messages that do not "
+                             "matter there)")
     args = parser.parse_args(argv)
+    ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
+    busy = busy_ports(ports, args.address)
+    if busy:  # tritonserver would start, fail to bind and exit: say why before
+        print(f"error: {', '.join(busy)} already in use on {args.address} (another tritonserver?): pick free ports "
+              "with --http-port/--grpc-port/--metrics-port (make serve HTTP_PORT=... GRPC_PORT=... METRICS_PORT=...)",
+              file=sys.stderr)
+        return 2
+    log_file = None if args.verbose else Path(args.log_file or default_log_file(args.http_port))
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
     environ = dict(os.environ, **({security.ADMIN_KEY_FILE_ENV: args.admin_key_file} if args.admin_key_file else {}))
     configured = security.configured_admin_key(environ=environ)
     admin_key = configured or security.unknowable_key()  # unknowable: only the watchdog thread below has it
@@ -380,7 +435,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     print(f"serving {Path(args.repository).resolve()} ...", flush=True)
     try:
-        process = start(args.repository, args.http_port, args.grpc_port, args.metrics_port,
+        process = start(args.repository, args.http_port, args.grpc_port, args.metrics_port, log_file=log_file,
                         explicit=args.watchdog is not None, admin_key=admin_key, address=args.address)
         if args.watchdog is not None:
             import threading
@@ -391,19 +446,29 @@ def main(argv=None) -> int:
             threading.Thread(target=dog.watch, args=(args.watchdog, 6), daemon=True).start()
         admin = (f"admin APIs need the header {security.ADMIN_HEADER}" if configured else
                  f"admin APIs closed (no ${security.ADMIN_KEY_ENV} or --admin-key-file)")
+        where = f"its log: {log_file} (--verbose: on this terminal)" if log_file else "its log on this terminal"
         print(f"tritonserver ready on {args.address}: HTTP {args.http_port}, gRPC {args.grpc_port}, metrics "
-              f"{args.metrics_port}/metrics; {admin} (Ctrl-C stops it)", flush=True)
+              f"{args.metrics_port}/metrics; {admin}; {where}. Ctrl-C stops it", flush=True)
         while True:
             try:
-                return process.wait(timeout=1.0)  # polled: signals are handled between waits
+                status = process.wait(timeout=1.0)  # polled: signals are handled between waits
             except subprocess.TimeoutExpired:
                 continue
+            if status:  # it ended on its own: what it said last is the reason
+                print(f"error: tritonserver exited with status {status}" +
+                      (f"; the end of its log ({log_file}):\n{log_tail(log_file)}" if log_file else ""),
+                      file=sys.stderr, flush=True)
+            return status
     except Stopping as stopping:
         print(f"{stopping}: stopping tritonserver (at most {STOP_TIMEOUT_S} s)", flush=True)
         return 0
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except (ServerExited, TimeoutError) as exc:  # it never became ready: its log says why
+        print(f"error: {exc}" + (f"; the end of its log ({log_file}):\n{log_tail(log_file)}" if log_file else ""),
+              file=sys.stderr, flush=True)
+        return 1
     finally:
         if process is not None:
             stop(process)
