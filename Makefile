@@ -65,7 +65,7 @@ help:
 	@echo "                      build/gpu_bundle (< 60 MiB; run where packages install)"
 	@echo "make gpu-check        the prepared GPU check: environment, served stack vs diffusers (tiny, then 9B dims),"
 	@echo "                      transformer probe, 9B export -> build/gpu_check, BENCHMARKS.md (CPU: tiny stages)"
-	@echo "make test             the test suite (setup included)"
+	@echo "make test             ruff, then the test suite (setup included)"
 	@echo "make clean            remove what the CPU workflow made (keeps your checkpoints, bf16 exports, engines)"
 	@echo "VERBOSE=1             export, serve, demo: show the frameworks' warnings and tritonserver's own log"
 
@@ -126,7 +126,7 @@ engines-dry-run:
 	$(ENGINE_PYTHON) -m flux2_serving.export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES) --dry-run
 
 docker-engines:
-	docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines:$(RELEASE) export/
+	docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines:$(RELEASE) flux2_serving/
 	mkdir -p $(ENGINES)
 	docker run --rm --gpus '"device=$(GPU)"' -v $(CURDIR)/$(ONNX):/work/onnx:ro \
 		-v $(CURDIR)/$(ENGINES):/work/engines flux2-klein-kv-engines:$(RELEASE)
@@ -181,6 +181,7 @@ gpu-check:
 	$(GPU_PYTHON) -m bench.gpu_check --bundle build/gpu_bundle --benchmarks BENCHMARKS.md
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 # Only what the CPU workflow made: never a checkpoint you put in checkpoints/, another model's export

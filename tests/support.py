@@ -1,14 +1,22 @@
 """What several test modules share (test modules do not import each other): numeric comparison,
-graph runs, the served repository's settings and Triton's statistics."""
+graph runs, the served repository's settings, Triton's statistics, pictures and diffusers' reference
+images for the end-to-end cases, and running a command-line tool."""
 
 from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 import tritonclient.grpc as grpc
+from PIL import Image
 
 from flux2_serving.contract.security import admin_headers
 
+ROOT = Path(__file__).resolve().parents[1]
 # The served test repository: BLS instances (requests overlap on the CPU) and a reference cache budget
 # small enough that the tests can fill it.
 BLS_INSTANCES = 4
@@ -33,3 +41,48 @@ def model_counts(server, model: str) -> tuple[int, int]:
     headers = admin_headers(server["admin_key"], "grpc")  # statistics are an admin API
     stats = grpc.InferenceServerClient(server["grpc"]).get_inference_statistics(model, headers=headers).model_stats[0]
     return stats.inference_count, stats.execution_count
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def random_image(width, height, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def reference(pipe, prompt, images, seed, **kwargs) -> np.ndarray:
+    out = pipe(prompt=prompt, image=list(images) or None, generator=torch.Generator("cpu").manual_seed(seed),
+               output_type="np", **kwargs).images
+    return (out * 255).round().astype(np.uint8)
+
+
+def assert_matches(actual, expected):
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    diff = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+    within_one = float((diff <= 1).mean())
+    print(f"within 1 level: {within_one:.6f}, max diff {diff.max()}")
+    assert within_one >= 0.999 and diff.max() <= 4
+
+
+CASES = {
+    "text_to_image": dict(refs=[], kwargs=dict(height=256, width=256)),
+    "one_reference_default_size": dict(refs=[(320, 256)], kwargs={}),  # output size from the reference
+    "three_references": dict(refs=[(96, 128), (200, 72), (160, 160)], kwargs=dict(height=256, width=288)),
+    "two_images_per_prompt": dict(refs=[(128, 96)], kwargs=dict(height=256, width=256, num_images_per_prompt=2)),
+}
+
+
+def run_module(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, **kwargs)
+
+
+def one_line_error(result, status: int, *words):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == status and len(lines) == 1, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]

@@ -6,25 +6,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from flux2_serving.serving.repository import MARKER, assemble
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, **kwargs)
-
-
-def _one_line(result, status: int, *words):
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == status and len(lines) == 1, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
+from tests.support import ROOT, one_line_error, run_module
 
 
 def test_repository_never_deletes_a_folder_it_did_not_make(tmp_path, onnx_fp32):
@@ -60,30 +46,30 @@ def test_make_clean_keeps_your_checkpoints_exports_and_engines(tmp_path):
 
 
 def test_export_model_that_does_not_exist(tmp_path):
-    _one_line(_run("flux2_serving.export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), 2,
-              "--model", "no such folder", "Hugging Face id")
+    result = run_module("flux2_serving.export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    one_line_error(result, 2, "--model", "no such folder", "Hugging Face id")
 
 
 def test_export_folder_without_the_diffusers_layout(tmp_path):
     (tmp_path / "weights").mkdir()
-    _one_line(_run("flux2_serving.export", "--model", str(tmp_path / "weights"), "--out", str(tmp_path / "o")), 2,
-              "not a diffusers checkpoint folder", "make checkpoint")
+    result = run_module("flux2_serving.export", "--model", str(tmp_path / "weights"), "--out", str(tmp_path / "o"))
+    one_line_error(result, 2, "not a diffusers checkpoint folder", "make checkpoint")
 
 
 def test_repository_from_a_folder_without_manifest(tmp_path):
-    _one_line(_run("flux2_serving.serving.repository", "--onnx-dir", str(tmp_path), "--out", str(tmp_path / "r")), 2,
-              "manifest.json not found", "python -m flux2_serving.export")
+    result = run_module("flux2_serving.serving.repository", "--onnx-dir", str(tmp_path), "--out", str(tmp_path / "r"))
+    one_line_error(result, 2, "manifest.json not found", "python -m flux2_serving.export")
 
 
 def test_client_url_with_a_scheme(tmp_path):
-    _one_line(_run("flux2_serving.clients.cli", "--url", "http://127.0.0.1:8000", "--protocol", "http",
+    one_line_error(run_module("flux2_serving.clients.cli", "--url", "http://127.0.0.1:8000", "--protocol", "http",
                    "--prompt", "x"), 2, "without a scheme", "--url 127.0.0.1:8000")
 
 
 def test_client_when_no_server_runs(tmp_path):
     from flux2_serving.server.launch import free_port
 
-    _one_line(_run("flux2_serving.clients.cli", "--url", f"127.0.0.1:{free_port()}", "--prompt", "x",
+    one_line_error(run_module("flux2_serving.clients.cli", "--url", f"127.0.0.1:{free_port()}", "--prompt", "x",
                    "--out", str(tmp_path / "x.png")), 1, "is tritonserver running", "make serve")
 
 
@@ -108,8 +94,8 @@ def test_demo_shows_served_next_to_diffusers(tmp_path, triton_server):
 
     out = tmp_path / "demo"
     ports = [arg for name, port in free_ports().items() for arg in (f"--{name}-port", str(port))]
-    result = _run("flux2_serving.clients.demo", "--repository", str(triton_server["repository"]), "--out", str(out),
-                  *ports, timeout=600)
+    result = run_module("flux2_serving.clients.demo", "--repository", str(triton_server["repository"]),
+                        "--out", str(out), *ports, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for name in ("text_to_image", "edit_2_references"):
         line = next(line for line in result.stdout.splitlines() if line.startswith(f"{name}: max difference"))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import tritonclient.http as http
@@ -40,14 +41,16 @@ STOP_BOUND_S = STOP_TIMEOUT_S + 10  # stated in README ("Serving with Triton"): 
 
 
 def start_launcher(repository, *extra) -> tuple[subprocess.Popen, dict]:
-    """The launcher in a process group of its own, as a shell runs a foreground job (Ctrl-C goes to the group)."""
+    """The launcher in a process group of its own, as a shell runs a foreground job (Ctrl-C goes to the group);
+    tritonserver's log goes next to the repository (not into build/)."""
     ports = free_ports()
+    log = Path(repository).parent / f"launcher-{ports['http']}.log"
     launcher = subprocess.Popen([sys.executable, "-m", "flux2_serving.server.launch", "--repository", str(repository),
                                  "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
-                                 "--metrics-port", str(ports["metrics"]), *extra],
+                                 "--metrics-port", str(ports["metrics"]), "--log-file", str(log), *extra],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     assert "serving " in launcher.stdout.readline()  # it says which repository it serves
-    ready = launcher.stdout.readline()  # (tritonserver's own log goes to stderr)
+    ready = launcher.stdout.readline()  # (tritonserver's own log goes to --log-file)
     assert "tritonserver ready" in ready, ready
     return launcher, ports
 

@@ -19,7 +19,7 @@ from flux2_serving.models.lru import ReferenceKVCache
 from flux2_serving.models.pipeline import Interrupted, ServedPipeline, StageClock
 from flux2_serving.models.request_inputs import InvalidInput, decode_image, parse
 from flux2_serving.serving.triton_config import BLS_PARAMETERS
-from tests.test_serving import CASES, assert_matches, png_bytes, random_image, reference
+from tests.support import CASES, assert_matches, png_bytes, random_image, reference
 
 LIMITS = Limits(**DEFAULT_ENVELOPE.request_limits())
 

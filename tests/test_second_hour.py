@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from flux2_serving.clients.api import Flux2Client, Generation, infer_inputs, request_tensors, requested_outputs
-from tests.test_first_hour import ROOT, _one_line, _run
+from tests.support import ROOT, one_line_error, run_module
 
 PROTOCOLS = ["grpc", "http"]
 LONG_PROMPT = " ".join(["a lighthouse on a cliff at dawn, waves, gulls, long exposure"] * 60)  # over 512 tokens
@@ -120,7 +120,7 @@ def test_what_the_server_changed_comes_back_as_notes(triton_server, protocol):
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return _run("flux2_serving.clients.cli", *args, timeout=120)
+    return run_module("flux2_serving.clients.cli", *args, timeout=120)
 
 
 def test_cli_prints_the_seed_to_reproduce_and_the_notes(triton_server, tmp_path):
@@ -140,19 +140,19 @@ def test_cli_prints_the_seed_to_reproduce_and_the_notes(triton_server, tmp_path)
 
 def test_cli_at_the_http_port_over_grpc_says_which_port_is_which(triton_server, tmp_path):
     url = triton_server["http"]
-    _one_line(cli("--protocol", "grpc", "--url", url, "--prompt", "x", "--out", str(tmp_path / "x.png")), 2,
+    one_line_error(cli("--protocol", "grpc", "--url", url, "--prompt", "x", "--out", str(tmp_path / "x.png")), 2,
               f"{url} answers HTTP, not gRPC", "--protocol http", "gRPC port (8001 by default)")
 
 
 def test_cli_at_the_grpc_port_over_http_says_which_port_is_which(triton_server, tmp_path):
     url = triton_server["grpc"]
-    _one_line(cli("--protocol", "http", "--url", url, "--prompt", "x", "--out", str(tmp_path / "x.png")), 2,
+    one_line_error(cli("--protocol", "http", "--url", url, "--prompt", "x", "--out", str(tmp_path / "x.png")), 2,
               f"{url} answers gRPC, not HTTP", "--protocol grpc", "HTTP port (8000 by default)")
 
 
 def test_cli_at_the_metrics_port_says_it_is_not_the_inference_endpoint(triton_server, tmp_path):
     url = triton_server["metrics"]
-    _one_line(cli("--url", url, "--prompt", "x", "--out", str(tmp_path / "x.png")), 2,
+    one_line_error(cli("--url", url, "--prompt", "x", "--out", str(tmp_path / "x.png")), 2,
               "not Triton's inference endpoint", "gRPC port (8001 by default)")
 
 
@@ -195,8 +195,8 @@ def test_a_port_in_use_is_one_line_before_anything_starts(tmp_path):
         port = taken.getsockname()[1]
         others = ("--grpc-port", str(free_port()), "--metrics-port", str(free_port()))
         for module in ("flux2_serving.server.launch", "flux2_serving.clients.demo"):
-            _one_line(_run(module, "--repository", str(repository), "--http-port", str(port), *others, timeout=60), 2,
-                      f"HTTP {port} already in use", "--http-port", "HTTP_PORT=")
+            result = run_module(module, "--repository", str(repository), "--http-port", str(port), *others, timeout=60)
+            one_line_error(result, 2, f"HTTP {port} already in use", "--http-port", "HTTP_PORT=")
 
 
 # ------------------------------------------------------------------ quiet by default
@@ -250,9 +250,9 @@ def test_the_launcher_keeps_tritonserver_s_log_in_a_file_unless_verbose(small_re
 def test_export_is_quiet_unless_verbose(tiny_checkpoint, tmp_path):
     """No framework warning on stderr during an export that works (torch.onnx, onnxscript, transformers,
     diffusers all have something to say on this one); --verbose is accepted."""
-    result = _run("flux2_serving.export", "--model", tiny_checkpoint, "--onnx-dir", str(tmp_path / "onnx"),
+    result = run_module("flux2_serving.export", "--model", tiny_checkpoint, "--onnx-dir", str(tmp_path / "onnx"),
                   "--components", "vae_decoder", "--skip-check", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.strip() == "", result.stderr[-3000:]
     assert Path(tmp_path / "onnx" / "vae_decoder" / "model.onnx").exists()
-    assert "--verbose" in _run("flux2_serving.export", "--help").stdout
+    assert "--verbose" in run_module("flux2_serving.export", "--help").stdout

@@ -7,11 +7,11 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from flux2_serving.clients.api import infer_inputs, request_tensors, requested_outputs
+from tests.support import CASES, assert_matches, png_bytes, random_image, reference
 
 PROTOCOLS = ["grpc", "http"]
 
@@ -29,39 +29,6 @@ def infer(server, protocol, prompt="a cat", images=(), outputs=("images",), raw=
     module, client = _client(server, protocol)
     tensors = {**request_tensors(prompt, images, **scalars), **(raw or {})}
     return client.infer("flux2_klein_kv", infer_inputs(module, tensors), outputs=requested_outputs(module, outputs))
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def random_image(width, height, seed):
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
-def reference(pipe, prompt, images, seed, **kwargs) -> np.ndarray:
-    out = pipe(prompt=prompt, image=list(images) or None, generator=torch.Generator("cpu").manual_seed(seed),
-               output_type="np", **kwargs).images
-    return (out * 255).round().astype(np.uint8)
-
-
-def assert_matches(actual, expected):
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    diff = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
-    within_one = float((diff <= 1).mean())
-    print(f"within 1 level: {within_one:.6f}, max diff {diff.max()}")
-    assert within_one >= 0.999 and diff.max() <= 4
-
-
-CASES = {
-    "text_to_image": dict(refs=[], kwargs=dict(height=256, width=256)),
-    "one_reference_default_size": dict(refs=[(320, 256)], kwargs={}),  # output size from the reference
-    "three_references": dict(refs=[(96, 128), (200, 72), (160, 160)], kwargs=dict(height=256, width=288)),
-    "two_images_per_prompt": dict(refs=[(128, 96)], kwargs=dict(height=256, width=256, num_images_per_prompt=2)),
-}
 
 
 def _served_equals_diffusers(pipe, server, protocol, case):

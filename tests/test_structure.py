@@ -133,3 +133,10 @@ def test_facts_are_declared_once():
         found = [str(p.relative_to(PACKAGE if p.is_relative_to(PACKAGE) else ROOT))
                  for p in product if _holds(p, literal)]
         assert found == ([home] if home else []), (literal, found)
+
+
+def test_test_modules_share_code_through_tests_support_only():
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for module, line in _imports(path):
+            if module.startswith("tests"):
+                assert module == "tests.support", f"{path.relative_to(ROOT)}:{line} imports {module}"

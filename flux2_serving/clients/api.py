@@ -111,7 +111,7 @@ def answers_grpc(url: str, timeout: float = 2.0) -> bool:
             return bool(client.is_server_live(client_timeout=timeout))
         finally:
             client.close()
-    except Exception:  # noqa: BLE001 - whatever the reason, it does not answer gRPC
+    except Exception:  # whatever the reason, it does not answer gRPC
         return False
 
 

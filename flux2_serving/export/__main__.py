@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         from .onnx_export import OPSET, export_all
 
         print(f"exporting {len(args.components)} component(s) of {args.model} ({args.dtype}) to {out}", flush=True)
-        paths = export_all(args.model, out, args.dtype, args.components)
+        paths = export_all(args.model, out, args.dtype, args.components, verbose=args.verbose)
         opset = OPSET
     write_manifest(out, Manifest(
         # The model the graphs came from: the repository assembler takes its tokenizer and scheduler.

@@ -123,8 +123,10 @@ def softmax_in_fp32(proto: onnx.ModelProto) -> int:
     return wrapped
 
 
-def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, dims: dict) -> Path:
-    """Export graph `name` to `out_dir/name/model.onnx` and return the path."""
+def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, dims: dict,
+                     verbose: bool = False) -> Path:
+    """Export graph `name` to `out_dir/name/model.onnx` and return the path; `verbose`: the exporter's
+    own progress lines too."""
     spec = graph_specs(dims)[name]
     wrapper = C.build(name, model, dtype)
     args = sample_inputs(name, dims, dtype)
@@ -136,7 +138,7 @@ def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, d
         program = torch.onnx.export(
             wrapper, args, dynamo=True, opset_version=OPSET,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-            dynamic_shapes=dynamic_shapes(spec), external_data=large, optimize=True,
+            dynamic_shapes=dynamic_shapes(spec), external_data=large, optimize=True, verbose=verbose,
         )
     for stale in path.parent.glob("model.onnx*"):
         stale.unlink()
@@ -145,13 +147,14 @@ def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, d
     return path
 
 
-def export_all(model: str, out_dir: str | Path, dtype: str = "fp32", components=COMPONENTS, log=print) -> dict:
+def export_all(model: str, out_dir: str | Path, dtype: str = "fp32", components=COMPONENTS, log=print,
+               verbose: bool = False) -> dict:
     out_dir = Path(out_dir)
     dims = read_model_dims(model)
     paths = {}
     for index, name in enumerate(components, 1):
         start = time.perf_counter()
         log(f"[{index}/{len(components)}] exporting {name} ({dtype}) ...", flush=True)
-        paths[name] = export_component(name, model, out_dir, DTYPES[dtype], dims)
+        paths[name] = export_component(name, model, out_dir, DTYPES[dtype], dims, verbose)
         log(f"[{index}/{len(components)}] {name} -> {paths[name]} ({time.perf_counter() - start:.1f} s)", flush=True)
     return paths

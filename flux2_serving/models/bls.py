@@ -139,7 +139,7 @@ class TritonPythonModel:
                                        pb_utils.TritonError.UNAVAILABLE)
             pb_utils.Logger.log_error(f"{BLS_MODEL}: {traceback.format_exc()}")
             return "failed", error(f"internal error in {exc}", pb_utils.TritonError.INTERNAL)
-        except Exception as exc:  # noqa: BLE001 - a server fault: logged in full, one line to the caller
+        except Exception as exc:  # a server fault: logged in full, one line to the caller
             pb_utils.Logger.log_error(f"{BLS_MODEL}: {traceback.format_exc()}")
             return "failed", error(f"internal error: {type(exc).__name__} (see the server log)",
                                    pb_utils.TritonError.INTERNAL)

@@ -50,7 +50,7 @@ def open_image(data: bytes, index: int, limits: Limits) -> Image.Image:
         raise InvalidInput(f"'{field_name}' is {len(data)} bytes; at most {limits.max_reference_bytes} bytes allowed")
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
-    except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad bytes
+    except Exception as exc:  # PIL raises several types for bad bytes
         raise InvalidInput(f"'{field_name}' is not a decodable PNG/JPEG/WebP image ({type(exc).__name__})") from exc
     width, height = image.size
     if width * height > limits.max_input_pixels:
@@ -75,7 +75,7 @@ def load_rgb(image: Image.Image, index: int, notes: list | None = None) -> Image
             notes.append(f"image[{index}]: alpha channel dropped ({image.mode} converted to RGB, as diffusers does: "
                          "transparent pixels show their stored color)")
         return image.convert("RGB")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # PIL raises several types for a broken file
         raise InvalidInput(f"'image[{index}]' could not be decoded ({type(exc).__name__}: {exc})") from exc
 
 

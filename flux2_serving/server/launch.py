@@ -252,10 +252,12 @@ def start(repository, http=8000, grpc=8001, metrics=8002, log_file=None, explici
     backends = prepare_backends(CHECKOUT / "build" / "tritonserver" / "backends")
     env = security.server_environment(server_env())  # one internal secret for every attempt
     for attempt in range(1, attempts + 1):
-        out = open(log_file, "a" if append or attempt > 1 else "w") if log_file else None  # noqa: SIM115
-        process = subprocess.Popen(
-            command(Path(repository).resolve(), http, grpc, metrics, backends, explicit, admin_key, address),
-            env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        # The child keeps its own copy of the log's descriptor; this process closes its one at once.
+        log = open(log_file, "a" if append or attempt > 1 else "w") if log_file else contextlib.nullcontext()
+        with log as out:
+            process = subprocess.Popen(
+                command(Path(repository).resolve(), http, grpc, metrics, backends, explicit, admin_key, address),
+                env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
         try:
             wait_ready(f"{_reachable(address)}:{http}", process)
             return process
