@@ -19,7 +19,6 @@ Unpacked wheels compress better with xz than the wheels' own zip deflate: that k
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import lzma
@@ -30,7 +29,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.cli_help import command_parser
 from flux2_serving.server.launch import bundled_server
 
 LIMIT_BYTES = 60 * 2**20
@@ -112,9 +111,7 @@ def build(out: Path, python: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_bundle", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=HelpFormatter)
+    parser = command_parser("bench.gpu_bundle", __doc__)
     parser.add_argument("--out", type=Path, default=Path("build/gpu_bundle"), help="folder (default %(default)s)")
     parser.add_argument("--python", default="3.12", help="the GPU machine's Python, X.Y (default %(default)s)")
     args = parser.parse_args(argv)

@@ -47,7 +47,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.report import tree_memory_gib, write_section
-from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.cli_help import command_parser
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.specs import graph_specs
 from flux2_serving.devtools.metrics import bls_output_devices, reference_cache_metrics
@@ -525,9 +525,7 @@ def run_stage(args) -> dict:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=HelpFormatter)
+    parser = command_parser("bench.gpu_check", __doc__)
     parser.add_argument("--device", default=None, help="cuda:N or cpu (default: cuda:0 when a GPU is visible)")
     parser.add_argument("--stages", default=None,
                         help="letters to run (default abcde; on the CPU c is skipped and b, d, e run at the tiny size)")

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.http as http
 from PIL import Image
 
 from flux2_serving.clients.api import AsyncFlux2Client, Flux2Client, Flux2Error, infer_inputs, request_tensors
 from flux2_serving.devtools.pictures import synthetic_reference
+from flux2_serving.server.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,8 +52,6 @@ def test_cli_bad_request_exits_nonzero_naming_the_field(triton_server, tmp_path,
 
 
 def test_cli_unreachable_server_is_one_line(tmp_path):
-    from flux2_serving.server.launch import free_port
-
     for protocol in ("grpc", "http"):
         run = cli("--protocol", protocol, "--url", f"127.0.0.1:{free_port()}", "--prompt", "x",
                   "--out", str(tmp_path / "never.png"))
@@ -72,8 +72,6 @@ def test_api_error_carries_status(triton_server):
 
 
 def test_http_inputs_travel_as_binary():
-    import tritonclient.http as http
-
     inputs = infer_inputs(http, request_tensors("a cat", [synthetic_reference((64, 64), 1)], height=256, seed=3))
     for tensor in inputs:
         assert tensor._get_binary_data() is not None, tensor.name()

@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
+from flux2_serving.server.launch import free_port, free_ports
 from flux2_serving.serving.repository import MARKER, assemble
 from tests.support import ROOT, one_line_error, run_module
 
@@ -67,8 +69,6 @@ def test_client_url_with_a_scheme(tmp_path):
 
 
 def test_client_when_no_server_runs(tmp_path):
-    from flux2_serving.server.launch import free_port
-
     one_line_error(run_module("flux2_serving.clients.cli", "--url", f"127.0.0.1:{free_port()}", "--prompt", "x",
                    "--out", str(tmp_path / "x.png")), 1, "is tritonserver running", "make serve")
 
@@ -88,9 +88,6 @@ def test_help_answers_without_importing_torch(module):
 
 
 def test_demo_shows_served_next_to_diffusers(tmp_path, triton_server):
-    from PIL import Image
-
-    from flux2_serving.server.launch import free_ports
 
     out = tmp_path / "demo"
     ports = [arg for name, port in free_ports().items() for arg in (f"--{name}-port", str(port))]

@@ -149,7 +149,9 @@ def test_abandoned_requests_stop_within_a_step(busy_server):
     print(f"stopped while computing: {stopped:.0f}, dropped from the queue: {dropped:.0f}, "
           f"denoising steps run: {steps} (of {20 * 8} asked)")
     assert after["ok"] - before.get("ok", 0) == 1  # wait_idle's request only: no abandoned one ran to its end
-    assert stopped + dropped == 20
+    # Every one ended as dropped or stopped (Triton's CANCELED/REJECTED counter may also catch a straggler
+    # of the previous test's abandoned requests: at least 20, and one was computing).
+    assert stopped + dropped >= 20 and stopped >= 1
     # A request stops before its next component call: at most one step after its deadline. With a 1 s
     # deadline a 1024^2 step here takes a sizeable part of it, so each started request ran a few steps at most.
     assert steps <= 4 * stopped, (steps, stopped)

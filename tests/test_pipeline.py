@@ -5,20 +5,25 @@ parsing and image decoding on their own, every bad input a client error."""
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from PIL import Image
+from transformers import AutoTokenizer
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.interface import Limits
+from flux2_serving.contract.specs import graph_specs
 from flux2_serving.models.input_checks import BadInput, InputRules
 from flux2_serving.models.lru import ReferenceKVCache
 from flux2_serving.models.pipeline import Interrupted, ServedPipeline, StageClock
-from flux2_serving.models.request_inputs import InvalidInput, decode_image, parse
-from flux2_serving.serving.triton_config import BLS_PARAMETERS
+from flux2_serving.models.request_inputs import InvalidInput, decode_image, load_rgb, parse, preprocess_reference
+from flux2_serving.serving.triton_config import BLS_PARAMETERS, input_rules
 from tests.support import CASES, assert_matches, png_bytes, random_image, reference
 
 LIMITS = Limits(**DEFAULT_ENVELOPE.request_limits())
@@ -46,10 +51,6 @@ class OnnxRuntimeRun:
 
 @pytest.fixture(scope="module")
 def served(ort_session, onnx_fp32, tiny_checkpoint):
-    import json
-
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from transformers import AutoTokenizer
 
     run = OnnxRuntimeRun(ort_session)
     manifest = json.loads((onnx_fp32 / "manifest.json").read_text())
@@ -154,9 +155,6 @@ def test_in_process_notes_are_the_same_when_the_references_are_known(served):
 
 
 def test_notes_name_every_size_change_of_a_reference():
-    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
-
-    from flux2_serving.models.request_inputs import load_rgb, preprocess_reference
 
     processor, notes = Flux2ImageProcessor(vae_scale_factor=16), []
     for index, size in enumerate([(1500, 1100), (1100, 1100), (256, 192), (2048, 512)]):
@@ -267,9 +265,6 @@ def test_limits_on_prompt_and_reference_bytes():
 
 
 def test_component_input_checks_name_the_tensor_and_the_limit():
-    from flux2_serving.contract.specs import graph_specs
-    from flux2_serving.serving.triton_config import input_rules
-
     dims = {"text_hidden": 32, "heads": 2, "head_dim": 16, "kv_layers": 2, "in_channels": 128}
     specs = graph_specs(dims)
     text = InputRules.from_json(input_rules(specs["text_encoder"], DEFAULT_ENVELOPE, vocab_size=100))

@@ -4,6 +4,7 @@ make serve and make demo take their ports, and the tools are quiet unless asked 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
@@ -15,9 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpc
 from PIL import Image
 
-from flux2_serving.clients.api import Flux2Client, Generation, infer_inputs, request_tensors, requested_outputs
+from flux2_serving.clients.api import (
+    AsyncFlux2Client,
+    Flux2Client,
+    Generation,
+    WrongProtocol,
+    infer_inputs,
+    request_tensors,
+    requested_outputs,
+)
+from flux2_serving.server.launch import STOP_TIMEOUT_S, free_port, free_ports
+from flux2_serving.serving.repository import assemble
 from tests.support import ROOT, one_line_error, run_module
 
 PROTOCOLS = ["grpc", "http"]
@@ -68,9 +80,6 @@ def test_a_random_seed_sent_back_reproduces_the_image_bit_exactly(triton_server,
 
 
 def test_the_async_client_returns_the_seed_and_names_the_wrong_port(triton_server):
-    import asyncio
-
-    from flux2_serving.clients.api import AsyncFlux2Client, WrongProtocol
 
     async def run(url, **options):
         async with AsyncFlux2Client(url) as client:
@@ -85,8 +94,6 @@ def test_the_async_client_returns_the_seed_and_names_the_wrong_port(triton_serve
 
 def test_outputs_are_answered_by_name(triton_server):
     """images and seed named: both come back, notes and png not."""
-    import tritonclient.grpc as grpc
-
     client = grpc.InferenceServerClient(triton_server["grpc"])
     result = client.infer("flux2_klein_kv", infer_inputs(grpc, request_tensors("a cat", seed=9, **SMALL)),
                           outputs=requested_outputs(grpc, ("images", "seed")))
@@ -186,8 +193,6 @@ def _listening() -> socket.socket:
 
 
 def test_a_port_in_use_is_one_line_before_anything_starts(tmp_path):
-    from flux2_serving.server.launch import free_port
-
     repository = tmp_path / "repo"
     (repository / "flux2_klein_kv").mkdir(parents=True)
     (repository / "flux2_klein_kv" / "config.pbtxt").write_text("")  # never read: the ports are checked first
@@ -204,8 +209,6 @@ def test_a_port_in_use_is_one_line_before_anything_starts(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_repository(tmp_path_factory, onnx_fp32, tiny_checkpoint):
-    from flux2_serving.serving.repository import assemble
-
     return assemble(onnx_fp32, tiny_checkpoint, tmp_path_factory.mktemp("quiet") / "model_repository",
                     backend="onnxruntime", bls_instances=1)
 
@@ -213,8 +216,6 @@ def small_repository(tmp_path_factory, onnx_fp32, tiny_checkpoint):
 def launch_until_ready(repository, *extra) -> tuple[str, int]:
     """Run the launcher until its ready line, stop it (Ctrl-C); everything it and tritonserver wrote
     to the terminal, and its exit status."""
-    from flux2_serving.server.launch import STOP_TIMEOUT_S, free_ports
-
     ports = free_ports()
     launcher = subprocess.Popen(
         [sys.executable, "-m", "flux2_serving.server.launch", "--repository", str(repository),

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from bench.overhead import stage_seconds
 from flux2_serving.clients.api import infer_inputs, request_tensors, requested_outputs
+from flux2_serving.devtools.metrics import bls_output_devices
 from tests.support import CASES, assert_matches, png_bytes, random_image, reference
 
 PROTOCOLS = ["grpc", "http"]
@@ -56,8 +58,6 @@ def test_torch_flavor_output_equals_diffusers(pipe, torch_server, case):
 def test_every_component_output_arrives_on_the_bls_device(triton_server):
     """The BLS asks every model for outputs in its own memory and counts where they arrive (CPU here;
     cuda on a GPU server, where TensorRT would otherwise hand GPU tensors to a CPU BLS)."""
-    from flux2_serving.devtools.metrics import bls_output_devices
-
     before = bls_output_devices(triton_server["metrics"]).get("cpu", 0)
     infer(triton_server, "grpc", images=[png_bytes(random_image(128, 128, seed=5))], seed=2, height=256, width=256,
           num_inference_steps=2, reuse_reference_cache=False)
@@ -116,8 +116,6 @@ def test_bad_input_is_invalid_arg_and_server_keeps_serving(triton_server, case):
 
 def test_bls_reports_its_stages_for_the_overhead_breakdown(triton_server):
     """flux2_bls_stage_seconds_total{stage}: what bench.overhead breaks the serving overhead down with."""
-    from bench.overhead import stage_seconds
-
     before = stage_seconds(triton_server["metrics"])
     infer(triton_server, "grpc", images=[png_bytes(random_image(128, 128, seed=31))], seed=2, height=256, width=256,
           num_inference_steps=1, reuse_reference_cache=False, outputs=("images", "png"))

@@ -14,8 +14,12 @@ at fault; an address that answers the other protocol raises `WrongProtocol`, say
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
+import json
+import urllib.error
+import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,6 +46,8 @@ def public_inputs():
 
 def _scalar_types() -> dict:
     """name -> (numpy type, Triton wire type) of the scalar inputs, from the served model's declaration."""
+    # tritonclient is imported where it is used throughout this module: its gRPC and HTTP halves need
+    # different extras (grpcio / geventhttpclient), and a service installs the one it speaks.
     from tritonclient.utils import triton_to_np_dtype
 
     return {f.name: (triton_to_np_dtype(f.datatype), f.datatype) for f in public_inputs() if f.datatype != "BYTES"}
@@ -81,10 +87,6 @@ def answers_http(url: str, timeout: float = 2.0) -> bool | None:
     """Whether `url` answers HTTP/1.1 GET /v2 as Triton's HTTP endpoint does (True: the server's
     metadata, KServe v2), as another HTTP server (False: e.g. Triton's metrics port, which answers
     every path), or not at all (None)."""
-    import json
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(f"http://{url}/v2", timeout=timeout) as response:
             body = response.read(1 << 16)
@@ -316,8 +318,6 @@ class AsyncFlux2Client:
 
     async def generate(self, prompt: str, images=(), **options) -> Generation:
         """As Flux2Client.generate."""
-        import asyncio
-
         from tritonclient.utils import InferenceServerException
 
         tensors = _arguments(prompt, images, options)

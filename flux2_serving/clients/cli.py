@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from flux2_serving.clients.api import DEFAULT_URLS, UNAVAILABLE_HINT, Flux2Client, Flux2Error, WrongProtocol
-from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.cli_help import command_parser
 from flux2_serving.contract.interface import OPTIONS, PUBLIC_INPUTS
 
 
@@ -30,8 +30,7 @@ def output_paths(out: str, count: int) -> list[Path]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flux2_serving.clients.cli", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
+    p = command_parser("flux2_serving.clients.cli", __doc__)
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="a reference image (PNG/JPEG/WebP); repeat for up to 4, in order. The request then "

@@ -11,14 +11,21 @@ OUT/server.log; the frameworks' progress bars and warnings are off unless --verb
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from flux2_serving.contract.cli_help import HelpFormatter
+import numpy as np
+from PIL import Image, ImageDraw
+
+from flux2_serving.clients.api import Flux2Client
+from flux2_serving.contract.cli_help import command_parser
+from flux2_serving.contract.manifest import read as read_manifest
 from flux2_serving.contract.names import BLS_MODEL
+from flux2_serving.devtools.pictures import synthetic_reference
+from flux2_serving.server.launch import busy_ports, running
 
 DEFAULT_REPOSITORY = "build/model_repository"
 REQUESTS = [
@@ -31,9 +38,6 @@ AMPLIFY = 64  # the difference map's gain: a 1-level difference shows as 64
 
 def comparison(served, expected, title: str):
     """One picture: served | diffusers | |difference| x AMPLIFY, with a caption line."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     diff = np.abs(served.astype(np.int16) - expected.astype(np.int16))
     amplified = np.clip(diff * AMPLIFY, 0, 255).astype(np.uint8)
     height, width = served.shape[:2]
@@ -51,8 +55,7 @@ def comparison(served, expected, title: str):
 def quiet_frameworks() -> None:
     """This run only: no progress bars from diffusers/transformers while the pipeline loads, their
     warnings and Python's deprecation/user warnings off; errors still show."""
-    import warnings
-
+    # heavy: imported only on the way to loading the pipeline (see main)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -64,9 +67,7 @@ def quiet_frameworks() -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.clients.demo", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=HelpFormatter)
+    parser = command_parser("flux2_serving.clients.demo", __doc__)
     parser.add_argument("--repository", default=DEFAULT_REPOSITORY,
                         help="model repository to serve (default %(default)s; make repository writes it)")
     parser.add_argument("--out", default="build/demo", help="folder for the pictures (default %(default)s)")
@@ -81,7 +82,6 @@ def main(argv=None) -> int:
         print(f"error: --repository {repository}: no model repository there (make repository writes one)",
               file=sys.stderr)
         return 2
-    from flux2_serving.server.launch import busy_ports
 
     ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
     busy = busy_ports(ports)
@@ -93,15 +93,11 @@ def main(argv=None) -> int:
     if not args.verbose:
         quiet_frameworks()
 
-    import numpy as np
+    # torch and diffusers (through export.loading): heavy, imported once the options are checked and the
+    # frameworks quieted, so --help and a port in use answer at once.
     import torch
-    from PIL import Image
 
-    from flux2_serving.clients.api import Flux2Client
-    from flux2_serving.contract.manifest import read as read_manifest
-    from flux2_serving.devtools.pictures import synthetic_reference
     from flux2_serving.export.loading import DTYPES, load_pipeline
-    from flux2_serving.server.launch import running
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

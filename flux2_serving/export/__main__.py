@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from ..contract.cli_help import HelpFormatter
+from ..contract.graphs import COMPONENTS
+from ..contract.manifest import Manifest
+from ..contract.manifest import write as write_manifest
 
 DESCRIPTION = """\
 Export FLUX.2 [klein] KV (diffusers Flux2KleinKVPipeline layout) to ONNX: one graph per
@@ -35,8 +40,6 @@ examples:
 
 
 def main(argv=None) -> int:
-    from ..contract.graphs import COMPONENTS
-
     parser = argparse.ArgumentParser(
         prog="python -m flux2_serving.export", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=HelpFormatter,
@@ -65,8 +68,8 @@ def main(argv=None) -> int:
     if not args.verbose:
         quiet_frameworks()
 
-    from ..contract.manifest import Manifest
-    from ..contract.manifest import write as write_manifest
+    # torch, diffusers and transformers (through .loading, .onnx_export and .trt_compat's onnx) are
+    # imported after the options are read and the frameworks quieted: --help answers without them.
     from .loading import read_model_dims
 
     out = Path(args.out)
@@ -106,9 +109,7 @@ def quiet_frameworks() -> None:
     that torchvision is absent and that dynamic axes share constraints, onnxscript's constant folding
     that it cannot fold an empty reshape (the graph keeps the node), copyreg's pytree deprecation.
     Errors still show; so do download progress bars (a 9B checkpoint takes a while to fetch)."""
-    import logging
-    import warnings
-
+    # heavy: imported only on the way to an export (see main)
     import huggingface_hub.utils
     import torch  # noqa: F401 - imported first: its logging set-up would reset the level set below
     from diffusers.utils import logging as diffusers_logging

@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
+from transformers import AutoTokenizer
 
 from ..contract.interface import DEFAULT_OUTPUTS, INPUTS, Limits
 from ..contract.manifest import read as read_manifest
@@ -54,9 +57,6 @@ class ComponentError(RuntimeError):
 
 class TritonPythonModel:
     def initialize(self, args):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        from transformers import AutoTokenizer
-
         _, params = model_config(args)
         here = Path(args["model_repository"]) / args["model_version"]
         self.limits = Limits.from_parameters(params)
@@ -227,7 +227,7 @@ def png_encoder(name: str):
     ("pillow:N", Pillow's default is 6). Without fpng installed (it ships x86-64 wheels only),
     Pillow at level 1. Lossless either way: the pixels are the `images` output's."""
     if name == "fpng":
-        try:
+        try:  # optional: x86-64 wheels only
             import fpng
 
             return fpng.from_ndarray
@@ -241,8 +241,6 @@ def png_encoder(name: str):
 
 
 def _pillow_png(image: np.ndarray, level: int) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=level)
     return buffer.getvalue()

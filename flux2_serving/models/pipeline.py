@@ -34,6 +34,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+from diffusers.pipelines.flux2.pipeline_flux2_klein_kv import compute_empirical_mu, retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..contract.interface import Limits
 from ..contract.names import CACHE_MODEL, cached_name
@@ -138,9 +142,6 @@ class ServedPipeline:
     def __init__(self, run: Run, tokenizer, scheduler_config: dict, dims: dict, dtype: torch.dtype, limits: Limits,
                  device: torch.device, max_sequence_length: int, model_identity: str, cache_entries: int,
                  use_reference_cache: bool = True):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
-
         self.run, self.tokenizer, self.limits = run, tokenizer, limits
         # One scheduler, reset by set_timesteps for every request (from_config per request costs more).
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
@@ -161,9 +162,6 @@ class ServedPipeline:
     def __call__(self, req: GenerationRequest, clock: StageClock | None = None,
                  should_stop: Callable[[], str | None] | None = None) -> Generated:
         """`should_stop()` -> None to go on, or why to stop (raises Interrupted before the next component call)."""
-        from diffusers.pipelines.flux2.pipeline_flux2_klein_kv import compute_empirical_mu, retrieve_timesteps
-        from diffusers.utils.torch_utils import randn_tensor
-
         # One request at a time per instance (a Triton Python-backend instance executes sequentially).
         self.clock = clock = clock or StageClock()
         self.should_stop = should_stop or (lambda: None)

@@ -12,7 +12,6 @@ nginx: the one on PATH, else Debian's `nginx` package unpacked into build/tools/
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import pwd
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flux2_serving import CHECKOUT
-from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.cli_help import command_parser
 from flux2_serving.contract.names import ROUTING_HEADER
 from flux2_serving.devtools.debian import PackageUnavailable, unpack_debian_package
 from flux2_serving.server.launch import free_port
@@ -134,9 +133,7 @@ def running_gateway(replicas: list[Replica], prefix, policy: str = "affinity", h
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.server.gateway",
-                                     description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=HelpFormatter)
+    parser = command_parser("flux2_serving.server.gateway", __doc__)
     parser.add_argument("--replica", action="append", required=True, metavar="HOST:HTTP_PORT:GRPC_PORT",
                         help="a Triton replica (repeat for each), e.g. 127.0.0.1:8000:8001")
     parser.add_argument("--http-port", type=int, default=8080, help="gateway HTTP port")

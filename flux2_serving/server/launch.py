@@ -20,13 +20,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +40,12 @@ from flux2_serving import CHECKOUT
 from flux2_serving.contract import security
 from flux2_serving.contract.cli_help import HelpFormatter
 from flux2_serving.contract.names import BLS_MODEL
+from flux2_serving.server.watchdog import Watchdog
 
 
 def bundled_server() -> Path:
     """The tritonserver folder of the nvidia-pytriton wheel, or $FLUX2_TRITONSERVER_DIR (the same
     layout, unpacked from build/gpu_bundle on a machine without the wheel)."""
-    import importlib.util
-
     if os.environ.get("FLUX2_TRITONSERVER_DIR"):
         return Path(os.environ["FLUX2_TRITONSERVER_DIR"])
     spec = importlib.util.find_spec("pytriton")  # locate without importing (its __init__ needs more deps)
@@ -80,8 +85,6 @@ def prepare_backends(target: Path) -> Path:
 def stub_python(stub: Path) -> str | None:
     """The Python version a Python-backend stub was built for: the libpython3.X it links ('3.12'),
     read from the binary (no loader involved); None if it names none."""
-    import re
-
     names = set(re.findall(rb"libpython(3\.\d+)\.so", Path(stub).read_bytes()))
     return names.pop().decode() if len(names) == 1 else None
 
@@ -122,8 +125,6 @@ STOP_TIMEOUT_S = EXIT_TIMEOUT_S + 15  # then the process group is killed (a hung
 def bls_parameter(repository: Path, key: str) -> str | None:
     """A string parameter of the BLS's config.pbtxt in `repository` (None if absent), read as text:
     the launcher runs before any Triton package is imported."""
-    import re
-
     config = Path(repository) / BLS_MODEL / "config.pbtxt"
     if not config.exists():
         return None
@@ -158,9 +159,6 @@ def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
     """Poll Triton's /v2/health/ready (plain HTTP: no client library needed)."""
-    import urllib.error
-    import urllib.request
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -177,8 +175,6 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> Non
 
 def free_port() -> int:
     """A port free on loopback now (for servers started next to others: tests, perf, bench)."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -191,8 +187,6 @@ def free_ports() -> dict[str, int]:
 def busy_ports(ports: dict[str, int], address: str = "127.0.0.1") -> list[str]:
     """'HTTP 8000'-style names of the `ports` ({"http": 8000, ...}) that something already listens on
     at `address`, checked as tritonserver binds them (SO_REUSEADDR: a port in TIME_WAIT is free)."""
-    import socket
-
     busy = []
     for name, port in ports.items():
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -357,8 +351,6 @@ def running(repository, ports: dict | None = None, log_file=None, watchdog: floa
     each probe waiting at most `watchdog_timeout` s, with the canary every `canary_every` rounds (0:
     never). `admin_key`: default, a random one, known only to the returned Running (tests, the
     watchdog thread)."""
-    import threading
-
     ports = ports or free_ports()
     explicit = watchdog is not None
     admin_key = admin_key or security.unknowable_key()
@@ -368,8 +360,6 @@ def running(repository, ports: dict | None = None, log_file=None, watchdog: floa
                      Path(log_file) if log_file else None, Path(repository), explicit, admin_key)
     done = threading.Event()
     if watchdog is not None:
-        from flux2_serving.server.watchdog import Watchdog
-
         server.watchdog = Watchdog(server.http, admin_key, probe_timeout=watchdog_timeout)
         threading.Thread(target=server.watchdog.watch, args=(watchdog, canary_every, done), daemon=True).start()
     try:
@@ -440,9 +430,6 @@ def main(argv=None) -> int:
         process = start(args.repository, args.http_port, args.grpc_port, args.metrics_port, log_file=log_file,
                         explicit=args.watchdog is not None, admin_key=admin_key, address=args.address)
         if args.watchdog is not None:
-            import threading
-
-            from flux2_serving.server.watchdog import Watchdog
 
             dog = Watchdog(f"{_reachable(args.address)}:{args.http_port}", admin_key)
             threading.Thread(target=dog.watch, args=(args.watchdog, 6), daemon=True).start()

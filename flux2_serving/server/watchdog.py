@@ -25,7 +25,6 @@ restarted. Standard library and Pillow only: it runs in the serving image (/opt/
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import re
@@ -40,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 
 from flux2_serving.contract import security
+from flux2_serving.contract.cli_help import command_parser
 from flux2_serving.contract.names import BLS_MODEL as BLS
 from flux2_serving.contract.names import CACHE_MODEL as CACHE
 from flux2_serving.contract.names import QUEUE_FULL, QUEUE_TIMEOUT
@@ -257,9 +257,7 @@ def log(message: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.server.watchdog",
-                                     description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("flux2_serving.server.watchdog", __doc__)
     parser.add_argument("--url", default="127.0.0.1:8000", help="Triton's HTTP address (default %(default)s)")
     parser.add_argument("--interval", type=float, default=10, help="seconds between probes (default %(default)s)")
     parser.add_argument("--canary-every", type=int, default=6,

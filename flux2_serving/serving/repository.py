@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from flux2_serving import CHECKOUT
 from flux2_serving.contract import interface
-from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.cli_help import command_parser
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE, GPU_BLS_INSTANCES, ServingEnvelope
 from flux2_serving.contract.manifest import Manifest
 from flux2_serving.contract.manifest import read as read_manifest
@@ -191,9 +190,7 @@ def _local_checkpoint(checkpoint: str, weights: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.serving.repository",
-                                     description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=HelpFormatter)
+    parser = command_parser("flux2_serving.serving.repository", __doc__)
     parser.add_argument("--onnx-dir", required=True,
                         help="output of `python -m flux2_serving.export` (has manifest.json)")
     parser.add_argument("--model", "--checkpoint", dest="checkpoint", default=None,
