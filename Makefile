@@ -24,6 +24,9 @@ ENGINE_PYTHON ?= python3
 # Host GPU for the docker-* targets; CUDA_POOL_BYTES overrides the serving image's pool size (its
 # default is what python -m flux2_serving.export.memory_plan prints for the shipped envelope).
 GPU ?= 0
+# make memory-plan: the card's memory (the tier made for it is picked) or a tier by name (contract/tiers.py).
+GPU_GIB ?= 80
+TIER ?=
 CUDA_POOL_BYTES ?=
 RELEASE := 25.10
 # Changing these re-exports (graph layouts are part of the serving contract).
@@ -50,7 +53,8 @@ help:
 	@echo "                      HTTP_PORT, GRPC_PORT, METRICS_PORT; the admin"
 	@echo "                      APIs need \$$FLUX2_ADMIN_KEY (passed through when set; else closed)"
 	@echo "make engines-dry-run  print the TensorRT optimization profiles without building"
-	@echo "make memory-plan      GPU memory of the served klein 9B (bf16, 80 GiB): weights, profile-max I/O,"
+	@echo "make memory-plan      GPU memory of the served klein 9B on GPU_GIB=80 (the tier made for that card:"
+	@echo "                      80gb-bf16, 48gb-fp8, 32gb-fp8, or TIER=...): weights, profile-max I/O,"
 	@echo "                      activations, BLS, cache; fails when under 15% headroom"
 	@echo "make demo             setup, tiny checkpoint, export, repository, tritonserver, a text-to-image"
 	@echo "                      and a 2-reference edit over gRPC -> build/demo/*.png, server stopped"
@@ -140,7 +144,7 @@ docker-serving:
 		flux2-klein-kv-serving:$(RELEASE)
 
 memory-plan: setup
-	$(BIN)/python -m flux2_serving.export.memory_plan --dtype bf16 --gpu-gib 80
+	$(BIN)/python -m flux2_serving.export.memory_plan --dtype bf16 --gpu-gib $(GPU_GIB) $(if $(TIER),--tier $(TIER))
 
 demo: repository
 	$(BIN)/python -m flux2_serving.clients.demo --repository $(REPO) --out build/demo $(PORTS) $(if $(VERBOSE),--verbose)

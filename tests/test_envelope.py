@@ -191,10 +191,13 @@ def test_serving_image_pool_is_the_plans(size_9b):
     assert pool == memory_plan.GPU_BLS_INSTANCES * per_instance
 
 
-def test_memory_plan_cli_prints_the_table_and_fails_on_48_gb():
+def test_memory_plan_cli_prints_the_table_and_todays_engines_fail_on_48_gb():
     run = [sys.executable, "-m", "flux2_serving.export.memory_plan"]
     ok = subprocess.run([*run, "--dtype", "bf16", "--gpu-gib", "80"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "| **total** |" in ok.stdout and ": fits" in ok.stdout and "--cuda-memory-pool-byte-size" in ok.stdout
-    small = subprocess.run([*run, "--gpu-gib", "48"], capture_output=True, text=True)
+    assert "tier: 80gb-bf16" in ok.stdout
+    small = subprocess.run([*run, "--tier", "80gb-bf16", "--gpu-gib", "48"], capture_output=True, text=True)
     assert small.returncode == 1 and "DOES NOT FIT" in small.stdout
+    (shortfall,) = [line for line in small.stdout.splitlines() if line.startswith("shortfall:")]
+    assert "the plan needs 62.46 GiB" in shortfall and "leaves 40.80" in shortfall

@@ -38,7 +38,7 @@ MODEL_DTYPE = "model"  # the export dtype (fp32, bf16 or fp16)
 # Hidden states of the text encoder that the pipeline stacks into prompt_embeds (hence 3 * hidden); the
 # export keeps the layers up to the last of them and drops the rest.
 TEXT_LAYERS = (9, 18, 27)
-BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "int64": 8}
+BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int64": 8}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..contract.cli_help import command_parser
@@ -38,6 +38,7 @@ from ..contract.envelope import (
 from ..contract.graphs import COMPONENTS, GRAPHS
 from ..contract.names import CACHE_MODEL
 from ..contract.specs import BYTES_PER_ELEMENT, TEXT_LAYERS, graph_specs, model_dims
+from ..contract.tiers import BY_NAME, MemoryTier, tier_for
 from .build_engines import RECORD
 from .checkpoint import KLEIN_9B_TEXT_ENCODER, KLEIN_9B_TRANSFORMER
 
@@ -47,7 +48,8 @@ CUDA_CONTEXT_GIB = 0.5  # per process that initialises CUDA (estimate for an H10
 EXAMPLES = """\
 examples:
   python -m flux2_serving.export.memory_plan                           # klein 9B, bf16, 80 GiB, the shipped envelope
-  python -m flux2_serving.export.memory_plan --gpu-gib 48              # does it fit a 48 GB card? (exit 1 if not)
+  python -m flux2_serving.export.memory_plan --gpu-gib 48              # the tier made for a 48 GB card, and its plan
+  python -m flux2_serving.export.memory_plan --tier 80gb-bf16 --gpu-gib 48  # today's engines on 48 GB (exit 1)
   python -m flux2_serving.export.memory_plan --reference-tokens 16384  # 4 references of 1024x1024: what it costs
   python -m flux2_serving.export.memory_plan --model checkpoints/tiny --dtype fp32
 """
@@ -61,10 +63,19 @@ class ModelSize:
     mlp_hidden: int
     text_intermediate: int
     vae_channels: int  # widest channel count at full resolution
+    # component -> weights of the linear layers in its blocks: what an FP8 (E4M3) recipe quantizes;
+    # embedders, norms, modulation and the output projection stay bf16 (tiers.MemoryTier.weights)
+    fp8_params: dict = field(default_factory=dict)
 
 
 def _count(module) -> int:
     return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers())
+
+
+def _linear_weights(blocks, linear: type) -> int:
+    """Weights of the `linear` (torch.nn.Linear) layers inside `blocks`, counted once each."""
+    linears = {id(m): m for block in blocks for m in block.modules() if isinstance(m, linear)}
+    return sum(m.weight.numel() for m in linears.values())
 
 
 def model_size(model: str | None) -> ModelSize:
@@ -103,8 +114,13 @@ def model_size(model: str | None) -> ModelSize:
     params = {"text_encoder": _count(text) - _count(text.norm), "vae_encoder": encoder,
               "transformer_prefill": prefill_params, "transformer_cached": transformer_params,
               "vae_decoder": decoder}
+    prefill = reference_stream_only(transformer)
+    blocks = {"text_encoder": text.layers,
+              "transformer_prefill": [*prefill.transformer_blocks, *prefill.single_transformer_blocks],
+              "transformer_cached": [*transformer.transformer_blocks, *transformer.single_transformer_blocks]}
+    fp8 = {name: _linear_weights(modules, torch.nn.Linear) for name, modules in blocks.items()}
     return ModelSize(dims, params, int(cfg.num_attention_heads * cfg.attention_head_dim * cfg.mlp_ratio),
-                     text_config.intermediate_size, vae.config.block_out_channels[0])
+                     text_config.intermediate_size, vae.config.block_out_channels[0], fp8)
 
 
 def _bytes(shape, dtype: str) -> int:
@@ -179,17 +195,34 @@ def built_records(engines_dir) -> dict:
     return json.loads(path.read_text()) if path and path.exists() else {}
 
 
+def weight_bytes(size: ModelSize, name: str, precision: str) -> int:
+    """One engine's weights: all in `precision`, or for "fp8" its blocks' linear weights in FP8 and the
+    rest in bf16."""
+    if precision != "fp8":
+        return size.params[name] * BYTES_PER_ELEMENT[precision]
+    quantized = size.fp8_params[name]
+    return quantized * BYTES_PER_ELEMENT["fp8"] + (size.params[name] - quantized) * BYTES_PER_ELEMENT["bf16"]
+
+
 def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, bls_instances: int,
-         instances: int = 1, built: dict | None = None) -> list[tuple[str, str, int]]:
+         instances: int = 1, built: dict | None = None, tier: MemoryTier | None = None) -> list[tuple[str, str, int]]:
     """Rows (what, component or '-', bytes). `instances` per engine multiplies weights too: Triton's
     tensorrt_backend shares one deserialized engine between the instances on a device only when no
     input or output has a dynamic dimension (model_state.cc), and every engine here has some.
-    `built`: build records (built_records); an engine's recorded context memory replaces its estimate."""
+    `built`: build records (built_records); an engine's recorded context memory replaces its estimate.
+    `tier` (tiers.MemoryTier): each engine's weight precision, streamed engines (their budget on the GPU,
+    the rest in host memory) and the cache in host memory; without one every weight is in `dtype`."""
     built = built or {}
     specs = graph_specs(size.dims)
     rows = []
     for name in COMPONENTS:  # every instance of a dynamic-shape engine holds its own copy (see plan's docstring)
-        rows.append(("weights", name, instances * size.params[name] * BYTES_PER_ELEMENT[dtype]))
+        precision = tier.weights[name] if tier else dtype
+        if tier and name in tier.streamed:
+            rows.append((f"weights ({precision}, streamed: budget on the GPU)", name,
+                         instances * int(tier.stream_budget_gib * GIB)))
+        else:
+            rows.append((f"weights ({precision})" if tier else "weights", name,
+                         instances * weight_bytes(size, name, precision)))
     for name in COMPONENTS:
         rows.append(("I/O buffers at profile max", name, instances * io_bytes(specs[name], dtype, envelope)))
     for name in COMPONENTS:  # Triton makes one context per profile (tensorrt_backend instance_state.cc)
@@ -200,13 +233,17 @@ def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, bls_instances: 
             rows.append(("activations (estimate)", name, contexts * activation_bytes(name, size, dtype, envelope)))
     rows.append(("BLS transfers (CUDA memory pool)", f"{bls_instances} BLS",
                  bls_instances * bls_transfer_bytes(size.dims, dtype, envelope)))
-    rows.append(("reference K/V cache budget", CACHE_MODEL, envelope.reference_cache_bytes))
+    if tier and tier.cache_on_host:
+        rows.append(("reference K/V cache (in host memory)", CACHE_MODEL, 0))
+    else:
+        rows.append(("reference K/V cache budget", CACHE_MODEL, envelope.reference_cache_bytes))
     processes = 1 + bls_instances + 1  # tritonserver, the BLS instances, the cache
     rows.append(("CUDA contexts (estimate)", f"{processes} processes", int(processes * CUDA_CONTEXT_GIB * GIB)))
     return rows
 
 
-def render(rows, gpu_gib: float, headroom: float, size: ModelSize, dtype: str, envelope: ServingEnvelope) -> str:
+def render(rows, gpu_gib: float, headroom: float, size: ModelSize, dtype: str, envelope: ServingEnvelope,
+           label: str = "") -> str:
     total = total_bytes(rows)
     budget = gpu_gib * GIB
     lines = ["| what | component | GiB |", "|---|---|---:|"]
@@ -215,8 +252,14 @@ def render(rows, gpu_gib: float, headroom: float, size: ModelSize, dtype: str, e
     free = 1 - total / budget
     verdict = "fits" if free >= headroom else "DOES NOT FIT"
     lines.append("")
-    lines.append(f"GPU {gpu_gib:g} GiB, {dtype}: total {total / GIB:.2f} GiB, headroom {free:.1%} "
+    lines.append(f"GPU {gpu_gib:g} GiB, {label or dtype}: total {total / GIB:.2f} GiB, headroom {free:.1%} "
                  f"(required {headroom:.0%}): {verdict}")
+    if free < headroom:
+        usable = budget * (1 - headroom)
+        lines.append(f"shortfall: {(total - usable) / GIB:.2f} GiB: the plan needs {total / GIB:.2f} GiB and "
+                     f"{gpu_gib:g} GiB less {headroom:.0%} leaves {usable / GIB:.2f}; largest rows: "
+                     + ", ".join(f"{what} {who} {value / GIB:.2f}" for what, who, value
+                                 in sorted(rows, key=lambda row: -row[2])[:3]))
     graph, tensor, elements = largest_tensor(size, envelope)
     lines.append(f"largest tensor in any profile: {graph}.{tensor}, {elements:,} elements "
                  f"(TensorRT fully supports up to 2^31-1 = {2**31 - 1:,})")
@@ -258,10 +301,14 @@ def main(argv=None) -> int:
                         help="GPU memory in GiB (default %(default)s; an H100 80GB reports ~79.2 to CUDA)")
     parser.add_argument("--headroom", type=float, default=0.15,
                         help="share of the GPU to keep free (default %(default)s)")
-    parser.add_argument("--reference-tokens", type=int, default=DEFAULT_ENVELOPE.reference_tokens[2],
-                        help="max tokens of a request's reference set (default %(default)s = one reference of 1024^2)")
-    parser.add_argument("--reference-cache-bytes", type=int, default=DEFAULT_ENVELOPE.reference_cache_bytes,
-                        help="reference K/V cache budget (default %(default)s, the repository's)")
+    parser.add_argument("--tier", choices=tuple(BY_NAME),
+                        help="memory tier (contract/tiers.py; default: the one made for --gpu-gib; bf16/fp8 "
+                             "engines only, so none with --dtype fp32/fp16)")
+    parser.add_argument("--reference-tokens", type=int, default=None,
+                        help="max tokens of a request's reference set (default: the tier's; 4096 = one reference "
+                             "of 1024^2)")
+    parser.add_argument("--reference-cache-bytes", type=int, default=None,
+                        help="reference K/V cache budget (default: the tier's, the repository's)")
     parser.add_argument("--engines-dir", default=None,
                         help="built engines (their build_record.json): measured context memory replaces estimates")
     parser.add_argument("--instances", type=int, default=1,
@@ -269,15 +316,24 @@ def main(argv=None) -> int:
     parser.add_argument("--bls-instances", type=int, default=GPU_BLS_INSTANCES,
                         help="BLS instances on the GPU (default %(default)s, the repository's default on a GPU)")
     args = parser.parse_args(argv)
-    tokens = DEFAULT_ENVELOPE.reference_tokens
-    envelope = replace(DEFAULT_ENVELOPE, reference_cache_bytes=args.reference_cache_bytes,
-                       reference_tokens=(tokens[0], min(tokens[1], args.reference_tokens), args.reference_tokens))
+    tier = (BY_NAME[args.tier] if args.tier else tier_for(args.gpu_gib)) if args.dtype == "bf16" else None
+    envelope = tier.envelope if tier else DEFAULT_ENVELOPE
+    if args.reference_cache_bytes is not None:
+        envelope = replace(envelope, reference_cache_bytes=args.reference_cache_bytes)
+    if args.reference_tokens is not None:
+        tokens = envelope.reference_tokens
+        envelope = replace(envelope, reference_tokens=(tokens[0], min(tokens[1], args.reference_tokens),
+                                                       args.reference_tokens))
     size = model_size(args.model)
-    rows = plan(size, args.dtype, envelope, args.bls_instances, args.instances, built_records(args.engines_dir))
+    rows = plan(size, args.dtype, envelope, args.bls_instances, args.instances, built_records(args.engines_dir), tier)
+    if tier:
+        print(f"tier: {tier.name}, made for {tier.gpu_gib:g} GB cards ({tier.cards}): {tier.tradeoffs}"
+              + ("; PLANNED: FP8 engines are not exported yet" if "fp8" in tier.weights.values() else "")
+              + ("; PLANNED: weight streaming is not written yet" if tier.streamed else ""))
     print(f"model: {args.model or 'klein 9B (dims of black-forest-labs/FLUX.2-klein-9b-kv)'}; envelope: output "
           f"{envelope.output_side[0]}-{envelope.output_side[2]} px, up to {envelope.reference_tokens[2]} reference "
           f"tokens, {envelope.max_num_images_per_prompt} images per request, engine batches {envelope.engine_batch}")
-    print(render(rows, args.gpu_gib, args.headroom, size, args.dtype, envelope))
+    print(render(rows, args.gpu_gib, args.headroom, size, args.dtype, envelope, f"tier {tier.name}" if tier else ""))
     return 0 if 1 - total_bytes(rows) / (args.gpu_gib * GIB) >= args.headroom else 1
 
 

@@ -1,0 +1,74 @@
+"""Memory tiers (contract/tiers.py): the plan of each card class, from the 9B model's parameters counted
+on the meta device. The FP8 engines and weight streaming are planned, not built: these are plans."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.contract.tiers import BY_NAME, FP8_ENGINES, tier_for
+from flux2_serving.export import memory_plan
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def size_9b():
+    return memory_plan.model_size(None)
+
+
+def _free(size, tier) -> float:
+    rows = memory_plan.plan(size, "bf16", tier.envelope, memory_plan.GPU_BLS_INSTANCES, tier=tier)
+    return 1 - memory_plan.total_bytes(rows) / (tier.gpu_gib * GIB)
+
+
+def test_each_card_gets_the_tier_made_for_it():
+    assert [tier_for(gib).name for gib in (80, 79.2, 48, 47.5, 32, 31.4, 24)] == [
+        "80gb-bf16", "48gb-fp8", "48gb-fp8", "32gb-fp8", "32gb-fp8", "32gb-fp8", "32gb-fp8"]
+
+
+def test_the_80_gb_tier_is_todays_plan(size_9b):
+    tier = BY_NAME["80gb-bf16"]
+    with_tier = memory_plan.plan(size_9b, "bf16", tier.envelope, 1, tier=tier)
+    without = memory_plan.plan(size_9b, "bf16", DEFAULT_ENVELOPE, 1)
+    assert [row[2] for row in with_tier] == [row[2] for row in without]
+
+
+def test_fp8_counts_the_blocks_linear_weights_in_one_byte(size_9b):
+    for name in FP8_ENGINES:
+        bf16 = memory_plan.weight_bytes(size_9b, name, "bf16")
+        fp8 = memory_plan.weight_bytes(size_9b, name, "fp8")
+        # Most of each engine is its blocks' linear layers; embeddings (the text encoder's token embedding:
+        # 0.6B of its 5.8B), norms and modulation stay bf16.
+        assert 0.85 * size_9b.params[name] < size_9b.fp8_params[name] < size_9b.params[name]
+        assert fp8 == bf16 - size_9b.fp8_params[name]
+
+
+@pytest.mark.parametrize("name", ["80gb-bf16", "48gb-fp8", "32gb-fp8"])
+def test_every_tier_fits_its_card_with_15_percent_headroom(size_9b, name):
+    assert _free(size_9b, BY_NAME[name]) >= 0.15
+
+
+def test_the_48_gb_tier_needs_fp8_and_the_cache_in_host_memory(size_9b):
+    tier = BY_NAME["48gb-fp8"]
+    bf16 = memory_plan.plan(size_9b, "bf16", tier.envelope, 1, tier=BY_NAME["80gb-bf16"])
+    assert 1 - memory_plan.total_bytes(bf16) / (48 * GIB) < 0  # today's engines do not even fit
+    rows = memory_plan.plan(size_9b, "bf16", tier.envelope, 1, tier=tier)
+    cache = next(row for row in rows if row[1] == "reference_kv_cache")
+    assert cache == ("reference K/V cache (in host memory)", "reference_kv_cache", 0)
+
+
+def test_the_cli_picks_the_tier_says_what_is_planned_and_states_a_shortfall_in_one_line():
+    run = [sys.executable, "-m", "flux2_serving.export.memory_plan"]
+    for gib, tier in ((48, "48gb-fp8"), (32, "32gb-fp8")):
+        result = subprocess.run([*run, "--gpu-gib", str(gib)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"tier: {tier}" in result.stdout and "PLANNED: FP8 engines are not exported yet" in result.stdout
+        assert f"tier {tier}: total" in result.stdout and ": fits" in result.stdout
+    small = subprocess.run([*run, "--gpu-gib", "24"], capture_output=True, text=True)
+    assert small.returncode == 1 and "tier: 32gb-fp8" in small.stdout and "DOES NOT FIT" in small.stdout
+    (shortfall,) = [line for line in small.stdout.splitlines() if line.startswith("shortfall:")]
+    assert "24 GiB less 15% leaves 20.40" in shortfall
