@@ -24,7 +24,8 @@ ENGINE_PYTHON ?= python3
 # Host GPU for the docker-* targets; CUDA_POOL_BYTES overrides the serving image's pool size (its
 # default is what python -m flux2_serving.export.memory_plan prints for the shipped envelope).
 GPU ?= 0
-# make memory-plan: the card's memory (the tier made for it is picked) or a tier by name (contract/tiers.py).
+# make memory-plan: the card's memory (the tier made for it is picked) or a tier by name (contract/tiers.py);
+# TIER also sets the profiles of make engines and the envelope and cache of make repository.
 GPU_GIB ?= 80
 TIER ?=
 CUDA_POOL_BYTES ?=
@@ -103,7 +104,7 @@ $(ONNX)/manifest.json: $(EXPORT_SOURCES)
 
 repository: setup $(ONNX)/manifest.json
 	$(BIN)/python -m flux2_serving.serving.repository --onnx-dir $(ONNX) --repository $(REPO) \
-		--backend $(BACKEND) --engines-dir $(ENGINES) $(if $(DEVICE),--device $(DEVICE))
+		--backend $(BACKEND) --engines-dir $(ENGINES) $(if $(DEVICE),--device $(DEVICE)) $(if $(TIER),--tier $(TIER))
 
 # Serve what is there: assemble only when REPO has no repository yet (make repository rebuilds it).
 serve: setup
@@ -117,7 +118,7 @@ check: setup
 	$(BIN)/python -m flux2_serving.export.profile_walk $(ONNX)
 
 engines:
-	$(ENGINE_PYTHON) -m flux2_serving.export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES)
+	$(ENGINE_PYTHON) -m flux2_serving.export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES) $(if $(TIER),--tier $(TIER))
 
 # After make engines, with the venv's python (polygraphy, onnxruntime, numpy; torch for bf16 engines) plus the
 # tensorrt that built the plans: without tensorrt, a GPU or plans it runs the onnxruntime half only and says so.
@@ -127,7 +128,8 @@ engine-check: setup
 		$(if $(REFERENCE_ONNX),--reference-onnx-dir $(REFERENCE_ONNX))
 
 engines-dry-run:
-	$(ENGINE_PYTHON) -m flux2_serving.export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES) --dry-run
+	$(ENGINE_PYTHON) -m flux2_serving.export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES) --dry-run \
+		$(if $(TIER),--tier $(TIER))
 
 docker-engines:
 	docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines:$(RELEASE) flux2_serving/

@@ -30,7 +30,7 @@ RUN python3 -c 'import tensorrt; print("TensorRT", tensorrt.__version__)'
 
 WORKDIR /opt/flux2
 COPY __init__.py /opt/flux2/flux2_serving/
-COPY contract/__init__.py contract/cli_help.py contract/envelope.py contract/graphs.py contract/manifest.py contract/specs.py /opt/flux2/flux2_serving/contract/
+COPY contract/__init__.py contract/cli_help.py contract/envelope.py contract/graphs.py contract/manifest.py contract/specs.py contract/tiers.py /opt/flux2/flux2_serving/contract/
 COPY export/__init__.py export/build_engines.py /opt/flux2/flux2_serving/export/
 
 VOLUME /work

@@ -7,10 +7,13 @@ import subprocess
 import sys
 
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.tiers import BY_NAME, FP8_ENGINES, tier_for
 from flux2_serving.export import memory_plan
+from tests.support import one_line_error, run_module
 
 GIB = 2**30
 
@@ -72,3 +75,33 @@ def test_the_cli_picks_the_tier_says_what_is_planned_and_states_a_shortfall_in_o
     assert small.returncode == 1 and "tier: 32gb-fp8" in small.stdout and "DOES NOT FIT" in small.stdout
     (shortfall,) = [line for line in small.stdout.splitlines() if line.startswith("shortfall:")]
     assert "24 GiB less 15% leaves 20.40" in shortfall
+
+
+def test_a_tier_sets_the_engine_profiles(onnx_bf16):
+    result = run_module("flux2_serving.export.build_engines", "--onnx-dir", str(onnx_bf16), "--dry-run",
+                        "--tier", "32gb-fp8")
+    assert result.returncode == 0, result.stderr
+    cached = result.stdout.split("transformer_cached:")[1].split("vae_decoder:")[0]
+    assert "latents         min [1, 16, 16, 128]  opt [1, 64, 64, 128]  max [1, 90, 90, 128]" in cached  # batch 1
+    assert "max [2, 2048," in cached  # reference K/V of at most 2048 tokens
+
+
+def _config(path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_a_tier_sets_the_repository_envelope_and_the_cache_place(onnx_fp32, tiny_checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    result = run_module("flux2_serving.serving.repository", "--onnx-dir", str(onnx_fp32), "--checkpoint",
+                        tiny_checkpoint, "--repository", str(repo), "--tier", "32gb-fp8")
+    assert result.returncode == 0, result.stderr
+    bls = _config(repo / "flux2_klein_kv" / "config.pbtxt").parameters
+    assert bls["max_reference_tokens"].string_value == "2048"
+    assert bls["max_batch_transformer_cached"].string_value == "1"
+    cache = _config(repo / "reference_kv_cache" / "config.pbtxt")
+    assert cache.parameters["device"].string_value == "cpu"  # the cache in host memory
+    assert cache.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "yes"
+    # Streaming needs a TensorRT runtime in the component runner, which does not exist: refused, one line.
+    refused = run_module("flux2_serving.serving.repository", "--onnx-dir", str(onnx_fp32), "--repository",
+                         str(tmp_path / "trt"), "--backend", "tensorrt", "--tier", "32gb-fp8")
+    one_line_error(refused, 2, "tier 32gb-fp8 streams the weights", "not written yet")

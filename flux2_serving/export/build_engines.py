@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 
 from ..contract.cli_help import command_parser
-from ..contract.envelope import DEFAULT_ENVELOPE, engine_profiles
+from ..contract.envelope import DEFAULT_ENVELOPE, ServingEnvelope, engine_profiles
 from ..contract.graphs import COMPONENTS
 from ..contract.manifest import MissingManifest
 from ..contract.manifest import read as read_manifest
 from ..contract.specs import GraphSpec
+from ..contract.tiers import BY_NAME as TIERS
 
 WHERE = ("run it on a GPU host with the TensorRT of the serving Triton, e.g. docker/engines.Dockerfile: NVIDIA's "
          "TensorRT container of the release of the serving tritonserver container "
@@ -205,11 +206,11 @@ def build_engine(trt, onnx_path: Path, plan_path: Path, profiles: list[dict], ti
     return record
 
 
-def describe_profiles(specs: dict[str, GraphSpec]) -> str:
+def describe_profiles(specs: dict[str, GraphSpec], envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> str:
     lines = []
     for name, spec in specs.items():
         lines.append(f"{name}:")
-        profiles = engine_profiles(spec, DEFAULT_ENVELOPE)
+        profiles = engine_profiles(spec, envelope)
         for index, shapes in enumerate(profiles):
             if len(profiles) > 1:
                 lines.append(f" profile {index} of {len(profiles)}:")
@@ -229,15 +230,20 @@ def main(argv=None) -> int:
     parser.add_argument("--timing-cache", default=None,
                         help=f"timing cache file (default OUT/{timing_cache_name('<trt>', '<sm>')})")
     parser.add_argument("--dry-run", action="store_true", help="print the profiles and engine names; build nothing")
+    parser.add_argument("--tier", choices=tuple(TIERS), default=None,
+                        help="memory tier whose envelope sets the profiles (contract/tiers.py; default: the "
+                             "shipped envelope, the 80gb-bf16 tier's). The FP8 tiers need FP8 graphs, not "
+                             "exported yet")
     args = parser.parse_args(argv)
+    envelope = TIERS[args.tier].envelope if args.tier else DEFAULT_ENVELOPE
 
     onnx_dir, out = Path(args.onnx_dir), Path(args.out)
     try:
         manifest = read_manifest(onnx_dir)
         names = args.components or list(manifest.paths)
         specs = {n: manifest.specs[n] for n in names}
-        print(f"serving envelope: {DEFAULT_ENVELOPE}")
-        print(describe_profiles(specs))
+        print(f"serving envelope{f' of tier {args.tier}' if args.tier else ''}: {envelope}")
+        print(describe_profiles(specs, envelope))
         if args.dry_run:
             for name in names:
                 print(f"would build {out / engine_name(name, '<trt>', '<sm>')} from {onnx_dir / manifest.paths[name]}")
@@ -257,7 +263,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         try:
             record = build_engine(trt, onnx_dir / manifest.paths[name], plan,
-                                  engine_profiles(specs[name], DEFAULT_ENVELOPE), timing_cache, sm, print)
+                                  engine_profiles(specs[name], envelope), timing_cache, sm, print)
             update_record(out, name, record)
         except TimingCacheRejected as exc:
             print(f"error: {exc}", file=sys.stderr)

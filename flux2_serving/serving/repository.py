@@ -28,6 +28,7 @@ from flux2_serving.contract.manifest import read as read_manifest
 from flux2_serving.contract.manifest import write as write_manifest
 from flux2_serving.contract.names import BLS_MODEL as BLS
 from flux2_serving.contract.names import CACHE_MODEL as CACHE
+from flux2_serving.contract.tiers import BY_NAME as TIERS
 from flux2_serving.export.memory_plan import bls_transfer_bytes
 
 from . import triton_config
@@ -78,11 +79,12 @@ def default_device(backend: str) -> str:
 
 def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="onnxruntime", engines_dir=None,
              device=None, bls_instances=None, threads=1, envelope: ServingEnvelope = DEFAULT_ENVELOPE,
-             bls_parameters: dict | None = None) -> Path:
+             bls_parameters: dict | None = None, cache_device: str | None = None) -> Path:
     """Write the repository to `out`. Tokenizer and scheduler come from the model recorded in the
     export's manifest; `checkpoint`, if given, must be that model (a local copy of it is fine).
     `envelope` sets every limit, the text length, the BLS's queue and the cache budget;
-    `bls_parameters` override the BLS's config parameters (triton_config.BLS_PARAMETERS)."""
+    `bls_parameters` override the BLS's config parameters (triton_config.BLS_PARAMETERS); `cache_device`:
+    where the reference K/V cache holds its entries (default: the BLS's device; "cpu": host memory)."""
     onnx_dir, out = Path(onnx_dir), Path(out)
     device = device or default_device(backend)
     bls_instances = bls_instances or default_bls_instances(device)
@@ -132,7 +134,7 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
     (out / BLS / "config.pbtxt").write_text(bls_config(device, bls_instances, envelope, parameters))
     _model_folder(CACHE, out)
     (out / CACHE / "config.pbtxt").write_text(
-        cache_config(device, manifest.dtype, manifest.dims, envelope))
+        cache_config(cache_device or device, manifest.dtype, manifest.dims, envelope))
     return out
 
 
@@ -208,18 +210,34 @@ def main(argv=None) -> int:
     parser.add_argument("--bls-instances", type=int, default=None,
                         help="BLS instances, i.e. requests in flight (default: 1 on a GPU, see the GPU memory plan; "
                              "2 on the CPU)")
-    parser.add_argument("--bls-max-queue", type=int, default=DEFAULT_ENVELOPE.bls_max_queue,
+    parser.add_argument("--tier", choices=tuple(TIERS), default=None,
+                        help="memory tier (contract/tiers.py): its envelope and where the reference cache lives "
+                             "(default: the shipped envelope, the 80gb-bf16 tier's)")
+    parser.add_argument("--bls-max-queue", type=int, default=None,
                         help="requests that may wait for the BLS; beyond them Triton answers UNAVAILABLE at once")
-    parser.add_argument("--bls-queue-timeout", type=float, default=DEFAULT_ENVELOPE.bls_queue_timeout_s,
+    parser.add_argument("--bls-queue-timeout", type=float, default=None,
                         metavar="SECONDS", help="longest wait in the BLS's queue (then UNAVAILABLE)")
-    parser.add_argument("--reference-cache-bytes", type=int, default=DEFAULT_ENVELOPE.reference_cache_bytes,
-                        help="byte budget of the shared reference K/V cache (default %(default)s = 4 GiB; 0 disables)")
+    parser.add_argument("--reference-cache-bytes", type=int, default=None,
+                        help=f"byte budget of the shared reference K/V cache (default: the envelope's, "
+                             f"{DEFAULT_ENVELOPE.reference_cache_bytes} = 4 GiB; 0 disables)")
     args = parser.parse_args(argv)
+    tier = TIERS[args.tier] if args.tier else None
+    overrides = {key: value for key, value in (("reference_cache_bytes", args.reference_cache_bytes),
+                                               ("bls_max_queue", args.bls_max_queue),
+                                               ("bls_queue_timeout_s", args.bls_queue_timeout)) if value is not None}
+    envelope = replace(tier.envelope if tier else DEFAULT_ENVELOPE, **overrides)
+    if tier and tier.streamed and args.backend == "tensorrt":
+        print(f"error: tier {tier.name} streams the weights of {', '.join(tier.streamed)}, which needs a TensorRT "
+              "runtime in the component runner that is not written yet (docs/runbook.md, memory tiers)",
+              file=sys.stderr)
+        return 2
+    if tier and "fp8" in tier.weights.values() and args.backend == "tensorrt":
+        print(f"note: tier {tier.name} expects FP8 engines, which are not exported yet: the plans linked are "
+              f"whatever {args.engines_dir} holds", file=sys.stderr)
     try:
         out = assemble(args.onnx_dir, args.checkpoint, args.out, args.backend, args.engines_dir, args.device,
-                       args.bls_instances, envelope=replace(
-                           DEFAULT_ENVELOPE, reference_cache_bytes=args.reference_cache_bytes,
-                           bls_max_queue=args.bls_max_queue, bls_queue_timeout_s=args.bls_queue_timeout))
+                       args.bls_instances, envelope=envelope,
+                       cache_device="cpu" if tier and tier.cache_on_host else None)
     except SystemExit as exc:  # a bad local input: one line, status 2
         if not isinstance(exc.code, str):
             raise
