@@ -39,18 +39,13 @@ PROTOCOL_NAMES = {"grpc": "gRPC", "http": "HTTP"}
 # replica, whose reference K/V cache then holds it. Absent for text-to-image.
 
 
-def public_inputs():
-    """The served model's public inputs, as its BLS declares them (contract/interface.py)."""
-    return PUBLIC_INPUTS
-
-
 def _scalar_types() -> dict:
     """name -> (numpy type, Triton wire type) of the scalar inputs, from the served model's declaration."""
     # tritonclient is imported where it is used throughout this module: its gRPC and HTTP halves need
     # different extras (grpcio / geventhttpclient), and a service installs the one it speaks.
     from tritonclient.utils import triton_to_np_dtype
 
-    return {f.name: (triton_to_np_dtype(f.datatype), f.datatype) for f in public_inputs() if f.datatype != "BYTES"}
+    return {f.name: (triton_to_np_dtype(f.datatype), f.datatype) for f in PUBLIC_INPUTS if f.datatype != "BYTES"}
 
 
 SCALAR_TYPES = _scalar_types()
@@ -217,17 +212,17 @@ STALE_REPOSITORY_HINT = (" (the served model repository was assembled before thi
 
 
 def _error(exc) -> Flux2Error:
-    status = exc.status() if hasattr(exc, "status") else None
+    status = str(exc.status()) if hasattr(exc, "status") and exc.status() is not None else None
     message = " ".join(str(exc.message() if hasattr(exc, "message") else exc).split())
     if "unexpected inference output" in message:
-        return Flux2Error(message + STALE_REPOSITORY_HINT, None if status is None else str(status))
+        return Flux2Error(message + STALE_REPOSITORY_HINT, status)
     if any(text in message for text in OVERLOADED_MARKS):
-        return Flux2Error(message + OVERLOADED_HINT, None if status is None else str(status))
-    if (status is not None and any(code in str(status) for code in UNAVAILABLE)) or "RST_STREAM" in message:
+        return Flux2Error(message + OVERLOADED_HINT, status)
+    if (status is not None and any(code in status for code in UNAVAILABLE)) or "RST_STREAM" in message:
         if "<html" in message:  # a gateway's error page, not Triton's JSON
             message = f"HTTP {status} from the gateway"
         message += UNAVAILABLE_HINT
-    return Flux2Error(message, None if status is None else str(status))
+    return Flux2Error(message, status)
 
 
 def _arguments(prompt, images, options: dict) -> dict:

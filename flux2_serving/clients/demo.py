@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from flux2_serving.contract.cli_help import command_parser
 from flux2_serving.contract.manifest import read as read_manifest
 from flux2_serving.contract.names import BLS_MODEL
 from flux2_serving.devtools.pictures import synthetic_reference
+from flux2_serving.export.quiet import quiet_frameworks
 from flux2_serving.server.launch import busy_ports, running
 
 DEFAULT_REPOSITORY = "build/model_repository"
@@ -50,20 +50,6 @@ def comparison(served, expected, title: str):
         draw.text((x, 8), label, fill=(0, 0, 0))
     draw.text((10, height + 38), title, fill=(0, 0, 0))
     return canvas, diff
-
-
-def quiet_frameworks() -> None:
-    """This run only: no progress bars from diffusers/transformers while the pipeline loads, their
-    warnings and Python's deprecation/user warnings off; errors still show."""
-    # heavy: imported only on the way to loading the pipeline (see main)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for category in (DeprecationWarning, FutureWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category)
-    for library in (diffusers_logging, transformers_logging):
-        library.disable_progress_bar()
-        library.set_verbosity_error()
 
 
 def main(argv=None) -> int:

@@ -188,5 +188,5 @@ def max_shapes(spec, envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> list[dict[
 def binding_max_shapes(spec, envelope: ServingEnvelope = DEFAULT_ENVELOPE) -> dict[str, tuple]:
     """{input and output name: shape} that Triton allocates for each binding at load: the largest over
     the profiles (tensorrt_backend sizes one buffer per tensor for all of an instance's contexts)."""
-    return {name: max((shapes[name] for shapes in max_shapes(spec, envelope)), key=math.prod)
-            for name in max_shapes(spec, envelope)[0]}
+    profiles = max_shapes(spec, envelope)
+    return {name: max((shapes[name] for shapes in profiles), key=math.prod) for name in profiles[0]}

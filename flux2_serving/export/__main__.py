@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from ..contract.cli_help import HelpFormatter
 from ..contract.graphs import COMPONENTS
 from ..contract.manifest import Manifest
 from ..contract.manifest import write as write_manifest
+from .quiet import quiet_frameworks
 
 DESCRIPTION = """\
 Export FLUX.2 [klein] KV (diffusers Flux2KleinKVPipeline layout) to ONNX: one graph per
@@ -101,28 +100,6 @@ def main(argv=None) -> int:
             failed += not report.ok
     print(f"done in {time.perf_counter() - start:.0f} s: {out / 'manifest.json'}")
     return 1 if failed else 0
-
-
-def quiet_frameworks() -> None:
-    """For this run only (an entry point's choice, never a library's): the frameworks' warnings below
-    ERROR and their weight-loading progress bars off. What they say on an export that works: torch.onnx
-    that torchvision is absent and that dynamic axes share constraints, onnxscript's constant folding
-    that it cannot fold an empty reshape (the graph keeps the node), copyreg's pytree deprecation.
-    Errors still show; so do download progress bars (a 9B checkpoint takes a while to fetch)."""
-    # heavy: imported only on the way to an export (see main)
-    import huggingface_hub.utils
-    import torch  # noqa: F401 - imported first: its logging set-up would reset the level set below
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for category in (DeprecationWarning, FutureWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category)
-    for name in ("torch.onnx", "onnxscript", "onnx_ir"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
-    huggingface_hub.utils.enable_progress_bars()  # transformers turned the download bars off with its own
 
 
 def checkpoint_problem(model: str) -> str | None:

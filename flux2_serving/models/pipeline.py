@@ -42,6 +42,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..contract.interface import Limits
 from ..contract.names import CACHE_MODEL, cached_name
 from ..contract.reference_key import encoded_reference_key, reference_key
+from ..contract.specs import kv_names
 from ..export.latent_layout import grid_ids, image_ids, pack_latents, text_ids
 from .request_inputs import GenerationRequest, load_rgb, output_size, preprocess_reference
 
@@ -65,15 +66,19 @@ class Interrupted(Exception):
         self.reason, self.stage = reason, stage
 
 
+def chat_text(tokenizer, prompt: str) -> str:
+    """The prompt in the text encoder's chat template, as the pipeline wraps it before tokenizing."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+
+
 def tokenize(tokenizer, prompts: list[str], max_sequence_length: int):
     """input_ids, attention_mask [B, max_sequence_length], exactly as the pipeline tokenizes.
 
     `Flux2KleinKVPipeline._get_qwen3_prompt_embeds` tokenizes and encodes in one function; served,
     the two run in different models, so the tokenizer half lives here.
     """
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True, enable_thinking=False)
-             for prompt in prompts]
+    texts = [chat_text(tokenizer, prompt) for prompt in prompts]
     batch = tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True,
                       max_length=max_sequence_length)
     return batch["input_ids"], batch["attention_mask"]
@@ -84,9 +89,7 @@ def truncation_note(tokenizer, prompt: str, attention_mask, max_sequence_length:
     a word): its token count, chat template included. Counted only when the mask is full."""
     if int(attention_mask.sum()) < max_sequence_length:
         return None
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=False)
-    count = len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
+    count = len(tokenizer(chat_text(tokenizer, prompt), truncation=False, verbose=False)["input_ids"])
     if count <= max_sequence_length:
         return None
     return (f"prompt: {count} tokens (chat template included), only the first {max_sequence_length} were used; "
@@ -150,7 +153,7 @@ class ServedPipeline:
         self.max_sequence_length = max_sequence_length
         # The reference cache's keys cover the references and the identity of the model serving them.
         self.model_identity = model_identity
-        self.kv_names = [f"ref_kv_{index:02d}" for index in range(dims["kv_layers"])]
+        self.kv_names = kv_names(dims["kv_layers"])
         self.tokenized = BoundedCache(cache_entries)  # prompt -> (input_ids, attention_mask, truncation note)
         # encoded key -> (pixel key, preprocessed sizes, notes): a repeat is answered as the first request was
         self.known_references = BoundedCache(cache_entries)

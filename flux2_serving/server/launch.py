@@ -430,7 +430,6 @@ def main(argv=None) -> int:
         process = start(args.repository, args.http_port, args.grpc_port, args.metrics_port, log_file=log_file,
                         explicit=args.watchdog is not None, admin_key=admin_key, address=args.address)
         if args.watchdog is not None:
-
             dog = Watchdog(f"{_reachable(args.address)}:{args.http_port}", admin_key)
             threading.Thread(target=dog.watch, args=(args.watchdog, 6), daemon=True).start()
         admin = (f"admin APIs need the header {security.ADMIN_HEADER}" if configured else

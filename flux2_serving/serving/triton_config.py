@@ -18,7 +18,7 @@ requests of equal shapes share one execution: the text encoder. The others take 
 (`max_batch_size: 0`): the VAE encoder (references differ in size), the prefill (one per request),
 the cached step (its K/V has no batch axis: the images of one request share it) and the VAE
 decoder (one image per call). The BLS's inputs and outputs are its own declaration
-(request_inputs.PUBLIC_INPUTS / PUBLIC_OUTPUTS), its parameters the envelope's request limits.
+(contract/interface.py: PUBLIC_INPUTS / PUBLIC_OUTPUTS), its parameters the envelope's request limits.
 """
 
 from __future__ import annotations
