@@ -101,7 +101,9 @@ def test_a_tier_sets_the_repository_envelope_and_the_cache_place(onnx_fp32, tiny
     cache = _config(repo / "reference_kv_cache" / "config.pbtxt")
     assert cache.parameters["device"].string_value == "cpu"  # the cache in host memory
     assert cache.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "yes"
-    # Streaming needs a TensorRT runtime in the component runner, which does not exist: refused, one line.
+    # Streamed engines run in the component runner's tensorrt_streamed runtime (tests/test_weight_streaming.py);
+    # without plans the tier's TensorRT repository is refused as any TensorRT repository is, in one line.
     refused = run_module("flux2_serving.serving.repository", "--onnx-dir", str(onnx_fp32), "--repository",
-                         str(tmp_path / "trt"), "--backend", "tensorrt", "--tier", "32gb-fp8")
-    one_line_error(refused, 2, "tier 32gb-fp8 streams the weights", "not written yet")
+                         str(tmp_path / "trt"), "--backend", "tensorrt", "--tier", "32gb-fp8",
+                         "--engines-dir", str(tmp_path / "no_engines"))
+    one_line_error(refused, 2, "expected one text_encoder.trt*.plan")

@@ -3,7 +3,9 @@
 A thin layer over the TensorRT Python API (10 and 11): strongly typed networks (precision
 comes from the ONNX types: export bf16 graphs for production), optimization profiles
 derived from the serving envelope (envelope.py: one per engine, two for the VAE encoder,
-whose references are bounded by area), a shared timing cache, and
+whose references are bounded by area), weight streaming (BuilderFlag.WEIGHT_STREAMING) for the
+engines a memory tier streams (--tier: contract/tiers.py `streamed`; TensorRT requires a strongly typed
+network for it, which every network here is), a shared timing cache, and
 engine and timing cache names that carry the TensorRT version and the GPU's compute
 capability, because a plan only loads on the TensorRT version and GPU architecture that
 built it. Build engines with the same TensorRT as the Triton server that loads them
@@ -168,13 +170,20 @@ def update_record(out: Path, component: str, record: dict) -> Path:
 
 
 def build_engine(trt, onnx_path: Path, plan_path: Path, profiles: list[dict], timing_cache: Path, sm: str,
-                 log) -> dict:
-    """Build one plan with `profiles` (envelope.engine_profiles, in profile order) and return its record."""
+                 log, weight_streaming: bool = False) -> dict:
+    """Build one plan with `profiles` (envelope.engine_profiles, in profile order) and return its record.
+    `weight_streaming`: build it so that its weights can stream from host memory at run time (the
+    component runner's tensorrt_streamed runtime sets the budget)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
+    # Strongly typed: precision from the ONNX types; TensorRT 10 needs it for weight streaming, TensorRT 11
+    # makes every network strongly typed (the flag stays, deprecated).
     if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    elif weight_streaming and int(trt.__version__.split(".")[0]) < 11:
+        raise MissingRequirement(f"TensorRT {trt.__version__} has no strongly typed networks, which weight "
+                                 f"streaming needs; {WHERE}")
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -184,6 +193,8 @@ def build_engine(trt, onnx_path: Path, plan_path: Path, profiles: list[dict], ti
     # Layer names, types and precisions in the engine inspector (flux2_serving.export.engine_check reports which
     # attention fused and which layers run in fp32); costs a little plan size, no speed.
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if weight_streaming:
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     apply_timing_cache(config, timing_cache, trt.__version__, sm)
     for shapes in profiles:
         profile = builder.create_optimization_profile()
@@ -202,6 +213,10 @@ def build_engine(trt, onnx_path: Path, plan_path: Path, profiles: list[dict], ti
     record["layers"] = layer_summary(trt, engine)  # which attention fused (the memory plan assumes it)
     del engine
     log(f"  wrote {plan_path} ({size / 2**20:.1f} MiB; context memory {record['device_memory_bytes'] / 2**30:.2f} GiB)")
+    if weight_streaming:
+        streamable = record["streamable_weights_bytes"]
+        log(f"  weight streaming: {streamable / 2**30:.2f} GiB of streamable weights"
+            + ("" if streamable else " (WARNING: none: the tensorrt_streamed runtime will refuse this plan)"))
     log(f"  {summary_line(plan_path, record['layers'])}")
     return record
 
@@ -231,11 +246,12 @@ def main(argv=None) -> int:
                         help=f"timing cache file (default OUT/{timing_cache_name('<trt>', '<sm>')})")
     parser.add_argument("--dry-run", action="store_true", help="print the profiles and engine names; build nothing")
     parser.add_argument("--tier", choices=tuple(TIERS), default=None,
-                        help="memory tier whose envelope sets the profiles (contract/tiers.py; default: the "
-                             "shipped envelope, the 80gb-bf16 tier's). The FP8 tiers need FP8 graphs, not "
-                             "exported yet")
+                        help="memory tier whose envelope sets the profiles and whose streamed engines are built "
+                             "for weight streaming (contract/tiers.py; default: the shipped envelope, the "
+                             "80gb-bf16 tier's). The FP8 tiers need FP8 graphs, not exported yet")
     args = parser.parse_args(argv)
     envelope = TIERS[args.tier].envelope if args.tier else DEFAULT_ENVELOPE
+    streamed = TIERS[args.tier].streamed if args.tier else ()
 
     onnx_dir, out = Path(args.onnx_dir), Path(args.out)
     try:
@@ -244,9 +260,15 @@ def main(argv=None) -> int:
         specs = {n: manifest.specs[n] for n in names}
         print(f"serving envelope{f' of tier {args.tier}' if args.tier else ''}: {envelope}")
         print(describe_profiles(specs, envelope))
+        streaming = [name for name in names if name in streamed]
+        if streaming:
+            print(f"weight streaming (tier {args.tier}): {', '.join(streaming)} built with "
+                  "BuilderFlag.WEIGHT_STREAMING, served by the component runner's tensorrt_streamed runtime")
         if args.dry_run:
             for name in names:
-                print(f"would build {out / engine_name(name, '<trt>', '<sm>')} from {onnx_dir / manifest.paths[name]}")
+                how = " for weight streaming" if name in streamed else ""
+                print(f"would build {out / engine_name(name, '<trt>', '<sm>')}{how} from "
+                      f"{onnx_dir / manifest.paths[name]}")
             print(f"timing cache: {args.timing_cache or out / timing_cache_name('<trt>', '<sm>')}")
             return 0
         trt = import_tensorrt()
@@ -263,9 +285,10 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         try:
             record = build_engine(trt, onnx_dir / manifest.paths[name], plan,
-                                  engine_profiles(specs[name], envelope), timing_cache, sm, print)
+                                  engine_profiles(specs[name], envelope), timing_cache, sm, print,
+                                  weight_streaming=name in streamed)
             update_record(out, name, record)
-        except TimingCacheRejected as exc:
+        except (TimingCacheRejected, MissingRequirement) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"[{index}/{len(names)}] {name} built in {time.perf_counter() - start:.0f} s", flush=True)

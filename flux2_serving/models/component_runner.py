@@ -6,13 +6,18 @@ TensorRT engine. The parameter `runtime` picks how:
 * `torch`: the very wrapper module the graph is exported from (flux2_serving.export.components),
   loaded from the checkpoint the export recorded, in the export dtype on the parameter `device`.
   It serves on a GPU before any engine is built (a 9B build takes long) and is the baseline the
-  engines are checked against.
+  engines are checked against;
+* `tensorrt_streamed`: the TensorRT engine (`model.plan` next to this file) with its weights streamed
+  from host memory, keeping `stream_budget_bytes` of them on the GPU (trt_runtime.TensorRTStreamed):
+  the engines a memory tier streams (contract/tiers.py), since Triton's tensorrt_backend has no
+  weight-streaming setting. Written to TensorRT 10's documented API, not run yet.
 
 Each component's committed model folder (model_repository/<component>/1/model.py) imports this
 class; `python -m flux2_serving.serving.repository --backend onnxruntime|torch` writes its
-config.pbtxt from the declared I/O spec, the same as the TensorRT engine's. With dynamic batching
-Triton hands over several requests at once: requests of equal shapes (apart from the batch axis)
-run as one batch, as an engine would.
+config.pbtxt from the declared I/O spec, the same as the TensorRT engine's (`--backend tensorrt
+--tier T` writes it, with the runtime `tensorrt_streamed`, for the engines tier T streams). With
+dynamic batching Triton hands over several requests at once: requests of equal shapes (apart from
+the batch axis) run as one batch, as an engine would.
 
 One caller's error is that caller's alone: every request is checked on its own first
 (input_checks.py: the envelope's shapes, token ids within the vocabulary) and a bad one answers
@@ -28,6 +33,7 @@ import triton_python_backend_utils as pb_utils
 
 from .input_checks import BadInput, InputRules
 from .triton_io import model_config, to_torch, to_triton
+from .trt_runtime import TensorRTStreamed  # light: it imports tensorrt and torch only when instantiated
 
 
 class OnnxRuntime:
@@ -88,7 +94,7 @@ class Torch:
         return to_triton(name, value)
 
 
-RUNTIMES = {"onnxruntime": OnnxRuntime, "torch": Torch}
+RUNTIMES = {"onnxruntime": OnnxRuntime, "torch": Torch, "tensorrt_streamed": TensorRTStreamed}
 
 
 class TritonPythonModel:

@@ -7,7 +7,11 @@
                             vae_decoder: config.pbtxt from the declared I/O spec, and
                             1/model.plan (--backend tensorrt), or a Python-backend model that runs
                             1/model.onnx in onnxruntime (--backend onnxruntime) or the exported
-                            wrapper module in PyTorch (--backend torch, from the manifest's model)
+                            wrapper module in PyTorch (--backend torch, from the manifest's model);
+                            with --backend tensorrt and a --tier that streams engines (32gb-fp8),
+                            those engines' 1/model.plan in the Python-backend component runner
+                            (runtime tensorrt_streamed: TensorRT weight streaming, which
+                            tensorrt_backend cannot do), the others in tensorrt_backend
   OUT/reference_kv_cache/   one instance holding reference K/V shared by all BLS instances
 """
 
@@ -29,7 +33,9 @@ from flux2_serving.contract.manifest import write as write_manifest
 from flux2_serving.contract.names import BLS_MODEL as BLS
 from flux2_serving.contract.names import CACHE_MODEL as CACHE
 from flux2_serving.contract.tiers import BY_NAME as TIERS
+from flux2_serving.export import memory_plan
 from flux2_serving.export.memory_plan import bls_transfer_bytes
+from flux2_serving.models.trt_runtime import check_budget  # light: tensorrt and torch only in the runtime itself
 
 from . import triton_config
 from .triton_config import BACKENDS, component_config, cpu_only
@@ -79,13 +85,18 @@ def default_device(backend: str) -> str:
 
 def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="onnxruntime", engines_dir=None,
              device=None, bls_instances=None, threads=1, envelope: ServingEnvelope = DEFAULT_ENVELOPE,
-             bls_parameters: dict | None = None, cache_device: str | None = None) -> Path:
+             bls_parameters: dict | None = None, cache_device: str | None = None, streamed: tuple = (),
+             stream_budget_bytes: int = 0) -> Path:
     """Write the repository to `out`. Tokenizer and scheduler come from the model recorded in the
     export's manifest; `checkpoint`, if given, must be that model (a local copy of it is fine).
     `envelope` sets every limit, the text length, the BLS's queue and the cache budget;
     `bls_parameters` override the BLS's config parameters (triton_config.BLS_PARAMETERS); `cache_device`:
-    where the reference K/V cache holds its entries (default: the BLS's device; "cpu": host memory)."""
+    where the reference K/V cache holds its entries (default: the BLS's device; "cpu": host memory).
+    `streamed` (backend tensorrt only; a tier's `streamed`): components whose plans run in the component
+    runner with TensorRT weight streaming, keeping `stream_budget_bytes` of their weights on the GPU."""
     onnx_dir, out = Path(onnx_dir), Path(out)
+    if streamed and backend != "tensorrt":
+        raise ValueError(f"streamed engines ({', '.join(streamed)}) need backend tensorrt, not {backend}")
     device = device or default_device(backend)
     bls_instances = bls_instances or default_bls_instances(device)
     try:
@@ -94,6 +105,10 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
         raise SystemExit(f"error: {exc}") from None
     source = _tokenizer_source(manifest, checkpoint)
     engines = {name: _find_engine(Path(engines_dir), name) for name in manifest.paths} if backend == "tensorrt" else {}
+    records = memory_plan.built_records(engines_dir) if streamed else {}
+    for name in streamed:
+        if name in engines:
+            _check_streamable(name, engines[name], records.get(name), stream_budget_bytes)
     gpu = torch_device_index(device)
     _replaceable(out)  # every input was checked above: only now may the old repository go
     if out.exists():
@@ -103,9 +118,14 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
     for name, path in manifest.paths.items():
         version = out / name / "1"
         version.mkdir(parents=True)
-        params = {}
+        params, component_backend = {}, backend
         if backend == "tensorrt":
             _link_or_copy(engines[name], version / "model.plan")
+            if name in streamed:  # the component runner's TensorRT runtime, which can stream weights
+                _model_folder(name, out)
+                component_backend = "tensorrt_streamed"
+                params = {"runtime": "tensorrt_streamed", "stream_budget_bytes": stream_budget_bytes,
+                          "device": f"cuda:{gpu}", "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
         elif backend == "onnxruntime":
             for graph_file in (onnx_dir / path).parent.glob("model.onnx*"):
                 shutil.copy(graph_file, version / graph_file.name)
@@ -116,7 +136,7 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
             weights = manifest.model if manifest.model.startswith("random:") else _local_checkpoint(source, True)
             params = {"runtime": "torch", "checkpoint": weights, "dtype": manifest.dtype, "device": device,
                       "FORCE_CPU_ONLY_INPUT_TENSORS": cpu_only(device)}
-        config = component_config(manifest.specs[name], manifest.dtype, backend, envelope=envelope, gpu=gpu,
+        config = component_config(manifest.specs[name], manifest.dtype, component_backend, envelope=envelope, gpu=gpu,
                                   params=params, vocab_size=manifest.dims.get("vocab_size", 0))
         (out / name / "config.pbtxt").write_text(config)
 
@@ -136,6 +156,17 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
     (out / CACHE / "config.pbtxt").write_text(
         cache_config(cache_device or device, manifest.dtype, manifest.dims, envelope))
     return out
+
+
+def _check_streamable(name: str, plan: Path, record: dict | None, budget: int) -> None:
+    """Refuse, before anything is written, a plan that its build record (build_engines' build_record.json,
+    when it describes this very plan) shows cannot stream `budget`: the runner would refuse it at load."""
+    if not record or record.get("plan") != plan.name:
+        return  # no record of this plan: the component runner checks when it loads it
+    try:
+        check_budget(name, budget, record.get("streamable_weights_bytes", 0))
+    except ValueError as exc:
+        raise SystemExit(f"error: {plan}: {exc}") from None
 
 
 def _model_folder(name: str, out: Path) -> None:
@@ -226,23 +257,26 @@ def main(argv=None) -> int:
                                                ("bls_max_queue", args.bls_max_queue),
                                                ("bls_queue_timeout_s", args.bls_queue_timeout)) if value is not None}
     envelope = replace(tier.envelope if tier else DEFAULT_ENVELOPE, **overrides)
-    if tier and tier.streamed and args.backend == "tensorrt":
-        print(f"error: tier {tier.name} streams the weights of {', '.join(tier.streamed)}, which needs a TensorRT "
-              "runtime in the component runner that is not written yet (docs/runbook.md, memory tiers)",
-              file=sys.stderr)
-        return 2
-    if tier and "fp8" in tier.weights.values() and args.backend == "tensorrt":
-        print(f"note: tier {tier.name} expects FP8 engines, which are not exported yet: the plans linked are "
-              f"whatever {args.engines_dir} holds", file=sys.stderr)
+    streamed = tier.streamed if tier and args.backend == "tensorrt" else ()
+    budget = int(tier.stream_budget_gib * 2**30) if streamed else 0
     try:
         out = assemble(args.onnx_dir, args.checkpoint, args.out, args.backend, args.engines_dir, args.device,
                        args.bls_instances, envelope=envelope,
-                       cache_device="cpu" if tier and tier.cache_on_host else None)
+                       cache_device="cpu" if tier and tier.cache_on_host else None, streamed=streamed,
+                       stream_budget_bytes=budget)
     except SystemExit as exc:  # a bad local input: one line, status 2
         if not isinstance(exc.code, str):
             raise
         print(exc.code, file=sys.stderr)
         return 2
+    # Notes once the repository is written (a refusal above stays one line).
+    if tier and "fp8" in tier.weights.values() and args.backend == "tensorrt":
+        print(f"note: tier {tier.name} expects FP8 engines, which are not exported yet: the plans linked are "
+              f"whatever {args.engines_dir} holds", file=sys.stderr)
+    if streamed:
+        print(f"note: tier {tier.name} streams the weights of {', '.join(streamed)} from host memory: they run in "
+              f"the Python-backend component runner (runtime tensorrt_streamed, {budget} bytes of each on the GPU; "
+              "written to TensorRT's documented API, not run yet)", file=sys.stderr)
     print(f"wrote Triton model repository ({args.backend}) to {out}")
     return 0
 
