@@ -19,6 +19,7 @@ import torch
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.export.checkpoint import write_checkpoint
 from flux2_serving.export.loading import load_pipeline
+from flux2_serving.models.local import onnx_sessions
 from flux2_serving.server.launch import running
 from flux2_serving.serving.repository import assemble
 from tests.support import BLS_INSTANCES, CACHE_BYTES
@@ -46,12 +47,12 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return str(path)
 
 
-def _export(tmp_path_factory, checkpoint: str, dtype: str) -> Path:
+def _export(tmp_path_factory, checkpoint: str, dtype: str, name: str | None = None, extra=()) -> Path:
     """Export through the user-facing CLI, so its progress lines and manifest are exercised."""
-    out = _workdir(tmp_path_factory, f"onnx_{dtype}")
+    out = _workdir(tmp_path_factory, name or f"onnx_{dtype}")
     if not (out / "manifest.json").exists():
         cmd = [sys.executable, "-m", "flux2_serving.export", "--model", checkpoint, "--onnx-dir", str(out),
-               "--dtype", dtype]
+               "--dtype", dtype, *extra]
         result = subprocess.run(cmd, capture_output=True, text=True)
         (out / "export.log").write_text(result.stdout + result.stderr)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -69,6 +70,14 @@ def onnx_bf16(tmp_path_factory, tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def onnx_fp8(tmp_path_factory, tiny_checkpoint) -> Path:
+    """fp32 graphs with FP8 linear layers (text encoder, prefill, cached step), calibrated on 6 prompts
+    at 64x64 (the CPU's budget; the real model's default is 128 prompts at 1024^2)."""
+    return _export(tmp_path_factory, tiny_checkpoint, "fp32", "onnx_fp32_fp8",
+                   ("--quantize", "fp8", "--calibration-size", "6", "--calibration-side", "64"))
+
+
+@pytest.fixture(scope="session")
 def pipe(tiny_checkpoint):
     """The reference: diffusers' own Flux2KleinKVPipeline on the same weights."""
     return load_pipeline(tiny_checkpoint, torch.float32)
@@ -76,19 +85,7 @@ def pipe(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def ort_session(onnx_fp32):
-    import onnxruntime as ort  # heavy: only the tests that run a graph in onnxruntime need it, not every session
-
-    sessions = {}
-
-    def get(name: str):
-        if name not in sessions:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 2
-            sessions[name] = ort.InferenceSession(str(onnx_fp32 / name / "model.onnx"), options,
-                                                  providers=["CPUExecutionProvider"])
-        return sessions[name]
-
-    return get
+    return onnx_sessions(onnx_fp32)
 
 
 def _serve(tmp_path_factory, onnx_dir, checkpoint, backend: str, bls_instances: int = BLS_INSTANCES):

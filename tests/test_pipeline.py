@@ -5,23 +5,21 @@ parsing and image decoding on their own, every bad input a client error."""
 from __future__ import annotations
 
 import io
-import json
 import re
 
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from PIL import Image
-from transformers import AutoTokenizer
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.interface import Limits
 from flux2_serving.contract.specs import graph_specs
 from flux2_serving.models.input_checks import BadInput, InputRules
+from flux2_serving.models.local import local_pipeline
 from flux2_serving.models.lru import ReferenceKVCache
-from flux2_serving.models.pipeline import Interrupted, ServedPipeline, StageClock
+from flux2_serving.models.pipeline import Interrupted, StageClock
 from flux2_serving.models.request_inputs import InvalidInput, decode_image, load_rgb, parse, preprocess_reference
 from flux2_serving.serving.triton_config import BLS_PARAMETERS, input_rules
 from tests.support import CASES, assert_matches, png_bytes, random_image, reference
@@ -29,36 +27,10 @@ from tests.support import CASES, assert_matches, png_bytes, random_image, refere
 LIMITS = Limits(**DEFAULT_ENVELOPE.request_limits())
 
 
-class OnnxRuntimeRun:
-    """`run` for the pipeline: each component's exported graph in onnxruntime, the cache as an LRU."""
-
-    def __init__(self, ort_session):
-        self.session, self.cache, self.calls = ort_session, ReferenceKVCache(2**30), []
-
-    def __call__(self, model: str, inputs: dict, outputs: list[str]) -> list:
-        self.calls.append(model)
-        if model == "reference_kv_cache":
-            key = inputs["key"][0].decode()
-            if "ref_kv_00" in inputs:
-                self.cache.put(key, [v for k, v in inputs.items() if k.startswith("ref_kv_")])
-                return [np.array([False])]
-            found = self.cache.get(key)
-            return [np.array([found is not None])] + (found if found is not None else [None] * (len(outputs) - 1))
-        feeds = {name: value.numpy() if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
-        results = self.session(model).run(outputs, feeds)
-        return [torch.from_numpy(result) for result in results]
-
-
 @pytest.fixture(scope="module")
 def served(ort_session, onnx_fp32, tiny_checkpoint):
-
-    run = OnnxRuntimeRun(ort_session)
-    manifest = json.loads((onnx_fp32 / "manifest.json").read_text())
-    pipeline = ServedPipeline(run, AutoTokenizer.from_pretrained(tiny_checkpoint, subfolder="tokenizer"),
-                              FlowMatchEulerDiscreteScheduler.load_config(tiny_checkpoint, subfolder="scheduler"),
-                              manifest["dims"], torch.float32, LIMITS, torch.device("cpu"), DEFAULT_ENVELOPE.text_len,
-                              "in-process", cache_entries=BLS_PARAMETERS["request_cache_entries"])
-    return pipeline, run
+    return local_pipeline(onnx_fp32, tiny_checkpoint, cache_entries=BLS_PARAMETERS["request_cache_entries"],
+                          sessions=ort_session)
 
 
 def _request(prompt, refs, seed, reuse=True, **kwargs):

@@ -11,6 +11,7 @@ from ..contract.cli_help import HelpFormatter
 from ..contract.graphs import COMPONENTS
 from ..contract.manifest import Manifest
 from ..contract.manifest import write as write_manifest
+from ..contract.tiers import FP8_ENGINES
 from .quiet import quiet_frameworks
 
 DESCRIPTION = """\
@@ -35,6 +36,10 @@ examples:
   python -m flux2_serving.export.checkpoint --out checkpoints/tiny
   python -m flux2_serving.export --model checkpoints/tiny --onnx-dir build/onnx/fp32
   python -m flux2_serving.export --model black-forest-labs/FLUX.2-klein-9b-kv --onnx-dir build/onnx/bf16 --dtype bf16
+  python -m flux2_serving.export --model checkpoints/tiny --onnx-dir build/onnx/fp32-fp8 --quantize fp8 \
+      --calibration-size 4 --calibration-side 64
+  python -m flux2_serving.export --model black-forest-labs/FLUX.2-klein-9b-kv --onnx-dir build/onnx/bf16-fp8 \
+      --dtype bf16 --quantize fp8
 """
 
 
@@ -50,6 +55,16 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="weight and activation dtype of the graphs (default fp32; bf16 for production "
                              "engines: TensorRT's strongly typed networks take precision from the ONNX types)")
+    parser.add_argument("--quantize", choices=("fp8",), default=None,
+                        help="fp8: the text encoder's and the transformer's linear layers in FP8 (E4M3 Q/DQ, "
+                             "opset 19), calibrated with NVIDIA Model Optimizer on the project's prompt set "
+                             "(export/fp8.py); the VAE and the layers NVIDIA's FLUX recipe keeps stay in --dtype")
+    parser.add_argument("--calibration-size", type=int, default=None, metavar="N",
+                        help="--quantize: prompts to calibrate on (default 128, ModelOpt's FLUX recipe; 1-128)")
+    parser.add_argument("--calibration-side", type=int, default=None, metavar="PX",
+                        help="--quantize: image side of the calibration generations (default 1024)")
+    parser.add_argument("--calibration-steps", type=int, default=None, metavar="N",
+                        help="--quantize: denoising steps per calibration prompt (default 4, klein's)")
     parser.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS),
                         metavar="NAME", help=f"subset to export (default: all of {', '.join(COMPONENTS)})")
     parser.add_argument("--skip-check", action="store_true", help="skip the TensorRT compatibility check")
@@ -79,16 +94,21 @@ def main(argv=None) -> int:
         paths = {name: out / name / "model.onnx" for name in args.components}  # where an export would put them
         opset = None
     else:
+        from .fp8 import FP8_OPSET
         from .onnx_export import OPSET, export_all
 
         print(f"exporting {len(args.components)} component(s) of {args.model} ({args.dtype}) to {out}", flush=True)
-        paths = export_all(args.model, out, args.dtype, args.components, verbose=args.verbose)
-        opset = OPSET
+        calibration = {key: value for key, value in (("size", args.calibration_size), ("side", args.calibration_side),
+                                                     ("steps", args.calibration_steps)) if value is not None}
+        paths = export_all(args.model, out, args.dtype, args.components, verbose=args.verbose,
+                           quantize=args.quantize, calibration=calibration)
+        opset = FP8_OPSET if args.quantize else OPSET
     write_manifest(out, Manifest(
         # The model the graphs came from: the repository assembler takes its tokenizer and scheduler.
         model=str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model,
         dtype=args.dtype, opset=opset, dims=dims,  # opset None: no graph exported (--manifest-only)
-        paths={name: str(paths[name].relative_to(out)) for name in paths}))
+        paths={name: str(paths[name].relative_to(out)) for name in paths}, quantization=args.quantize,
+        quantized=tuple(name for name in paths if args.quantize and name in FP8_ENGINES)))
 
     failed = 0
     if not args.skip_check and not args.manifest_only:

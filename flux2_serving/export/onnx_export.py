@@ -17,9 +17,11 @@ from torch.export import Dim
 
 from ..contract.graphs import COMPONENTS, GRAPHS
 from ..contract.specs import GraphSpec, graph_specs
+from ..contract.tiers import FP8_ENGINES
 from . import components as C
+from . import fp8
 from .latent_layout import grid_ids, reference_ids, text_ids
-from .loading import DTYPES, read_model_dims
+from .loading import DTYPES, load_pipeline, read_model_dims
 
 OPSET = 18  # within TensorRT 10's parser range (opset 9-20), see trt_supported_ops.tsv
 LARGE_GRAPH_BYTES = 1 << 30  # weights go to external data well before protobuf's 2 GB limit
@@ -76,6 +78,14 @@ def dynamic_shapes(spec: GraphSpec) -> tuple:
     return shapes
 
 
+def _store_fp8_weights(path: Path, large: bool) -> None:
+    proto = onnx.load(str(path))  # with its external data
+    fp8.store_fp8_weights(proto)
+    for stale in path.parent.glob("model.onnx*"):
+        stale.unlink()
+    onnx.save(proto, str(path), save_as_external_data=large, location="model.onnx.data")
+
+
 def _finish_graph(path: Path, spec: GraphSpec) -> None:
     """Give the graph's inputs and outputs the dimension names of the declared spec, and run every
     half-precision softmax in fp32 (softmax_in_fp32). The weights (external data) are not touched."""
@@ -124,37 +134,60 @@ def softmax_in_fp32(proto: onnx.ModelProto) -> int:
 
 
 def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, dims: dict,
-                     verbose: bool = False) -> Path:
+                     verbose: bool = False, wrapper: torch.nn.Module | None = None) -> Path:
     """Export graph `name` to `out_dir/name/model.onnx` and return the path; `verbose`: the exporter's
-    own progress lines too."""
+    own progress lines too. `wrapper`: a wrapper built already (an FP8-calibrated one), else it is
+    loaded from `model`. A wrapper with ModelOpt's FP8 quantizers is written with FP8 Q/DQ (fp8.py)."""
     spec = graph_specs(dims)[name]
-    wrapper = C.build(name, model, dtype)
+    wrapper = wrapper if wrapper is not None else C.build(name, model, dtype)
+    quantized = any(n.endswith("weight_quantizer") for n, _ in wrapper.named_modules())
     args = sample_inputs(name, dims, dtype)
     large = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > LARGE_GRAPH_BYTES
     path = out_dir / name / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     chunked = C.query_chunked_attention() if GRAPHS[name].sliced_attention else contextlib.nullcontext()
-    with torch.no_grad(), C.float32_rope(), chunked:
+    quantizers = fp8.export_mode() if quantized else contextlib.nullcontext()
+    with torch.no_grad(), C.float32_rope(), chunked, quantizers:
         program = torch.onnx.export(
-            wrapper, args, dynamo=True, opset_version=OPSET,
+            wrapper, args, dynamo=True, opset_version=fp8.FP8_OPSET if quantized else OPSET,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
             dynamic_shapes=dynamic_shapes(spec), external_data=large, optimize=True, verbose=verbose,
+            custom_translation_table=fp8.translation_table() if quantized else None,
         )
     for stale in path.parent.glob("model.onnx*"):
         stale.unlink()
     program.save(str(path), external_data=large)
+    if quantized:  # the weights stored as FP8 in the graph: 1 byte per weight in the file and in TensorRT's parse
+        _store_fp8_weights(path, large)
     _finish_graph(path, spec)
     return path
 
 
 def export_all(model: str, out_dir: str | Path, dtype: str = "fp32", components=COMPONENTS, log=print,
-               verbose: bool = False) -> dict:
+               verbose: bool = False, quantize: str | None = None, calibration: dict | None = None) -> dict:
+    """Export `components` of `model`; `quantize="fp8"`: the text encoder and the transformer graphs
+    with FP8 Q/DQ, calibrated first (fp8.quantize_pipeline with `calibration`'s size, side, steps)."""
     out_dir = Path(out_dir)
     dims = read_model_dims(model)
+    wrappers = _fp8_wrappers(model, DTYPES[dtype], components, calibration or {}, log) if quantize == "fp8" else {}
     paths = {}
     for index, name in enumerate(components, 1):
         start = time.perf_counter()
-        log(f"[{index}/{len(components)}] exporting {name} ({dtype}) ...", flush=True)
-        paths[name] = export_component(name, model, out_dir, DTYPES[dtype], dims, verbose)
+        flavor = f"{dtype}, FP8 linear layers" if name in wrappers else dtype
+        log(f"[{index}/{len(components)}] exporting {name} ({flavor}) ...", flush=True)
+        paths[name] = export_component(name, model, out_dir, DTYPES[dtype], dims, verbose, wrappers.get(name))
         log(f"[{index}/{len(components)}] {name} -> {paths[name]} ({time.perf_counter() - start:.1f} s)", flush=True)
     return paths
+
+
+def _fp8_wrappers(model: str, dtype: torch.dtype, components, calibration: dict, log) -> dict:
+    """The FP8 graphs' wrappers around one calibrated pipeline's text encoder and transformer."""
+    wanted = [name for name in components if name in FP8_ENGINES]
+    if not wanted:
+        return {}
+    pipe = load_pipeline(model, dtype)
+    counts = fp8.quantize_pipeline(pipe, log=log, **calibration)
+    log(f"FP8 linear layers: {counts['text_encoder']} in the text encoder, {counts['transformer']} in the "
+        "transformer (the rest kept in the export dtype)", flush=True)
+    modules = {"text_encoder": pipe.text_encoder, "transformer": pipe.transformer}
+    return {name: C.WRAPPERS[name](modules[GRAPHS[name].module]).eval() for name in wanted}

@@ -7,6 +7,14 @@ each operator sees is one the parser lists for it; no DOUBLE tensor anywhere (Te
 has no float64). This runs on fp32 and bf16 graphs alike, also where onnxruntime on CPU
 cannot execute bf16.
 
+FP8 graphs (export --quantize fp8) also get the Q/DQ rules of TensorRT's explicit quantization
+(TensorRT developer guide, "Working with Quantized Types": Q/DQ scales must be build-time constants,
+FP8 is per-tensor here, a strongly typed network takes the FP8 types from the graph): the data input
+of QuantizeLinear is fp32/fp16/bf16 and of DequantizeLinear FP8; every scale is a constant scalar;
+every zero point (a DequantizeLinear may omit it) is a constant FLOAT8E4M3FN zero; every
+QuantizeLinear feeds DequantizeLinears only;
+every FP8 weight feeds a DequantizeLinear; the opset is at least 19 (FP8 Q/DQ).
+
 Usage: python -m flux2_serving.export.trt_compat DIR_OR_ONNX [...]
 """
 
@@ -28,7 +36,9 @@ FLOAT_TYPES = {
     TensorProto.FLOAT16: "FP16",
     TensorProto.BFLOAT16: "BF16",
     TensorProto.DOUBLE: "DOUBLE",
+    TensorProto.FLOAT8E4M3FN: "FP8",
 }
+QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 def load_supported_ops(path: Path = SUPPORTED_OPS_FILE) -> tuple[dict[str, set[str]], dict[str, str]]:
@@ -115,12 +125,52 @@ def check_graph(path: str | Path) -> Report:
                     report.problems.append(f"Cast to DOUBLE ({node.name})")
                 if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.DOUBLE:
                     report.problems.append(f"DOUBLE constant ({node.name})")
-            float_inputs = {FLOAT_TYPES[types[i]] for i in node.input if types.get(i) in FLOAT_TYPES}
+            # TensorRT's list types a Q/DQ by its data input (the scale and zero point: see qdq_problems).
+            typed = node.input[:1] if node.op_type in QDQ else node.input
+            float_inputs = {FLOAT_TYPES[types[i]] for i in typed if types.get(i) in FLOAT_TYPES}
             missing = float_inputs - supported[node.op_type]
             if missing:
                 report.problems.append(f"op {node.op_type} ({node.name}) on {sorted(missing)}, TensorRT lists "
                                        f"{sorted(supported[node.op_type])}")
+        report.problems.extend(qdq_problems(graph, report.opset))
     return report
+
+
+def qdq_problems(graph: onnx.GraphProto, opset: int) -> list[str]:
+    """TensorRT's rules for FP8 Q/DQ (module docstring) broken in `graph`, one line each."""
+    constants = {init.name: init for init in graph.initializer}
+    for node in graph.node:  # Constant nodes are constants too
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
+            constants[node.output[0]] = node.attribute[0].t
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    problems = []
+    quantize_nodes = [node for node in graph.node if node.op_type in QDQ]
+    if quantize_nodes and opset < 19:
+        problems.append(f"FP8 Q/DQ needs opset >= 19, the graph has {opset}")
+    for node in quantize_nodes:
+        scale = constants.get(node.input[1]) if len(node.input) > 1 else None
+        if scale is None or len(scale.dims) != 0:
+            problems.append(f"{node.op_type} ({node.name}): the scale is not a constant scalar (per-tensor FP8)")
+        # A QuantizeLinear's zero point sets its output type (opset 19); a DequantizeLinear may omit it.
+        has_zero = len(node.input) > 2 and node.input[2]
+        zero = constants.get(node.input[2]) if has_zero else None
+        if (has_zero or node.op_type == "QuantizeLinear") and (
+                zero is None or zero.data_type != TensorProto.FLOAT8E4M3FN
+                or any(onnx.numpy_helper.to_array(zero).astype("float32").ravel())):
+            problems.append(f"{node.op_type} ({node.name}): the zero point is not a constant FLOAT8E4M3FN zero")
+        if node.op_type == "QuantizeLinear":
+            others = [c.op_type for c in consumers.get(node.output[0], []) if c.op_type != "DequantizeLinear"]
+            if others:
+                problems.append(f"QuantizeLinear ({node.name}) feeds {sorted(set(others))}, not only DequantizeLinear")
+    for init in graph.initializer:
+        if init.data_type == TensorProto.FLOAT8E4M3FN and init.dims:
+            users = {c.op_type for c in consumers.get(init.name, [])}
+            if users - {"DequantizeLinear"}:
+                problems.append(f"FP8 weight {init.name!r} feeds {sorted(users)}, not a DequantizeLinear")
+    return problems
 
 
 def find_graphs(paths) -> list[Path]:
