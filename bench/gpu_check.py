@@ -11,6 +11,12 @@ stage is reported in one line and the next stage runs:
                   against Flux2KleinKVPipeline on the same device; a reference-cache hit equals the
                   miss; every component output arrived on the device (the BLS's metric)
   c probe_9b      bench.gpu_probe: the transformer steps at 9B (GPU only)
+  f fp8           FP8 against bf16 (flux2_serving.models.fp8_linear): the cached transformer step at klein 9B
+                  dims, random weights, 1 reference and a 1024x1024 output, in bf16, then with its linear
+                  layers swapped to FP8 in place (torch._scaled_mm on a GPU of compute capability >= 8.9):
+                  step time, peak memory, the difference of the step output, of the latents after 4 steps
+                  and of their decoded image (random-weight VAE of the same dims). On the CPU: a rehearsal
+                  at the tiny dims, on the FP8 layer's fallback path (same code otherwise)
   d served        the served stack with random weights built on the device (klein 9B dims on a GPU,
                   tiny dims on the CPU; nothing downloaded): end-to-end latency of text-to-image, 1 and
                   4 references against Flux2KleinKVPipeline and the non-KV Flux2KleinPipeline in the same
@@ -30,6 +36,7 @@ import contextlib
 import functools
 import importlib.util
 import json
+import math
 import os
 import platform
 import resource
@@ -60,10 +67,13 @@ from flux2_serving.server.launch import LaunchError, bundled_server, prepare_bac
 # each stage imports its own, so a missing one fails only that stage, and --help needs none.
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"a": "environment", "b": "served_tiny", "c": "probe_9b", "d": "served", "e": "export"}
-# Each stage's share of --budget-s: they sum to 1, so every stage gets its time box within the budget
-# (480 s: a 30, b 90, c 90, d 150, e 120); a stage that ends early leaves its time to the next ones.
-SHARES = {"a": 1 / 16, "b": 3 / 16, "c": 3 / 16, "d": 5 / 16, "e": 4 / 16}
+# In the order they run (f, the FP8 stage, after the transformer probe: the GPU is empty between stages).
+STAGES = {"a": "environment", "b": "served_tiny", "c": "probe_9b", "f": "fp8", "d": "served", "e": "export"}
+# Each stage's time box, in seconds of the default 480 s budget; SHARES are their shares of --budget-s and sum
+# to 1, so every stage gets its box within the budget whichever stages run. f (< 60 s expected on an H200:
+# imports, a 9B random build on the device, 2 x 11 steps and 2 decodes) took its 60 s from b (tiny) and e.
+BOX_S = {"a": 30, "b": 80, "c": 90, "f": 60, "d": 130, "e": 90}
+SHARES = {letter: seconds / sum(BOX_S.values()) for letter, seconds in BOX_S.items()}
 GPU_ONLY = {"c"}
 GIB = 2**30
 
@@ -234,7 +244,7 @@ def _sync(device: str) -> None:
 # ---------------------------------------------------------------------------------- stages
 
 
-def stage_limit(letter: str, budget_s: float, stages: str = "abcde") -> float:
+def stage_limit(letter: str, budget_s: float, stages: str = "".join(STAGES)) -> float:
     """Stage `letter`'s time box: its share of the budget among the stages run (sums to the budget)."""
     return budget_s * SHARES[letter] / sum(SHARES[s] for s in stages)
 
@@ -337,6 +347,125 @@ def stage_probe(args, limit_s: float) -> dict:
     result["ok"] = run.returncode == 0 and bool(result)
     if not result["ok"]:
         result["error"] = (run.stderr.strip().splitlines() or ["no output"])[-1]
+    return result
+
+
+FP8_REFS, FP8_WARMUP, FP8_REPEATS, FP8_STEPS = 1, 2, 5, 4
+
+
+def _difference(test, reference, peak: float | None = None) -> dict:
+    """How far `test` is from `reference`: mean and max |diff|, relative L2 and PSNR in dB, whose peak is
+    `peak` (255 for 8-bit images) or else the reference's range (max - min); None where they are equal."""
+    import math
+
+    test, reference = test.detach().float(), reference.detach().float()
+    diff = test - reference
+    mse = diff.pow(2).mean().item()
+    peak = peak if peak is not None else (reference.max() - reference.min()).item()
+    norm = reference.norm().item()
+    return {"mean_abs": diff.abs().mean().item(), "max_abs": diff.abs().max().item(),
+            "reference_max_abs": reference.abs().max().item(), "rel_l2": diff.norm().item() / norm if norm else None,
+            "psnr_db": 10 * math.log10(peak * peak / mse) if mse > 0 and peak > 0 else None}
+
+
+def _bytes_gib(module) -> float:
+    held = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in held) / GIB
+
+
+def stage_fp8(args) -> dict:
+    """FP8 against bf16 on the cached transformer step (the served transformer_cached graph), same random
+    weights, same inputs: bf16 first, then the same module with its linears swapped to FP8 in place
+    (flux2_serving.models.fp8_linear.to_fp8, TRANSFORMER_KEEP stays bf16), so the FP8 figures' peak memory
+    holds the FP8 weights only. Inputs as bench.gpu_probe builds them; the reference K/V from our bf16 prefill,
+    the same for both. Compared: one step's output (sigma 0.75), the latents after 4 Euler steps (sigmas 1,
+    0.75, 0.5, 0.25 -> 0) from the same noise, and those latents decoded by a random-weight VAE of the same
+    dims (8-bit images)."""
+    # torch, diffusers (bench.gpu_probe's inputs, export.components) and the FP8 layer: heavy, may be missing,
+    # fail this stage only
+    import torch
+
+    from bench import gpu_probe
+    from flux2_serving.export import components as C
+    from flux2_serving.models.fp8_linear import TRANSFORMER_KEEP, fp8_matmul_device, fp8_paths, to_fp8
+
+    gpu_probe._load_torch()
+    device = torch.device(args.device)
+    dev = gpu_probe.Device(device)
+    size = "9b" if device.type == "cuda" else "tiny"
+    shape, grid, dtype = gpu_probe.SHAPES[size], gpu_probe.SHAPES[size]["img_grid"], torch.bfloat16
+    result = {"size": size, "device_name": dev.name, "dtype": "bf16", "side": grid * 16, "refs": FP8_REFS,
+              "text_len": shape["text_len"], "warmup": FP8_WARMUP, "repeats": FP8_REPEATS, "steps": FP8_STEPS,
+              "timer": "cuda events" if dev.cuda else "time.perf_counter", "memory": dev.memory_kind,
+              "fp8_matmul_device": fp8_matmul_device(device),
+              "compared": "step output, latents after 4 steps, decoded image (random-weight VAE, 8-bit levels)"}
+    if dev.cuda:
+        result["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(device))
+    start = time.perf_counter()
+    cached = C.build("transformer_cached", f"random:{size}", dtype, str(device))
+    t = cached.transformer
+    x = gpu_probe.step_inputs(t.config, shape, FP8_REFS, dtype, device)
+    with torch.inference_mode():  # the reference K/V: our bf16 prefill, the same for both precisions
+        prefill = C.TransformerPrefill(t)
+        ref_kv = prefill(x["ref_latents"], x["ref_ids"])
+    del prefill  # its shallow copies hold the double blocks' bf16 linears: gone before the swap frees them
+    result["build_s"] = round(time.perf_counter() - start, 1)
+    sigmas = [1.0 - i / FP8_STEPS for i in range(FP8_STEPS)] + [0.0]
+
+    def step():
+        return gpu_probe.cached_step(cached, x, grid, ref_kv)
+
+    def denoise():
+        latents = x["latents"]
+        for now, after in zip(sigmas, sigmas[1:], strict=False):
+            sigma = torch.full((1,), now, dtype=dtype, device=device)
+            latents = latents + (after - now) * gpu_probe.cached_step(cached, x, grid, ref_kv, latents, sigma)
+        return latents
+
+    def measure(precision: str) -> tuple[dict, dict]:
+        dev.free()
+        figures = {"weights_gib": round(_bytes_gib(cached), 4)}
+        with torch.inference_mode():
+            for _ in range(FP8_WARMUP):
+                step()
+            dev.free()
+            dev.reset_peak()
+            times = [dev.time_ms(step)[1] for _ in range(FP8_REPEATS)]
+            dev.sync()
+            figures.update(median_ms=statistics.median(times), times_ms=[round(ms, 3) for ms in times],
+                           peak_gib=round(dev.peak_gib(), 3))
+            outputs = {"step": step(), "latents": denoise()}
+        _log(f"fp8 stage: {precision} step {figures['median_ms']:.2f} ms, peak {figures['peak_gib']} GiB")
+        return figures, outputs
+
+    result["bf16"], bf16_out = measure("bf16")
+    (args.out / "stage_f.json").write_text(json.dumps({**result, "ok": False, "error": "stopped before the FP8 "
+                                                       "half was timed"}, indent=2, default=str) + "\n")
+    start = time.perf_counter()
+    result["fp8_linears"] = to_fp8(cached, TRANSFORMER_KEEP)
+    result["kept_linears"] = sum(type(m) is torch.nn.Linear for m in cached.modules())
+    result["swap_s"] = round(time.perf_counter() - start, 2)
+    result["fp8"], fp8_out = measure("fp8")
+    result["fp8"]["paths"] = fp8_paths(cached)
+    result["step_output"] = _difference(fp8_out["step"], bf16_out["step"])
+    result["latents_after_steps"] = _difference(fp8_out["latents"], bf16_out["latents"])
+    cached = t = ref_kv = x = None  # the transformer and K/V go before the VAE comes
+    dev.free()
+    vae = C.build("vae_decoder", f"random:{size}", dtype, str(device))
+    with torch.inference_mode():
+        images = [((vae(out["latents"].reshape(1, grid, grid, -1)).float().clamp(-1, 1) + 1) * 127.5).round()
+                  for out in (fp8_out, bf16_out)]
+    result["image"] = _difference(*images, peak=255.0)
+    result["image"]["shape"] = list(images[0].shape)
+    result["speedup"] = result["bf16"]["median_ms"] / result["fp8"]["median_ms"]
+    figures = [result[k][f] for k in ("bf16", "fp8") for f in ("median_ms", "peak_gib")]
+    figures += [result[k][f] for k in ("step_output", "latents_after_steps", "image") for f in ("mean_abs", "max_abs")]
+    problems = [] if all(math.isfinite(v) for v in figures) else ["a figure is not finite"]
+    if result["fp8_matmul_device"] and set(result["fp8"]["paths"]) != {"_scaled_mm"}:
+        problems.append(f"an FP8-capable GPU, yet paths {result['fp8']['paths']}")
+    result["ok"] = not problems
+    if problems:
+        result["error"] = "; ".join(problems)
     return result
 
 
@@ -462,6 +591,7 @@ def markdown(results: dict) -> str:
             continue
         status = "skipped" if stage.get("skipped") else ("ok" if stage.get("ok") else "FAILED")
         lines.append(f"| {letter} {name} | {status} | {_summary(letter, stage)} |")
+    lines += _fp8_markdown(results["stages"].get("f", {}))
     served = results["stages"].get("d", {})
     if served.get("ok"):
         lines += ["", f"Served stack (torch flavor, {served['size']} dims, random weights, {served['dtype']}, "
@@ -487,6 +617,44 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _fp8_markdown(fp8: dict) -> list[str]:
+    """The FP8 stage's table (empty when it did not succeed)."""
+    if not fp8.get("ok"):
+        return []
+
+    def psnr(diff):
+        return "identical" if diff["psnr_db"] is None else f"PSNR {diff['psnr_db']:.1f} dB"
+
+    def paths(counts):
+        return ", ".join(f"`{path}` x {count}" for path, count in sorted(counts.items()))
+
+    rows = [("bf16", fp8["bf16"], "torch.nn.Linear (bf16)"),
+            ("FP8 E4M3, per-tensor scales", fp8["fp8"], paths(fp8["fp8"]["paths"]))]
+    lines = ["", f"FP8 against bf16, the cached transformer step (flux2_serving.models.fp8_linear; {fp8['size']} "
+                 f"dims, random weights, {fp8['refs']} reference and a {fp8['side']}x{fp8['side']} output, "
+                 f"{fp8['text_len']} text tokens; median of {fp8['repeats']} steps after {fp8['warmup']} warm-up, "
+                 f"{fp8['timer']}; {fp8['device_name']}"
+                 + (f", compute capability {fp8['compute_capability']}" if fp8.get("compute_capability") else "")
+                 + "):", "",
+             "| precision | step (ms) | peak memory (GiB) | weights (GiB) | matmul path (layers) |",
+             "|---|---:|---:|---:|---|"]
+    lines += [f"| {name} | {row['median_ms']:.2f} | {row['peak_gib']:.3g} | {row['weights_gib']:.3g} | {path} |"
+              for name, row, path in rows]
+    step, latents, image = fp8["step_output"], fp8["latents_after_steps"], fp8["image"]
+    lines += ["", f"FP8 step {fp8['speedup']:.2f}x the bf16 step's speed; {fp8['fp8_linears']} linear layers in FP8, "
+                  f"{fp8['kept_linears']} kept in bf16 (embedders, modulation, output head: TRANSFORMER_KEEP); the "
+                  "input scales are dynamic (each call's amax, unfused eager quantization). FP8 against bf16: step "
+                  f"output mean |diff| {step['mean_abs']:.4g}, max {step['max_abs']:.4g} (max |bf16| "
+                  f"{step['reference_max_abs']:.4g}), {psnr(step)}; latents after {fp8['steps']} steps mean |diff| "
+                  f"{latents['mean_abs']:.4g}, {psnr(latents)}; decoded {image['shape'][-1]}x{image['shape'][-2]} "
+                  f"image (random-weight VAE) mean {image['mean_abs']:.2f}, max {image['max_abs']:.0f} levels, "
+                  f"{psnr(image)}. Peak memory: {fp8['memory']}, weights included."]
+    if fp8["size"] != "9b" or not fp8["fp8_matmul_device"]:
+        lines += ["", "No FP8 matmul ran here (the fallback path: the same FP8 operands, dequantized): a rehearsal of "
+                      "the stage; its times and memory say nothing about FP8 on a GPU."]
+    return lines
+
+
 def _summary(letter: str, stage: dict) -> str:
     if stage.get("skipped"):
         return stage["skipped"]
@@ -500,6 +668,12 @@ def _summary(letter: str, stage: dict) -> str:
                 f"cache hit = miss; outputs on {', '.join(stage['bls_output_devices'])}")
     if letter == "c":
         return "see the GPU probe section"
+    if letter == "f":
+        step = stage["step_output"]["psnr_db"]
+        return (f"{stage['size']} step: FP8 {stage['fp8']['median_ms']:.2f} ms vs bf16 "
+                f"{stage['bf16']['median_ms']:.2f} ms, peak {stage['fp8']['peak_gib']:.2f} vs "
+                f"{stage['bf16']['peak_gib']:.2f} GiB, step PSNR "
+                f"{'inf' if step is None else f'{step:.1f}'} dB; paths {stage['fp8']['paths']}")
     if letter == "d":
         return "; ".join(f"{r['case']} {r['served_s']:.2f} s" for r in stage["rows"])
     if letter == "e":
@@ -521,6 +695,8 @@ def run_stage(args) -> dict:
         return stage_probe(args, args.limit_s)
     if letter == "d":
         return stage_served(args)
+    if letter == "f":
+        return stage_fp8(args)
     return stage_export(args)
 
 
@@ -528,7 +704,8 @@ def parse_args(argv):
     parser = command_parser("bench.gpu_check", __doc__)
     parser.add_argument("--device", default=None, help="cuda:N or cpu (default: cuda:0 when a GPU is visible)")
     parser.add_argument("--stages", default=None,
-                        help="letters to run (default abcde; on the CPU c is skipped and b, d, e run at the tiny size)")
+                        help="letters to run, in order (default abcfde; on the CPU c is skipped and b, f, d, e run at "
+                             "the tiny size)")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "gpu_check", help="results folder")
     parser.add_argument("--budget-s", type=float, default=480.0, help="all stages together (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed requests per case in stage d (default 3)")
@@ -564,7 +741,7 @@ def main(argv=None) -> int:
     import torch  # only now: this Python may lack it until the bundle's venv is entered above
 
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-    stages = args.stages or "abcde"  # on the CPU, c reports itself skipped
+    stages = args.stages or "".join(STAGES)  # on the CPU, c reports itself skipped
     results = {"device": device, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "stages": {},
                "seconds": 0.0}
     start = time.monotonic()

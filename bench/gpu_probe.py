@@ -185,6 +185,53 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float().cpu() - b.detach().float().cpu()).abs().max().item()
 
 
+def step_inputs(config, shape: dict, refs: int, dtype, device, seed: int = 0) -> dict:
+    """Random inputs of one transformer step in diffusers' layout (as Flux2KleinKVPipeline builds them): prompt
+    embeddings of `shape["text_len"]` tokens, latents on an `img_grid` grid, `refs` references on `ref_grid`
+    grids, their position ids, and the timesteps of step 0 (sigma 1.0) and of a later step (0.75).
+    `config`: the transformer's. Needs `_load_torch()` first."""
+    from diffusers import Flux2KleinKVPipeline as P  # heavy: not at the top, so --help answers without it
+
+    g_img, g_ref, length = shape["img_grid"], shape["ref_grid"], shape["text_len"]
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1 + refs)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+
+    prompt_embeds = randn(1, length, config.joint_attention_dim)
+    latents = randn(1, g_img * g_img, config.in_channels)
+    txt_ids = P._prepare_text_ids(prompt_embeds.cpu())[0].to(device)
+    img_ids = P._prepare_latent_ids(torch.empty(1, 1, g_img, g_img))[0].to(device)
+    if refs:
+        ref_latents = randn(1, refs * g_ref * g_ref, config.in_channels)
+        ref_ids = P._prepare_image_ids([torch.empty(1, 1, g_ref, g_ref)] * refs)[0].to(device)
+    else:
+        ref_latents, ref_ids = None, None
+    return dict(
+        prompt_embeds=prompt_embeds,
+        latents=latents,
+        txt_ids=txt_ids,
+        img_ids=img_ids,
+        ref_latents=ref_latents,
+        ref_ids=ref_ids,
+        # step 0 runs at sigma 1.0 (t/1000); a later step at 0.75
+        sigma0=torch.full((1,), 1.0, dtype=dtype, device=device),
+        sigma=torch.full((1,), 0.75, dtype=dtype, device=device),
+    )
+
+
+def cached_step(cached, x: dict, grid: int, ref_kv, latents=None, sigma=None):
+    """One step of our TransformerCached `cached` on step_inputs' tensors `x` (or the given `latents`
+    [B, grid*grid, C] and `sigma`), in the graph's layout: latent grid [B, g, g, C], ids on the grid, one K/V
+    tensor per block (`ref_kv`). Returns the prediction as [B, grid*grid, C]."""
+    latents = x["latents"] if latents is None else latents
+    sigma = x["sigma"] if sigma is None else sigma
+    b = latents.shape[0]
+    out = cached(latents.reshape(b, grid, grid, -1), x["prompt_embeds"], sigma.expand(b),
+                 x["img_ids"].reshape(grid, grid, 4), x["txt_ids"], *ref_kv)
+    return out.reshape(b, grid * grid, -1)
+
+
 class Probe:
     def __init__(self, args, argv):
         self.args = args
@@ -258,36 +305,7 @@ class Probe:
 
     # ---------------------------------------------------------------- inputs
     def inputs(self, refs: int):
-        from diffusers import Flux2KleinKVPipeline as P  # heavy: not at the top, so --help answers without it
-
-        t, d, dt = self.transformer, self.dev.device, self.dtype
-        cfg = t.config
-        g_img, g_ref, length = self.shape["img_grid"], self.shape["ref_grid"], self.shape["text_len"]
-        gen = torch.Generator(device="cpu").manual_seed(self.args.seed + 1 + refs)
-
-        def randn(*size):
-            return torch.randn(*size, generator=gen).to(device=d, dtype=dt)
-
-        prompt_embeds = randn(1, length, cfg.joint_attention_dim)
-        latents = randn(1, g_img * g_img, cfg.in_channels)
-        txt_ids = P._prepare_text_ids(prompt_embeds.cpu())[0].to(d)
-        img_ids = P._prepare_latent_ids(torch.empty(1, 1, g_img, g_img))[0].to(d)
-        if refs:
-            ref_latents = randn(1, refs * g_ref * g_ref, cfg.in_channels)
-            ref_ids = P._prepare_image_ids([torch.empty(1, 1, g_ref, g_ref)] * refs)[0].to(d)
-        else:
-            ref_latents, ref_ids = None, None
-        return dict(
-            prompt_embeds=prompt_embeds,
-            latents=latents,
-            txt_ids=txt_ids,
-            img_ids=img_ids,
-            ref_latents=ref_latents,
-            ref_ids=ref_ids,
-            # step 0 runs at sigma 1.0 (t/1000); a later step at 0.75
-            sigma0=torch.full((1,), 1.0, dtype=dt, device=d),
-            sigma=torch.full((1,), 0.75, dtype=dt, device=d),
-        )
+        return step_inputs(self.transformer.config, self.shape, refs, self.dtype, self.dev.device, self.args.seed)
 
     def kv_layers(self) -> list[int]:
         """First/last double and first/last single block (all 4 layers at the tiny size)."""
@@ -313,11 +331,7 @@ class Probe:
                      return_dict=False, **kwargs)[0]
 
         def ours_cached_call(ref_kv):
-            # The graph's layout: latent grid [B, g, g, C], ids on the grid, one K/V tensor per block.
-            b, g = x["latents"].shape[0], self.shape["img_grid"]
-            out = cached(x["latents"].reshape(b, g, g, -1), x["prompt_embeds"], x["sigma"].expand(b),
-                         x["img_ids"].reshape(g, g, 4), x["txt_ids"], *ref_kv)
-            return out.reshape(b, g * g, -1)
+            return cached_step(cached, x, self.shape["img_grid"], ref_kv)
 
         if refs == 0:
             reference = self.measure("diffusers_plain_0ref", "diffusers plain step (text-to-image)", 0,

@@ -15,6 +15,7 @@ import torch
 
 from flux2_serving.clients.api import Flux2Client
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.contract.fp8_recipe import TRANSFORMER_KEEP, kept
 from flux2_serving.contract.tiers import FP8_ENGINES
 from flux2_serving.export import fp8
 from flux2_serving.export.trt_compat import check_graph
@@ -45,11 +46,11 @@ def test_the_layers_nvidia_keeps_stay_unquantized(onnx_fp8):
     # Named after the weight (transformer.<module path>.weight.fp8): the wrapper's prefix stripped, the
     # module path must not be one ModelOpt's FLUX filter keeps, and the blocks' attention is FP8.
     paths = [name.removeprefix("transformer.").removesuffix(".weight.fp8") for name in fp8_weights]
-    assert paths and not [p for p in paths if fp8.TRANSFORMER_KEEP.match(p)], paths
+    assert paths and not [p for p in paths if kept(p, TRANSFORMER_KEEP)], paths
     assert any("attn.to_q" in p for p in paths) and any("single_transformer_blocks" in p for p in paths), paths
-    kept = {t.name: t.data_type for t in proto.graph.initializer
+    high = {t.name: t.data_type for t in proto.graph.initializer
             if t.name.endswith(("stream_modulation_img.linear.weight", "norm_out.linear.weight"))}
-    assert len(kept) == 2 and set(kept.values()) == {onnx.TensorProto.FLOAT}, kept  # still fp32 weights
+    assert len(high) == 2 and set(high.values()) == {onnx.TensorProto.FLOAT}, high  # still fp32 weights
 
 
 def test_onnx_qdq_equals_modelopt_fake_quant_and_storing_fp8_weights_changes_nothing(tmp_path):

@@ -6,7 +6,7 @@ per-tensor FP8 quantizer on the input and the weight of every `nn.Linear` and se
 this project writes (`calibration_prompts`) with synthetic references (`calibration_references`):
 the text encoder first, on the prompts alone, then the transformer, on whole generations (reference
 prefill and cached steps, through the quantized text encoder as served). The layers NVIDIA's FLUX
-recipes keep in high precision stay unquantized (`TRANSFORMER_KEEP`); the VAE is not quantized.
+recipes keep in high precision stay unquantized (contract/fp8_recipe.py); the VAE is not quantized.
 
 `translation_table` tells `torch.onnx.export(dynamo=True)` how to write ModelOpt's fake-quant op
 (`tensorrt::quantize_op`) in ONNX: QuantizeLinear -> DequantizeLinear with a FLOAT8E4M3FN zero
@@ -23,25 +23,15 @@ the transformer into a prefill and a cached step whose inputs calibration sees a
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..contract.fp8_recipe import TEXT_ENCODER_KEEP, TRANSFORMER_KEEP, kept
+
 FP8_OPSET = 19  # QuantizeLinear / DequantizeLinear take FLOAT8E4M3FN from opset 19 (TensorRT 10: 9-20)
 E4M3_MAX = 448.0
 
-# Kept in high precision: NVIDIA Model Optimizer's filter for FLUX (examples/diffusers/quantization/
-# utils.py, filter_func_flux_dev, which names FLUX.2's time_guidance_embed and *_stream_modulation
-# layers): the final projection, the time / guidance / text / image embedders, the final norm and
-# the modulation layers. A quantizer whose module name matches is disabled after calibration.
-TRANSFORMER_KEEP = re.compile(
-    r"(proj_out.*|.*(time_text_embed|context_embedder|x_embedder|norm_out|time_guidance_embed|stream_modulation).*)")
-# Qwen3: ModelOpt's LLM FP8 default keeps the output head (lm_head); the embeddings and RMSNorms have
-# no linear layer. The text encoder graph ends at layer 27, before the head, so every linear layer of
-# the decoder layers it keeps is quantized.
-TEXT_ENCODER_KEEP = re.compile(r".*lm_head.*")
 
 # Recipe sizes: ModelOpt's diffusers example calibrates FLUX on 128 prompts (--calib-size 128); klein
 # is distilled for 4 steps, its pipeline's default, so calibration runs 4 steps per prompt.
@@ -124,7 +114,7 @@ def quantize_pipeline(pipe, size: int = DEFAULT_CALIBRATION_SIZE, side: int = DE
                                      ("transformer", pipe.transformer, generate, TRANSFORMER_KEEP)):
         log(f"calibrating the {name} for FP8 on {len(prompts)} prompt(s) ...", flush=True)
         mtq.quantize(module, fp8_config(), forward_loop=loop)
-        mtq.disable_quantizer(module, lambda quantizer, keep=keep: keep.match(quantizer) is not None)
+        mtq.disable_quantizer(module, lambda quantizer, keep=keep: kept(quantizer, keep))
         counts[name] = quantized_linears(module)
     return counts
 
