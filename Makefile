@@ -4,7 +4,10 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 MODEL   ?= checkpoints/tiny
 DTYPE   ?= fp32
-ONNX    ?= build/onnx/$(DTYPE)
+# QUANTIZE=fp8: FP8 linear layers in the text encoder and transformer graphs (ModelOpt calibration; the
+# 48gb-fp8 and 32gb-fp8 tiers take them: make export DTYPE=bf16 QUANTIZE=fp8 on the GPU host).
+QUANTIZE ?=
+ONNX    ?= build/onnx/$(DTYPE)$(if $(QUANTIZE),-$(QUANTIZE))
 ENGINES ?= build/engines
 REPO    ?= build/model_repository
 BACKEND ?= onnxruntime
@@ -39,7 +42,8 @@ EXPORT_SOURCES := $(filter-out flux2_serving/export/build_engines.py flux2_servi
 help:
 	@echo "make setup            create $(VENV) with the pinned CPU toolchain (idempotent)"
 	@echo "make checkpoint       write the embedded tiny random checkpoint to checkpoints/tiny"
-	@echo "make export           export MODEL (default: tiny) to ONNX in ONNX=$(ONNX) (DTYPE=fp32|bf16|fp16)"
+	@echo "make export           export MODEL (default: tiny) to ONNX in ONNX=$(ONNX) (DTYPE=fp32|bf16|fp16;"
+	@echo "                      QUANTIZE=fp8: FP8 text encoder and transformer, calibrated with NVIDIA ModelOpt)"
 	@echo "make repository       assemble the Triton model repository in REPO=$(REPO) (BACKEND=onnxruntime|tensorrt|torch,"
 	@echo "                      DEVICE=cpu|cuda:N for the BLS; default cuda:0 with tensorrt); tokenizer and"
 	@echo "                      scheduler come from the model recorded in ONNX/manifest.json"
@@ -64,7 +68,7 @@ help:
 	@echo "                      -> build/perf/results.md"
 	@echo "make bench            Triton vs diffusers (KV and no-KV), per-step cost, throughput, memory,"
 	@echo "                      serving overhead at 1024^2, 2 replicas behind nginx (affinity vs round robin),"
-	@echo "                      16 clients against the bounded queue (vs unbounded)"
+	@echo "                      16 clients against the bounded queue (vs unbounded), FP8 vs fp32 images"
 	@echo "                      -> BENCHMARKS.md (a benchmark: numbers, no pass/fail)"
 	@echo "make gpu-bundle       gather what a bare GPU machine lacks (tritonserver, diffusers, numpy<2, ...) into"
 	@echo "                      build/gpu_bundle (< 60 MiB; run where packages install)"
@@ -93,7 +97,8 @@ checkpoints/tiny/model_index.json: | setup
 checkpoint: checkpoints/tiny/model_index.json
 
 export: setup $(if $(filter checkpoints/tiny,$(MODEL)),checkpoint)
-	$(BIN)/python -m flux2_serving.export --model $(MODEL) --onnx-dir $(ONNX) --dtype $(DTYPE) $(if $(VERBOSE),--verbose)
+	$(BIN)/python -m flux2_serving.export --model $(MODEL) --onnx-dir $(ONNX) --dtype $(DTYPE) \
+		$(if $(QUANTIZE),--quantize $(QUANTIZE)) $(if $(VERBOSE),--verbose)
 
 # Re-export by itself only the embedded tiny model (a minute): never over an export of another
 # model (a 9B export takes hours and a GPU host's memory).
@@ -177,6 +182,7 @@ bench: setup $(BENCH_ONNX)/manifest.json $(OVERHEAD_ONNX)/manifest.json
 	$(BIN)/python -m bench.overhead --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
 	$(BIN)/python -m bench.scaleout --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
 	$(BIN)/python -m bench.overload --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
+	$(BIN)/python -m bench.fp8_quality --model $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX)
 
 gpu-bundle: setup
 	$(BIN)/python -m bench.gpu_bundle --out build/gpu_bundle

@@ -69,7 +69,7 @@ def test_the_cli_picks_the_tier_says_what_is_planned_and_states_a_shortfall_in_o
     for gib, tier in ((48, "48gb-fp8"), (32, "32gb-fp8")):
         result = subprocess.run([*run, "--gpu-gib", str(gib)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert f"tier: {tier}" in result.stdout and "PLANNED: FP8 engines are not exported yet" in result.stdout
+        assert f"tier: {tier}" in result.stdout and "NOT RUN: no FP8 engine has been built" in result.stdout
         assert f"tier {tier}: total" in result.stdout and ": fits" in result.stdout
     small = subprocess.run([*run, "--gpu-gib", "24"], capture_output=True, text=True)
     assert small.returncode == 1 and "tier: 32gb-fp8" in small.stdout and "DOES NOT FIT" in small.stdout

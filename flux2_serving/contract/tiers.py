@@ -3,9 +3,11 @@ named serving envelope plus the weight precision of each engine and where the re
 the rarely-run engines' weights live. `python -m flux2_serving.export.memory_plan --gpu-gib N` picks
 the largest tier made for a card of at most N GiB and prints its plan.
 
-PLANNED, NOT BUILT: the FP8 engines (NVIDIA Model Optimizer export) and TensorRT weight streaming in
-the component runner do not exist yet; the FP8 tiers are memory plans, with FP8 weight bytes counted
-from the quantizable layers (memory_plan.ModelSize.fp8_params). Standard library only.
+NOT RUN ON A CARD: the FP8 graphs (export --quantize fp8, NVIDIA Model Optimizer) are checked on the
+CPU only (onnxruntime, trt_compat), no FP8 engine has been built, and the TensorRT weight-streaming
+runtime of the component runner (models/trt_runtime.py) is written to TensorRT's documented API but
+has not run; the FP8 tiers' plans count FP8 weight bytes from the quantizable layers
+(memory_plan.ModelSize.fp8_params). Standard library only.
 """
 
 from __future__ import annotations

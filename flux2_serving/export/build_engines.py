@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tier", choices=tuple(TIERS), default=None,
                         help="memory tier whose envelope sets the profiles and whose streamed engines are built "
                              "for weight streaming (contract/tiers.py; default: the shipped envelope, the "
-                             "80gb-bf16 tier's). The FP8 tiers need FP8 graphs, not exported yet")
+                             "80gb-bf16 tier's). The FP8 tiers take FP8 graphs: export --dtype bf16 --quantize fp8")
     args = parser.parse_args(argv)
     envelope = TIERS[args.tier].envelope if args.tier else DEFAULT_ENVELOPE
     streamed = TIERS[args.tier].streamed if args.tier else ()

@@ -328,8 +328,9 @@ def main(argv=None) -> int:
     rows = plan(size, args.dtype, envelope, args.bls_instances, args.instances, built_records(args.engines_dir), tier)
     if tier:
         print(f"tier: {tier.name}, made for {tier.gpu_gib:g} GB cards ({tier.cards}): {tier.tradeoffs}"
-              + ("; PLANNED: FP8 engines are not exported yet" if "fp8" in tier.weights.values() else "")
-              + ("; PLANNED: weight streaming is not written yet" if tier.streamed else ""))
+              + ("; NOT RUN: no FP8 engine has been built (the FP8 graphs are checked on the CPU only)"
+                 if "fp8" in tier.weights.values() else "")
+              + ("; NOT RUN: weight streaming is written to TensorRT's API, not run" if tier.streamed else ""))
     print(f"model: {args.model or 'klein 9B (dims of black-forest-labs/FLUX.2-klein-9b-kv)'}; envelope: output "
           f"{envelope.output_side[0]}-{envelope.output_side[2]} px, up to {envelope.reference_tokens[2]} reference "
           f"tokens, {envelope.max_num_images_per_prompt} images per request, engine batches {envelope.engine_batch}")

@@ -270,9 +270,10 @@ def main(argv=None) -> int:
         print(exc.code, file=sys.stderr)
         return 2
     # Notes once the repository is written (a refusal above stays one line).
-    if tier and "fp8" in tier.weights.values() and args.backend == "tensorrt":
-        print(f"note: tier {tier.name} expects FP8 engines, which are not exported yet: the plans linked are "
-              f"whatever {args.engines_dir} holds", file=sys.stderr)
+    if tier and "fp8" in tier.weights.values() and args.backend == "tensorrt" and \
+            read_manifest(args.onnx_dir).quantization != "fp8":
+        print(f"note: tier {tier.name} expects FP8 engines, built from an FP8 export (export --dtype bf16 "
+              f"--quantize fp8); {args.onnx_dir} holds unquantized graphs", file=sys.stderr)
     if streamed:
         print(f"note: tier {tier.name} streams the weights of {', '.join(streamed)} from host memory: they run in "
               f"the Python-backend component runner (runtime tensorrt_streamed, {budget} bytes of each on the GPU; "
