@@ -36,10 +36,10 @@ examples:
   python -m flux2_serving.export.checkpoint --out checkpoints/tiny
   python -m flux2_serving.export --model checkpoints/tiny --onnx-dir build/onnx/fp32
   python -m flux2_serving.export --model black-forest-labs/FLUX.2-klein-9b-kv --onnx-dir build/onnx/bf16 --dtype bf16
-  python -m flux2_serving.export --model checkpoints/tiny --onnx-dir build/onnx/fp32-fp8 --quantize fp8 \
+  python -m flux2_serving.export --model checkpoints/tiny --onnx-dir build/onnx/fp32-fp8 --quantize fp8 \\
       --calibration-size 4 --calibration-side 64
-  python -m flux2_serving.export --model black-forest-labs/FLUX.2-klein-9b-kv --onnx-dir build/onnx/bf16-fp8 \
-      --dtype bf16 --quantize fp8
+  python -m flux2_serving.export --model black-forest-labs/FLUX.2-klein-9b-kv --onnx-dir build/onnx/bf16-fp8 \\
+      --dtype bf16 --quantize fp8 --calibration-device cuda
 """
 
 
@@ -65,6 +65,8 @@ def main(argv=None) -> int:
                         help="--quantize: image side of the calibration generations (default 1024)")
     parser.add_argument("--calibration-steps", type=int, default=None, metavar="N",
                         help="--quantize: denoising steps per calibration prompt (default 4, klein's)")
+    parser.add_argument("--calibration-device", default=None, metavar="DEV",
+                        help="--quantize: where the calibration runs (default cpu; cuda for the 9B model)")
     parser.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS),
                         metavar="NAME", help=f"subset to export (default: all of {', '.join(COMPONENTS)})")
     parser.add_argument("--skip-check", action="store_true", help="skip the TensorRT compatibility check")
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
 
         print(f"exporting {len(args.components)} component(s) of {args.model} ({args.dtype}) to {out}", flush=True)
         calibration = {key: value for key, value in (("size", args.calibration_size), ("side", args.calibration_side),
-                                                     ("steps", args.calibration_steps)) if value is not None}
+                                                     ("steps", args.calibration_steps),
+                                                     ("device", args.calibration_device)) if value is not None}
         paths = export_all(args.model, out, args.dtype, args.components, verbose=args.verbose,
                            quantize=args.quantize, calibration=calibration)
         opset = FP8_OPSET if args.quantize else OPSET

@@ -86,13 +86,15 @@ def fp8_config() -> dict:
 
 
 def quantize_pipeline(pipe, size: int = DEFAULT_CALIBRATION_SIZE, side: int = DEFAULT_CALIBRATION_SIDE,
-                      steps: int = 4, log=print) -> dict:
-    """Calibrate `pipe.text_encoder` and `pipe.transformer` for FP8 in place; returns how many linear
-    layers of each are quantized (the kept ones disabled)."""
+                      steps: int = 4, device: str = "cpu", log=print) -> dict:
+    """Calibrate `pipe.text_encoder` and `pipe.transformer` for FP8 in place, running on `device` (the 9B
+    model at the recipe's size needs a GPU), and leave the pipeline on the CPU for the export; returns how
+    many linear layers of each are quantized (the kept ones disabled)."""
     import modelopt.torch.quantization as mtq  # heavy, and only the FP8 export needs it
     import torch
 
     prompts = calibration_prompts(size)
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # one line per calibration generation instead
 
     def encode(_module):
@@ -116,6 +118,7 @@ def quantize_pipeline(pipe, size: int = DEFAULT_CALIBRATION_SIZE, side: int = DE
         mtq.quantize(module, fp8_config(), forward_loop=loop)
         mtq.disable_quantizer(module, lambda quantizer, keep=keep: kept(quantizer, keep))
         counts[name] = quantized_linears(module)
+    pipe.to("cpu")
     return counts
 
 
