@@ -86,3 +86,11 @@ def one_line_error(result, status: int, *words):
     assert "Traceback" not in result.stderr
     for word in words:
         assert word in lines[0], lines[0]
+
+
+def modules_imported_by(module: str, candidates) -> list[str]:
+    """Which of `candidates` importing `module` loads, in a fresh interpreter (sorted)."""
+    code = f"import sys, {module}; print(','.join(sorted(m for m in {tuple(candidates)!r} if m in sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return [name for name in result.stdout.strip().split(",") if name]

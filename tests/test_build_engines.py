@@ -30,6 +30,7 @@ from flux2_serving.export.build_engines import (
     update_record,
     write_buffer,
 )
+from tests.support import modules_imported_by
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -112,11 +113,8 @@ def test_write_buffer_crash_keeps_old_file_and_no_temp_file(tmp_path, monkeypatc
 
 
 def test_builder_imports_neither_torch_nor_diffusers():
-    code = ("import sys, flux2_serving.export.build_engines; "
-            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnx', 'numpy') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert modules_imported_by("flux2_serving.export.build_engines",
+                               ("torch", "diffusers", "transformers", "onnx", "numpy")) == []
 
 
 def test_the_engines_image_holds_everything_the_builder_imports(tmp_path):

@@ -36,7 +36,7 @@ from flux2_serving.models.trt_runtime import (
     torch_dtype_name,
 )
 from flux2_serving.serving.triton_config import component_config
-from tests.support import ROOT, one_line_error, run_module
+from tests.support import ROOT, modules_imported_by, one_line_error, run_module
 
 TIER = BY_NAME["32gb-fp8"]
 STREAMED = ("text_encoder", "transformer_prefill")
@@ -130,11 +130,8 @@ def test_without_tensorrt_the_runtime_says_so_in_one_line(monkeypatch):
 
 
 def test_the_runtime_module_imports_neither_tensorrt_nor_torch():
-    code = ("import sys, flux2_serving.models.trt_runtime; "
-            "print(sorted(m for m in ('tensorrt', 'torch', 'triton_python_backend_utils') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert modules_imported_by("flux2_serving.models.trt_runtime",
+                               ("tensorrt", "torch", "triton_python_backend_utils")) == []
     assert "NOT RUN" in trt_runtime.__doc__ and "not run" in TensorRTStreamed.__doc__
 
 
