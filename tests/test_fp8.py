@@ -127,3 +127,24 @@ def test_fp8_images_stay_near_fp32(onnx_fp8, onnx_fp32, tiny_checkpoint):
     diff = np.abs(results[0] - results[1])
     print(f"FP8 vs fp32 on the tiny checkpoint: mean {diff.mean():.2f}, max {diff.max():.0f} levels of 255")
     assert 0 < diff.mean() < 16
+
+
+def test_the_torch_flavor_serves_an_fp8_export_with_fp8_layers(tmp_path, onnx_fp8, tiny_checkpoint):
+    """--backend torch on an FP8 export: the quantized components run models/fp8_linear.py's layers (dynamic
+    input scales, so near, not equal to, the calibrated ONNX graphs), the VAE runs as exported."""
+    repository = assemble(onnx_fp8, tiny_checkpoint, tmp_path / "model_repository", backend="torch", bls_instances=1,
+                          envelope=replace(DEFAULT_ENVELOPE, reference_cache_bytes=CACHE_BYTES))
+    quantized = {name for name in FP8_ENGINES + ("vae_encoder", "vae_decoder")
+                 if 'key: "quantize"' in (repository / name / "config.pbtxt").read_text()}
+    assert quantized == set(FP8_ENGINES)
+    options = dict(height=256, width=256, seed=8, num_inference_steps=2)
+    with running(repository, log_file=tmp_path / "server.log") as server, Flux2Client(server.grpc, "grpc") as client:
+        served = np.asarray(client.generate("a torch fp8 fox", **options)[0]).astype(np.float64)
+    pipeline, _ = local_pipeline(onnx_fp8, tiny_checkpoint)
+    inputs = {"prompt": np.array([b"a torch fp8 fox"], dtype=np.object_), "height": np.array([256], dtype=np.int32),
+              "width": np.array([256], dtype=np.int32), "seed": np.array([8], dtype=np.int64),
+              "num_inference_steps": np.array([2], dtype=np.int32)}
+    onnx_image = pipeline(parse(inputs, pipeline.limits)).images[0].astype(np.float64)
+    diff = np.abs(served - onnx_image)
+    print(f"torch FP8 vs ONNX FP8: mean {diff.mean():.3f}, max {diff.max():.0f} levels")
+    assert diff.mean() < 2 and diff.max() <= 16

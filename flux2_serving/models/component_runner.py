@@ -6,7 +6,8 @@ TensorRT engine. The parameter `runtime` picks how:
 * `torch`: the very wrapper module the graph is exported from (flux2_serving.export.components),
   loaded from the checkpoint the export recorded, in the export dtype on the parameter `device`.
   It serves on a GPU before any engine is built (a 9B build takes long) and is the baseline the
-  engines are checked against;
+  engines are checked against. For an FP8 export's components (parameter quantize=fp8) its linear
+  layers are FP8 (models/fp8_linear.py: torch._scaled_mm on FP8 GPUs, with per-call input scales);
 * `tensorrt_streamed`: the TensorRT engine (`model.plan` next to this file) with its weights streamed
   from host memory, keeping `stream_budget_bytes` of them on the GPU (trt_runtime.TensorRTStreamed):
   the engines a memory tier streams (contract/tiers.py), since Triton's tensorrt_backend has no
@@ -76,7 +77,13 @@ class Torch:
 
         self.torch = torch
         self.device = torch.device(params.get("device", "cpu"))
-        self.module = build(args["model_name"], params["checkpoint"], DTYPES[params["dtype"]], self.device)
+        name, dtype = args["model_name"], DTYPES[params["dtype"]]
+        if params.get("quantize") == "fp8":  # an FP8 export's component: FP8 linear layers in PyTorch
+            from .fp8_linear import fp8_wrapper
+
+            self.module = fp8_wrapper(name, params["checkpoint"], self.device, dtype)
+        else:
+            self.module = build(name, params["checkpoint"], dtype, self.device)
 
     def read(self, tensor):
         return to_torch(tensor, self.device)

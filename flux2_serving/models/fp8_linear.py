@@ -146,11 +146,12 @@ def fp8_paths(module: torch.nn.Module) -> dict[str, int]:
     return dict(Counter(m.path or "not run" for m in module.modules() if isinstance(m, FP8Linear)))
 
 
-def fp8_wrapper(name: str, model: str, device: str = "cpu") -> torch.nn.Module:
-    """Served component `name` (flux2_serving.export.components.build, bf16, on `device`) with its transformer
-    or text-encoder linears in FP8 (KEEP says which stay bf16); the VAE graphs come back in bf16 unchanged.
-    `model` as build's: a checkpoint, or "random:9b" / "random:tiny"."""
-    wrapper = build(name, model, torch.bfloat16, device)
+def fp8_wrapper(name: str, model: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """Served component `name` (flux2_serving.export.components.build, in `dtype` on `device`) with its
+    transformer or text-encoder linears in FP8 (KEEP says which stay in `dtype`); the VAE graphs come back
+    unchanged. `model` as build's: a checkpoint, or "random:9b" / "random:tiny". The torch serving flavor
+    builds the components an FP8 export quantized with it (parameter quantize=fp8)."""
+    wrapper = build(name, model, dtype, device)
     keep = KEEP.get(GRAPHS[name].module)
     if keep is not None:
         to_fp8(wrapper, keep)

@@ -136,6 +136,8 @@ def assemble(onnx_dir, checkpoint=None, out="build/model_repository", backend="o
             weights = manifest.model if manifest.model.startswith("random:") else _local_checkpoint(source, True)
             params = {"runtime": "torch", "checkpoint": weights, "dtype": manifest.dtype, "device": device,
                       "FORCE_CPU_ONLY_INPUT_TENSORS": cpu_only(device)}
+            if name in manifest.quantized:  # FP8 linear layers (models/fp8_linear.py: dynamic input scales)
+                params["quantize"] = manifest.quantization
         config = component_config(manifest.specs[name], manifest.dtype, component_backend, envelope=envelope, gpu=gpu,
                                   params=params, vocab_size=manifest.dims.get("vocab_size", 0))
         (out / name / "config.pbtxt").write_text(config)
