@@ -37,7 +37,7 @@ RELEASE := 25.10
 EXPORT_SOURCES := $(filter-out flux2_serving/export/build_engines.py flux2_serving/export/memory_plan.py flux2_serving/export/engine_check.py flux2_serving/export/profile_walk.py,$(wildcard flux2_serving/export/*.py)) flux2_serving/contract/specs.py flux2_serving/contract/envelope.py
 
 .PHONY: help setup checkpoint export repository serve check engines engines-dry-run memory-plan docker-engines \
-	docker-serving demo perf bench gpu-bundle gpu-check test clean
+	docker-serving demo perf bench front gpu-bundle gpu-check test clean
 
 help:
 	@echo "make setup            create $(VENV) with the pinned CPU toolchain (idempotent)"
@@ -64,11 +64,14 @@ help:
 	@echo "make demo             setup, tiny checkpoint, export, repository, tritonserver, a text-to-image"
 	@echo "                      and a 2-reference edit over gRPC -> build/demo/*.png, server stopped"
 	@echo "                      (on HTTP_PORT, GRPC_PORT, METRICS_PORT as make serve)"
+	@echo "make front            the OpenAI Images API (/v1/images/generations, /v1/images/edits) on FRONT_PORT=9000,"
+	@echo "                      forwarding to the server of make serve (GRPC_PORT)"
 	@echo "make perf             perf_analyzer load test of the served model (3 cases, gRPC + HTTP, concurrency 1-4)"
 	@echo "                      -> build/perf/results.md"
 	@echo "make bench            Triton vs diffusers (KV and no-KV), per-step cost, throughput, memory,"
 	@echo "                      serving overhead at 1024^2, 2 replicas behind nginx (affinity vs round robin),"
-	@echo "                      16 clients against the bounded queue (vs unbounded), FP8 vs fp32 images"
+	@echo "                      16 clients against the bounded queue (vs unbounded), FP8 vs fp32 images,"
+	@echo "                      the OpenAI front's overhead and an AIPerf load run next to perf_analyzer"
 	@echo "                      -> BENCHMARKS.md (a benchmark: numbers, no pass/fail)"
 	@echo "make gpu-bundle       gather what a bare GPU machine lacks (tritonserver, diffusers, numpy<2, ...) into"
 	@echo "                      build/gpu_bundle (< 60 MiB; run where packages install)"
@@ -183,6 +186,12 @@ bench: setup $(BENCH_ONNX)/manifest.json $(OVERHEAD_ONNX)/manifest.json
 	$(BIN)/python -m bench.scaleout --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
 	$(BIN)/python -m bench.overload --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
 	$(BIN)/python -m bench.fp8_quality --model $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX)
+	$(BIN)/python -m bench.front --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
+
+# The OpenAI Images API in front of a running server (make serve): http://127.0.0.1:$(FRONT_PORT)/v1
+FRONT_PORT ?= 9000
+front: setup
+	$(BIN)/python -m flux2_serving.front --triton-grpc 127.0.0.1:$(GRPC_PORT) --port $(FRONT_PORT)
 
 gpu-bundle: setup
 	$(BIN)/python -m bench.gpu_bundle --out build/gpu_bundle

@@ -12,6 +12,8 @@ Layers, each importing only the ones before it:
   server     starts, guards and fronts tritonserver (launch, serve, watchdog, gateway)
   clients    the Python client, its CLI and the demo
   devtools   support for tests, benchmarks and load tests (not needed to serve)
+  front      the OpenAI Images API (generations, edits) as an ASGI service that forwards to Triton over
+             gRPC; it holds no model, so it scales apart from the GPU replicas
 """
 
 from pathlib import Path

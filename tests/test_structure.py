@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "flux2_serving"
 # Lower layers first; a module may import its own layer and the ones before it (flux2_serving/__init__.py
 # says what each holds). contract and devtools depend on nothing of the project.
-LAYERS = [{"(root)", "contract", "devtools"}, {"export"}, {"models"}, {"serving"}, {"server"}, {"clients"}]
+LAYERS = [{"(root)", "contract", "devtools"}, {"export"}, {"models"}, {"serving"}, {"server"}, {"clients"},
+          {"front"}]
 MAX_UPWARD_IMPORTS = 0
 
 
