@@ -22,14 +22,17 @@ import yaml
 from flux2_serving import CHECKOUT as LAUNCH_ROOT
 from flux2_serving.clients.api import ROUTING_HEADER
 from flux2_serving.contract import security
+from flux2_serving.front import __main__ as front_main
 from flux2_serving.server.gateway import ROUTING_HEADER as GATEWAY_HEADER
 from flux2_serving.server.launch import bundled_server, free_ports, prepare_backends, server_env, wait_ready
+from tests.support import modules_imported_by
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSIONS = ("1.30", "1.37")  # a 2024 cluster and the newest schemas the package holds
 NOT_RESOURCES = {"kustomization.yaml", "prometheus-adapter-values.yaml"}
 DOCKERFILE = ROOT / "docker" / "serving.Dockerfile"
+FRONT_DOCKERFILE = ROOT / "docker" / "front.Dockerfile"
 RELEASE = re.search(r"^RELEASE := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
 
 
@@ -60,7 +63,7 @@ def test_every_builtin_resource_validates_strictly(version):
 
 
 def test_validation_rejects_a_misspelt_field():
-    deployment = _one("Deployment")
+    deployment = _one("Deployment", "flux2-triton")
     deployment["spec"]["template"]["spec"]["containers"][0]["livenesprobe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError, match="livenesprobe"):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
@@ -75,7 +78,7 @@ def _containers(deployment: dict) -> dict[str, dict]:
 
 
 def test_replica_shape_one_gpu_probes_shm_and_explicit_model_control():
-    deployment = _one("Deployment")
+    deployment = _one("Deployment", "flux2-triton")
     triton = _triton(deployment)
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
@@ -94,7 +97,7 @@ def test_replica_shape_one_gpu_probes_shm_and_explicit_model_control():
 
 
 def test_both_containers_run_the_hardened_modules_with_the_admin_key_from_the_secret_as_a_file():
-    deployment = _one("Deployment")
+    deployment = _one("Deployment", "flux2-triton")
     containers = _containers(deployment)
     triton, watchdog = containers["triton"], containers["watchdog"]
     assert triton["command"] == ["python3", "-m", "flux2_serving.server.serve"]
@@ -108,7 +111,7 @@ def test_both_containers_run_the_hardened_modules_with_the_admin_key_from_the_se
     assert "--once" in command and "--canary" not in command
     assert liveness["timeoutSeconds"] > float(command[command.index("--probe-timeout") + 1])
 
-    secret = _one("Secret")
+    secret = _one("Secret", "flux2-admin-key")
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     for container in (triton, watchdog):
         env = {e["name"]: e for e in container["env"]}
@@ -134,8 +137,10 @@ def test_the_image_runs_server_serve_from_the_files_the_context_lets_in():
     assert ("flux2_serving", "/opt/flux2/src/flux2_serving") in copies
     assert ("pyproject.toml README.md", "/opt/flux2/src/") in copies
     assert re.search(r"^RUN python3 -m pip install --no-cache-dir --no-deps /opt/flux2/src$", dockerfile, re.M)
+    front = {source for sources, _ in re.findall(r"^COPY (.+) (\S+)$", FRONT_DOCKERFILE.read_text(), re.M)
+             for source in sources.split()}
     allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
-    assert allowed == sources and all((ROOT / source).exists() for source in sources)
+    assert allowed == sources | front and all((ROOT / source).exists() for source in sources | front)
     # The CMD as /bin/sh runs it (${CUDA_POOL_BYTES} expanded, '*' not globbed), through
     # flux2_serving.server.serve --print.
     cmd = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1))
@@ -151,12 +156,12 @@ def test_the_image_runs_server_serve_from_the_files_the_context_lets_in():
 
 
 def test_selectors_ports_and_names_refer_to_what_exists():
-    deployment = _one("Deployment")
+    deployment = _one("Deployment", "flux2-triton")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     port_names = {p["name"] for p in _triton(deployment)["ports"]}
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
-    service = _one("Service")
+    service = _one("Service", "flux2-triton")
     assert service["spec"]["selector"].items() <= labels.items()
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
     service_ports = {p["name"] for p in service["spec"]["ports"]}
@@ -288,3 +293,38 @@ def test_serve_starts_tritonserver_with_the_admin_apis_behind_the_key(triton_ser
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def test_the_front_deployment_service_and_secret_fit_together():
+    deployment, service = _one("Deployment", "flux2-front"), _one("Service", "flux2-front")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= {p["name"] for p in container["ports"]}
+    # Its arguments parse with the front's own parser, and Triton's gRPC is the Triton Service's port.
+    args = front_main.parser().parse_args(container["args"])
+    triton = _one("Service", "flux2-triton")
+    assert args.triton_grpc == f"{triton['metadata']['name']}:" + str(
+        next(p["port"] for p in triton["spec"]["ports"] if p["name"] == "grpc"))
+    # API keys on, from the Secret's file; the published placeholder is refused at start.
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
+    secret = _one("Secret", "flux2-front-api-keys")
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert args.api_keys_file == f"{mount['mountPath']}/{volume['secret']['items'][0]['path']}"
+    with pytest.raises(ValueError, match="whitespace"):
+        front_main.api_keys(None, {front_main.KEYS_VARIABLE: secret["stringData"]["api-keys"]})
+    assert front_main.api_keys(None, {front_main.KEYS_VARIABLE: "k1, k2"}) == {"k1", "k2"}
+
+
+def test_the_front_image_pins_what_the_tests_run_with_and_imports_no_torch():
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    front = dict(line.split("==") for line in (ROOT / "docker" / "requirements-front.txt").read_text().splitlines()
+                 if "==" in line and not line.startswith("#"))
+    pins = {name.split("[")[0]: version for name, version in pins.items()}
+    assert front and all(pins[name.split("[")[0]] == version for name, version in front.items()), front
+    dockerfile = FRONT_DOCKERFILE.read_text()
+    assert re.search(r'^ENTRYPOINT \["python3", "-m", "flux2_serving.front"', dockerfile, re.M)
+    assert modules_imported_by("flux2_serving.front.app", ("torch", "diffusers", "transformers", "onnx")) == []
