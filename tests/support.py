@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 import tritonclient.grpc as grpc
 from PIL import Image
 
+from flux2_serving.clients.api import Flux2Client, Flux2Error
 from flux2_serving.contract.security import admin_headers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +96,18 @@ def modules_imported_by(module: str, candidates) -> list[str]:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     return [name for name in result.stdout.strip().split(",") if name]
+
+
+def wait_until_served(grpc_url: str, timeout: float = 120) -> None:
+    """Until the BLS serves a small request again (after a test filled its queue): "overloaded" answers
+    are retried, anything else raised."""
+    deadline = time.monotonic() + timeout
+    with Flux2Client(grpc_url, timeout_s=timeout) as client:
+        while True:
+            try:
+                client.generate("idle?", height=256, width=256, seed=0, num_inference_steps=1)
+                return
+            except Flux2Error as exc:
+                if "overloaded" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)

@@ -21,7 +21,7 @@ from openai.types import ImagesResponse
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from flux2_serving.clients.api import Flux2Client, Flux2Error, request_tensors, routing_headers
+from flux2_serving.clients.api import Flux2Client, request_tensors, routing_headers
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.interface import GenerationOptions
 from flux2_serving.contract.names import QUEUE_FULL, QUEUE_TIMEOUT, ROUTING_HEADER
@@ -34,7 +34,7 @@ from flux2_serving.front.fields import ImageRequest
 from flux2_serving.front.serve import running_front
 from flux2_serving.front.triton import call_arguments
 from flux2_serving.server.launch import free_port
-from tests.support import BLS_INSTANCES, png_bytes, random_image, run_module
+from tests.support import BLS_INSTANCES, png_bytes, random_image, run_module, wait_until_served
 
 KEY = f"test-{secrets.token_hex(8)}"
 SMALL_BODY = 32 * 1024
@@ -388,18 +388,4 @@ def test_a_full_triton_queue_is_429(triton_server):
     assert all(QUEUE_FULL in message or QUEUE_TIMEOUT in message for message, _ in refused)
     assert all(int(headers["retry-after"]) > 0 for _, headers in refused)
     assert {status for status, _, _ in answers} <= {200, 429, 504}, answers
-    _wait_until_served(triton_server)
-
-
-def _wait_until_served(triton_server, timeout: float = 120) -> None:
-    """Until a small request is served again (the abandoned ones stop at their next step)."""
-    deadline = time.monotonic() + timeout
-    with Flux2Client(triton_server["grpc"]) as grpc_client:
-        while True:
-            try:
-                grpc_client.generate("idle?", height=256, width=256, seed=0, num_inference_steps=1)
-                return
-            except Flux2Error as exc:
-                if "overloaded" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+    wait_until_served(triton_server["grpc"])  # the abandoned ones stop at their next step

@@ -20,6 +20,7 @@ from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.devtools.metrics import metric_by_label, scrape
 from flux2_serving.server.launch import running
 from flux2_serving.serving.repository import assemble
+from tests.support import wait_until_served
 
 QUEUE = 20
 PROBE_TIMEOUT_S = 1.0
@@ -57,16 +58,7 @@ def executions(server, model: str) -> int:
 def wait_idle(server, timeout: float = 120) -> None:
     """Until the BLS answers a small request: requests an HTTP client gave up on stay queued until
     their `timeout` (HTTP has no cancellation), so the first tries may still find the queue full."""
-    deadline = time.monotonic() + timeout
-    with Flux2Client(server.grpc, timeout_s=timeout) as user:
-        while True:
-            try:
-                user.generate("idle?", height=256, width=256, seed=0, num_inference_steps=1)
-                return
-            except Flux2Error as exc:
-                if "overloaded" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+    wait_until_served(server.grpc, timeout)
 
 
 def test_a_full_queue_is_answered_at_once_and_the_admitted_are_served(busy_server):

@@ -14,13 +14,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from flux2_serving.server.launch import free_port
+from flux2_serving.server.launch import free_port, wait_http_ok
 
 from .__main__ import KEYS_VARIABLE
 
@@ -40,18 +37,10 @@ class RunningFront:
 
 
 def _wait_live(root: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the front exited with status {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{root}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"the front did not answer {root}/health within {START_TIMEOUT_S} s")
+    try:
+        wait_http_ok(f"{root}/health", process, START_TIMEOUT_S, "the front", every=0.1)
+    except RuntimeError as exc:  # it exited: say why, from its log
+        raise RuntimeError(f"{exc}:\n{log.read_text()[-3000:]}") from None
 
 
 def _stop(process: subprocess.Popen) -> None:

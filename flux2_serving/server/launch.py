@@ -159,18 +159,24 @@ def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
     """Poll Triton's /v2/health/ready (plain HTTP: no client library needed)."""
+    wait_http_ok(f"http://{url}/v2/health/ready", process, timeout, "tritonserver", ServerExited)
+
+
+def wait_http_ok(address: str, process: subprocess.Popen, timeout: float, what: str,
+                 exited=RuntimeError, every: float = 0.5) -> None:
+    """Poll `address` until it answers 200; `exited` if `process` ends first, TimeoutError after `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ServerExited(f"tritonserver exited with status {process.returncode} before it was ready")
+            raise exited(f"{what} exited with status {process.returncode} before {address} answered")
         try:
-            with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=5) as response:
+            with urllib.request.urlopen(address, timeout=5) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):  # not listening yet, or not ready (400)
             pass
-        time.sleep(0.5)
-    raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s")
+        time.sleep(every)
+    raise TimeoutError(f"{what}: {address} did not answer within {timeout:.0f} s")
 
 
 def free_port() -> int:
