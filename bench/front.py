@@ -278,7 +278,7 @@ def run_perf_analyzer(server, concurrency: int, requests: int, out: Path) -> tup
     folder.mkdir(parents=True, exist_ok=True)
     data = input_data.write(CASE, folder / f"{CASE}.json", height=SIDE, width=SIDE, num_inference_steps=STEPS,
                             seed=SEED)
-    args = perf_run._parse_args(["--concurrency", f"{concurrency}:{concurrency}",
+    args = perf_run.parse_args(["--concurrency", f"{concurrency}:{concurrency}",
                                  f"--pa-arg=--request-count={requests}", "--timeout", str(120 + 90 * requests)])
     png_before, cpu_before = stage_seconds(server, "png"), children_cpu_s()
     result = perf_run.run_case(perf_analyzer, CASE, "grpc", server.grpc, data, folder, args, server.admin_key)

@@ -186,7 +186,8 @@ def table(results: list[Result], composing_models=COMPOSING_MODELS, header: str 
     return "\n".join(lines) + "\n"
 
 
-def _parse_args(argv):
+def parse_args(argv):
+    """The options of python -m perf.run (bench.front builds its perf_analyzer runs from them too)."""
     parser = argparse.ArgumentParser(prog="python -m perf.run", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--repository", default="build/model_repository",
@@ -225,7 +226,7 @@ def _parse_args(argv):
 
 def run(argv=None) -> tuple[int, str]:
     """The load test as a function: (exit status, the results table); also writes OUT/results.md."""
-    args = _parse_args(argv)
+    args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cases = [c for c in args.cases.split(",") if c]
