@@ -38,22 +38,16 @@ def export(checkpoint: str, out: Path, quantize: bool, size: int, side: int) -> 
 
 
 def request(prompt: str, references: list, side: int, seed: int) -> dict:
-    """The raw inputs of one request (as a client sends them): random-noise references, PNG-encoded."""
-    import io
-
+    """The raw inputs of one request as a client sends them (clients.api.request_tensors): random-noise
+    references, PNG-encoded."""
     from PIL import Image
 
-    inputs = {"prompt": np.array([prompt.encode()], dtype=np.object_), "seed": np.array([seed], dtype=np.int64),
-              "height": np.array([side], dtype=np.int32), "width": np.array([side], dtype=np.int32)}
-    encoded = []
-    for index, (width, height) in enumerate(references):
-        pixels = np.random.default_rng(seed + index).integers(0, 256, (height, width, 3), dtype=np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        encoded.append(buffer.getvalue())
-    if encoded:
-        inputs["image"] = np.array(encoded, dtype=np.object_)
-    return inputs
+    from flux2_serving.clients.api import request_tensors
+
+    images = [Image.fromarray(np.random.default_rng(seed + index).integers(0, 256, (height, width, 3), dtype=np.uint8))
+              for index, (width, height) in enumerate(references)]
+    return {name: array for name, (array, _) in
+            request_tensors(prompt, images, height=side, width=side, seed=seed).items()}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -15,7 +15,7 @@ import torch
 import tritonclient.grpc as grpc
 from PIL import Image
 
-from flux2_serving.clients.api import Flux2Client, Flux2Error
+from flux2_serving.clients.api import Flux2Client, Flux2Error, request_tensors
 from flux2_serving.contract.security import admin_headers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +111,9 @@ def wait_until_served(grpc_url: str, timeout: float = 120) -> None:
                 if "overloaded" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+
+def raw_request(prompt: str, images=(), **options) -> dict:
+    """One request's inputs as the BLS receives them (name -> array), built by the client's own
+    request_tensors: images as PIL pictures, paths or bytes; options with diffusers' names."""
+    return {name: array for name, (array, _) in request_tensors(prompt, images, **options).items()}

@@ -23,7 +23,7 @@ from flux2_serving.models.local import local_pipeline
 from flux2_serving.models.request_inputs import parse
 from flux2_serving.server.launch import running
 from flux2_serving.serving.repository import assemble
-from tests.support import CACHE_BYTES, png_bytes, random_image
+from tests.support import CACHE_BYTES, random_image, raw_request
 
 
 def test_fp8_graphs_pass_the_tensorrt_check_and_carry_fp8_weights(onnx_fp8):
@@ -106,20 +106,13 @@ def test_served_fp8_equals_the_same_graphs_in_process(fp8_server, onnx_fp8, tiny
     with Flux2Client(fp8_server.grpc, "grpc") as client:
         served = np.stack([np.asarray(image) for image in client.generate("an fp8 fox", images, **options)])
     pipeline, _ = local_pipeline(onnx_fp8, tiny_checkpoint)
-    inputs = {"prompt": np.array([b"an fp8 fox"], dtype=np.object_),
-              "height": np.array([256], dtype=np.int32), "width": np.array([256], dtype=np.int32),
-              "seed": np.array([31], dtype=np.int64), "num_inference_steps": np.array([3], dtype=np.int32)}
-    if images:
-        inputs["image"] = np.array([png_bytes(image) for image in images], dtype=np.object_)
-    in_process = pipeline(parse(inputs, pipeline.limits)).images
+    in_process = pipeline(parse(raw_request("an fp8 fox", images, **options), pipeline.limits)).images
     assert served.shape == in_process.shape and np.array_equal(served, in_process)
 
 
 def test_fp8_images_stay_near_fp32(onnx_fp8, onnx_fp32, tiny_checkpoint):
     """A sanity bound on random tiny weights (the measured table is bench/fp8_quality.py's, BENCHMARKS.md)."""
-    inputs = {"prompt": np.array([b"a near fox"], dtype=np.object_), "height": np.array([256], dtype=np.int32),
-              "width": np.array([256], dtype=np.int32), "seed": np.array([5], dtype=np.int64),
-              "image": np.array([png_bytes(random_image(128, 128, seed=3))], dtype=np.object_)}
+    inputs = raw_request("a near fox", [random_image(128, 128, seed=3)], height=256, width=256, seed=5)
     results = []
     for onnx_dir in (onnx_fp8, onnx_fp32):
         pipeline, _ = local_pipeline(onnx_dir, tiny_checkpoint)
@@ -141,10 +134,8 @@ def test_the_torch_flavor_serves_an_fp8_export_with_fp8_layers(tmp_path, onnx_fp
     with running(repository, log_file=tmp_path / "server.log") as server, Flux2Client(server.grpc, "grpc") as client:
         served = np.asarray(client.generate("a torch fp8 fox", **options)[0]).astype(np.float64)
     pipeline, _ = local_pipeline(onnx_fp8, tiny_checkpoint)
-    inputs = {"prompt": np.array([b"a torch fp8 fox"], dtype=np.object_), "height": np.array([256], dtype=np.int32),
-              "width": np.array([256], dtype=np.int32), "seed": np.array([8], dtype=np.int64),
-              "num_inference_steps": np.array([2], dtype=np.int32)}
-    onnx_image = pipeline(parse(inputs, pipeline.limits)).images[0].astype(np.float64)
+    onnx_image = pipeline(parse(raw_request("a torch fp8 fox", **options), pipeline.limits)).images[0]
+    onnx_image = onnx_image.astype(np.float64)
     diff = np.abs(served - onnx_image)
     print(f"torch FP8 vs ONNX FP8: mean {diff.mean():.3f}, max {diff.max():.0f} levels")
     assert diff.mean() < 2 and diff.max() <= 16

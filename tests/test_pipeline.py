@@ -22,7 +22,7 @@ from flux2_serving.models.lru import ReferenceKVCache
 from flux2_serving.models.pipeline import Interrupted, StageClock
 from flux2_serving.models.request_inputs import InvalidInput, decode_image, load_rgb, parse, preprocess_reference
 from flux2_serving.serving.triton_config import BLS_PARAMETERS, input_rules
-from tests.support import CASES, assert_matches, png_bytes, random_image, reference
+from tests.support import CASES, assert_matches, png_bytes, random_image, raw_request, reference
 
 LIMITS = Limits(**DEFAULT_ENVELOPE.request_limits())
 
@@ -34,13 +34,7 @@ def served(ort_session, onnx_fp32, tiny_checkpoint):
 
 
 def _request(prompt, refs, seed, reuse=True, **kwargs):
-    scalars = {"height": np.int32, "width": np.int32, "num_images_per_prompt": np.int32}
-    inputs = {"prompt": np.array([prompt.encode()], dtype=np.object_), "seed": np.array([seed], dtype=np.int64),
-              "reuse_reference_cache": np.array([reuse])}
-    if refs:
-        inputs["image"] = np.array([png_bytes(r) for r in refs], dtype=np.object_)
-    inputs.update({k: np.array([v], dtype=scalars[k]) for k, v in kwargs.items()})
-    return parse(inputs, LIMITS)
+    return parse(raw_request(prompt, refs, seed=seed, reuse_reference_cache=reuse, **kwargs), LIMITS)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -230,7 +230,7 @@ def _arguments(prompt, images, options: dict) -> dict:
     return request_tensors(prompt, images, **asdict(GenerationOptions(**options)))
 
 
-def _timeouts(protocol: str, timeout_s: float | None) -> dict:
+def timeout_arguments(protocol: str, timeout_s: float | None) -> dict:
     """tritonclient's infer() arguments for a deadline of `timeout_s`: Triton's `timeout` request
     parameter (microseconds: the longest wait in the BLS's queue, and the BLS stops the request at its
     next step once it has run that long), and on gRPC the call's deadline (a missed deadline cancels
@@ -265,7 +265,7 @@ class Flux2Client:
             return self.client.infer(self.model, infer_inputs(self.module, tensors),
                                      outputs=requested_outputs(self.module, outputs),
                                      headers=routing_headers(tensors) or None,
-                                     **_timeouts(self.protocol, self.timeout_s))
+                                     **timeout_arguments(self.protocol, self.timeout_s))
         except InferenceServerException as exc:
             if _cannot_connect(exc):
                 raise (wrong_protocol(self.url, self.protocol) or _error(exc)) from None
@@ -320,7 +320,7 @@ class AsyncFlux2Client:
             result = await self.client.infer(self.model, infer_inputs(self.module, tensors),
                                              outputs=requested_outputs(self.module, DEFAULT_OUTPUTS),
                                              headers=routing_headers(tensors) or None,
-                                             **_timeouts("grpc", self.timeout_s))
+                                             **timeout_arguments("grpc", self.timeout_s))
         except InferenceServerException as exc:
             if _cannot_connect(exc):
                 raise (await asyncio.to_thread(wrong_protocol, self.url, "grpc") or _error(exc)) from None

@@ -23,11 +23,15 @@ the transformer into a prefill and a cached step whose inputs calibration sees a
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from PIL import Image
 
 from ..contract.fp8_recipe import TEXT_ENCODER_KEEP, TRANSFORMER_KEEP, kept
+from ..devtools.pictures import synthetic_reference
 
 FP8_OPSET = 19  # QuantizeLinear / DequantizeLinear take FLOAT8E4M3FN from opset 19 (TensorRT 10: 9-20)
 E4M3_MAX = 448.0
@@ -56,24 +60,11 @@ def calibration_prompts(count: int) -> list[str]:
 
 
 def calibration_references(index: int, side: int) -> list:
-    """Synthetic references of sample `index`: none, one or two (t2i and edits, as served), each a
-    seeded picture of gradients and shapes, `side` x `side` and half that wide."""
-    from PIL import Image, ImageDraw  # Pillow: only the calibration draws pictures
-
-    rng = np.random.default_rng(index)
-    references = []
-    for n in range(index % 3):
-        width, height = (side, side) if n == 0 else (max(64, side // 2), side)  # diffusers: sides >= 64
-        ramp = np.linspace(0, 1, width)[None, :, None] * rng.uniform(0, 255, 3)
-        pixels = np.broadcast_to(ramp, (height, width, 3)).astype(np.uint8)
-        picture = Image.fromarray(np.ascontiguousarray(pixels))
-        draw = ImageDraw.Draw(picture)
-        for _ in range(6):
-            x0, y0 = rng.integers(0, width), rng.integers(0, height)
-            box = (x0, y0, x0 + rng.integers(8, width // 2 + 9), y0 + rng.integers(8, height // 2 + 9))
-            draw.ellipse(box, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-        references.append(picture)
-    return references
+    """Synthetic references of sample `index`: none, one or two (t2i and edits, as served), the project's
+    deterministic pictures (devtools.pictures) with a hue of their own, `side` x `side` and half that wide."""
+    sizes = [(side, side), (max(64, side // 2), side)][: index % 3]  # diffusers: sides >= 64
+    return [Image.open(io.BytesIO(synthetic_reference(size, hue=(37 * index + 101 * n) % 256)))
+            for n, size in enumerate(sizes)]
 
 
 def fp8_config() -> dict:

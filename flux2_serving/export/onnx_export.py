@@ -78,14 +78,6 @@ def dynamic_shapes(spec: GraphSpec) -> tuple:
     return shapes
 
 
-def _store_fp8_weights(path: Path, large: bool) -> None:
-    proto = onnx.load(str(path))  # with its external data
-    fp8.store_fp8_weights(proto)
-    for stale in path.parent.glob("model.onnx*"):
-        stale.unlink()
-    onnx.save(proto, str(path), save_as_external_data=large, location="model.onnx.data")
-
-
 def _finish_graph(path: Path, spec: GraphSpec) -> None:
     """Give the graph's inputs and outputs the dimension names of the declared spec, and run every
     half-precision softmax in fp32 (softmax_in_fp32). The weights (external data) are not touched."""
@@ -156,9 +148,12 @@ def export_component(name: str, model: str, out_dir: Path, dtype: torch.dtype, d
         )
     for stale in path.parent.glob("model.onnx*"):
         stale.unlink()
-    program.save(str(path), external_data=large)
     if quantized:  # the weights stored as FP8 in the graph: 1 byte per weight in the file and in TensorRT's parse
-        _store_fp8_weights(path, large)
+        proto = program.model_proto  # the exported graph, weights included, in memory: written once below
+        fp8.store_fp8_weights(proto)
+        onnx.save(proto, str(path), save_as_external_data=large, location="model.onnx.data")
+    else:
+        program.save(str(path), external_data=large)
     _finish_graph(path, spec)
     return path
 

@@ -17,7 +17,13 @@ import tritonclient.grpc as grpc_module
 import tritonclient.grpc.aio as aio
 from tritonclient.utils import InferenceServerException
 
-from flux2_serving.clients.api import infer_inputs, request_tensors, requested_outputs, routing_headers
+from flux2_serving.clients.api import (
+    infer_inputs,
+    request_tensors,
+    requested_outputs,
+    routing_headers,
+    timeout_arguments,
+)
 from flux2_serving.contract.interface import DEFAULT_OUTPUTS
 from flux2_serving.contract.names import BLS_MODEL
 
@@ -37,9 +43,7 @@ def call_arguments(request: ImageRequest, request_id: str, timeout_s: float | No
     arguments = {"model_name": BLS_MODEL, "inputs": infer_inputs(grpc_module, tensors),
                  "outputs": requested_outputs(grpc_module, names), "request_id": request_id,
                  "headers": routing_headers(tensors) or None}
-    if timeout_s:
-        arguments.update(timeout=int(timeout_s * 1e6), client_timeout=timeout_s)
-    return arguments
+    return {**arguments, **timeout_arguments("grpc", timeout_s)}
 
 
 class Triton:
