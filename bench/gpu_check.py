@@ -187,7 +187,8 @@ def torch_server(manifest_dir: Path, checkpoint: Path, out: Path, device: str, n
 
     repository = assemble(manifest_dir, str(checkpoint), out / f"repo_{name}", backend="torch", device=device,
                           bls_instances=1, envelope=replace(DEFAULT_ENVELOPE, reference_cache_bytes=8 * GIB))
-    with running(repository, log_file=out / f"server_{name}.log") as server:
+    # No gate: the GPU bundle carries no aiohttp, and this server answers only this check's own requests.
+    with running(repository, log_file=out / f"server_{name}.log", gate=False) as server:
         yield server
 
 

@@ -99,7 +99,7 @@ def _serve(tmp_path_factory, onnx_dir, checkpoint, backend: str, bls_instances: 
 
 def _as_dict(repository, server) -> dict:
     return {"http": server.http, "grpc": server.grpc, "metrics": server.metrics, "process": server.process,
-            "log": server.log, "repository": repository, "admin_key": server.admin_key}
+            "log": server.log, "repository": repository, "admin_key": server.admin_key, "gate": server.gate}
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,10 @@ class ServingEnvelope:
     # Bytes of the UTF-8 prompt. The tokenizer keeps text_len tokens (diffusers truncates the rest, and so
     # do we); 16 KiB is several times what 512 tokens hold, and bounds the tokenizer's work and memory.
     max_prompt_bytes: int = 16 * 1024
+    # Bytes of one whole request (HTTP body, gRPC message), checked by the embedded server's gate
+    # (flux2_serving/server/gate.py) before tritonserver reads it: one reference at max_reference_bytes, or
+    # several adding up to it: the 64 MiB default of --http-max-input-size in Triton 25.06 and later.
+    max_request_bytes: int = 4 * 4096 * 4096 + 2**20
     # Byte budget of the shared reference K/V cache: 4 GiB holds two single-reference entries of the
     # largest set (2 GiB each at 9B in bf16); the memory plan counts it next to the engines.
     reference_cache_bytes: int = 4 * 2**30

@@ -67,11 +67,11 @@ def restriction_args(admin_key: str) -> list[str]:
             f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={admin_key}"]
 
 
-def server_args(admin_key: str, address: str) -> list[str]:
+def server_args(admin_key: str, address: str, metrics_address: str | None = None) -> list[str]:
     """The hardening options of every tritonserver we start: restricted admin APIs and the bind
-    address of HTTP, gRPC and metrics."""
+    address of HTTP and gRPC (loopback behind the launcher's gate) and of metrics (default: the same)."""
     return [*restriction_args(admin_key), f"--http-address={address}", f"--grpc-address={address}",
-            f"--metrics-address={address}"]
+            f"--metrics-address={metrics_address or address}"]
 
 
 def server_environment(environ: dict) -> dict:

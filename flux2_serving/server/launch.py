@@ -144,7 +144,8 @@ def cuda_pool_args(repository: Path) -> list[str]:
 
 
 def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path,
-            explicit: bool = False, admin_key: str | None = None, address: str = "127.0.0.1") -> list[str]:
+            explicit: bool = False, admin_key: str | None = None, address: str = "127.0.0.1",
+            metrics_address: str | None = None) -> list[str]:
     """tritonserver's command line; `explicit`: --model-control-mode=explicit with every model loaded
     at start, so that one model can be reloaded alone (flux2_serving/server/watchdog.py). `admin_key` opens the
     restricted APIs (None: nobody can use them). A repository served on a GPU gets the CUDA memory
@@ -154,7 +155,7 @@ def command(repository: Path, http: int, grpc: int, metrics: int, backends: Path
             f"--backend-directory={backends}", f"--http-port={http}", f"--grpc-port={grpc}",
             f"--metrics-port={metrics}", "--allow-metrics=true", "--log-verbose=0",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}", *cuda_pool_args(repository),
-            *security.server_args(admin_key or security.unknowable_key(), address), *control]
+            *security.server_args(admin_key or security.unknowable_key(), address, metrics_address), *control]
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -243,7 +244,7 @@ START_ATTEMPTS = 2  # a 2.51 server can abort while its Python stubs start on a 
 
 def start(repository, http=8000, grpc=8001, metrics=8002, log_file=None, explicit: bool = False,
           append: bool = False, admin_key: str | None = None, address: str = "127.0.0.1",
-          attempts: int = START_ATTEMPTS) -> subprocess.Popen:
+          attempts: int = START_ATTEMPTS, metrics_address: str | None = None) -> subprocess.Popen:
     """Start tritonserver in a process group of its own (its stubs join it; stop() kills the group)
     and wait until it is ready. A terminal's Ctrl-C then reaches only the launcher, which stops it.
     A server that exits before it is ready is started again, `attempts` times in all: tritonserver
@@ -256,7 +257,8 @@ def start(repository, http=8000, grpc=8001, metrics=8002, log_file=None, explici
         log = open(log_file, "a" if append or attempt > 1 else "w") if log_file else contextlib.nullcontext()
         with log as out:
             process = subprocess.Popen(
-                command(Path(repository).resolve(), http, grpc, metrics, backends, explicit, admin_key, address),
+                command(Path(repository).resolve(), http, grpc, metrics, backends, explicit, admin_key, address,
+                        metrics_address),
                 env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
         try:
             wait_ready(f"{_reachable(address)}:{http}", process)
@@ -273,7 +275,43 @@ def start(repository, http=8000, grpc=8001, metrics=8002, log_file=None, explici
 
 
 class ServerExited(RuntimeError):
-    """tritonserver exited before it was ready."""
+    """tritonserver (or the gate) exited before it was ready."""
+
+
+GATE_READY_S = 60
+
+
+def start_gate(public: dict[str, int], upstream: dict[str, int], address: str = "127.0.0.1", log_file=None,
+               max_request_bytes: int | None = None) -> subprocess.Popen:
+    """The gate (flux2_serving/server/gate.py) on the public HTTP and gRPC ports of `address`, in front of
+    tritonserver's loopback ports `upstream`; returns once Triton's readiness answers through it."""
+    listen = f"[{address}]" if ":" in address else address
+    cmd = [sys.executable, "-m", "flux2_serving.server.gate", f"--http-listen={listen}:{public['http']}",
+           f"--grpc-listen={listen}:{public['grpc']}", f"--http-upstream=127.0.0.1:{upstream['http']}",
+           f"--grpc-upstream=127.0.0.1:{upstream['grpc']}",
+           *([f"--max-request-bytes={max_request_bytes}"] if max_request_bytes else [])]
+    with open(log_file, "a") if log_file else contextlib.nullcontext() as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                   start_new_session=True, cwd=CHECKOUT)
+    try:
+        wait_http_ok(f"http://{_reachable(address)}:{public['http']}/v2/health/ready", process, GATE_READY_S,
+                     "the gate", ServerExited)
+    except BaseException:
+        stop_gate(process)
+        raise
+    return process
+
+
+def stop_gate(process: subprocess.Popen | None, timeout: float = 5) -> None:
+    """SIGTERM, then SIGKILL after `timeout` s."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _reachable(address: str) -> str:
@@ -324,8 +362,10 @@ def group_members(pgid: int) -> list[int]:
 
 @dataclass
 class Running:
-    """A started server: its process and where to reach it (host:port strings). `process` may be
+    """A started server: its process and where callers reach it (host:port strings). `process` may be
     replaced (a replica restarted on the same ports); the context manager stops the current one.
+    With the gate (the default), `http` and `grpc` are the gate's public ports and tritonserver listens
+    on the loopback ports `upstream` ({"http": port, "grpc": port}); metrics are tritonserver's own.
     `admin_key` opens the restricted APIs (security.admin_headers); `watchdog` is its thread, if any."""
     process: subprocess.Popen
     http: str
@@ -336,34 +376,72 @@ class Running:
     explicit: bool = False
     admin_key: str | None = None
     watchdog: object = None
+    gate: subprocess.Popen | None = None
+    upstream: dict | None = None
+    address: str = "127.0.0.1"
+
+    def tritonserver_ports(self) -> tuple[int, int, int]:
+        """(HTTP, gRPC, metrics) ports tritonserver itself listens on."""
+        http, grpc = (self.upstream["http"], self.upstream["grpc"]) if self.upstream else (
+            port_of(self.http), port_of(self.grpc))
+        return http, grpc, port_of(self.metrics)
 
     def restart(self) -> None:
-        """Start tritonserver again on the same repository and ports (after it died or was killed)."""
+        """Start tritonserver again on the same repository and ports (after it died or was killed);
+        the gate stays."""
         stop(self.process)
-        ports = [port_of(address) for address in (self.http, self.grpc, self.metrics)]
-        self.process = start(self.repository, *ports, log_file=self.log, explicit=self.explicit, append=True,
-                             admin_key=self.admin_key)
+        self.process = start(self.repository, *self.tritonserver_ports(), log_file=self.log, explicit=self.explicit,
+                             append=True, admin_key=self.admin_key,
+                             address="127.0.0.1" if self.upstream else self.address, metrics_address=self.address)
+
+    def restart_gate(self) -> None:
+        """Start the gate again on the same ports (after it died)."""
+        stop_gate(self.gate)
+        self.gate = start_gate({"http": port_of(self.http), "grpc": port_of(self.grpc)}, self.upstream,
+                               self.address, self.log)
+
+    def stop(self) -> int:
+        """tritonserver first (it finishes the requests in flight, whose answers still pass the gate), then the gate."""
+        status = stop(self.process)
+        stop_gate(self.gate)
+        return status
 
     def admin_headers(self, protocol: str = "http") -> dict[str, str]:
         return security.admin_headers(self.admin_key, protocol)
 
 
+def open_server(repository, ports: dict[str, int], log_file=None, explicit: bool = False,
+                admin_key: str | None = None, address: str = "127.0.0.1", gate: bool = True) -> Running:
+    """Start tritonserver on `repository` and, with `gate`, the gate on the public HTTP and gRPC `ports`
+    in front of it (tritonserver then listens on free loopback ports); returns the Running server."""
+    upstream = {"http": free_port(), "grpc": free_port()} if gate else None
+    inner = upstream or ports
+    process = start(repository, inner["http"], inner["grpc"], ports["metrics"], log_file=log_file, explicit=explicit,
+                    admin_key=admin_key, address="127.0.0.1" if gate else address, metrics_address=address)
+    try:
+        gate_process = start_gate(ports, upstream, address, log_file) if gate else None
+    except BaseException:
+        stop(process)
+        raise
+    host = _reachable(address)
+    return Running(process, *(f"{host}:{ports[k]}" for k in ("http", "grpc", "metrics")),
+                   Path(log_file) if log_file else None, Path(repository), explicit, admin_key,
+                   gate=gate_process, upstream=upstream, address=address)
+
+
 @contextlib.contextmanager
 def running(repository, ports: dict | None = None, log_file=None, watchdog: float | None = None,
-            admin_key: str | None = None, watchdog_timeout: float = 60, canary_every: int = 1):
-    """Start tritonserver on `repository` (free loopback ports unless given), yield a Running, and
-    stop it on the way out, whatever happened. `watchdog`: seconds between flux2_serving/server/watchdog.py probes,
-    run in a thread here (the server then uses explicit model control, so a model can be reloaded),
-    each probe waiting at most `watchdog_timeout` s, with the canary every `canary_every` rounds (0:
-    never). `admin_key`: default, a random one, known only to the returned Running (tests, the
-    watchdog thread)."""
+            admin_key: str | None = None, watchdog_timeout: float = 60, canary_every: int = 1, gate: bool = True):
+    """Start tritonserver on `repository` behind the gate (free loopback ports unless given), yield a
+    Running, and stop it on the way out, whatever happened. `watchdog`: seconds between
+    flux2_serving/server/watchdog.py probes, run in a thread here (the server then uses explicit model
+    control, so a model can be reloaded), each probe waiting at most `watchdog_timeout` s, with the canary
+    every `canary_every` rounds (0: never). `admin_key`: default, a random one, known only to the returned
+    Running (tests, the watchdog thread). `gate`: False serves tritonserver's own HTTP and gRPC ports."""
     ports = ports or free_ports()
     explicit = watchdog is not None
     admin_key = admin_key or security.unknowable_key()
-    process = start(repository, ports["http"], ports["grpc"], ports["metrics"], log_file=log_file, explicit=explicit,
-                    admin_key=admin_key)
-    server = Running(process, *(f"127.0.0.1:{ports[k]}" for k in ("http", "grpc", "metrics")),
-                     Path(log_file) if log_file else None, Path(repository), explicit, admin_key)
+    server = open_server(repository, ports, log_file, explicit, admin_key, gate=gate)
     done = threading.Event()
     if watchdog is not None:
         server.watchdog = Watchdog(server.http, admin_key, probe_timeout=watchdog_timeout)
@@ -372,7 +450,7 @@ def running(repository, ports: dict | None = None, log_file=None, watchdog: floa
         yield server
     finally:
         done.set()
-        stop(server.process)
+        server.stop()
 
 
 class Stopping(Exception):
@@ -402,6 +480,10 @@ def main(argv=None) -> int:
                         help="probe the models with requests every SECONDS and reload one whose Python-backend "
                              "process died or that was unloaded (flux2_serving/server/watchdog.py; the server then "
                              "uses explicit model control)")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="serve tritonserver's own HTTP and gRPC ports instead of the gate's "
+                             "(flux2_serving/server/gate.py): only behind a proxy of your own that bounds bodies, "
+                             "their JSON depth and compression (docs/security.md)")
     parser.add_argument("--log-file", default=None, metavar="FILE",
                         help="where tritonserver's own log goes (default build/tritonserver/server-<http port>.log)")
     parser.add_argument("--verbose", action="store_true",
@@ -424,29 +506,34 @@ def main(argv=None) -> int:
     admin_key = configured or security.unknowable_key()  # unknowable: only the watchdog thread below has it
 
     def on_signal(signum, frame):  # the first SIGINT/SIGTERM stops the server (bounded); another kills it now
-        signal.signal(signal.SIGINT, lambda *_: kill_group(process.pid) if process else None)
+        signal.signal(signal.SIGINT, lambda *_: kill_group(server.process.pid) if server else None)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Stopping(signal.Signals(signum).name)
 
-    process = None
+    server = None
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"serving {Path(args.repository).resolve()} ...", flush=True)
     try:
-        process = start(args.repository, args.http_port, args.grpc_port, args.metrics_port, log_file=log_file,
-                        explicit=args.watchdog is not None, admin_key=admin_key, address=args.address)
+        server = open_server(args.repository, ports, log_file, explicit=args.watchdog is not None,
+                             admin_key=admin_key, address=args.address, gate=not args.no_gate)
         if args.watchdog is not None:
             dog = Watchdog(f"{_reachable(args.address)}:{args.http_port}", admin_key)
             threading.Thread(target=dog.watch, args=(args.watchdog, 6), daemon=True).start()
         admin = (f"admin APIs need the header {security.ADMIN_HEADER}" if configured else
                  f"admin APIs closed (no ${security.ADMIN_KEY_ENV} or --admin-key-file)")
         where = f"its log: {log_file} (--verbose: on this terminal)" if log_file else "its log on this terminal"
-        print(f"tritonserver ready on {args.address}: HTTP {args.http_port}, gRPC {args.grpc_port}, metrics "
+        gated = (f" through the gate (tritonserver itself on 127.0.0.1:{server.upstream['http']} and "
+                 f":{server.upstream['grpc']})" if server.gate else " (no gate)")
+        print(f"tritonserver ready on {args.address}: HTTP {args.http_port}, gRPC {args.grpc_port}{gated}, metrics "
               f"{args.metrics_port}/metrics; {admin}; {where}. Ctrl-C stops it", flush=True)
         while True:
             try:
-                status = process.wait(timeout=1.0)  # polled: signals are handled between waits
+                status = server.process.wait(timeout=1.0)  # polled: signals are handled between waits
             except subprocess.TimeoutExpired:
+                if server.gate is not None and server.gate.poll() is not None:
+                    print(f"the gate exited with status {server.gate.returncode}: starting it again", flush=True)
+                    server.restart_gate()
                 continue
             if status:  # it ended on its own: what it said last is the reason
                 print(f"error: tritonserver exited with status {status}" +
@@ -464,9 +551,8 @@ def main(argv=None) -> int:
               file=sys.stderr, flush=True)
         return 1
     finally:
-        if process is not None:
-            stop(process)
-
+        if server is not None:
+            server.stop()
 
 if __name__ == "__main__":
     raise SystemExit(main())
