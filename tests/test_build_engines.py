@@ -203,7 +203,8 @@ def test_dockerfiles_share_the_release_and_serve_with_complete_configs():
 
 def test_serving_requirements_match_the_toolchain_pins():
     serving, toolchain = _pins(DOCKER / "requirements-serving.txt"), _pins(ROOT / "requirements.txt")
-    for name in ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pillow", "numpy"):
+    for name in ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pillow", "numpy", "aiohttp",
+                 "grpcio"):
         assert serving[name] == toolchain[name], name
     assert serving["numpy"].startswith("==1.")  # numpy < 2: the Python backend's BLS tensors
     assert "--index-url" not in (DOCKER / "requirements-serving.txt").read_text()  # torch with CUDA, not the CPU index

@@ -148,10 +148,10 @@ def test_the_image_runs_server_serve_from_the_files_the_context_lets_in():
     script = cmd[2].replace("exec python3 ", f"exec {sys.executable} ", 1) + " --print"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX2_ADMIN_KEY")}
     printed = subprocess.run(["/bin/sh", "-c", script], cwd=ROOT, env={**env, "CUDA_POOL_BYTES": "123"},
-                             capture_output=True, text=True, check=True).stdout.split()
+                             capture_output=True, text=True, check=True).stdout.splitlines()[0].split()
     assert printed[0] == "tritonserver"
     for flag in ("--cuda-memory-pool-byte-size=0:123", "--load-model=*", "--model-control-mode=explicit",
-                 "--exit-timeout-secs=60", "--http-address=0.0.0.0"):
+                 "--exit-timeout-secs=60", "--http-address=127.0.0.1", "--metrics-address=0.0.0.0"):
         assert flag in printed
 
 
@@ -236,7 +236,7 @@ def test_serve_print_masks_the_key_and_restricts_exactly_the_admin_apis(key_from
     environ = {"env": {"FLUX2_ADMIN_KEY": key}, "file": {"FLUX2_ADMIN_KEY_FILE": str(tmp_path / "key")},
                "none": {}}[key_from]
     run = _serve_print(environ)
-    printed = run.stdout.split()
+    printed, gate = (line.split() for line in run.stdout.splitlines())
     assert key not in run.stdout + run.stderr
     assert ("closed to everyone" in run.stderr) == (key_from == "none")
     assert printed[0] == "tritonserver" and printed[-1] == "--model-repository=/models"
@@ -245,15 +245,20 @@ def test_serve_print_masks_the_key_and_restricts_exactly_the_admin_apis(key_from
         apis, restriction = value.split(":", 1)
         assert set(apis.split(",")) == set(security.RESTRICTED_APIS)
         assert restriction == f"{security.ADMIN_HEADER}=***"
-    for listener in ("http", "grpc", "metrics"):
-        assert f"--{listener}-address=0.0.0.0" in printed
+    # The gate on the public ports of every interface; tritonserver's HTTP and gRPC on loopback behind it.
+    for listener in ("http", "grpc"):
+        assert f"--{listener}-address=127.0.0.1" in printed
+    assert "--metrics-address=0.0.0.0" in printed
+    assert gate[1:3] == ["-m", "flux2_serving.server.gate"]
+    assert "--http-listen=0.0.0.0:8000" in gate and "--grpc-listen=0.0.0.0:8001" in gate
+    assert "--http-port=18000" in printed and "--http-upstream=127.0.0.1:18000" in gate
     # The Python backend never reads it (flux2_serving/contract/security.py).
     assert "stub-timeout-seconds" not in printed
 
 
-def _post(url: str, headers: dict) -> int:
-    request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json",
-                                                                               **headers})
+def _post(url: str, headers: dict, body: bytes = b"{}") -> int:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json",
+                                                                              **headers})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status
@@ -261,28 +266,35 @@ def _post(url: str, headers: dict) -> int:
         return error.code
 
 
-def test_serve_starts_tritonserver_with_the_admin_apis_behind_the_key(triton_server, tmp_path):
-    """python -m flux2_serving.server.serve for real (the container's entry point) on the bundled tritonserver: it
-    becomes tritonserver (exec), and the repository index answers only with the key."""
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "no_gate"])
+def test_serve_starts_tritonserver_with_the_admin_apis_behind_the_key(triton_server, tmp_path, gate):
+    """python -m flux2_serving.server.serve for real (the container's entry point) on the bundled tritonserver:
+    the repository index answers only with the key. With the gate (default) it stays the parent of
+    tritonserver and the gate, and the gate refuses a nested body; with --no-gate it becomes tritonserver."""
     key = security.unknowable_key()
-    ports = free_ports()
+    ports, upstream = free_ports(), free_ports()
     backends = prepare_backends(LAUNCH_ROOT / "build" / "tritonserver" / "backends")
     env = {k: v for k, v in server_env().items() if not k.startswith("FLUX2_ADMIN_KEY")}
-    env.update(PATH=f"{bundled_server() / 'bin'}:{env['PATH']}", FLUX2_ADMIN_KEY=key)
+    env.update(PATH=f"{bundled_server() / 'bin'}:{env['PATH']}", FLUX2_ADMIN_KEY=key,
+               FLUX2_UPSTREAM_HTTP_PORT=str(upstream["http"]), FLUX2_UPSTREAM_GRPC_PORT=str(upstream["grpc"]))
     command = [sys.executable, "-m", "flux2_serving.server.serve", "--address=127.0.0.1",
                f"--model-repository={triton_server['repository']}", f"--backend-directory={backends}",
                f"--http-port={ports['http']}", f"--grpc-port={ports['grpc']}", f"--metrics-port={ports['metrics']}",
-               "--model-control-mode=explicit"]  # nothing loaded: ready at once (the index lists the models)
+               "--model-control-mode=explicit", *([] if gate else ["--no-gate"])]  # nothing loaded: ready at once
     with open(tmp_path / "serve.log", "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
         wait_ready(f"127.0.0.1:{ports['http']}", process, timeout=120)
-        assert Path(f"/proc/{process.pid}/exe").resolve().name == "tritonserver"  # exec'd: signals reach it
+        exe = Path(f"/proc/{process.pid}/exe").resolve().name
+        assert (exe == "tritonserver") != gate  # --no-gate: exec'd, signals reach it
         index = f"http://127.0.0.1:{ports['http']}/v2/repository/index"
         assert _post(index, {}) == 403
         assert _post(index, {security.ADMIN_HEADER: "guess"}) == 403
         assert _post(index, security.admin_headers(key)) == 200
+        if gate:
+            assert _post(index, security.admin_headers(key), b"[" * 200_000) == 400
+            assert _post(index, security.admin_headers(key)) == 200  # still serving
     except BaseException:
         print((tmp_path / "serve.log").read_text()[-3000:])
         raise
