@@ -71,7 +71,8 @@ help:
 	@echo "make bench            Triton vs diffusers (KV and no-KV), per-step cost, throughput, memory,"
 	@echo "                      serving overhead at 1024^2, 2 replicas behind nginx (affinity vs round robin),"
 	@echo "                      16 clients against the bounded queue (vs unbounded), FP8 vs fp32 images,"
-	@echo "                      the OpenAI front's overhead and an AIPerf load run next to perf_analyzer"
+	@echo "                      the OpenAI front's overhead and an AIPerf load run next to perf_analyzer,"
+	@echo "                      the gate's cost per request (through it vs straight to tritonserver)"
 	@echo "                      -> BENCHMARKS.md (a benchmark: numbers, no pass/fail)"
 	@echo "make gpu-bundle       gather what a bare GPU machine lacks (tritonserver, diffusers, numpy<2, ...) into"
 	@echo "                      build/gpu_bundle (< 60 MiB; run where packages install)"
@@ -188,6 +189,7 @@ bench: setup $(BENCH_ONNX)/manifest.json $(OVERHEAD_ONNX)/manifest.json
 	$(BIN)/python -m bench.overload --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
 	$(BIN)/python -m bench.fp8_quality --model $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX)
 	$(BIN)/python -m bench.front --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
+	$(BIN)/python -m bench.gate_cost --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
 
 # The OpenAI Images API in front of a running server (make serve): http://127.0.0.1:$(FRONT_PORT)/v1
 FRONT_PORT ?= 9000
