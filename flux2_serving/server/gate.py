@@ -90,6 +90,8 @@ class HttpGate:
         if self.receiving + length > self.max_receiving_bytes:
             return refusal(503, "too many request bodies are being received at once: retry in a few seconds",
                            retry=True)
+        if request.headers.get("Expect", "").lower() == "100-continue":  # curl asks for bodies over 1 MiB
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # as aiohttp's own expect_handler
         self.receiving += length
         try:
             body = await asyncio.wait_for(request.content.readexactly(length), BODY_TIMEOUT_S) if length else b""
