@@ -22,6 +22,7 @@ import tritonclient.http as http
 
 from bench.report import benchmark_parser, machine, parse_benchmark_args, publish
 from flux2_serving.clients.api import Flux2Client
+from flux2_serving.contract.names import BLS_MODEL
 from flux2_serving.server.launch import running
 from flux2_serving.serving.repository import assemble
 
@@ -30,7 +31,7 @@ MODULES = {"grpc": grpc, "http": http}
 
 def cases() -> list[tuple[str, object]]:
     """(label, call(Flux2Client, tritonclient client)) of each measured request."""
-    found = [("model metadata", lambda client, raw: raw.get_model_metadata("flux2_klein_kv"))]
+    found = [("model metadata", lambda client, raw: raw.get_model_metadata(BLS_MODEL))]
     for side in (256, 1024):
         found.append((f"text-to-image {side}^2, 1 step",
                       lambda client, raw, side=side: client.generate("a lighthouse at dusk", height=side,

@@ -17,21 +17,24 @@ import pytest
 import torch
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.contract.security import INTERNAL_SECRET_ENV
 from flux2_serving.export.checkpoint import write_checkpoint
 from flux2_serving.export.loading import load_pipeline
 from flux2_serving.models.local import onnx_sessions
 from flux2_serving.server.launch import running
 from flux2_serving.serving.repository import assemble
-from tests.support import BLS_INSTANCES, CACHE_BYTES
+from tests.support import BLS_INSTANCES, CACHE_BYTES, INTERNAL_SECRET
 
 
 def pytest_configure(config):
     """SIGTERM (a CI timeout, a supervisor) ends the run like Ctrl-C: fixtures stop their servers.
-    Each tritonserver runs in a process group of its own (flux2_serving.server.launch), so nothing else would."""
+    Each tritonserver runs in a process group of its own (flux2_serving.server.launch), so nothing else would.
+    Every server started here gets one known internal secret, so tests can call internal models directly."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    os.environ[INTERNAL_SECRET_ENV] = INTERNAL_SECRET
 
 
 def _workdir(tmp_path_factory, name: str) -> Path:

@@ -16,13 +16,18 @@ import tritonclient.grpc as grpc
 from PIL import Image
 
 from flux2_serving.clients.api import Flux2Client, Flux2Error, request_tensors
-from flux2_serving.contract.security import admin_headers
+from flux2_serving.contract.security import INTERNAL_PARAMETER, admin_headers
 
 ROOT = Path(__file__).resolve().parents[1]
 # The served test repository: BLS instances (requests overlap on the CPU) and a reference cache budget
 # small enough that the tests can fill it.
 BLS_INSTANCES = 4
 CACHE_BYTES = 2**20
+# The internal secret of every server the tests start: conftest.py puts it in this process's environment,
+# which flux2_serving.server.launch passes on (security.server_environment keeps it). Tests that call an
+# internal model directly send INTERNAL as the BLS does.
+INTERNAL_SECRET = "flux2-tests-internal-secret"
+INTERNAL = {INTERNAL_PARAMETER: INTERNAL_SECRET}
 
 
 def run_graph(session, **inputs) -> list[np.ndarray]:

@@ -12,7 +12,14 @@ import pytest
 import tritonclient.http as http
 from PIL import Image
 
-from flux2_serving.clients.api import AsyncFlux2Client, Flux2Client, Flux2Error, infer_inputs, request_tensors
+from flux2_serving.clients.api import (
+    AsyncFlux2Client,
+    Flux2Client,
+    Flux2Error,
+    InvalidRequest,
+    infer_inputs,
+    request_tensors,
+)
 from flux2_serving.devtools.pictures import synthetic_reference
 from flux2_serving.server.launch import free_port
 
@@ -56,6 +63,20 @@ def test_cli_unreachable_server_is_one_line(tmp_path):
         run = cli("--protocol", protocol, "--url", f"127.0.0.1:{free_port()}", "--prompt", "x",
                   "--out", str(tmp_path / "never.png"))
         assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_a_prompt_that_is_not_unicode_is_refused_before_it_is_sent():
+    """A lone surrogate (a JSON "\\ud800" escape, an undecodable command-line byte) has no UTF-8 bytes:
+    InvalidRequest naming 'prompt' (a Flux2Error, so callers catching those keep working), nothing sent."""
+    with pytest.raises(InvalidRequest, match=r"'prompt' is not valid Unicode text: character 2 is a lone surrogate"):
+        request_tensors("a \ud800 fox")
+    for protocol in ("grpc", "http"):
+        with Flux2Client(f"127.0.0.1:{free_port()}", protocol) as client, pytest.raises(Flux2Error) as refused:
+            client.generate("\udcff")  # nobody listens there: refused before any connection
+        assert isinstance(refused.value, InvalidRequest) and "'prompt'" in str(refused.value)
+    run = cli("--url", f"127.0.0.1:{free_port()}", "--prompt", "\udcff", "--out", "never.png")  # argv byte 0xff
+    assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "'prompt' is not valid Unicode text" in run.stderr and "is tritonserver running" not in run.stderr
 
 
 def test_cli_help_lists_every_option():

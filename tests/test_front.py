@@ -228,16 +228,45 @@ def test_bodies_over_the_limit_are_413_before_parsing(small_front):
     connection.close()
 
 
-def test_unreachable_triton_is_503():
-    with running_front(f"127.0.0.1:{free_port()}") as dead:
+def test_unreachable_triton_is_503_without_its_address_or_grpc_text():
+    """503 with Retry-After, saying what happened but neither where Triton is nor what gRPC said (those
+    name hosts and ports inside the deployment): the front's log has them."""
+    port = free_port()
+    with running_front(f"127.0.0.1:{port}") as dead:
         with pytest.raises(urllib.error.HTTPError) as not_ready:
             urllib.request.urlopen(f"{dead.root}/health/ready")
-        assert not_ready.value.code == 503
-        assert json.loads(not_ready.value.read())["error"]["code"] == "service_unavailable"
+        readiness = json.loads(not_ready.value.read())["error"]
+        assert (not_ready.value.code, readiness["code"]) == (503, "service_unavailable")
+        assert int(not_ready.value.headers["retry-after"]) > 0
         with openai.OpenAI(base_url=dead.url, api_key="unused", max_retries=0) as unlucky:
             error = error_of(unlucky.images.generate, prompt="x", size="256x256")
         assert (error.status_code, error.code) == (503, "service_unavailable")
-        assert error.response.headers["retry-after"]
+        assert int(error.response.headers["retry-after"]) > 0
+        for message in (readiness["message"], error.message):
+            assert "inference server" in message, message
+            for leak in (str(port), "127.0.0.1", "ipv4", "StatusCode", "UNAVAILABLE", "failed to connect", "Socket"):
+                assert leak not in message, (leak, message)
+        time.sleep(0.2)  # the log line is written after the answer
+        log = dead.log_text()
+        assert f"127.0.0.1:{port}" in log and "UNAVAILABLE" in log, log[-2000:]
+
+
+def test_a_prompt_that_is_not_unicode_is_400(front):
+    """JSON can escape a lone surrogate ("\\ud800"), which has no UTF-8 bytes: 400 naming the field,
+    in OpenAI's shape, whatever field holds it (an unknown one is quoted back, escaped)."""
+    bodies = {"prompt": b'{"prompt": "a \\ud800 fox", "size": "256x256"}',
+              "user": b'{"prompt": "a fox", "user": "\\udfff"}',
+              "\ud800": b'{"prompt": "a fox", "\\ud800": 1}'}
+    for param, body in bodies.items():
+        request = urllib.request.Request(f"{front.url}/images/generations", body, method="POST",
+                                         headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request)
+        error = json.loads(refused.value.read())["error"]
+        assert refused.value.code == 400 and set(error) == {"message", "type", "param", "code"}, error
+        assert error["param"] == param, error
+        if param != "\ud800":
+            assert f"'{param}' is not valid Unicode text" in error["message"], error
 
 
 def test_ready_when_triton_is(front):
@@ -267,11 +296,11 @@ def test_triton_answers_map_to_openai_statuses():
         ("unexpected inference output 'png'", "StatusCode.INVALID_ARGUMENT", 500, "server_error", None),
     ]
     for message, status, http_status, code, param in cases:
-        error = from_triton(_triton_error(message, status), "triton:8001", "rid-1")
+        error = from_triton(_triton_error(message, status), "rid-1")
         assert (error.status, error.code, error.param) == (http_status, code, param), message
-    queue_full = from_triton(_triton_error(QUEUE_FULL, "StatusCode.UNAVAILABLE"), "triton:8001", "rid-1")
+    queue_full = from_triton(_triton_error(QUEUE_FULL, "StatusCode.UNAVAILABLE"), "rid-1")
     assert int(queue_full.headers["Retry-After"]) > 0
-    internal = from_triton(_triton_error("stub crashed at 0x7f...", "StatusCode.INTERNAL"), "triton:8001", "rid-1")
+    internal = from_triton(_triton_error("stub crashed at 0x7f...", "StatusCode.INTERNAL"), "rid-1")
     assert "rid-1" in internal.message and "0x7f" not in internal.message
 
 

@@ -4,7 +4,11 @@ reach its control plane, use the internal models or make another caller's reques
 Each test here failed on the server before the hardening (issue 18): two concurrent out-of-range
 token ids crashed tritonserver; unload, load with a config or file override, shared-memory
 registration and logging were open to any caller; reference_kv_cache answered anyone; a 1 MiB
-prompt was tokenized."""
+prompt was tokenized. And after a hostile caller's probe: reference_kv_cache answered K/V without a
+key with INTERNAL and an error line in the log, the component models answered anyone, and four
+4096^2 PNGs were decoded before their token count was refused.
+
+Direct calls of internal models send the tests' internal secret (tests/support.py INTERNAL), as the BLS does."""
 
 from __future__ import annotations
 
@@ -17,13 +21,16 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpc
 import tritonclient.http as http
-from tritonclient.utils import InferenceServerException
+from PIL import Image
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from flux2_serving.clients.api import Flux2Client, Flux2Error
+from flux2_serving.contract.graphs import COMPONENTS
 from flux2_serving.contract.names import cached_name
-from flux2_serving.contract.security import INTERNAL_PARAMETER, INTERNAL_SECRET_ENV, admin_headers
+from flux2_serving.contract.security import INTERNAL_ONLY, INTERNAL_PARAMETER, admin_headers
 from flux2_serving.devtools.metrics import metric_by_label
 from flux2_serving.devtools.pictures import synthetic_reference
+from tests.support import INTERNAL, model_counts, png_bytes
 
 PROTOCOLS = ["grpc", "http"]
 MODULES = {"grpc": grpc, "http": http}
@@ -70,7 +77,7 @@ def test_concurrent_bad_component_calls_fail_alone_while_good_ones_are_served(tr
     """Direct text_encoder calls, half with token ids outside the vocabulary, all at once (the dynamic
     batcher stacks them), next to a real request through the BLS: the server lives, the good calls
     get exactly what they get alone, each bad one gets its own INVALID_ARG."""
-    good = call(triton_server, protocol, "text_encoder", token_ids()).as_numpy("prompt_embeds")
+    good = call(triton_server, protocol, "text_encoder", token_ids(), parameters=INTERNAL).as_numpy("prompt_embeds")
     bad_inputs = [token_ids(10**9), token_ids(-1)]
     bad_inputs[0]["input_ids"][0][0, 3] = 10**9  # one bad id among good ones
 
@@ -80,7 +87,7 @@ def test_concurrent_bad_component_calls_fail_alone_while_good_ones_are_served(tr
                 return user.generate("a lighthouse", [synthetic_reference((128, 128), 7)], height=256, width=256,
                                      seed=3, num_inference_steps=2)
         inputs = bad_inputs[index % 2] if index % 3 == 0 else token_ids()
-        return index % 3 == 0, call(triton_server, protocol, "text_encoder", inputs)
+        return index % 3 == 0, call(triton_server, protocol, "text_encoder", inputs, parameters=INTERNAL)
 
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(job, range(32)))
@@ -129,8 +136,59 @@ def test_components_refuse_what_the_envelope_does_not_hold(triton_server, protoc
         inputs["prompt_embeds"] = (np.zeros((1, TEXT_LEN, dims["prompt_embeds"][-1]), np.float32), "FP32")
         for name in (n for n in dims if n.startswith("ref_kv_")):
             inputs[name] = (np.zeros([2, 0, *dims[name][2:]], np.float32), "FP32")
-    assert_invalid(call(triton_server, protocol, model, inputs), protocol, *fragments)
+    assert_invalid(call(triton_server, protocol, model, inputs, parameters=INTERNAL), protocol, *fragments)
     assert client(triton_server, protocol).is_server_ready()
+
+
+def smallest_inputs(server, model: str) -> dict:
+    """Inputs a served component takes, each dimension the smallest its envelope allows (its
+    config's input_rules), filled with ones: valid token ids, mask, ids and pixels alike."""
+    config = client(server, "grpc").get_model_config(model, as_json=True)["config"]
+    rules = json.loads(config["parameters"]["input_rules"]["string_value"])
+    types = {tensor["name"]: tensor["data_type"].removeprefix("TYPE_") for tensor in config["input"]}
+    inputs = {}
+    for name, axes in rules["dims"].items():
+        shape = [axis if isinstance(axis, int) else rules["ranges"][axis][0] for axis in axes]
+        inputs[name] = (np.ones(shape, triton_to_np_dtype(types[name])), types[name])
+    return inputs
+
+
+def new_log_lines(server, offset: int) -> list[str]:
+    """tritonserver's log lines written after byte `offset`."""
+    with open(server["log"], "rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace").splitlines()
+
+
+def error_lines(lines: list[str]) -> list[str]:
+    """Triton's error lines (E0612 12:00:00.000 ...) and anything naming a Python exception."""
+    return [line for line in lines if re.match(r"E\d{4} ", line) or "Error" in line or "Traceback" in line]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_components_answer_only_the_bls(triton_server, protocol):
+    """Every component model refuses a caller without the server's internal secret, before reading its
+    inputs, with one line and nothing in the server's log; with the secret (the BLS) it answers."""
+    offset = Path(triton_server["log"]).stat().st_size
+    for model in COMPONENTS:
+        inputs = smallest_inputs(triton_server, model)
+        for parameters in (None, {INTERNAL_PARAMETER: "guess"}, {INTERNAL_PARAMETER: 7}, {"other": "x"}):
+            assert_invalid(call(triton_server, protocol, model, inputs, parameters=parameters), protocol,
+                           f"{model}: {INTERNAL_ONLY}")
+        answer = call(triton_server, protocol, model, inputs, parameters=INTERNAL)
+        assert not isinstance(answer, Exception), (model, answer)
+
+    def job(index):  # refused and served requests at once: the dynamic batcher hands them over together
+        return index, call(triton_server, protocol, "text_encoder", token_ids(),
+                           parameters=INTERNAL if index % 2 else None)
+
+    with ThreadPoolExecutor(8) as pool:
+        for index, result in pool.map(job, range(16)):
+            if index % 2:
+                assert not isinstance(result, Exception), result
+            else:
+                assert_invalid(result, protocol, INTERNAL_ONLY)
+    assert error_lines(new_log_lines(triton_server, offset)) == []
 
 
 def _evil_model_files() -> tuple[str, dict]:
@@ -205,17 +263,10 @@ def test_the_reference_cache_answers_only_the_bls(triton_server, protocol):
     assert not probe.as_numpy("hit")[0]
 
 
-def _server_secret(server) -> str:
-    """The internal secret from tritonserver's environment (readable by the same user, as root in a
-    container: what a caller over the network never sees)."""
-    environ = Path(f"/proc/{server['process'].pid}/environ").read_bytes().split(b"\0")
-    return next(item.split(b"=", 1)[1].decode() for item in environ if item.startswith(INTERNAL_SECRET_ENV.encode()))
-
-
 def test_the_reference_cache_keeps_valid_entries_and_bounds_a_store(triton_server):
     """Even with the secret, a store must be a complete K/V set of one consistent size within the
     envelope, and never replaces an entry; a non-hex key is refused."""
-    internal = {INTERNAL_PARAMETER: _server_secret(triton_server)}
+    internal = INTERNAL
     shapes = _kv_shapes(triton_server)
     names = sorted(shapes)
     key = b"0123456789abcdef" * 4
@@ -239,6 +290,49 @@ def test_the_reference_cache_keeps_valid_entries_and_bounds_a_store(triton_serve
     assert (found.as_numpy(cached_name(names[0])) == 1.0).all()
     assert_invalid(call(triton_server, "grpc", "reference_kv_cache", _key(b"g" * 64), parameters=internal), "grpc",
                    "sha256")
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_malformed_reference_cache_requests_are_refused_in_one_line_and_not_logged(triton_server, protocol):
+    """K/V without a key, a key of the wrong type or count, K/V of the wrong type or shape, a secret
+    that is not a string, no input at all: each INVALID_ARG (from Triton or from the model, with or
+    without the secret), never INTERNAL, and no line in the server's log (a caller cannot fill it)."""
+    shapes = _kv_shapes(triton_server)
+    kv = {name: (np.zeros([2, 16, *dims[2:]], np.float32), "FP32") for name, dims in shapes.items()}
+    first = sorted(shapes)[0]
+    cases = {
+        "K/V without a key": ({**kv}, ["'key' is required"]),
+        "a key of INT64": ({"key": (np.array([1], np.int64), "INT64"), **kv}, []),
+        "two keys": ({"key": (np.array([b"a" * 64, b"b" * 64], dtype=np.object_), "BYTES")}, []),
+        "K/V of FP16": ({**_key(b"a" * 64), first: (np.zeros([2, 16, *shapes[first][2:]], np.float16), "FP16")}, []),
+        "K/V of other heads": ({**_key(b"a" * 64), first: (np.zeros([2, 16, 3, 5], np.float32), "FP32")}, []),
+        "no input": ({}, []),
+    }
+    offset = Path(triton_server["log"]).stat().st_size
+    for parameters in (None, INTERNAL):
+        for case, (inputs, fragments) in cases.items():
+            result = call(triton_server, protocol, "reference_kv_cache", inputs, parameters=parameters)
+            assert isinstance(result, InferenceServerException), case
+            assert "internal error" not in str(result.message()), (case, result.message())
+            assert_invalid(result, protocol, *fragments)
+    secret_not_a_string = {INTERNAL_PARAMETER: 12345}
+    assert_invalid(call(triton_server, protocol, "reference_kv_cache", _key(b"a" * 64),
+                        parameters=secret_not_a_string), protocol, INTERNAL_ONLY)
+    assert not call(triton_server, protocol, "reference_kv_cache", _key(b"")).as_numpy("hit")[0]  # still serving
+    assert error_lines(new_log_lines(triton_server, offset)) == []
+
+
+def test_references_over_the_token_limit_are_refused_before_any_decoding(triton_server):
+    """Four 4096x4096 black PNGs (49 KB each, 4 x 4096 tokens after preprocessing): refused from their
+    headers, before any pixel is decoded (that took 2.7 s) and before the VAE encoder runs."""
+    black = png_bytes(Image.new("RGB", (4096, 4096)))
+    encoded_before = model_counts(triton_server, "vae_encoder")
+    with Flux2Client(triton_server["grpc"]) as user, pytest.raises(Flux2Error) as refused:
+        user.generate("four big references", [black] * 4, num_inference_steps=1)
+    message = str(refused.value)
+    assert refused.value.status == "StatusCode.INVALID_ARGUMENT", message
+    assert "'image': the references hold 16384 tokens" in message and "at most 4096 allowed" in message, message
+    assert model_counts(triton_server, "vae_encoder") == encoded_before
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -1,16 +1,26 @@
-"""The token layout the served pipeline and the export use (export/latent_layout.py) equals what
+"""The token layout the served pipeline and the export use (export/latent_layout.py), and the reference
+sizes it computes from image headers (models/request_inputs.py preprocessed_size), equal what
 diffusers' private helpers produce on the pinned diffusers: the day an upgrade changes them, this fails
 and names the helper, instead of the served images drifting."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import diffusers
 import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinKVPipeline as P
+from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+from PIL import Image
 
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.contract.interface import Limits
 from flux2_serving.export import latent_layout as layout
+from flux2_serving.models.request_inputs import preprocess_reference, preprocessed_size
+
+LIMITS = Limits(**DEFAULT_ENVELOPE.request_limits())
 
 
 def test_the_pinned_diffusers_is_the_one_the_layout_was_checked_against():
@@ -45,3 +55,29 @@ def test_latent_reshapes():
     assert torch.equal(layout.unpatchify_latents(patched), P._unpatchify_latents(patched))
     assert torch.equal(layout.unpatchify_latents(patched), latents)
     assert torch.equal(layout.pack_latents(patched), P._pack_latents(patched))
+
+
+def _sizes(area_cap: int, count: int, seed: int) -> list[tuple[int, int]]:
+    """`count` random (width, height) around and over `area_cap`, aspect ratios up to 4:1 either way."""
+    rng = np.random.default_rng(seed)
+    side = int(area_cap ** 0.5)
+    widths = rng.integers(side // 4, side * 3, count)
+    ratios = np.exp(rng.uniform(-np.log(4), np.log(4), count))
+    return [(int(w), max(16, int(w * r))) for w, r in zip(widths, ratios, strict=True)]
+
+
+@pytest.mark.parametrize("area_cap, sizes", [
+    (64 * 64, _sizes(64 * 64, 150, 0)),  # small caps: many sizes, each resize cheap
+    (100 * 100, _sizes(100 * 100, 150, 1)),
+    (257 * 255, _sizes(257 * 255, 100, 2)),
+    (LIMITS.reference_max_area, [(4096, 4096), (1025, 1024), (1024, 1025), (1500, 1100), (2048, 512), (512, 2048),
+                                 (1448, 725), (3001, 1999), (1024, 1024), (1040, 1008), (250, 200)]),
+])
+def test_reference_sizes_from_headers_equal_diffusers_preprocessing(area_cap, sizes):
+    """preprocessed_size (two integers, no pixels) against the served preprocessing itself
+    (Flux2ImageProcessor._resize_to_target_area, then the crop to multiples of 16) on real images."""
+    limits = replace(LIMITS, reference_max_area=area_cap)
+    processor = Flux2ImageProcessor(vae_scale_factor=16)
+    for width, height in sizes:
+        pixels = preprocess_reference(Image.new("L", (width, height)), processor, limits)
+        assert preprocessed_size(width, height, limits) == tuple(pixels.shape[-2:]), (width, height, area_cap)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -146,6 +148,19 @@ def test_limits_are_checked_before_the_first_component_call(served):
     assert run.calls == []
 
 
+def test_reference_tokens_are_checked_from_the_headers_before_any_pixel_is_decoded(served):
+    """Four 4096x4096 black PNGs (49 KB each) hold 4 x 4096 tokens after preprocessing: refused with
+    their pixels still not decoded (PIL's pending tiles still there) and no component called."""
+    pipeline, run = served
+    request = parse(raw_request("four big references", [_png(4096, 4096)] * 4), LIMITS)
+    run.calls.clear()
+    with pytest.raises(InvalidInput, match=r"'image': the references hold 16384 tokens after preprocessing "
+                                           r"\(1024x1024, .*at most 4096 allowed"):
+        pipeline(request)
+    assert run.calls == []
+    assert all(image.tile and image.size == (4096, 4096) for image in request.images)  # header read, not decoded
+
+
 # ------------------------------------------------------------------ parsing, without a server
 
 
@@ -155,6 +170,24 @@ def _png(width, height, mode="RGB") -> bytes:
     return buffer.getvalue()
 
 
+def _png_header(width, height) -> bytes:
+    """A PNG declaring width x height whose pixel data is a few bytes: what a decompression bomb shows
+    before its zlib stream expands to gigabytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_pillows_decompression_bomb_guard_is_on():
+    """Pillow refuses at open() an image declaring over 2 x MAX_IMAGE_PIXELS; nothing here turns that off
+    (ours, max_input_pixels, is lower and checked right after)."""
+    import flux2_serving.models.pipeline  # noqa: F401  (everything the BLS imports that could change it)
+
+    assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS >= LIMITS.max_input_pixels
+
+
 BAD = {
     "no prompt": ({}, "'prompt' is required"),
     "empty prompt": ({"prompt": np.array([b"  "], dtype=np.object_)}, "non-empty"),
@@ -162,6 +195,10 @@ BAD = {
     "two prompts": ({"prompt": np.array([b"a", b"b"], dtype=np.object_)}, "exactly one value"),
     "too many references": ({"image": np.array([_png(64, 64)] * 5, dtype=np.object_)}, "at most 4 allowed"),
     "not an image": ({"image": np.array([b"GIF89a nope"], dtype=np.object_)}, "not a decodable"),
+    "over our pixel limit": ({"image": np.array([_png_header(5000, 4000)], dtype=np.object_)},
+                             r"'image\[0\]' declares 5000x4000 = 20000000 pixels, over the limit of 16777216"),
+    "a decompression bomb": ({"image": np.array([_png_header(20000, 20000)], dtype=np.object_)},
+                             r"'image\[0\]' declares more than 178956970 pixels; at most 16777216"),
     "height not multiple": ({"height": np.array([250], dtype=np.int32)}, "'height' is 250"),
     "width too large": ({"width": np.array([1456], dtype=np.int32)}, "'width' is 1456"),
     "negative seed": ({"seed": np.array([-1], dtype=np.int64)}, "'seed' is -1"),

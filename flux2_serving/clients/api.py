@@ -9,7 +9,8 @@
 pixels); `AsyncFlux2Client` uses `tritonclient.grpc.aio` for many concurrent callers in one
 event loop. Both return a list of PIL images (a `Generation`: the list, with `.seed` and `.notes`).
 Server-side rejections raise `Flux2Error` whose message is the server's one line naming the field
-at fault; an address that answers the other protocol raises `WrongProtocol`, saying which.
+at fault; an address that answers the other protocol raises `WrongProtocol`, saying which; a request
+that cannot be sent at all (a prompt that is not Unicode text) raises `InvalidRequest`, naming the field.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from PIL import Image
 
 from flux2_serving.contract.interface import DEFAULT_OUTPUTS, PUBLIC_INPUTS, GenerationOptions
 from flux2_serving.contract.names import BLS_MODEL as MODEL
-from flux2_serving.contract.names import OVERLOADED_MARKS, ROUTING_HEADER
+from flux2_serving.contract.names import DEAD_PROCESS, OVERLOADED_MARKS, ROUTING_HEADER
 from flux2_serving.contract.reference_key import encoded_reference_key
 
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
@@ -52,11 +53,24 @@ SCALAR_TYPES = _scalar_types()
 
 
 class Flux2Error(RuntimeError):
-    """The server refused or failed a request; `status` is Triton's code (e.g. INVALID_ARGUMENT / 400)."""
+    """The server refused or failed a request; `status` is Triton's code (e.g. INVALID_ARGUMENT / 400).
+    `retryable`: the same request sent again (later, or to another replica) can succeed: UNAVAILABLE
+    (gRPC) or HTTP 502/503/504, a full queue, or a process of the server that died (Triton's INTERNAL
+    "Stub process ... is not healthy": the launcher's supervisor replaces it)."""
 
     def __init__(self, message: str, status: str | None = None):
         super().__init__(message)
         self.status = status
+        self.retryable = ((status is not None and any(code in status for code in UNAVAILABLE))
+                          or any(mark in message for mark in (*OVERLOADED_MARKS, DEAD_PROCESS, "RST_STREAM")))
+
+
+class InvalidRequest(Flux2Error, ValueError):
+    """A request this client cannot send, refused before anything travels (e.g. a prompt that is not
+    Unicode text: a lone surrogate has no UTF-8 bytes); the message names the field."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "INVALID_ARGUMENT")
 
 
 class WrongProtocol(Flux2Error):
@@ -149,11 +163,21 @@ def encode_image(image) -> bytes:
     return buffer.getvalue()
 
 
+def utf8(name: str, text: str) -> bytes:
+    """`text` as UTF-8; InvalidRequest naming `name` for a string that has none (a lone surrogate, as a
+    JSON "\\ud800" escape or an undecodable command-line byte gives)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"'{name}' is not valid Unicode text: character {exc.start} is a lone surrogate "
+                             f"({text[exc.start]!r}), which has no UTF-8 encoding; send UTF-8 text") from None
+
+
 def request_tensors(prompt: str | None, images=(), **scalars) -> dict[str, tuple[np.ndarray, str]]:
     """name -> (array, Triton dtype) for one request; scalars left as None are not sent."""
     tensors = {}
     if prompt is not None:
-        tensors["prompt"] = (np.array([prompt.encode()], dtype=np.object_), "BYTES")
+        tensors["prompt"] = (np.array([utf8("prompt", prompt)], dtype=np.object_), "BYTES")
     if images:
         tensors["image"] = (np.array([encode_image(image) for image in images], dtype=np.object_), "BYTES")
     for name, value in scalars.items():

@@ -18,6 +18,11 @@ QUEUE_TIMEOUT = "Request timeout expired"
 BLS_OVERLOADED = "server overloaded, retry later"
 OVERLOADED_MARKS = (QUEUE_FULL, QUEUE_TIMEOUT, BLS_OVERLOADED)
 SHUTTING_DOWN = "Server not ready"  # Triton refuses new calls while it stops
+# Triton's words when a request reached a Python-backend process that died ("Stub process '<instance>'
+# is not healthy."), and what the BLS adds (as UNAVAILABLE) when that process is a component's: the
+# launcher's supervisor replaces it (flux2_serving/server/supervisor.py), so the request can be sent again.
+DEAD_PROCESS = "is not healthy"
+PROCESS_REPLACED = "(a process of the server died and is being replaced: send the request again)"
 
 
 def cached_name(kv_name: str) -> str:

@@ -10,8 +10,10 @@ Kubernetes manifests).
   key configured means a random one that nobody is told: those APIs are off, not open.
 * **Internal models answer only the BLS.** $FLUX2_INTERNAL_SECRET (random per server start unless
   given) is in tritonserver's environment, so every Python-backend process has it; the BLS sends
-  it as a request parameter to `reference_kv_cache`, which refuses requests without it. A caller
-  cannot read the environment (the model-repository API, the only way to run code, is closed).
+  it as a request parameter to every model it calls, and `reference_kv_cache` and the Python-backend
+  component runners refuse requests without it (INTERNAL_ONLY). A caller cannot read the environment
+  (the model-repository API, the only way to run code, is closed). TensorRT-backend components
+  cannot read a parameter: there only the network boundary keeps callers out.
 * Not set on purpose: the Python backend's `stub-timeout-seconds`. Its source (r24.10 and main)
   parses and logs it but never uses it, so it cannot help a slow start-up; flux2_serving.server.launch retries a
   start-up that aborts instead (a 2.51 server aborted once with boost's lock_exception while four
@@ -27,6 +29,8 @@ import os
 import secrets
 from pathlib import Path
 
+from .names import BLS_MODEL
+
 ADMIN_KEY_ENV = "FLUX2_ADMIN_KEY"
 ADMIN_KEY_FILE_ENV = "FLUX2_ADMIN_KEY_FILE"
 ADMIN_HEADER = "flux2-admin-key"  # the HTTP header; Triton checks gRPC metadata under GRPC_ADMIN_HEADER
@@ -35,6 +39,8 @@ GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace", "statistics")
 INTERNAL_SECRET_ENV = "FLUX2_INTERNAL_SECRET"
 INTERNAL_PARAMETER = "flux2_internal"  # request parameter that carries the internal secret
+# An internal model's answer to a request without the secret (INVALID_ARG): the same words from every one.
+INTERNAL_ONLY = f"this model is internal: it answers only the {BLS_MODEL} model"
 
 
 def configured_admin_key(explicit: str | None = None, environ=os.environ) -> str | None:

@@ -33,13 +33,13 @@ from tritonclient.utils import InferenceServerException
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 
 from .body import json_object, multipart_form
-from .errors import ApiError, from_triton, invalid
+from .errors import ApiError, from_triton, invalid, unavailable
 from .fields import ImageRequest, image_request
 from .metrics import FrontMetrics
 from .middleware import FrontMiddleware, error_response
 from .response import MEDIA_TYPES, images_response
 from .store import ImageStore
-from .triton import Triton, not_ready
+from .triton import Triton
 
 log = logging.getLogger("flux2_serving.front")
 LIMITS = DEFAULT_ENVELOPE.request_limits()
@@ -155,9 +155,10 @@ def create_app(settings: FrontSettings) -> Starlette:
             log.info("%s the caller went away: its Triton request is cancelled", request_id)
             return Response(status_code=CLIENT_CLOSED)
         except InferenceServerException as exc:
-            error = from_triton(exc, settings.triton_grpc_url, request_id)
-            if error.status >= 500:
-                log.warning("%s Triton answered %s: %s", request_id, exc.status(), exc.message())
+            error = from_triton(exc, request_id)
+            if error.status >= 500:  # the caller's answer says neither where Triton is nor what gRPC said: here
+                log.warning("%s Triton at %s answered %s: %s", request_id, settings.triton_grpc_url, exc.status(),
+                            " ".join(str(exc.message()).split()))
             raise error from None
         urls = None
         if image.response_format == "url":
@@ -198,7 +199,7 @@ def create_app(settings: FrontSettings) -> Starlette:
     async def ready(request):
         problem = await triton.readiness()
         if problem:
-            raise not_ready(problem)
+            raise unavailable(problem)
         return JSONResponse({"status": "ready"})
 
     async def prometheus(request):

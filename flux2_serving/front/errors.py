@@ -5,6 +5,8 @@ Every error the front answers, its own or Triton's, is `{"error": {"message", "t
 (400 BadRequestError, 401 AuthenticationError, 404 NotFoundError, 413, 429 RateLimitError, 5xx
 InternalServerError). A caller's mistake is always a 4xx naming the OpenAI field at fault; 500 is
 kept for what the caller cannot fix, with a request id to quote and nothing of the server's inside.
+Neither do 503 and 504 quote Triton's address or gRPC's own text (they name hosts and ports of the
+cluster): the caller gets what happened and when to come back, the front's log gets the details.
 """
 
 from __future__ import annotations
@@ -58,8 +60,14 @@ def server_error(request_id: str) -> ApiError:
                     code="server_error")
 
 
-def from_triton(exc, triton_url: str, request_id: str) -> ApiError:
-    """The answer for a tritonclient InferenceServerException from the BLS (gRPC)."""
+def unavailable(message: str) -> ApiError:
+    """503 with Retry-After: nothing the caller did, the same request can be sent again."""
+    return ApiError(503, message, code="service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def from_triton(exc, request_id: str) -> ApiError:
+    """The answer for a tritonclient InferenceServerException from the BLS (gRPC). The caller of this
+    function logs the exception of a 5xx."""
     status = str(exc.status() or "")
     message = " ".join(str(exc.message() or "").split())
     if any(mark in message for mark in OVERLOADED_MARKS):  # Triton's full queue or queue timeout, the BLS's own
@@ -68,12 +76,13 @@ def from_triton(exc, triton_url: str, request_id: str) -> ApiError:
     if "INVALID_ARGUMENT" in status and "unexpected inference output" not in message:  # (that: a stale repository)
         return _invalid_argument(message)
     if "DEADLINE_EXCEEDED" in status:
-        return ApiError(504, f"the request did not finish within the front's timeout ({message})", code="timeout")
+        return ApiError(504, "the request did not finish within the front's timeout; send it again, or with "
+                             "fewer steps or images", code="timeout")
     if "UNAVAILABLE" in status or SHUTTING_DOWN in message or "NOT_FOUND" in status:
         # unreachable, stopping, or the model not loaded: nothing the caller did; it can be sent again
-        return ApiError(503, f"the inference server at {triton_url} is unavailable: {message}",
-                        code="service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
-    return server_error(request_id)  # INTERNAL and anything else: logged by the caller of this function
+        return unavailable(f"the inference server is unavailable (unreachable, starting or stopping); send the "
+                           f"request again in {RETRY_AFTER_S} s (request id {request_id})")
+    return server_error(request_id)  # INTERNAL and anything else
 
 
 def _invalid_argument(message: str) -> ApiError:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flux2_serving.clients.api import SCALAR_TYPES
+from flux2_serving.clients.api import SCALAR_TYPES, InvalidRequest, utf8
 from flux2_serving.contract.interface import GenerationOptions
 
 from .errors import ApiError, invalid, shown, unsupported
@@ -79,6 +79,18 @@ def _boolean(name: str, value, form: bool) -> bool:
     return value
 
 
+def _text(name: str, value) -> str:
+    """A string that has UTF-8 bytes: JSON can escape a lone surrogate ("\\ud800"), which Python
+    decodes into a str that no encoder takes (the client's utf8() says so, naming the field)."""
+    if not isinstance(value, str):
+        raise invalid(name, f"'{name}' must be a string, got {shown(value)}")
+    try:
+        utf8(name, value)
+    except InvalidRequest as exc:
+        raise invalid(name, str(exc)) from None
+    return value
+
+
 def _choice(name: str, value, choices) -> str:
     if value not in choices:
         raise invalid(name, f"'{name}' is {shown(value)}; it must be one of {', '.join(choices)}")
@@ -131,8 +143,7 @@ def image_request(values: dict, references=(), *, model_id: str, form: bool = Fa
     _check_accepted(values, form, edit)
     if "prompt" not in values:
         raise invalid("prompt", "'prompt' is required", "missing_required_parameter")
-    if not isinstance(values["prompt"], str):
-        raise invalid("prompt", f"'prompt' must be a string, got {shown(values['prompt'])}")
+    _text("prompt", values["prompt"])
     _check_references(references, edit, max_references, max_image_bytes)
 
     output_format = _choice("output_format", values.get("output_format", "png"), FORMATS)
@@ -147,8 +158,8 @@ def image_request(values: dict, references=(), *, model_id: str, form: bool = Fa
         raise unsupported("response_format", "url", "this server answers 'b64_json' only (it was started "
                                                     "without --url-base)")
     user = values.get("user")
-    if user is not None and not isinstance(user, str):
-        raise invalid("user", f"'user' must be a string, got {shown(user)}")
+    if user is not None:
+        _text("user", user)
 
     width, height = size_of(values.get("size"))
     n = values.get("n")

@@ -14,12 +14,13 @@ its own) that sits outside the routes, so it sees every request, unknown paths i
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 import time
 import uuid
 
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from .errors import ApiError, server_error
 from .metrics import FrontMetrics, endpoint_of
@@ -29,8 +30,12 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 OPEN_PATHS = ("/v1/images/files/",)
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), error.status, headers=error.headers)
+def error_response(error: ApiError) -> Response:
+    """The error as JSON in ASCII (\\u escapes): a message or `param` may quote what the caller sent,
+    lone surrogates included, which have no UTF-8 bytes (JSONResponse's encoding would turn the 400
+    into a 500)."""
+    body = json.dumps(error.body(), separators=(",", ":")).encode("ascii")
+    return Response(body, error.status, headers=error.headers, media_type="application/json")
 
 
 def _header(scope, name: bytes) -> str | None:

@@ -10,6 +10,7 @@ affinity routing.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 
@@ -27,9 +28,9 @@ from flux2_serving.clients.api import (
 from flux2_serving.contract.interface import DEFAULT_OUTPUTS
 from flux2_serving.contract.names import BLS_MODEL
 
-from .errors import ApiError
 from .fields import ImageRequest
 
+log = logging.getLogger("flux2_serving.front")
 READY_TIMEOUT_S = 3.0
 
 
@@ -52,6 +53,7 @@ class Triton:
     def __init__(self, url: str, timeout_s: float | None, seconds=None):
         self.url, self.timeout_s, self.seconds = url, timeout_s, seconds
         self.client = None
+        self.last_problem = None  # what readiness() last logged
 
     async def start(self) -> None:
         self.client = aio.InferenceServerClient(self.url)  # lazy: connects on the first call
@@ -72,16 +74,19 @@ class Triton:
                 self.seconds.labels(outcome).observe(time.monotonic() - started)
 
     async def readiness(self) -> str | None:
-        """None when Triton and the model are ready, else the one line saying what is not."""
+        """None when Triton and the model are ready, else the one line saying what is not, for the
+        caller: without Triton's address or gRPC's text, which go to the log (once per change, since
+        anyone may poll /health/ready)."""
+        detail = public = None
         try:
             if not await self.client.is_server_ready(client_timeout=READY_TIMEOUT_S):
-                return f"the inference server at {self.url} is not ready"
-            if not await self.client.is_model_ready(BLS_MODEL, client_timeout=READY_TIMEOUT_S):
-                return f"the model {BLS_MODEL} is not ready at {self.url}"
+                detail = public = "the inference server is not ready"
+            elif not await self.client.is_model_ready(BLS_MODEL, client_timeout=READY_TIMEOUT_S):
+                detail = public = "the model is not ready on the inference server"
         except InferenceServerException as exc:
-            return f"the inference server at {self.url} does not answer: {' '.join(str(exc.message()).split())}"
-        return None
-
-
-def not_ready(message: str) -> ApiError:
-    return ApiError(503, message, code="service_unavailable")
+            public = "the inference server does not answer"
+            detail = f"{public}: {exc.status()}: {' '.join(str(exc.message()).split())}"
+        if detail != self.last_problem:
+            self.last_problem = detail
+            (log.warning if detail else log.info)("readiness: Triton at %s: %s", self.url, detail or "ready")
+        return public

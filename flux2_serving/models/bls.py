@@ -34,8 +34,7 @@ from transformers import AutoTokenizer
 
 from ..contract.interface import DEFAULT_OUTPUTS, INPUTS, Limits
 from ..contract.manifest import read as read_manifest
-from ..contract.names import BLS_MODEL, BLS_OVERLOADED, QUEUE_FULL, SHUTTING_DOWN
-from ..contract.names import CACHE_MODEL as CACHE
+from ..contract.names import BLS_MODEL, BLS_OVERLOADED, DEAD_PROCESS, PROCESS_REPLACED, QUEUE_FULL, SHUTTING_DOWN
 from ..contract.security import INTERNAL_PARAMETER, internal_secret
 from ..export.loading import DTYPES
 from .pipeline import Interrupted, ServedPipeline, StageClock
@@ -53,6 +52,7 @@ class ComponentError(RuntimeError):
         super().__init__(f"{model}: {message}")
         self.overloaded = QUEUE_FULL in message
         self.stopping = SHUTTING_DOWN in message
+        self.dead = DEAD_PROCESS in message  # its process died (the supervisor replaces it)
 
 
 class TritonPythonModel:
@@ -66,13 +66,15 @@ class TritonPythonModel:
         # BLS instances); its keys cover the references and this model's identity.
         digest = hashlib.sha256((here / "manifest.json").read_bytes()).hexdigest()[:16]
         identity = f"{args['model_name']}:{args['model_version']}:{digest}"
-        # reference_kv_cache answers only requests that carry the server's internal secret (tritonserver's
-        # environment, flux2_serving/contract/security.py); without one the cache is not used at all.
+        # Every model this one calls answers only requests that carry the server's internal secret
+        # (tritonserver's environment, flux2_serving/contract/security.py): reference_kv_cache and the
+        # Python-backend components check it (those refuse to load without one); TensorRT engines cannot.
+        # Without a secret the cache is not used at all.
         self.secret = internal_secret()
         if self.secret is None:
             pb_utils.Logger.log_warn("no internal secret in the environment (FLUX2_INTERNAL_SECRET): reference K/V "
-                                     "is computed for every request; start tritonserver with "
-                                     "flux2_serving.server.launch or serve")
+                                     "is computed for every request and Python-backend components do not load; "
+                                     "start tritonserver with flux2_serving.server.launch or serve")
         self.pipeline = ServedPipeline(
             self.infer, AutoTokenizer.from_pretrained(here / "tokenizer"),
             FlowMatchEulerDiscreteScheduler.load_config(here / "scheduler"), manifest.dims, DTYPES[manifest.dtype],
@@ -137,6 +139,8 @@ class TritonPythonModel:
             if exc.stopping:
                 return "failed", error("the server is shutting down: send the request again (to another replica)",
                                        pb_utils.TritonError.UNAVAILABLE)
+            if exc.dead:
+                return "failed", error(f"{exc} {PROCESS_REPLACED}", pb_utils.TritonError.UNAVAILABLE)
             pb_utils.Logger.log_error(f"{BLS_MODEL}: {traceback.format_exc()}")
             return "failed", error(f"internal error in {exc}", pb_utils.TritonError.INTERNAL)
         except Exception as exc:  # a server fault: logged in full, one line to the caller
@@ -200,7 +204,7 @@ class TritonPythonModel:
             inputs=[to_triton(name, value) for name, value in inputs.items()],
             requested_output_names=outputs,
             preferred_memory=self.preferred_memory,
-            parameters={INTERNAL_PARAMETER: self.secret} if model == CACHE else None,
+            parameters={INTERNAL_PARAMETER: self.secret} if self.secret else None,  # internal models check it
         )
         response = request.exec()
         if response.has_error():

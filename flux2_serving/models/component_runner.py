@@ -20,11 +20,18 @@ config.pbtxt from the declared I/O spec, the same as the TensorRT engine's (`--b
 dynamic batching Triton hands over several requests at once: requests of equal shapes (apart from
 the batch axis) run as one batch, as an engine would.
 
+Internal, as reference_kv_cache: every request must carry the server's internal secret as the
+request parameter `flux2_internal` (contract/security.py; the BLS sends it), else it is refused
+before its inputs are read. Without a secret in the environment (tritonserver started by hand, not
+by flux2_serving.server.launch or serve) the model does not load: it could answer nobody. A TensorRT
+engine served by Triton's tensorrt_backend cannot check a parameter (docs/security.md).
+
 One caller's error is that caller's alone: every request is checked on its own first
 (input_checks.py: the envelope's shapes, token ids within the vocabulary) and a bad one answers
 INVALID_ARG without joining a batch; should a batch still fail, its requests run one by one, so
 only the culprit fails. Every error response gets its own TritonError (one object attached to
-several responses crashed tritonserver 2.51) and one line of message, never a traceback.
+several responses crashed tritonserver 2.51) and one line of message, never a traceback; refusals
+are not logged (a caller must not be able to fill the server's log).
 """
 
 import os
@@ -32,8 +39,9 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from ..contract.security import INTERNAL_ONLY, INTERNAL_SECRET_ENV, internal_secret, is_internal
 from .input_checks import BadInput, InputRules
-from .triton_io import model_config, to_torch, to_triton
+from .triton_io import model_config, request_parameters, to_torch, to_triton
 from .trt_runtime import TensorRTStreamed  # light: it imports tensorrt and torch only when instantiated
 
 
@@ -108,6 +116,11 @@ class TritonPythonModel:
     def initialize(self, args):
         config, params = model_config(args)
         self.name = args["model_name"]
+        self.secret = internal_secret()
+        if self.secret is None:  # refusing every request would hide the cause: fail the load, saying why
+            raise RuntimeError(f"{self.name}: no internal secret in the environment ({INTERNAL_SECRET_ENV}); this "
+                               "model answers only requests carrying it: start tritonserver with "
+                               "python -m flux2_serving.server.launch or flux2_serving.server.serve")
         self.inputs = [tensor["name"] for tensor in config["input"]]
         self.outputs = [tensor["name"] for tensor in config["output"]]
         self.batching = config.get("max_batch_size", 0) > 0
@@ -124,6 +137,9 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         feeds = {}
         for index, request in enumerate(requests):  # each request checked alone, before any batch is stacked
+            if not is_internal(request_parameters(request), self.secret):
+                responses[index] = self.error(INTERNAL_ONLY)
+                continue
             try:
                 feed = {name: rt.read(pb_utils.get_input_tensor_by_name(request, name)) for name in self.inputs}
                 self.rules.check(feed)

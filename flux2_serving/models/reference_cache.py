@@ -16,7 +16,8 @@ parameter `flux2_internal` (flux2_serving/contract/security.py; the BLS sends it
 caller can look up, store or flood entries. Keys are sha256 hex digests; a store must hold every
 block's K/V, each [2, N, heads, head_dim] with one N in [1, max_reference_tokens], so one store
 takes at most the K/V of the largest reference set; an entry is never replaced. Every refusal is
-INVALID_ARG with one line (no traceback).
+INVALID_ARG with one line (no traceback) and nothing in the server's log: no input a caller can send
+reaches the INTERNAL path, which is kept for server faults.
 
 Tensors stay on the serving device (parameter `device`; DLPack in and out). The budget is the
 parameter `reference_cache_bytes`. Hits, misses, evictions, bytes and entries are Triton
@@ -25,7 +26,6 @@ custom metrics on the metrics endpoint.
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
@@ -33,9 +33,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from ..contract.names import cached_name
-from ..contract.security import internal_secret, is_internal
+from ..contract.security import INTERNAL_ONLY, internal_secret, is_internal
 from .lru import ReferenceKVCache
-from .triton_io import model_config, to_torch, to_triton
+from .triton_io import model_config, request_parameters, to_torch, to_triton
 
 COUNTERS = {"hits": "Lookups answered from the cache (VAE encoding and prefill skipped)",
             "misses": "Lookups that found nothing (the BLS ran VAE encoding and the prefill)",
@@ -71,10 +71,11 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(pb_utils.InferenceResponse(self._serve(request)))
-            except Refused as exc:  # one error object per response (a shared one crashed tritonserver 2.51)
+            except Refused as exc:  # one error object per response (a shared one crashed tritonserver 2.51);
+                # not logged: a caller must not be able to fill the server's log
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"reference_kv_cache: {exc}", pb_utils.TritonError.INVALID_ARG)))
-            except Exception as exc:  # e.g. out of memory while storing: logged, one line back
+            except Exception as exc:  # a server fault (e.g. out of memory while storing): logged, one line back
                 pb_utils.Logger.log_error(f"reference_kv_cache: {type(exc).__name__}: {exc}")
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"reference_kv_cache: internal error: {type(exc).__name__}")))
@@ -82,16 +83,17 @@ class TritonPythonModel:
         return responses
 
     def _serve(self, request) -> list:
-        key = pb_utils.get_input_tensor_by_name(request, "key").as_numpy().reshape(-1)
+        # `key` is declared required, but the config's optional K/V inputs make Triton check only how
+        # many inputs came: a request of K/V alone reaches this model, so `key` is checked here.
+        key = pb_utils.get_input_tensor_by_name(request, "key")
+        if key is None:
+            raise Refused("'key' is required: one sha256 hex digest (BYTES, shape [1])")
+        key = key.as_numpy().reshape(-1)
         key = bytes(key[0]) if key.size == 1 else None
         if key == b"":  # a probe: alive, nothing looked up or counted; open to anyone
             return [_hit(False)]
-        try:
-            parameters = json.loads(request.parameters() or "{}")
-        except ValueError:
-            parameters = {}
-        if not is_internal(parameters, self.secret):
-            raise Refused("this model is internal: it answers only the flux2_klein_kv model")
+        if not is_internal(request_parameters(request), self.secret):
+            raise Refused(INTERNAL_ONLY)
         if key is None or not KEY.fullmatch(key):
             raise Refused("'key' must be one sha256 hex digest")
         key = key.decode()

@@ -6,11 +6,17 @@ config.pbtxt parameters (Limits has no defaults of its own).
 What diffusers changes in a valid request without a word (a reference's alpha channel dropped, a
 reference resized to the area cap or cropped to multiples of 16) the served pipeline changes the
 same way, for parity, but says so: one line per change, appended to a `notes` list, which the BLS
-returns as the public output `notes`."""
+returns as the public output `notes`.
+
+A reference's size after preprocessing follows from its header alone (preprocessed_size), so every
+size and token limit is checked before any pixel is decoded. Pillow's own decompression-bomb guard
+(Image.MAX_IMAGE_PIXELS, refusing at open() what declares over twice that) is left at its default,
+above max_input_pixels: never disabled here."""
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -50,6 +56,9 @@ def open_image(data: bytes, index: int, limits: Limits) -> Image.Image:
         raise InvalidInput(f"'{field_name}' is {len(data)} bytes; at most {limits.max_reference_bytes} bytes allowed")
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, before ours: the same limit, said as ours
+        raise InvalidInput(f"'{field_name}' declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels; at most "
+                           f"{limits.max_input_pixels} pixels allowed") from exc
     except Exception as exc:  # PIL raises several types for bad bytes
         raise InvalidInput(f"'{field_name}' is not a decodable PNG/JPEG/WebP image ({type(exc).__name__})") from exc
     width, height = image.size
@@ -141,6 +150,19 @@ def parse(inputs: dict, limits: Limits) -> GenerationRequest:
     return request
 
 
+def preprocessed_size(width: int, height: int, limits: Limits) -> tuple[int, int]:
+    """(height, width) that preprocess_reference gives a width x height reference, from the two numbers
+    alone: over the area cap, both sides scaled by sqrt(cap / area) and truncated (diffusers'
+    Flux2ImageProcessor._resize_to_target_area, in the same float operations, so the same integers;
+    tests/test_latent_layout.py compares them), then cut down to multiples of 16."""
+    area = width * height
+    if area > limits.reference_max_area:
+        scale = math.sqrt(limits.reference_max_area / area)
+        width, height = int(width * scale), int(height * scale)
+    step = limits.multiple_of
+    return (height // step) * step, (width // step) * step
+
+
 def preprocess_reference(image: Image.Image, processor, limits: Limits, notes: list | None = None, index: int = 0):
     """As Flux2KleinKVPipeline.__call__: resize down to the area cap, crop to multiples of 16.
     `processor` is diffusers' Flux2ImageProcessor; returns [1, 3, H, W] in [-1, 1]. A size changed is
@@ -162,8 +184,9 @@ def preprocess_reference(image: Image.Image, processor, limits: Limits, notes: l
 
 def output_size(request: GenerationRequest, sizes: list[tuple[int, int]], limits: Limits) -> tuple[int, int]:
     """Output (height, width): as asked, else the first preprocessed reference's, else the default.
-    `sizes`: the preprocessed references' (height, width). Also checks the reference set's token
-    count (its K/V size), so every limit is checked before the first component model runs."""
+    `sizes`: the preprocessed references' (height, width), from their headers (header_sizes) before
+    decoding, from their pixels after. Also checks the reference set's token count (its K/V size),
+    so every limit is checked before any pixel is decoded and the first component model runs."""
     step = limits.multiple_of
     for index, (h, w) in enumerate(sizes):  # guaranteed by the area cap and the aspect limit; checked anyway
         if not limits.min_reference_side <= min(h, w) <= max(h, w) <= limits.max_reference_side:
@@ -185,3 +208,8 @@ def output_size(request: GenerationRequest, sizes: list[tuple[int, int]], limits
             raise InvalidInput(f"output {name} {value} (taken from image[0]) is outside "
                                f"[{limits.min_side}, {limits.max_side}]; pass '{name}' explicitly")
     return height, width
+
+
+def header_sizes(request: GenerationRequest, limits: Limits) -> list[tuple[int, int]]:
+    """The references' (height, width) after preprocessing, read from their headers (nothing decoded)."""
+    return [preprocessed_size(*image.size, limits) for image in request.images]

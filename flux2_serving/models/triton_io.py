@@ -15,6 +15,15 @@ def model_config(args) -> tuple[dict, dict]:
     return config, {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
 
 
+def request_parameters(request) -> dict:
+    """A request's parameters as a dict; {} for anything else, so no caller can make this raise."""
+    try:
+        parameters = json.loads(request.parameters() or "{}")
+    except ValueError:
+        return {}
+    return parameters if isinstance(parameters, dict) else {}
+
+
 def to_torch(tensor, device=None):
     """A Triton tensor as a torch tensor (None stays None): numpy for CPU tensors, DLPack for GPU
     ones and for bf16, which numpy cannot hold; moved to `device` if given."""
