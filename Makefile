@@ -190,6 +190,7 @@ bench: setup $(BENCH_ONNX)/manifest.json $(OVERHEAD_ONNX)/manifest.json
 	$(BIN)/python -m bench.fp8_quality --model $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX)
 	$(BIN)/python -m bench.front --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
 	$(BIN)/python -m bench.gate_cost --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
+	$(BIN)/python -m bench.self_repair --model checkpoints/tiny --onnx-dir $(OVERHEAD_ONNX)
 
 # The OpenAI Images API in front of a running server (make serve): http://127.0.0.1:$(FRONT_PORT)/v1
 FRONT_PORT ?= 9000

@@ -9,7 +9,7 @@ Layers, each importing only the ones before it:
   models     the Triton Python-backend models (BLS, component runner, reference K/V cache); the
              model folders of model_repository/ import them by name
   serving    assembles a model repository: config.pbtxt files, graphs or plans, tokenizer
-  server     starts, guards and fronts tritonserver (launch, serve, watchdog, gateway)
+  server     starts, guards, repairs and fronts tritonserver (launch, serve, supervisor, watchdog, gateway)
   clients    the Python client, its CLI and the demo
   devtools   support for tests, benchmarks and load tests (not needed to serve)
   front      the OpenAI Images API (generations, edits) as an ASGI service that forwards to Triton over

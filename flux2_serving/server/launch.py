@@ -366,7 +366,8 @@ class Running:
     replaced (a replica restarted on the same ports); the context manager stops the current one.
     With the gate (the default), `http` and `grpc` are the gate's public ports and tritonserver listens
     on the loopback ports `upstream` ({"http": port, "grpc": port}); metrics are tritonserver's own.
-    `admin_key` opens the restricted APIs (security.admin_headers); `watchdog` is its thread, if any."""
+    `admin_key` opens the restricted APIs (security.admin_headers); `watchdog` is its thread, if any;
+    `supervisor` its flux2_serving/server/supervisor.py Supervisor (running() and main() attach one)."""
     process: subprocess.Popen
     http: str
     grpc: str
@@ -379,6 +380,7 @@ class Running:
     gate: subprocess.Popen | None = None
     upstream: dict | None = None
     address: str = "127.0.0.1"
+    supervisor: object = None
 
     def tritonserver_ports(self) -> tuple[int, int, int]:
         """(HTTP, gRPC, metrics) ports tritonserver itself listens on."""
@@ -388,7 +390,15 @@ class Running:
 
     def restart(self) -> None:
         """Start tritonserver again on the same repository and ports (after it died or was killed);
-        the gate stays."""
+        the gate stays. With a supervisor, through it: one start at a time, the dead server's group
+        killed and its /dev/shm regions swept, and nothing if the supervisor already started it again."""
+        if self.supervisor is not None:
+            self.supervisor.restart()
+        else:
+            self.start_again()
+
+    def start_again(self) -> None:
+        """restart() itself: stop what is left of tritonserver and start it again."""
         stop(self.process)
         self.process = start(self.repository, *self.tritonserver_ports(), log_file=self.log, explicit=self.explicit,
                              append=True, admin_key=self.admin_key,
@@ -431,26 +441,36 @@ def open_server(repository, ports: dict[str, int], log_file=None, explicit: bool
 
 @contextlib.contextmanager
 def running(repository, ports: dict | None = None, log_file=None, watchdog: float | None = None,
-            admin_key: str | None = None, watchdog_timeout: float = 60, canary_every: int = 1, gate: bool = True):
+            admin_key: str | None = None, watchdog_timeout: float = 60, canary_every: int = 1, gate: bool = True,
+            repair: bool = True):
     """Start tritonserver on `repository` behind the gate (free loopback ports unless given), yield a
     Running, and stop it on the way out, whatever happened. `watchdog`: seconds between
     flux2_serving/server/watchdog.py probes, run in a thread here (the server then uses explicit model
     control, so a model can be reloaded), each probe waiting at most `watchdog_timeout` s, with the canary
     every `canary_every` rounds (0: never). `admin_key`: default, a random one, known only to the returned
-    Running (tests, the watchdog thread). `gate`: False serves tritonserver's own HTTP and gRPC ports."""
+    Running (tests, the watchdog thread). `gate`: False serves tritonserver's own HTTP and gRPC ports.
+    `repair`: the supervisor (flux2_serving/server/supervisor.py) reloads a model whose process died and
+    starts a dead tritonserver again (explicit model control); False: it only sweeps /dev/shm."""
+    from flux2_serving.server.supervisor import Supervisor, sweep_dead_servers  # it imports this module
+
     ports = ports or free_ports()
-    explicit = watchdog is not None
+    explicit = watchdog is not None or repair
     admin_key = admin_key or security.unknowable_key()
+    sweep_dead_servers()
     server = open_server(repository, ports, log_file, explicit, admin_key, gate=gate)
+    server.supervisor = Supervisor(server, enabled=repair).start()
     done = threading.Event()
     if watchdog is not None:
-        server.watchdog = Watchdog(server.http, admin_key, probe_timeout=watchdog_timeout)
+        server.watchdog = Watchdog(server.supervisor.triton_http(), admin_key, probe_timeout=watchdog_timeout,
+                                   repair=server.supervisor.reload_model if repair else None)
         threading.Thread(target=server.watchdog.watch, args=(watchdog, canary_every, done), daemon=True).start()
     try:
         yield server
     finally:
         done.set()
+        server.supervisor.close()
         server.stop()
+        server.supervisor.sweep()
 
 
 class Stopping(Exception):
@@ -479,7 +499,12 @@ def main(argv=None) -> int:
     parser.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
                         help="probe the models with requests every SECONDS and reload one whose Python-backend "
                              "process died or that was unloaded (flux2_serving/server/watchdog.py; the server then "
-                             "uses explicit model control)")
+                             "uses explicit model control); the supervisor (on unless --no-repair) needs no probes "
+                             "for a process that died: this finds one that is alive but stopped, or an unloaded model")
+    parser.add_argument("--no-repair", action="store_true",
+                        help="no self-repair: a model whose Python-backend process died is not reloaded and a "
+                             "tritonserver that died is not started again (flux2_serving/server/supervisor.py; "
+                             "on by default, with explicit model control); /dev/shm is still swept")
     parser.add_argument("--no-gate", action="store_true",
                         help="serve tritonserver's own HTTP and gRPC ports instead of the gate's "
                              "(flux2_serving/server/gate.py): only behind a proxy of your own that bounds bodies, "
@@ -514,11 +539,16 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"serving {Path(args.repository).resolve()} ...", flush=True)
+    from flux2_serving.server.supervisor import Supervisor, sweep_dead_servers  # it imports this module
+
     try:
-        server = open_server(args.repository, ports, log_file, explicit=args.watchdog is not None,
+        sweep_dead_servers()  # /dev/shm regions and orphaned stubs of servers that died without their launcher
+        server = open_server(args.repository, ports, log_file, explicit=args.watchdog is not None or not args.no_repair,
                              admin_key=admin_key, address=args.address, gate=not args.no_gate)
+        server.supervisor = Supervisor(server, enabled=not args.no_repair).start()
         if args.watchdog is not None:
-            dog = Watchdog(f"{_reachable(args.address)}:{args.http_port}", admin_key)
+            dog = Watchdog(server.supervisor.triton_http(), admin_key,
+                           repair=None if args.no_repair else server.supervisor.reload_model)
             threading.Thread(target=dog.watch, args=(args.watchdog, 6), daemon=True).start()
         admin = (f"admin APIs need the header {security.ADMIN_HEADER}" if configured else
                  f"admin APIs closed (no ${security.ADMIN_KEY_ENV} or --admin-key-file)")
@@ -526,7 +556,8 @@ def main(argv=None) -> int:
         gated = (f" through the gate (tritonserver itself on 127.0.0.1:{server.upstream['http']} and "
                  f":{server.upstream['grpc']})" if server.gate else " (no gate)")
         print(f"tritonserver ready on {args.address}: HTTP {args.http_port}, gRPC {args.grpc_port}{gated}, metrics "
-              f"{args.metrics_port}/metrics; {admin}; {where}. Ctrl-C stops it", flush=True)
+              f"{args.metrics_port}/metrics; {admin}; self-repair {'off' if args.no_repair else 'on'}; {where}. "
+              "Ctrl-C stops it", flush=True)
         while True:
             try:
                 status = server.process.wait(timeout=1.0)  # polled: signals are handled between waits
@@ -535,6 +566,8 @@ def main(argv=None) -> int:
                     print(f"the gate exited with status {server.gate.returncode}: starting it again", flush=True)
                     server.restart_gate()
                 continue
+            if server.supervisor.enabled and not server.supervisor.gave_up.wait(1.0):
+                continue  # the supervisor starts it again
             if status:  # it ended on its own: what it said last is the reason
                 print(f"error: tritonserver exited with status {status}" +
                       (f"; the end of its log ({log_file}):\n{log_tail(log_file)}" if log_file else ""),
@@ -552,7 +585,12 @@ def main(argv=None) -> int:
         return 1
     finally:
         if server is not None:
+            if server.supervisor is not None:
+                server.supervisor.close()
             server.stop()
+            if server.supervisor is not None:
+                server.supervisor.sweep()
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -16,9 +16,16 @@ see it; requests can. Every --interval seconds this checks:
 Probes go to the BLS at the top priority level with a queue timeout, so they wait behind the
 requests being computed, not behind the queue; a probe that times out or is refused because the
 server is full means "busy", never "broken": the watchdog does not kill a replica for working.
-A model found broken is unloaded and loaded again through Triton's repository API (the server
-runs with --model-control-mode=explicit; its other models keep serving). Nothing a probe meets
-ends the watch loop. `--once` probes once, reloads nothing and exits 1 only if something is
+A model found broken is loaded again through Triton's repository API without unloading it
+(reload_without_gap: the server runs with --model-control-mode=explicit; the old version serves until
+the new one is ready, and the other models keep serving); a model that is not loaded is loaded.
+Nothing a probe meets ends the watch loop.
+
+Next to flux2_serving.server.launch this is an option (--watchdog): the launcher's supervisor
+(flux2_serving/server/supervisor.py, on by default) sees a dead process in the process table within
+a second and repairs it without probing; probes still find what the process table cannot show (a
+stub that is alive but stopped, a model that was unloaded). In Kubernetes, where tritonserver runs
+without the launcher, this sidecar is the repair. `--once` probes once, reloads nothing and exits 1 only if something is
 definitely broken: a Kubernetes livenessProbe, so that a replica the watchdog cannot repair is
 restarted. Standard library and Pillow only: it runs in the serving image (/opt/flux2/server/).
 """
@@ -115,11 +122,15 @@ class Watchdog:
     """Probes one server (HTTP address `base`) and repairs what it can. `admin_key` opens the
     repository API (reloads, the repository index); `probe_timeout`: seconds a probe may wait."""
 
-    def __init__(self, base: str, admin_key: str | None = None, probe_timeout: float = 60):
+    def __init__(self, base: str, admin_key: str | None = None, probe_timeout: float = 60, repair=None):
         self.base, self.admin_key, self.probe_timeout = base, admin_key, probe_timeout
+        # repair(model): how a loaded, broken model is reloaded (the launcher's supervisor's, which also
+        # retires the old version's processes); default reload_without_gap.
+        self.repair = repair
         self.rounds = 0  # completed rounds (a test can see the loop is alive)
         self.busy = 0  # probes that found the server busy
         self.repairs: list[tuple[str, str]] = []  # (model, outcome) of every repair tried
+        self._reloads = 0
 
     # ------------------------------------------------------------------ checks
 
@@ -197,17 +208,20 @@ class Watchdog:
     # ------------------------------------------------------------------ repair
 
     def reload(self, model: str, loaded: bool = True, timeout: float = 600) -> None:
-        """Load `model` again: unload first if it is loaded (Triton skips the load of an unchanged,
-        loaded model, so a dead stub would stay dead)."""
+        """Load `model` again: a loaded one without unloading it (reload_without_gap, or the
+        supervisor's repair), one that is not loaded plainly."""
+        if loaded and self.repair is not None:
+            if not self.repair(model):
+                raise RuntimeError(f"reloading {model} failed (see the supervisor's lines)")
+            return
+        if loaded:
+            self._reloads += 1
+            reload_without_gap(self.base, model, self.admin_key, f"watchdog.{self._reloads}", timeout)
+            return
         headers = {"Content-Type": "application/json", **security.admin_headers(self.admin_key)}
-        for action in ("unload", "load") if loaded else ("load",):
-            status, body = _post(f"http://{self.base}/v2/repository/models/{model}/{action}", b"{}", headers, timeout)
-            if status != 200:
-                raise RuntimeError(f"{action} {model}: HTTP {status}: {body.decode(errors='replace')[:300]}")
-            if action == "unload":  # unload returns before the model has gone
-                deadline = time.monotonic() + timeout
-                while time.monotonic() < deadline and _ready(self.base, model):
-                    time.sleep(0.2)
+        status, body = _post(f"http://{self.base}/v2/repository/models/{model}/load", b"{}", headers, timeout)
+        if status != 200:
+            raise RuntimeError(f"load {model}: HTTP {status}: {body.decode(errors='replace')[:300]}")
 
     def round(self, canary: bool = False) -> dict[str, str]:
         """One probe-and-repair round; never raises (a watchdog that dies repairs nothing)."""
@@ -244,12 +258,23 @@ class Watchdog:
                 time.sleep(interval)
 
 
-def _ready(base: str, model: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{base}/v2/models/{model}/ready", timeout=10) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+REPAIR_PARAMETER = "flux2_repair"  # a config parameter no model reads: changing it makes a load a reload
+
+
+def reload_without_gap(base: str, model: str, admin_key: str | None, generation: str, timeout: float = 600) -> None:
+    """Load the loaded `model` again, as a new version that Triton loads while the old one serves and
+    swaps in once ready: its current config (GET .../config) with REPAIR_PARAMETER set to `generation`,
+    as the load's config override. (Triton skips the load of an unchanged, loaded model, so a dead
+    Python-backend process would stay dead; unloading first leaves a window of NOT_FOUND answers;
+    changing only the instance group would keep the dead instance.) Raises RuntimeError if Triton
+    refuses or the new version fails to load (the old one then goes on serving)."""
+    config = _get_json(f"http://{base}/v2/models/{model}/config", 30)
+    config.setdefault("parameters", {})[REPAIR_PARAMETER] = {"string_value": generation}
+    body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
+    headers = {"Content-Type": "application/json", **security.admin_headers(admin_key)}
+    status, answer = _post(f"http://{base}/v2/repository/models/{model}/load", body, headers, timeout)
+    if status != 200:
+        raise RuntimeError(f"load {model}: HTTP {status}: {answer.decode(errors='replace')[:300]}")
 
 
 def log(message: str) -> None:
