@@ -18,8 +18,11 @@ gRPC  messages at most --max-request-bytes after decompression (RESOURCE_EXHAUST
       gRPC health service.
 
 Everything else passes through unchanged (headers, the admin key, deadlines, metadata, streams,
-errors), and tritonserver's answers come back as they are. When tritonserver does not answer (it is
-being restarted), callers get 503 / UNAVAILABLE with "retry", never the internal address.
+errors), and tritonserver's answers come back as they are, but for two that a caller should retry:
+when tritonserver does not answer (it is being restarted), 503 / UNAVAILABLE "retry in a few seconds"
+(never the internal address); when a request reached a Python-backend process that had died (Triton
+2.51's INTERNAL "Stub process ... is not healthy": the launcher's supervisor is replacing it), the same
+message as 503 / UNAVAILABLE with Retry-After, so that every client, not only ours, knows to retry.
 aiohttp (HTTP) and grpcio's asyncio server (gRPC) share one event loop: both come with tritonclient.
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import re
 import signal
 import sys
@@ -37,6 +41,7 @@ from aiohttp import web
 
 from flux2_serving.contract.cli_help import command_parser
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.contract.names import DEAD_PROCESS, PROCESS_REPLACED
 from flux2_serving.server import kserve_json
 
 MAX_JSON_BYTES = 2**20  # the JSON part of a request: tensors travel in Triton's binary extension
@@ -55,6 +60,14 @@ STREAM_METHODS = ("/inference.GRPCInferenceService/ModelStreamInfer",)
 def default_max_request_bytes() -> int:
     """The envelope's whole-request bound (contract/envelope.py max_request_bytes)."""
     return DEFAULT_ENVELOPE.max_request_bytes
+
+
+def _error_text(body: str) -> str:
+    """The message of Triton's {"error": ...} body (the body itself if it is not one)."""
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return body[:500]
 
 
 def refusal(status: int, message: str, retry: bool = False) -> web.Response:
@@ -135,6 +148,11 @@ class HttpGate:
         try:
             async with self.session.request(request.method, self.upstream + request.rel_url.raw_path_qs,
                                             headers=headers, data=parcel.pop() or None) as upstream:
+                if upstream.status == 500 and upstream.content_length and upstream.content_length < 2**16:
+                    text = (await upstream.read()).decode(errors="replace")
+                    if DEAD_PROCESS in text:  # Triton's INTERNAL for a request that reached a dead stub
+                        return refusal(503, f"{_error_text(text)} {PROCESS_REPLACED}", retry=True)
+                    return web.Response(status=500, body=text.encode(), content_type="application/json")
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for key, value in upstream.headers.items():
                     if key.lower() not in HOP_BY_HOP:
@@ -155,8 +173,11 @@ class GrpcGate(grpc.GenericRpcHandler):
     here; grpcio enforces the message bound after decompression) to tritonserver's gRPC port."""
 
     def __init__(self, upstream: str, max_request_bytes: int):
+        # Reconnect within a second once tritonserver is back (gRPC's default backoff grows to minutes).
         self.channel = grpc.aio.insecure_channel(upstream, options=[
-            ("grpc.max_send_message_length", max_request_bytes), ("grpc.max_receive_message_length", -1)])
+            ("grpc.max_send_message_length", max_request_bytes), ("grpc.max_receive_message_length", -1),
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000)])
         self.handlers = {}
 
     def service(self, details):
@@ -194,10 +215,12 @@ class GrpcGate(grpc.GenericRpcHandler):
 
     @staticmethod
     async def _abort(error: grpc.aio.AioRpcError, context) -> None:
-        details = error.details() or ""
-        if error.code() == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or "127.0.0.1" in details):
+        code, details = error.code(), error.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or "127.0.0.1" in details):
             details = RESTARTING  # the channel's own error names the internal address
-        await context.abort(error.code(), details)
+        elif code == grpc.StatusCode.INTERNAL and DEAD_PROCESS in details:  # the request never ran: retryable
+            code, details = grpc.StatusCode.UNAVAILABLE, f"{details} {PROCESS_REPLACED}"
+        await context.abort(code, details)
 
 
 async def serve(http_listen: tuple[str, int], grpc_listen: tuple[str, int], http_upstream: str, grpc_upstream: str,
