@@ -39,7 +39,7 @@ from ..contract.security import INTERNAL_PARAMETER, internal_secret
 from ..export.loading import DTYPES
 from .pipeline import Interrupted, ServedPipeline, StageClock
 from .request_inputs import InvalidInput, parse
-from .triton_io import model_config, to_torch, to_triton
+from .triton_io import before_teardown, lasting, model_config, to_torch, to_triton
 
 OUTCOMES = ("ok", "invalid", "cancelled", "timeout", "overloaded", "failed")
 
@@ -88,26 +88,34 @@ class TritonPythonModel:
         else:
             self.preferred_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
         # Where component outputs arrived, counted per device: on a GPU server everything should say cuda.
-        self.output_family = pb_utils.MetricFamily(
+        self.output_family = lasting(pb_utils.MetricFamily(
             name="flux2_bls_component_outputs_total", kind=pb_utils.MetricFamily.COUNTER,
-            description="Tensors the BLS received from component models, by the device they arrived on")
+            description="Tensors the BLS received from component models, by the device they arrived on"))
         self.output_labels = {"model": args["model_name"], "version": args["model_version"]}
         self.labelled_metrics = {}  # (label, value) -> metric, made on first use (_increment)
         # Where a request's time goes inside the BLS (component calls as "call:<model>"): with Triton's
         # per-model statistics this breaks the serving overhead down (bench/overhead.py reads both).
-        self.stage_family = pb_utils.MetricFamily(
+        self.stage_family = lasting(pb_utils.MetricFamily(
             name="flux2_bls_stage_seconds_total", kind=pb_utils.MetricFamily.COUNTER,
-            description="Wall seconds the BLS spent per request stage, summed over requests")
-        self.known_family = pb_utils.MetricFamily(
+            description="Wall seconds the BLS spent per request stage, summed over requests"))
+        self.known_family = lasting(pb_utils.MetricFamily(
             name="flux2_reference_cache_encoded_key_hits_total", kind=pb_utils.MetricFamily.COUNTER,
-            description="Requests whose reference bytes this BLS instance had seen: the references were not decoded")
-        self.known_metric = self.known_family.Metric(labels=self.output_labels)
+            description="Requests whose reference bytes this BLS instance had seen: the references were not decoded"))
+        self.known_metric = lasting(self.known_family.Metric(labels=self.output_labels))
         self.known_reported = 0
-        self.outcome_family = pb_utils.MetricFamily(
+        self.outcome_family = lasting(pb_utils.MetricFamily(
             name="flux2_bls_requests_total", kind=pb_utils.MetricFamily.COUNTER,
-            description="Requests the BLS answered, by outcome (ok, invalid, cancelled, timeout, overloaded, failed)")
+            description="Requests the BLS answered, by outcome (ok, invalid, cancelled, timeout, overloaded, failed)"))
         for outcome in OUTCOMES:  # every series exists from the start (rate() needs a first sample)
             self._increment(self.outcome_family, "outcome", outcome, 0)
+
+    def finalize(self):
+        """Let go of every Triton object but the metrics (lasting()) while this process's stub is whole: the
+        stub frees what is left only after it has released its shared memory, and a Triton object freed
+        then crashes it (issue 28, triton_io.before_teardown). The pipeline refers back to this model
+        (self.infer), so both would otherwise wait for Python's teardown."""
+        self.pipeline = None
+        before_teardown()
 
     # ------------------------------------------------------------------ Triton entry point
 
@@ -221,7 +229,7 @@ class TritonPythonModel:
     def _increment(self, family, label: str, value: str, amount: float) -> None:
         """Add `amount` to `family`'s metric for {label: value} (with this model's labels), made on first use."""
         if (label, value) not in self.labelled_metrics:
-            self.labelled_metrics[label, value] = family.Metric(labels={**self.output_labels, label: value})
+            self.labelled_metrics[label, value] = lasting(family.Metric(labels={**self.output_labels, label: value}))
         self.labelled_metrics[label, value].increment(amount)
 
 

@@ -134,6 +134,11 @@ class BoundedCache:
             self.items.popitem(last=False)
 
 
+def go_on() -> None:
+    """should_stop() of a request that nothing stops."""
+    return None
+
+
 class ServedPipeline:
     """One request in, uint8 images out; every component call goes through `run`.
 
@@ -160,14 +165,22 @@ class ServedPipeline:
         self.known_reference_hits = 0  # requests whose references were not decoded
         self.use_reference_cache = use_reference_cache  # False: reference_kv_cache is never asked
         self.clock = StageClock()
-        self.should_stop: Callable[[], str | None] = lambda: None
+        self.should_stop: Callable[[], str | None] = go_on
 
     def __call__(self, req: GenerationRequest, clock: StageClock | None = None,
                  should_stop: Callable[[], str | None] | None = None) -> Generated:
         """`should_stop()` -> None to go on, or why to stop (raises Interrupted before the next component call)."""
         # One request at a time per instance (a Triton Python-backend instance executes sequentially).
-        self.clock = clock = clock or StageClock()
-        self.should_stop = should_stop or (lambda: None)
+        self.clock = clock or StageClock()
+        self.should_stop = should_stop or go_on
+        try:
+            return self.generate(req, self.clock)
+        finally:  # the BLS's should_stop holds its Triton request: let go of it with the answer (a request
+            # kept until the stub's teardown is freed after the stub's shared memory, a crash: issue 28)
+            self.should_stop = go_on
+
+    def generate(self, req: GenerationRequest, clock: StageClock) -> Generated:
+        """The work of __call__, with its should_stop() in place."""
         # Everything a request can get wrong is checked before the first component runs, and its sizes
         # before any reference is decoded (four 4096^2 PNGs took 2.7 s to decode and resize).
         output_size(req, header_sizes(req, self.limits), self.limits)

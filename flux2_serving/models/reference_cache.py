@@ -35,7 +35,7 @@ import triton_python_backend_utils as pb_utils
 from ..contract.names import cached_name
 from ..contract.security import INTERNAL_ONLY, internal_secret, is_internal
 from .lru import ReferenceKVCache
-from .triton_io import model_config, request_parameters, to_torch, to_triton
+from .triton_io import before_teardown, lasting, model_config, request_parameters, to_torch, to_triton
 
 COUNTERS = {"hits": "Lookups answered from the cache (VAE encoding and prefill skipped)",
             "misses": "Lookups that found nothing (the BLS ran VAE encoding and the prefill)",
@@ -58,13 +58,20 @@ class TritonPythonModel:
         self.secret = internal_secret()
         labels = {"model": args["model_name"], "version": args["model_version"]}
         family = pb_utils.MetricFamily
-        # Metric families must outlive their metrics: keep both.
-        self.families = {name: family(name=f"flux2_reference_cache_{name}_total", description=text, kind=family.COUNTER)
+        # Metric families must outlive their metrics: both last as long as this process (lasting(), issue 28).
+        self.families = {name: lasting(family(name=f"flux2_reference_cache_{name}_total", description=text,
+                                              kind=family.COUNTER))
                          for name, text in COUNTERS.items()}
-        self.families.update({name: family(name=f"flux2_reference_cache_{name}", description=text, kind=family.GAUGE)
+        self.families.update({name: lasting(family(name=f"flux2_reference_cache_{name}", description=text,
+                                                   kind=family.GAUGE))
                               for name, text in GAUGES.items()})
-        self.metrics = {name: fam.Metric(labels=labels) for name, fam in self.families.items()}
+        self.metrics = {name: lasting(fam.Metric(labels=labels)) for name, fam in self.families.items()}
         self.reported = dict.fromkeys(COUNTERS, 0)
+
+    def finalize(self):
+        """Nothing Triton-owned may be left for the stub's teardown (issue 28, triton_io.before_teardown);
+        the metrics are lasting()."""
+        before_teardown()
 
     def execute(self, requests):
         responses = []

@@ -29,6 +29,7 @@ aiohttp (HTTP) and grpcio's asyncio server (gRPC) share one event loop: both com
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import re
@@ -48,6 +49,13 @@ MAX_JSON_BYTES = 2**20  # the JSON part of a request: tensors travel in Triton's
 MAX_GRPC_CALLS = 32
 BODY_TIMEOUT_S = 60  # a body that does not arrive within this is dropped (slow senders hold memory)
 RETRY_AFTER_S = 2
+RECONNECT_WAIT_S = 5  # a unary call that found tritonserver unreachable waits this long for it, then is sent again
+# An idle connection to tritonserver's HTTP port is closed after this (aiohttp's default: 15 s). On SIGTERM
+# tritonserver 2.51 first waits for its HTTP connections to close, out of the same --exit-timeout-secs as
+# its models: one idle keep-alive from here used it all up, and it then exited without unloading a model
+# ("Exit timeout expired. Exiting immediately."), so no model's finalize() ran and its Python-backend
+# processes were killed (issue 28).
+UPSTREAM_KEEPALIVE_S = 1.0
 RESTARTING = "the server is not answering (it may be restarting): retry in a few seconds"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "host", "content-length"}
@@ -87,8 +95,9 @@ class HttpGate:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if self.session is None:  # made inside the running loop
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
             self.session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None),
-                                                 connector=aiohttp.TCPConnector(limit=0))
+                                                 connector=connector)
         if GENERATE_PATH.match(request.path):
             return refusal(404, "the generate endpoints are not served here: use /infer")
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
@@ -201,10 +210,28 @@ class GrpcGate(grpc.GenericRpcHandler):
         return {"metadata": metadata, "timeout": context.time_remaining()}
 
     async def _unary(self, call, request: bytes, context):
-        try:
-            return await call(request, **self._call_options(context))
-        except grpc.aio.AioRpcError as error:
-            await self._abort(error, context)
+        for attempt in range(2):
+            try:
+                return await call(request, **self._call_options(context))
+            except grpc.aio.AioRpcError as error:
+                # Not connected (tritonserver restarting, or the channel still backing off after it came
+                # back): the request never reached it, so it is sent once more when the channel is ready.
+                if attempt == 0 and _unreachable(error) and await self._connected(RECONNECT_WAIT_S):
+                    continue
+                await self._abort(error, context)
+
+    async def _connected(self, seconds: float) -> bool:
+        """Whether the channel to tritonserver is ready within `seconds` (trying to connect meanwhile)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        state = self.channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            if loop.time() >= deadline:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.channel.wait_for_state_change(state), deadline - loop.time())
+            state = self.channel.get_state(try_to_connect=True)
+        return True
 
     async def _stream(self, call, requests, context):
         try:
@@ -216,11 +243,17 @@ class GrpcGate(grpc.GenericRpcHandler):
     @staticmethod
     async def _abort(error: grpc.aio.AioRpcError, context) -> None:
         code, details = error.code(), error.details() or ""
-        if code == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or "127.0.0.1" in details):
+        if _unreachable(error):
             details = RESTARTING  # the channel's own error names the internal address
         elif code == grpc.StatusCode.INTERNAL and DEAD_PROCESS in details:  # the request never ran: retryable
             code, details = grpc.StatusCode.UNAVAILABLE, f"{details} {PROCESS_REPLACED}"
         await context.abort(code, details)
+
+
+def _unreachable(error: grpc.aio.AioRpcError) -> bool:
+    """gRPC's own UNAVAILABLE for a channel that could not connect (its text names the internal address)."""
+    details = (error.details() or "").lower()
+    return error.code() == grpc.StatusCode.UNAVAILABLE and ("connect" in details or "127.0.0.1" in details)
 
 
 async def serve(http_listen: tuple[str, int], grpc_listen: tuple[str, int], http_upstream: str, grpc_upstream: str,
