@@ -66,7 +66,8 @@ help:
 	@echo "                      (on HTTP_PORT, GRPC_PORT, METRICS_PORT as make serve)"
 	@echo "make front            the OpenAI Images API (/v1/images/generations, /v1/images/edits) on FRONT_PORT=9000,"
 	@echo "                      forwarding to the server of make serve (GRPC_PORT)"
-	@echo "make perf             perf_analyzer load test of the served model (3 cases, gRPC + HTTP, concurrency 1-4)"
+	@echo "make perf             perf_analyzer load test of the served model (3 cases, gRPC + HTTP, concurrency 1-4);"
+	@echo "                      RUNNING=1: against the server of make serve (no admin key needed)"
 	@echo "                      -> build/perf/results.md"
 	@echo "make bench            Triton vs diffusers (KV and no-KV), per-step cost, throughput, memory,"
 	@echo "                      serving overhead at 1024^2, 2 replicas behind nginx (affinity vs round robin),"
@@ -161,9 +162,11 @@ memory-plan: setup
 demo: repository
 	$(BIN)/python -m flux2_serving.clients.demo --repository $(REPO) --out build/demo $(PORTS) $(if $(VERBOSE),--verbose)
 
-perf: repository
+# RUNNING=1: against the server make serve started (HTTP_PORT, GRPC_PORT) instead of a server of its own.
+perf: $(if $(RUNNING),setup,repository)
 	$(BIN)/python -m perf.provision
-	$(BIN)/python -m perf.run --repository $(REPO) --out build/perf
+	$(BIN)/python -m perf.run $(if $(RUNNING),--grpc-url 127.0.0.1:$(GRPC_PORT) --http-url 127.0.0.1:$(HTTP_PORT),--repository $(REPO)) \
+		--out build/perf
 
 # make bench runs on its own random checkpoint: the tiny one with a 512-wide transformer.
 BENCH_MODEL := checkpoints/bench

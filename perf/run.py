@@ -17,6 +17,7 @@ import contextlib
 import csv
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -62,6 +63,7 @@ class Result:
     rows: list[Row] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    command: str = ""  # perf_analyzer's command line as run (in OUT), the admin key masked
 
 
 def _versioned(models) -> list[str]:
@@ -71,7 +73,8 @@ def _versioned(models) -> list[str]:
 def command(perf_analyzer, url: str, protocol: str, data: Path, csv_name: str, args,
             admin_key: str | None = None) -> list[str]:
     """perf_analyzer's command line. The composing models' server-side numbers come from Triton's
-    statistics, an admin API: `admin_key` goes with every request as a header (-H)."""
+    statistics, open on this project's servers; `admin_key`, if given, goes with every request as a
+    header (-H) for a server that restricts them."""
     headers = [arg for name, value in admin_headers(admin_key, protocol).items() for arg in ("-H", f"{name}:{value}")]
     cmd = [str(perf_analyzer), "-m", MODEL, "-u", url, "-i", protocol, "--input-data", str(data), *headers,
            f"--bls-composing-models={','.join(_versioned(args.composing_models))}",
@@ -126,6 +129,22 @@ def parse(csv_path: Path, composing_models=COMPOSING_MODELS, log: str = "") -> l
     return [rows[c] for c in sorted(rows)]
 
 
+def _masked(cmd: list[str], admin_key: str | None) -> list[str]:
+    return [arg.replace(admin_key, "***") if admin_key else arg for arg in cmd]
+
+
+def _what_to_do(message: str, url: str, protocol: str) -> str:
+    """One hint for the failures a user meets first ('' for any other)."""
+    text = message.lower()
+    if "restricted" in text:
+        return (" -> this server restricts an API perf_analyzer uses: pass its admin key ($FLUX2_ADMIN_KEY), "
+                "or serve with this project's launcher (statistics are open there)")
+    if any(word in text for word in ("connect", "unavailable", "refused")):
+        return (f" -> nothing serves {protocol} at {url}: start the server (make serve) or give the right "
+                f"--{protocol}-url")
+    return ""
+
+
 def run_case(perf_analyzer, case: str, protocol: str, url: str, data: Path, out: Path, args,
              admin_key: str | None = None) -> Result:
     name = f"{case}_{protocol}"
@@ -136,10 +155,11 @@ def run_case(perf_analyzer, case: str, protocol: str, url: str, data: Path, out:
     start = time.perf_counter()
     # perf_analyzer writes the composing-model CSVs as MODEL_vN.<-f value> relative to its working
     # directory, so it runs inside OUT with a bare file name.
+    cmd = command(perf_analyzer, url, protocol, data.resolve(), csv_name, args, admin_key)
+    result.command = shlex.join(_masked(cmd, admin_key))
+    print(f"  command: {result.command}", flush=True)
     try:
-        process = subprocess.run(command(perf_analyzer, url, protocol, data.resolve(), csv_name, args, admin_key),
-                                 cwd=out,
-                                 capture_output=True, text=True, timeout=args.timeout)
+        process = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=args.timeout)
         log = process.stdout + process.stderr
         status = process.returncode
     except subprocess.TimeoutExpired as exc:
@@ -151,7 +171,8 @@ def run_case(perf_analyzer, case: str, protocol: str, url: str, data: Path, out:
         result.error = f"perf_analyzer timed out after {args.timeout:.0f} s (see {out / (name + '.log')})"
     elif status != 0 or not (out / csv_name).exists():
         lines = [line for line in log.splitlines() if line.strip() and not line.startswith("Server average")]
-        result.error = f"perf_analyzer status {status}: {lines[-1].strip() if lines else 'no output'}"
+        last = lines[-1].strip() if lines else "no output"
+        result.error = f"perf_analyzer status {status}: {last}{_what_to_do(last, url, protocol)}"
     else:
         result.rows = parse(out / csv_name, args.composing_models, log)
         if not result.rows:
@@ -267,7 +288,7 @@ def run(argv=None) -> tuple[int, str]:
             return 1, ""
         print(f"tritonserver ready in {time.perf_counter() - started:.0f} s", flush=True)
         urls = {p: getattr(running_server, p) for p in PROTOCOLS}
-        admin_key = running_server.admin_key
+        admin_key = None  # statistics are open on the launcher's servers: the command lines need no key
 
     results = []
     try:
@@ -294,6 +315,8 @@ def run(argv=None) -> tuple[int, str]:
               f"(request count {args.measurement_request_count}, interval {args.measurement_interval} ms, "
               f"stability {args.stability_percentage:g}%).\n")
     report = table(results, args.composing_models, header)
+    report += "\nperf_analyzer's command lines (run in OUT, where the input files and CSVs are):\n\n"
+    report += "".join(f"- {r.case} over {r.protocol}: `{r.command}`\n" for r in results)
     (out / "results.md").write_text(report)
     print(report, end="")
     print(f"wrote {out / 'results.md'}")

@@ -69,8 +69,8 @@ def test_perf_analyzer_measures_text_to_image_over_grpc(triton_server, perf_anal
     cmd = [sys.executable, "-m", "perf.run", "--grpc-url", triton_server["grpc"], "--protocols", "grpc",
            "--cases", "text_to_image", "--concurrency", "1", "--measurement-request-count", "2",
            "--num-inference-steps", "1", "--perf-analyzer", str(perf_analyzer), "--out", str(out), "--timeout", "120"]
-    # --bls-composing-models reads Triton's statistics, an admin API: the key comes from the environment.
-    env = {**os.environ, "FLUX2_ADMIN_KEY": triton_server["admin_key"]}
+    # The server as make serve starts it (the gate, statistics open): no admin key anywhere.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX2_ADMIN_KEY")}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     log = (out / "text_to_image_grpc.log").read_text() if (out / "text_to_image_grpc.log").exists() else ""
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + log[-3000:]
@@ -90,6 +90,10 @@ def test_perf_analyzer_measures_text_to_image_over_grpc(triton_server, perf_anal
 
     report = (out / "results.md").read_text()
     assert "| text_to_image | grpc | 1 |" in report and "failed" not in report
+    # The exact command line, in the log and in the results, ready to run by hand.
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("  command: ")]
+    assert f"-u {triton_server['grpc']} -i grpc" in line and "--bls-composing-models=" in line
+    assert line.removeprefix("  command: ") in report
 
 
 def test_input_data_can_bypass_the_reference_cache():

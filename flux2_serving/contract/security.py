@@ -3,7 +3,7 @@
 Kubernetes manifests).
 
 * **Admin APIs behind a key.** Triton's model-repository (load, unload, config and file overrides:
-  code execution), shared-memory (system and CUDA), logging, trace and statistics APIs answer only
+  code execution), shared-memory (system and CUDA), logging and trace APIs answer only
   requests that carry the admin key: the HTTP header `flux2-admin-key`, or the gRPC metadata key
   `triton-grpc-protocol-flux2-admin-key` (Triton prefixes restricted gRPC headers). The key comes
   from $FLUX2_ADMIN_KEY or a file ($FLUX2_ADMIN_KEY_FILE, e.g. a mounted Kubernetes Secret). No
@@ -36,7 +36,10 @@ ADMIN_KEY_FILE_ENV = "FLUX2_ADMIN_KEY_FILE"
 ADMIN_HEADER = "flux2-admin-key"  # the HTTP header; Triton checks gRPC metadata under GRPC_ADMIN_HEADER
 GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 # Triton's API groups that callers of the public model never need (tritonserver --help lists the groups).
-RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace", "statistics")
+# Statistics stay open: they are read-only (per-model request counts, queue and compute times; docs/security.md
+# says what they reveal) and perf_analyzer needs them for every run (--bls-composing-models), so that a load
+# test against the server a user starts works without a key.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
 INTERNAL_SECRET_ENV = "FLUX2_INTERNAL_SECRET"
 INTERNAL_PARAMETER = "flux2_internal"  # request parameter that carries the internal secret
 # An internal model's answer to a request without the secret (INVALID_ARG): the same words from every one.

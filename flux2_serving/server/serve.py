@@ -1,7 +1,7 @@
 """python -m flux2_serving.server.serve [tritonserver options]: the serving container's entry point.
 
 Runs `tritonserver` (on PATH: NVIDIA's image) with the hardening of flux2_serving/contract/security.py in front
-of the options given: admin APIs (model repository, shared memory, logging, trace, statistics)
+of the options given: admin APIs (model repository, shared memory, logging, trace)
 behind $FLUX2_ADMIN_KEY or the file named by $FLUX2_ADMIN_KEY_FILE (neither: closed to everyone),
 an internal secret for the internal models, and listeners on --address (0.0.0.0 in a container:
 the pod's network is its boundary).
