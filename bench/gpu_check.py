@@ -679,7 +679,8 @@ def _summary(letter: str, stage: dict) -> str:
         return "; ".join(f"{r['case']} {r['served_s']:.2f} s" for r in stage["rows"])
     if letter == "e":
         return (f"{stage['size']} transformer_cached: {stage['export_s']} s, {stage['file_gib']} GiB, peak RSS "
-                f"{stage['peak_host_rss_gib']} GiB, TensorRT check {'ok' if stage['trt_check_ok'] else 'failed'}")
+                f"{stage['peak_host_rss_gib']} GiB, TensorRT compatibility (no TensorRT run) "
+                f"{'ok' if stage['trt_check_ok'] else 'failed'}")
     return ""
 
 

@@ -31,7 +31,7 @@ def test_export_writes_five_graphs_with_progress(onnx_fp32):
     log = (onnx_fp32 / "export.log").read_text()
     for index, name in enumerate(COMPONENTS, 1):
         assert f"[{index}/5] exporting {name} (fp32)" in log
-        assert f"TensorRT check {name}: ok" in log
+        assert f"TensorRT compatibility (operators, types, Q/DQ rules; no TensorRT run) {name}: ok" in log
 
 
 def test_build_engines_dry_run_prints_every_profile(onnx_bf16):

@@ -3,13 +3,17 @@ line (exit status 2) for the common mistakes."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
+from flux2_serving.clients.demo import THUMBNAIL, comparison
+from flux2_serving.devtools.pictures import synthetic_reference
 from flux2_serving.server.launch import free_port, free_ports
 from flux2_serving.serving.repository import MARKER, assemble
 from tests.support import ROOT, one_line_error, run_module
@@ -102,6 +106,49 @@ def test_demo_shows_served_next_to_diffusers(tmp_path, triton_server):
         assert picture.width > 3 * served.width  # served | diffusers | difference side by side
     assert "random" in result.stdout  # it says why the pictures are noise
     assert "Loading" not in result.stderr and "it/s" not in result.stderr  # no progress bars unless --verbose
+
+
+def _found(canvas: np.ndarray, patch: np.ndarray) -> bool:
+    """Whether `patch` appears in `canvas` pixel for pixel."""
+    height, width = patch.shape[:2]
+    return any(np.array_equal(canvas[y:y + height, x:x + width], patch)
+               for y, x in np.argwhere((canvas == patch[0, 0]).all(axis=-1)))
+
+
+def test_the_compare_picture_shows_the_prompt_and_the_references_small(monkeypatch):
+    """No server: the picture from small synthetic images has served, diffusers and the difference, and under
+    them the prompt as a caption and each reference shrunk to at most THUMBNAIL px with its size as sent."""
+    written = []
+    draw_text = ImageDraw.ImageDraw.text
+
+    def text(self, xy, value, *args, **kwargs):  # what the picture says, line by line
+        written.append(value)
+        return draw_text(self, xy, value, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", text)
+    rng = np.random.default_rng(0)
+    served = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    expected = served.copy()
+    expected[0, 0] ^= 1
+    references = [Image.open(io.BytesIO(synthetic_reference(size, hue))) for size, hue in (((384, 384), 40),
+                                                                                          ((320, 256), 160))]
+    prompt = "combine both pictures into one poster, " * 4  # longer than a line: wrapped, never cut
+    picture, diff = comparison(served, expected, "edit: max difference 1 level(s)", prompt, references)
+    pixels = np.asarray(picture)
+    assert diff.max() == 1 and _found(pixels, served) and _found(pixels, expected)
+    shown = [reference.copy() for reference in references]
+    for thumbnail in shown:
+        thumbnail.thumbnail((THUMBNAIL, THUMBNAIL))
+        assert max(thumbnail.size) == THUMBNAIL and _found(pixels, np.asarray(thumbnail.convert("RGB")))
+    joined = " ".join(" ".join(written).split())
+    assert " ".join(f'prompt: "{prompt}"'.split()) in joined  # every word, in order, over several lines
+    assert max(len(line) for line in written) < len(prompt)
+    assert "references (2, in order" in joined and "384x384" in joined and "320x256" in joined
+    assert "edit: max difference 1 level(s)" in joined
+    # Text-to-image: the caption says there are no references.
+    written.clear()
+    comparison(served, served, "t2i", "a lighthouse")
+    assert 'prompt: "a lighthouse"' in written and "references: none (text-to-image)" in written
 
 
 def test_make_serve_serves_the_existing_repository(tmp_path, triton_server):

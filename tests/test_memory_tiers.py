@@ -75,6 +75,39 @@ def test_the_cli_picks_the_tier_says_what_is_planned_and_states_a_shortfall_in_o
     assert small.returncode == 1 and "tier: 32gb-fp8" in small.stdout and "DOES NOT FIT" in small.stdout
     (shortfall,) = [line for line in small.stdout.splitlines() if line.startswith("shortfall:")]
     assert "24 GiB less 15% leaves 20.40" in shortfall
+    # No pool size to serve with on a card it does not fit: a next step instead.
+    assert "serve with:" not in small.stdout
+    (step,) = [line for line in small.stdout.splitlines() if line.startswith("next step:")]
+    assert step.startswith("next step: a card of 32 GB or more.")
+    assert "the nearest, 32gb-fp8" in step and "needs 22.74 GiB, a card of at least 26.8 GiB" in step
+    assert "Cards under 32 GB are not a target" in step and "transformer_cached 8.79 GiB" in step
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--tier", "80gb-bf16", "--gpu-gib", "48"],
+     "next step: the tier made for a 48 GiB card is 48gb-fp8 (L40S, RTX 6000 Ada (FP8 tensor cores: Ada, Hopper, "
+     "Blackwell)): 38.98 GiB; make memory-plan GPU_GIB=48 without TIER= plans it, and TIER=48gb-fp8 builds it "
+     "(make engines, make repository, after make export DTYPE=bf16 QUANTIZE=fp8)"),
+    (["--reference-tokens", "8192"],
+     "next step: 80gb-bf16's own settings fit (62.46 GiB); with --reference-tokens 8192 the plan needs a card of at "
+     "least 83.5 GiB"),
+    (["--tier", "80gb-bf16", "--gpu-gib", "16"], "next step: a card of 32 GB or more. No tier is made for a 16 GiB"),
+    (["--dtype", "fp16", "--gpu-gib", "48"], "next step: a card of at least "),
+])
+def test_a_plan_that_does_not_fit_says_what_to_do_next(size_9b, monkeypatch, capsys, argv, expected):
+    monkeypatch.setattr(memory_plan, "model_size", lambda model: size_9b)  # the 9B count once, not per case
+    assert memory_plan.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "serve with:" not in out
+    (step,) = [line for line in out.splitlines() if line.startswith("next step:")]
+    assert step.startswith(expected), step
+
+
+def test_a_plan_that_fits_says_what_to_serve_with(size_9b, monkeypatch, capsys):
+    monkeypatch.setattr(memory_plan, "model_size", lambda model: size_9b)
+    assert memory_plan.main(["--gpu-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "serve with: tritonserver --cuda-memory-pool-byte-size=<gpu>:" in out and "next step:" not in out
 
 
 def test_a_tier_sets_the_engine_profiles(onnx_bf16):

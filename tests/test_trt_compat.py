@@ -15,7 +15,7 @@ from flux2_serving.contract.graphs import COMPONENTS
 from flux2_serving.export import memory_plan, profile_walk
 from flux2_serving.export.loading import read_model_dims
 from flux2_serving.export.profile_walk import LIMIT, walk_export
-from flux2_serving.export.trt_compat import check_graph, load_supported_ops, main
+from flux2_serving.export.trt_compat import Report, check_graph, load_supported_ops, main, summary
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -49,6 +49,13 @@ def _graph(tmp_path, nodes, opset=18, out_type=TensorProto.FLOAT):
     path = tmp_path / "bad.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
     return path
+
+
+def test_the_export_s_line_says_what_was_checked_and_that_tensorrt_did_not_run(tmp_path):
+    assert summary("text_encoder", Report(tmp_path / "g.onnx")) == \
+        "TensorRT compatibility (operators, types, Q/DQ rules; no TensorRT run) text_encoder: ok"
+    bad = Report(tmp_path / "g.onnx", problems=["DOUBLE tensor 'y'", "opset 21 outside 9..20"])
+    assert summary("vae_decoder", bad).endswith("run) vae_decoder: DOUBLE tensor 'y'; opset 21 outside 9..20")
 
 
 def test_catches_double(tmp_path):

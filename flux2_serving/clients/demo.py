@@ -4,8 +4,9 @@ and a 2-reference edit over gRPC, and show what that proves: each served image n
 
 The embedded checkpoint has random weights, so both images are noise; what matters is that they
 are the same noise. One picture per request goes to OUT/<request>_compare.png (served | diffusers |
-|difference| x 64), the served PNGs to OUT/<request>_<i>.png, and one line per request is printed:
-max difference, share of equal values, served vs in-process time. tritonserver's own log goes to
+|difference| x 64, under them the prompt and the references, small), the served PNGs to
+OUT/<request>_<i>.png, and one line per request is printed: max difference, share of equal values,
+served vs in-process time. tritonserver's own log goes to
 OUT/server.log; the frameworks' progress bars and warnings are off unless --verbose.
 """
 
@@ -36,19 +37,73 @@ REQUESTS = [
 AMPLIFY = 64  # the difference map's gain: a 1-level difference shows as 64
 
 
-def comparison(served, expected, title: str):
-    """One picture: served | diffusers | |difference| x AMPLIFY, with a caption line."""
+THUMBNAIL = 128  # the references are shown at most this many pixels a side
+LINE = 14  # caption line height (Pillow's default font)
+BLACK = (0, 0, 0)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
+    """`text` in lines of at most `width` pixels (words longer than a line are cut)."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        candidate = f"{line} {word}" if line else word
+        if line and draw.textlength(candidate) > width:
+            lines.append(line)
+            candidate = word
+        while len(candidate) > 1 and draw.textlength(candidate) > width:  # a word wider than the picture
+            cut = len(candidate) - 1
+            while cut > 1 and draw.textlength(candidate[:cut]) > width:
+                cut -= 1
+            lines.append(candidate[:cut])
+            candidate = candidate[cut:]
+        line = candidate
+    return [*lines, line]
+
+
+def comparison(served, expected, title: str, prompt: str = "", references=()):
+    """One picture: served | diffusers | |difference| x AMPLIFY, then the request under them: the prompt as a
+    caption, the references (PIL images, in order) small, and the `title` line."""
     diff = np.abs(served.astype(np.int16) - expected.astype(np.int16))
     amplified = np.clip(diff * AMPLIFY, 0, 255).astype(np.uint8)
     height, width = served.shape[:2]
-    canvas = Image.new("RGB", (3 * width + 40, height + 60), (255, 255, 255))
+    thumbnails = []
+    for reference in references:
+        thumbnail = reference.convert("RGB")
+        thumbnail.thumbnail((THUMBNAIL, THUMBNAIL))
+        thumbnails.append((thumbnail, f"{reference.width}x{reference.height}"))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    columns = (("served (Triton)", served), ("diffusers Flux2KleinKVPipeline", expected),
+               (f"|difference| x {AMPLIFY}", amplified))
+    pitch = max(width, *(int(measure.textlength(name)) for name, _ in columns)) + 10  # labels never overlap
+    canvas_width = max(10 + 3 * pitch, 20 + sum(t.width + 10 for t, _ in thumbnails), 400)
+    caption = _wrap(measure, f'prompt: "{prompt}"', canvas_width - 20) if prompt else []
+    title_lines = _wrap(measure, title, canvas_width - 20)
+    label = f"references ({len(thumbnails)}, in order; as sent, shown at most {THUMBNAIL} px)" if thumbnails \
+        else "references: none (text-to-image)"
+    strip = max(t.height for t, _ in thumbnails) + LINE + 4 if thumbnails else 0  # thumbnails and their sizes
+    top = 30 + height + 10  # below the three pictures
+    canvas_height = top + LINE * (len(caption) + 1 + len(title_lines)) + strip + 10
+    canvas = Image.new("RGB", (canvas_width, canvas_height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for column, (label, pixels) in enumerate((("served (Triton)", served), ("diffusers Flux2KleinKVPipeline", expected),
-                                              (f"|difference| x {AMPLIFY}", amplified))):
-        x = 10 + column * (width + 10)
+    for column, (name, pixels) in enumerate(columns):
+        x = 10 + column * pitch
         canvas.paste(Image.fromarray(pixels), (x, 30))
-        draw.text((x, 8), label, fill=(0, 0, 0))
-    draw.text((10, height + 38), title, fill=(0, 0, 0))
+        draw.text((x, 8), name, fill=BLACK)
+    y = top
+    for line in caption:
+        draw.text((10, y), line, fill=BLACK)
+        y += LINE
+    draw.text((10, y), label, fill=BLACK)
+    y += LINE
+    x = 10
+    for thumbnail, size in thumbnails:
+        canvas.paste(thumbnail, (x, y))
+        draw.text((x, y + strip - LINE - 2), size, fill=BLACK)  # each reference's size as sent, under it
+        x += thumbnail.width + 10
+    y += strip
+    for line in title_lines:
+        draw.text((10, y), line, fill=BLACK)
+        y += LINE
     return canvas, diff
 
 
@@ -111,7 +166,7 @@ def main(argv=None) -> int:
             diff = np.abs(served_array.astype(np.int16) - expected[0].astype(np.int16))
             line = (f"{name}: max difference {diff.max()} level(s), {(diff == 0).mean():.2%} of values equal; "
                     f"served {served_s:.1f} s, in-process diffusers {in_process_s:.1f} s")
-            picture, _ = comparison(served_array, expected[0], line)
+            picture, _ = comparison(served_array, expected[0], line, request["prompt"], images)
             picture.save(out / f"{name}_compare.png")
             print(f"{line} -> {out / f'{name}_compare.png'}", flush=True)
     print("tritonserver stopped. The images are noise because the embedded checkpoint's weights are random; "

@@ -42,14 +42,16 @@ PUBLIC_INPUTS = (
 )
 PUBLIC_OUTPUTS = (
     Field("images", "UINT8", (-1, -1, -1, 3), False, "[N, H, W, 3] RGB images"),
-    Field("png", "BYTES", (-1,), False, "the same images PNG-encoded, only when requested"),
+    Field("png", "BYTES", (-1,), False, "the same images PNG-encoded, only when requested (a request that names "
+          "no outputs gets every output, png included: name only what you need)"),
     Field("seed", "INT64", (1,), False,
           "the seed of the noise: the one sent, else the random one drawn (send it back to reproduce the images)"),
     Field("notes", "BYTES", (-1,), False,
           "one UTF-8 line per change the server made to the request as diffusers makes it (prompt cut to the text "
           "length, a reference's alpha channel dropped, a reference resized or cropped); empty: none"),
 )
-# What a request that names no output gets back (png is encoded only when asked for).
+# What the project's clients ask for, and the BLS's fallback if a core passed no output names on. A request
+# that names no output gets every output: Triton names them all for it, png (every image encoded) included.
 DEFAULT_OUTPUTS = ("images", "seed", "notes")
 INPUTS = tuple(f.name for f in PUBLIC_INPUTS)
 

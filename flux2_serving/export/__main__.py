@@ -115,11 +115,11 @@ def main(argv=None) -> int:
 
     failed = 0
     if not args.skip_check and not args.manifest_only:
-        from .trt_compat import check_graph
+        from .trt_compat import check_graph, summary
 
         for name, path in paths.items():
             report = check_graph(path)
-            print(f"TensorRT check {name}: " + ("ok" if report.ok else "; ".join(report.problems[:5])), flush=True)
+            print(summary(name, report), flush=True)  # the parser's rules, not a TensorRT run
             failed += not report.ok
     print(f"done in {time.perf_counter() - start:.0f} s: {out / 'manifest.json'}")
     return 1 if failed else 0

@@ -15,7 +15,8 @@ Sums what one server holds on its GPU, from the model's dims and the serving env
   cache         the reference K/V cache's byte budget
   runtime       CUDA contexts of tritonserver and of every Python-backend process on the GPU
 
-and exits 1 when the total leaves less than --headroom of the GPU free. Nothing here ran on a
+and exits 1 when the total leaves less than --headroom of the GPU free, with a next step instead of the pool
+size to serve with (the tier made for the card, or the nearest tier and what it needs). Nothing here ran on a
 GPU: the activation and runtime rows are estimates, the rest is arithmetic on shapes.
 """
 
@@ -38,7 +39,7 @@ from ..contract.envelope import (
 from ..contract.graphs import COMPONENTS, GRAPHS
 from ..contract.names import CACHE_MODEL
 from ..contract.specs import BYTES_PER_ELEMENT, TEXT_LAYERS, graph_specs, model_dims
-from ..contract.tiers import BY_NAME, MemoryTier, tier_for
+from ..contract.tiers import BY_NAME, TIERS, MemoryTier, tier_for
 from .build_engines import RECORD
 from .checkpoint import KLEIN_9B_TEXT_ENCODER, KLEIN_9B_TRANSFORMER
 
@@ -50,6 +51,7 @@ examples:
   python -m flux2_serving.export.memory_plan                           # klein 9B, bf16, 80 GiB, the shipped envelope
   python -m flux2_serving.export.memory_plan --gpu-gib 48              # the tier made for a 48 GB card, and its plan
   python -m flux2_serving.export.memory_plan --tier 80gb-bf16 --gpu-gib 48  # today's engines on 48 GB (exit 1)
+  python -m flux2_serving.export.memory_plan --gpu-gib 24              # under 32 GB: no tier; the next step says why
   python -m flux2_serving.export.memory_plan --reference-tokens 16384  # 4 references of 1024x1024: what it costs
   python -m flux2_serving.export.memory_plan --model checkpoints/tiny --dtype fp32
 """
@@ -243,7 +245,8 @@ def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, bls_instances: 
 
 
 def render(rows, gpu_gib: float, headroom: float, size: ModelSize, dtype: str, envelope: ServingEnvelope,
-           label: str = "") -> str:
+           label: str = "", next_step: str = "") -> str:
+    """The table and its verdict; then the pool size to serve with when it fits, else `next_step`."""
     total = total_bytes(rows)
     budget = gpu_gib * GIB
     lines = ["| what | component | GiB |", "|---|---|---:|"]
@@ -267,9 +270,53 @@ def render(rows, gpu_gib: float, headroom: float, size: ModelSize, dtype: str, e
     lines.append(f"assumed: TensorRT fuses the transformers' attention; unfused, {graph} would hold scores of "
                  f"{list(shape)} = {elements:,} elements ({elements * BYTES_PER_ELEMENT[dtype] / GIB:.1f} GiB): "
                  "make engine-check reports fused attention per engine")
-    pool = next(b for what, _, b in rows if what.startswith("BLS transfers"))
-    lines.append(f"serve with: tritonserver --cuda-memory-pool-byte-size=<gpu>:{pool}")
+    if free >= headroom:
+        pool = next(b for what, _, b in rows if what.startswith("BLS transfers"))
+        lines.append(f"serve with: tritonserver --cuda-memory-pool-byte-size=<gpu>:{pool}")
+    elif next_step:
+        lines.append(f"next step: {next_step}")
     return "\n".join(lines)
+
+
+def card_needed(rows, headroom: float) -> float:
+    """GiB of GPU memory on which the plan leaves `headroom` free."""
+    return total_bytes(rows) / (1 - headroom) / GIB
+
+
+def next_step(gpu_gib: float, headroom: float, tier: MemoryTier | None, rows, plan_for, options: list[str]) -> str:
+    """What to do when the plan does not fit (one paragraph): the tier made for the card, the nearest tier and
+    what it needs, or which options cost the shortfall. `plan_for(tier, with_options)`: rows of a tier's plan,
+    with or without the `options` asked for (their command-line spelling)."""
+    need = card_needed(rows, headroom)
+    if tier is None:
+        return (f"a card of at least {need:.1f} GiB, or bf16 engines (--dtype bf16, what make memory-plan plans): "
+                "the memory tiers (contract/tiers.py) and their FP8 engines apply to bf16 exports only")
+    smallest = min(TIERS, key=lambda candidate: candidate.gpu_gib)
+    if gpu_gib < smallest.gpu_gib:
+        nearest = plan_for(smallest, True)
+        what, who, largest = max(nearest, key=lambda row: row[2])
+        every_step = (" runs at every denoising step: streamed, it would cross PCIe at every step"
+                      if who == "transformer_cached" else "")
+        return (f"a card of {smallest.gpu_gib:g} GB or more. No tier is made for a {gpu_gib:g} GiB card: the nearest, "
+                f"{smallest.name} ({smallest.cards}), needs {total_bytes(nearest) / GIB:.2f} GiB, a card of at least "
+                f"{card_needed(nearest, headroom):.1f} GiB with {headroom:.0%} free. Cards under {smallest.gpu_gib:g} "
+                f"GB are not a target: {smallest.name} already has FP8 engines, streams the weights of the engines "
+                f"that run once per request and makes one image at a time; its largest row, {what} {who} "
+                f"{largest / GIB:.2f} GiB,{every_step or ' is what is left'}")
+    made = tier_for(gpu_gib)
+    if made is not tier:
+        rows_made = plan_for(made, True)
+        if card_needed(rows_made, headroom) <= gpu_gib:
+            return (f"the tier made for a {gpu_gib:g} GiB card is {made.name} ({made.cards}): "
+                    f"{total_bytes(rows_made) / GIB:.2f} GiB; make memory-plan GPU_GIB={gpu_gib:g} without TIER= "
+                    f"plans it, and TIER={made.name} builds it (make engines, make repository"
+                    + (", after make export DTYPE=bf16 QUANTIZE=fp8)" if "fp8" in made.weights.values() else ")"))
+    if options:
+        defaults = plan_for(tier, False)
+        if card_needed(defaults, headroom) <= gpu_gib:
+            return (f"{tier.name}'s own settings fit ({total_bytes(defaults) / GIB:.2f} GiB); with "
+                    f"{' '.join(options)} the plan needs a card of at least {need:.1f} GiB")
+    return f"a card of at least {need:.1f} GiB"
 
 
 def unfused_attention_scores(size: ModelSize, envelope: ServingEnvelope) -> tuple[str, tuple, int]:
@@ -317,15 +364,28 @@ def main(argv=None) -> int:
                         help="BLS instances on the GPU (default %(default)s, the repository's default on a GPU)")
     args = parser.parse_args(argv)
     tier = (BY_NAME[args.tier] if args.tier else tier_for(args.gpu_gib)) if args.dtype == "bf16" else None
-    envelope = tier.envelope if tier else DEFAULT_ENVELOPE
-    if args.reference_cache_bytes is not None:
-        envelope = replace(envelope, reference_cache_bytes=args.reference_cache_bytes)
-    if args.reference_tokens is not None:
-        tokens = envelope.reference_tokens
-        envelope = replace(envelope, reference_tokens=(tokens[0], min(tokens[1], args.reference_tokens),
-                                                       args.reference_tokens))
     size = model_size(args.model)
-    rows = plan(size, args.dtype, envelope, args.bls_instances, args.instances, built_records(args.engines_dir), tier)
+    built = built_records(args.engines_dir)
+    defaults = {"reference_tokens": None, "reference_cache_bytes": None, "instances": 1,
+                "bls_instances": GPU_BLS_INSTANCES}
+    options = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, value in defaults.items()
+               if getattr(args, name) != value]
+
+    def with_options(envelope: ServingEnvelope, on: bool = True) -> ServingEnvelope:
+        if on and args.reference_cache_bytes is not None:
+            envelope = replace(envelope, reference_cache_bytes=args.reference_cache_bytes)
+        if on and args.reference_tokens is not None:
+            tokens = envelope.reference_tokens
+            envelope = replace(envelope, reference_tokens=(tokens[0], min(tokens[1], args.reference_tokens),
+                                                           args.reference_tokens))
+        return envelope
+
+    def plan_for(candidate: MemoryTier, on: bool):
+        return plan(size, "bf16", with_options(candidate.envelope, on), args.bls_instances if on else GPU_BLS_INSTANCES,
+                    args.instances if on else 1, built, candidate)
+
+    envelope = with_options(tier.envelope if tier else DEFAULT_ENVELOPE)
+    rows = plan(size, args.dtype, envelope, args.bls_instances, args.instances, built, tier)
     if tier:
         print(f"tier: {tier.name}, made for {tier.gpu_gib:g} GB cards ({tier.cards}): {tier.tradeoffs}"
               + ("; NOT RUN: no FP8 engine has been built (the FP8 graphs are checked on the CPU only)"
@@ -334,8 +394,11 @@ def main(argv=None) -> int:
     print(f"model: {args.model or 'klein 9B (dims of black-forest-labs/FLUX.2-klein-9b-kv)'}; envelope: output "
           f"{envelope.output_side[0]}-{envelope.output_side[2]} px, up to {envelope.reference_tokens[2]} reference "
           f"tokens, {envelope.max_num_images_per_prompt} images per request, engine batches {envelope.engine_batch}")
-    print(render(rows, args.gpu_gib, args.headroom, size, args.dtype, envelope, f"tier {tier.name}" if tier else ""))
-    return 0 if 1 - total_bytes(rows) / (args.gpu_gib * GIB) >= args.headroom else 1
+    fits = 1 - total_bytes(rows) / (args.gpu_gib * GIB) >= args.headroom
+    step = "" if fits else next_step(args.gpu_gib, args.headroom, tier, rows, plan_for, options)
+    print(render(rows, args.gpu_gib, args.headroom, size, args.dtype, envelope, f"tier {tier.name}" if tier else "",
+                 step))
+    return 0 if fits else 1
 
 
 if __name__ == "__main__":

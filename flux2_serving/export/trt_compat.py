@@ -39,6 +39,9 @@ FLOAT_TYPES = {
     TensorProto.FLOAT8E4M3FN: "FP8",
 }
 QDQ = ("QuantizeLinear", "DequantizeLinear")
+# What check_graph checks, in the words a log line uses: the graph against TensorRT's ONNX parser rules
+# (operators, their types, Q/DQ), read from trt_supported_ops.tsv; TensorRT itself does not run.
+CHECKED = "TensorRT compatibility (operators, types, Q/DQ rules; no TensorRT run)"
 
 
 def load_supported_ops(path: Path = SUPPORTED_OPS_FILE) -> tuple[dict[str, set[str]], dict[str, str]]:
@@ -65,6 +68,11 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def summary(name: str, report: Report) -> str:
+    """One line for a graph's report (the export prints one per graph): `CHECKED name: ok`, or its first problems."""
+    return f"{CHECKED} {name}: " + ("ok" if report.ok else "; ".join(report.problems[:5]))
 
 
 def _graphs(graph: onnx.GraphProto):
