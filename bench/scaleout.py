@@ -151,11 +151,15 @@ def kill_and_restart(replicas, gateway, references: list[bytes], side: int, step
     while len(results) < before_kill:
         time.sleep(0.05)
     killed_at = time.monotonic() - started
-    replica.process.kill()  # -9: no unloading, no goodbye
-    replica.process.wait()
+    for process in (replica.gate, replica.process):  # the whole replica (its gate and tritonserver), -9: no goodbye
+        if process is not None:
+            process.kill()
+            process.wait()
     log(f"killed replica {victim} at {killed_at:.1f} s")
     time.sleep(2)
     replica.restart()  # same ports: the gateway's configuration still names them
+    if replica.gate is not None:
+        replica.restart_gate()
     restarted_at = time.monotonic() - started
     log(f"replica {victim} ready again at {restarted_at:.1f} s")
     served_again_at = None
