@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bench.report import benchmark_parser, machine, parse_benchmark_args, publish
 from flux2_serving.clients.api import Flux2Client, Flux2Error
-from flux2_serving.server.launch import EXIT_TIMEOUT_S, STOP_TIMEOUT_S, free_ports, process_table
+from flux2_serving.server.launch import EXIT_TIMEOUT_S, STOP_TIMEOUT_S, free_ports, live_processes, process_table
 from flux2_serving.server.supervisor import SHM, read_stub
 from flux2_serving.serving.repository import assemble
 
@@ -123,12 +123,6 @@ def stubs_of(server_pid: int) -> list:
             if ppid == server_pid and state != "Z" and (stub := read_stub(pid)) is not None]
 
 
-def alive(pids) -> list[int]:
-    """Which of `pids` are live processes (zombies are not: they hold no memory)."""
-    table = process_table()
-    return [pid for pid in pids if pid in table and table[pid][0] != "Z"]
-
-
 def regions_left(names) -> list[str]:
     return [name for name in names if (SHM / name).exists()]
 
@@ -212,14 +206,14 @@ def kill_stub(launcher: Launcher, stream: Stream, instance: str, timeout: float 
     seen = launcher.wait_line(rf"{re.escape(instance)} \(pid {victim.pid}.*died", killed, timeout)
     repaired = launcher.wait_line(rf"{re.escape(victim.model)} reloaded", killed, timeout)
     deadline = time.monotonic() + timeout
-    while alive(old) and time.monotonic() < deadline:  # the old version's processes: ended or retired
+    while live_processes(old) and time.monotonic() < deadline:  # the old version's processes: ended or retired
         time.sleep(0.2)
     settled = time.time()
     stream.wait_for_success(settled, CLIENTS)
     result = figures(stream, killed, time.time())
     result.update(what=f"kill -9 of `{instance}` ({victim.model}: {len(old)} instance(s))",
                   seen_s=seen[0] - killed if seen else None, repaired_s=repaired[0] - killed if repaired else None,
-                  old_left=alive(old), old=old, server_restarted=launcher.server_pid() != server,
+                  old_left=live_processes(old), old=old, server_restarted=launcher.server_pid() != server,
                   failed_after_repair=[o for o in stream.outcomes if o.error and repaired and o.sent > repaired[0]])
     return result
 
@@ -236,7 +230,8 @@ def kill_server(launcher: Launcher, stream: Stream, timeout: float = 600) -> dic
     stream.wait_for_success(time.time(), CLIENTS, timeout)
     result = figures(stream, killed, time.time())
     result.update(what="SIGSEGV to tritonserver", seen_s=seen[0] - killed if seen else None,
-                  repaired_s=restarted[0] - killed if restarted else None, old_left=alive(s.pid for s in stubs),
+                  repaired_s=restarted[0] - killed if restarted else None,
+                  old_left=live_processes(s.pid for s in stubs),
                   old=[s.pid for s in stubs], regions=[s.region for s in stubs],
                   regions_left=regions_left(s.region for s in stubs), launcher_alive=launcher.process.poll() is None,
                   new_server=launcher.server_pid(), old_server=server)

@@ -29,8 +29,8 @@ from flux2_serving.server.launch import (
     command,
     free_ports,
     group_members,
+    live_processes,
     prepare_backends,
-    process_table,
     python_version,
     start,
     stub_python,
@@ -61,11 +61,6 @@ def server_pid(launcher) -> int:
     return pid
 
 
-def alive(pids) -> list[int]:
-    table = process_table()
-    return [pid for pid in pids if pid in table and table[pid][0] != "Z"]
-
-
 def test_sigterm_to_the_launcher_stops_tritonserver_too(triton_server):
     """systemd, Kubernetes or a shell send SIGTERM to the launcher: tritonserver must not be orphaned."""
     launcher, _ = start_launcher(triton_server["repository"])
@@ -74,7 +69,7 @@ def test_sigterm_to_the_launcher_stops_tritonserver_too(triton_server):
         assert tree, "tritonserver is not a child of the launcher"
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(STOP_BOUND_S)
-        assert alive(tree) == [], f"left running after SIGTERM: {alive(tree)}"
+        assert live_processes(tree) == [], f"left running after SIGTERM: {live_processes(tree)}"
     finally:
         if launcher.poll() is None:
             launcher.kill()

@@ -355,6 +355,12 @@ def process_table() -> dict[int, tuple[str, int, int]]:
     return table
 
 
+def live_processes(pids) -> list[int]:
+    """Which of `pids` are live processes (a zombie is not: it has exited and freed its memory)."""
+    table = process_table()
+    return [pid for pid in pids if table.get(pid, ("Z",))[0] != "Z"]
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of process group `pgid`."""
     return [pid for pid, (state, _, group) in process_table().items() if group == pgid and state != "Z"]

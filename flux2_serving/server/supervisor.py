@@ -48,6 +48,7 @@ from flux2_serving.server.launch import (
     _reachable,
     group_members,
     kill_group,
+    live_processes,
     process_table,
 )
 from flux2_serving.server.watchdog import reload_without_gap
@@ -117,13 +118,6 @@ def start_time(pid: int) -> int | None:
         return None if fields[0] == "Z" else int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
-
-
-def _live(pids) -> list[int]:
-    """Which of `pids` are still processes that are not zombies (a killed process exits, and frees its
-    memory, before it is a zombie)."""
-    table = process_table()
-    return [pid for pid in pids if table.get(pid, ("Z",))[0] != "Z"]
 
 
 def describe_exit(status: int | None) -> str:
@@ -200,7 +194,7 @@ def sweep_dead_servers(directory: Path = LEDGERS) -> int:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(orphan, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while orphans and time.monotonic() < deadline and _live(orphans):
+        while orphans and time.monotonic() < deadline and live_processes(orphans):
             time.sleep(0.05)
         swept = remove_regions(regions)
         with contextlib.suppress(OSError):
