@@ -25,7 +25,7 @@ DEVICE  ?=
 # The engine builder needs only the standard library and tensorrt: no venv (python3 of NVIDIA's container).
 ENGINE_PYTHON ?= python3
 # Host GPU for the docker-* targets; CUDA_POOL_BYTES overrides the serving image's pool size (its
-# default is what python -m flux2_serving.export.memory_plan prints for the shipped envelope).
+# default is what python -m flux2_serving.serving.memory_plan prints for the shipped envelope).
 GPU ?= 0
 # make memory-plan: the card's memory (the tier made for it is picked) or a tier by name (contract/tiers.py);
 # TIER also sets the profiles of make engines and the envelope and cache of make repository.
@@ -34,7 +34,8 @@ TIER ?=
 CUDA_POOL_BYTES ?=
 RELEASE := 25.10
 # Changing these re-exports (graph layouts are part of the serving contract).
-EXPORT_SOURCES := $(filter-out flux2_serving/export/build_engines.py flux2_serving/export/memory_plan.py flux2_serving/export/engine_check.py flux2_serving/export/profile_walk.py,$(wildcard flux2_serving/export/*.py)) flux2_serving/contract/specs.py flux2_serving/contract/envelope.py
+EXPORT_SOURCES := $(filter-out export/build_engines.py export/engine_check.py export/profile_walk.py,$(wildcard export/*.py)) \
+	$(wildcard flux2_serving/modeling/*.py) flux2_serving/contract/specs.py flux2_serving/contract/envelope.py
 
 .PHONY: help setup checkpoint export repository serve check engines engines-dry-run memory-plan docker-engines \
 	docker-serving demo perf bench front gpu-bundle gpu-check test clean
@@ -98,7 +99,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml Makefile
 	touch $@
 
 checkpoints/tiny/model_index.json: | setup
-	$(BIN)/python -m flux2_serving.export.checkpoint --out checkpoints/tiny
+	$(BIN)/python -m flux2_serving.modeling.checkpoint --out checkpoints/tiny
 
 checkpoint: checkpoints/tiny/model_index.json
 
@@ -128,8 +129,18 @@ check: setup
 	$(BIN)/python -m flux2_serving.export.trt_compat $(ONNX)
 	$(BIN)/python -m flux2_serving.export.profile_walk $(ONNX)
 
-engines:
-	$(ENGINE_PYTHON) -m flux2_serving.export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES) $(if $(TIER),--tier $(TIER))
+# ENGINE_PYTHON has neither the venv nor this project installed: build/engine_tool holds links to what the
+# engines image copies (the package's __init__, contract/, export/), and python3 -m runs from there.
+ENGINE_TOOL := build/engine_tool
+$(ENGINE_TOOL)/.linked:
+	rm -rf $(ENGINE_TOOL) && mkdir -p $(ENGINE_TOOL)/flux2_serving
+	ln -s $(CURDIR)/flux2_serving/__init__.py $(CURDIR)/flux2_serving/contract $(ENGINE_TOOL)/flux2_serving/
+	ln -s $(CURDIR)/export $(ENGINE_TOOL)/flux2_serving/export
+	touch $@
+
+engines: $(ENGINE_TOOL)/.linked
+	cd $(ENGINE_TOOL) && $(ENGINE_PYTHON) -m flux2_serving.export.build_engines --onnx-dir $(abspath $(ONNX)) \
+		--engines-dir $(abspath $(ENGINES)) $(if $(TIER),--tier $(TIER))
 
 # After make engines, with the venv's python (polygraphy, onnxruntime, numpy; torch for bf16 engines) plus the
 # tensorrt that built the plans: without tensorrt, a GPU or plans it runs the onnxruntime half only and says so.
@@ -138,12 +149,12 @@ engine-check: setup
 	$(BIN)/python -m flux2_serving.export.engine_check --onnx-dir $(ONNX) --engines-dir $(ENGINES) \
 		$(if $(REFERENCE_ONNX),--reference-onnx-dir $(REFERENCE_ONNX))
 
-engines-dry-run:
-	$(ENGINE_PYTHON) -m flux2_serving.export.build_engines --onnx-dir $(ONNX) --engines-dir $(ENGINES) --dry-run \
-		$(if $(TIER),--tier $(TIER))
+engines-dry-run: $(ENGINE_TOOL)/.linked
+	cd $(ENGINE_TOOL) && $(ENGINE_PYTHON) -m flux2_serving.export.build_engines --onnx-dir $(abspath $(ONNX)) \
+		--engines-dir $(abspath $(ENGINES)) --dry-run $(if $(TIER),--tier $(TIER))
 
 docker-engines:
-	docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines:$(RELEASE) flux2_serving/
+	docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines:$(RELEASE) .
 	mkdir -p $(ENGINES)
 	docker run --rm --gpus '"device=$(GPU)"' -v $(CURDIR)/$(ONNX):/work/onnx:ro \
 		-v $(CURDIR)/$(ENGINES):/work/engines flux2-klein-kv-engines:$(RELEASE)
@@ -157,7 +168,7 @@ docker-serving:
 		flux2-klein-kv-serving:$(RELEASE)
 
 memory-plan: setup
-	$(BIN)/python -m flux2_serving.export.memory_plan --dtype bf16 --gpu-gib $(GPU_GIB) $(if $(TIER),--tier $(TIER))
+	$(BIN)/python -m flux2_serving.serving.memory_plan --dtype bf16 --gpu-gib $(GPU_GIB) $(if $(TIER),--tier $(TIER))
 
 demo: repository
 	$(BIN)/python -m flux2_serving.clients.demo --repository $(REPO) --out build/demo $(PORTS) $(if $(VERBOSE),--verbose)
@@ -172,8 +183,8 @@ perf: $(if $(RUNNING),setup,repository)
 BENCH_MODEL := checkpoints/bench
 BENCH_ONNX  := build/onnx/bench-fp32
 
-$(BENCH_MODEL)/model_index.json: flux2_serving/export/checkpoint.py | setup
-	$(BIN)/python -m flux2_serving.export.checkpoint --out $(BENCH_MODEL) --size bench
+$(BENCH_MODEL)/model_index.json: flux2_serving/modeling/checkpoint.py | setup
+	$(BIN)/python -m flux2_serving.modeling.checkpoint --out $(BENCH_MODEL) --size bench
 
 $(BENCH_ONNX)/manifest.json: $(BENCH_MODEL)/model_index.json $(EXPORT_SOURCES)
 	$(BIN)/python -m flux2_serving.export --model $(BENCH_MODEL) --onnx-dir $(BENCH_ONNX) --dtype fp32
@@ -215,7 +226,7 @@ test: setup
 # Only what the CPU workflow made: never a checkpoint you put in checkpoints/, another model's export
 # (build/onnx/bf16, hours at 9B) or engines (build/engines).
 clean:
-	rm -rf build/model_repository build/demo build/perf build/tritonserver build/tools build/gpu_check \
+	rm -rf build/model_repository build/demo build/perf build/tritonserver build/tools build/gpu_check build/engine_tool \
 		build/gpu_venv build/onnx/fp32 build/onnx/bench-fp32 build/onnx/tiny-fp32
 	@for d in checkpoints/tiny checkpoints/bench; do \
 		if [ -f $$d/TINY_CHECKPOINT.json ]; then rm -rf $$d; echo "removed $$d"; fi; done

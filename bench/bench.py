@@ -161,7 +161,7 @@ def markdown(args, rows, steps, perf_table, memory, repeated, seconds) -> str:
         "## Edit latency, KV vs no KV, per-step cost, throughput, memory (`make bench`)",
         "",
         f"Command: `{args.command}` ({seconds / 60:.1f} min). Machine: {machine()}.",
-        "Configuration: bench random checkpoint (`python -m flux2_serving.export.checkpoint --size bench`: "
+        "Configuration: bench random checkpoint (`python -m flux2_serving.modeling.checkpoint --size bench`: "
         "transformer 8 heads x 64 = width 512, 2 double + 2 single blocks; text encoder and VAE as the tiny test "
         "checkpoint), fp32, "
         f"CPU (onnxruntime in Triton with {args.threads} intra-op "
@@ -217,7 +217,7 @@ def markdown(args, rows, steps, perf_table, memory, repeated, seconds) -> str:
 
 def main(argv=None) -> int:
     parser = benchmark_parser("python -m bench.bench", __doc__, "checkpoints/bench", "build/onnx/bench-fp32",
-                              "python -m flux2_serving.export.checkpoint --size bench writes it (make bench does)")
+                              "python -m flux2_serving.modeling.checkpoint --size bench writes it (make bench does)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads per component")
     parser.add_argument("--skip-perf", action="store_true", help="leave out (d), perf_analyzer")

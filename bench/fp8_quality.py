@@ -94,7 +94,7 @@ def served_equals_in_process(fp8_dir: Path, checkpoint: str, pipeline, parse, wo
 
 def main(argv=None) -> int:
     parser = benchmark_parser("python -m bench.fp8_quality", __doc__, "checkpoints/bench", "build/onnx/bench-fp32",
-                              "python -m flux2_serving.export.checkpoint --size bench writes it (make bench does)")
+                              "python -m flux2_serving.modeling.checkpoint --size bench writes it (make bench does)")
     parser.add_argument("--fp8-onnx-dir", default="build/onnx/bench-fp32-fp8",
                         help="its FP8 export (made here when missing)")
     parser.add_argument("--calibration-size", type=int, default=32, help="prompts the FP8 export calibrates on")

@@ -58,8 +58,7 @@ from flux2_serving.contract.cli_help import command_parser
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.specs import graph_specs
 from flux2_serving.devtools.metrics import bls_output_devices, reference_cache_metrics
-from flux2_serving.export.__main__ import main as export_main
-from flux2_serving.export.checkpoint import random_module, write_checkpoint
+from flux2_serving.modeling.checkpoint import random_module, write_checkpoint
 from flux2_serving.server.launch import LaunchError, bundled_server, prepare_backends, running, server_env
 
 # Imports inside the functions below are of packages this machine may lack until the bundle's venv is entered
@@ -100,6 +99,33 @@ def ready_here() -> list[str]:
     return missing
 
 
+# What an editable install of this checkout puts in site-packages (the GPU machine installs nothing): the
+# checkout on the path (flux2_serving, bench), and a finder for pyproject.toml's package-dir, which maps the
+# top-level export/ and clients/ folders to flux2_serving.export and flux2_serving.clients.
+CHECKOUT_FINDER = """import sys
+from importlib.machinery import PathFinder
+
+ROOT = {root!r}
+FOLDERS = {folders!r}
+
+
+class CheckoutFolders:
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        return PathFinder.find_spec(fullname, [ROOT]) if fullname in FOLDERS else None
+
+
+sys.meta_path.append(CheckoutFolders)
+"""
+
+
+def link_checkout(purelib: Path) -> None:
+    """Make this checkout importable from the venv whose site-packages is `purelib`, as `pip install -e` would."""
+    folders = sorted(f"flux2_serving.{name}" for name in ("export", "clients"))
+    (purelib / "flux2_serving_checkout.py").write_text(CHECKOUT_FINDER.format(root=str(ROOT), folders=folders))
+    (purelib / "flux2_serving_checkout.pth").write_text(f"{ROOT}\nimport flux2_serving_checkout\n")
+
+
 def enter_bundle_venv(bundle: Path, argv: list[str]) -> None:
     """Build build/gpu_venv from the bundle and re-run there. The venv sees this interpreter's packages
     (torch with CUDA) through a .pth file, behind its own (numpy < 2 wins over a numpy 2.x here), and this
@@ -116,8 +142,7 @@ def enter_bundle_venv(bundle: Path, argv: list[str]) -> None:
         here = dict.fromkeys([*site.getsitepackages(), paths["purelib"], paths["platlib"]])
         Path(purelib, "flux2_host_packages.pth").write_text(
             "".join(f"{path}\n" for path in here if Path(path).is_dir()))
-        # This checkout, as an editable install would put it: the model folders' model.py import flux2_serving.
-        Path(purelib, "flux2_serving_checkout.pth").write_text(f"{ROOT}\n")
+        link_checkout(Path(purelib))
         with tarfile.open(bundle / "tritonserver.tar.xz") as tar:
             tar.extractall(venv / "triton")
     env = {**os.environ, "FLUX2_GPU_VENV": "1",
@@ -175,6 +200,8 @@ def _tiny_checkpoint(out: Path) -> Path:
 def _manifest(model: str, out: Path, dtype: str) -> Path:
     folder = out / f"manifest_{model.replace(':', '_').replace('/', '_')}_{dtype}"
     if not (folder / "manifest.json").exists():
+        from flux2_serving.export.__main__ import main as export_main
+
         assert export_main(["--model", model, "--out", str(folder), "--dtype", dtype, "--manifest-only"]) == 0
     return folder
 
@@ -303,7 +330,7 @@ def stage_served_tiny(args) -> dict:
     from PIL import Image
 
     from flux2_serving.clients.api import Flux2Client
-    from flux2_serving.export.loading import DTYPES
+    from flux2_serving.modeling.loading import DTYPES
 
     out, device, dtype = args.out, args.device, _dtype_name(args.device)
     checkpoint = _tiny_checkpoint(out)
@@ -387,7 +414,7 @@ def stage_fp8(args) -> dict:
     import torch
 
     from bench import gpu_probe
-    from flux2_serving.export import components as C
+    from flux2_serving.modeling import components as C
     from flux2_serving.models.fp8_linear import TRANSFORMER_KEEP, fp8_matmul_device, fp8_paths, to_fp8
 
     gpu_probe._load_torch()
@@ -479,7 +506,7 @@ def stage_served(args) -> dict:
 
     from bench.overhead import time_requests
     from flux2_serving.clients.api import Flux2Client
-    from flux2_serving.export.loading import DTYPES
+    from flux2_serving.modeling.loading import DTYPES
 
     out, device, dtype = args.out, args.device, _dtype_name(args.device)
     size = "9b" if device.startswith("cuda") else "tiny"
@@ -549,10 +576,10 @@ def stage_export(args) -> dict:
     # torch, and the export modules that import torch, diffusers and onnx: heavy, may be missing, fail this stage only
     import torch
 
-    from flux2_serving.export import components as C
-    from flux2_serving.export.loading import read_model_dims
     from flux2_serving.export.onnx_export import OPSET, dynamic_shapes, sample_inputs
     from flux2_serving.export.trt_compat import check_graph
+    from flux2_serving.modeling import components as C
+    from flux2_serving.modeling.loading import read_model_dims
 
     size = "9b" if args.device.startswith("cuda") else "tiny"
     dims = read_model_dims(f"random:{size}")

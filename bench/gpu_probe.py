@@ -7,15 +7,15 @@ CPU at the tiny size so that it is tested here::
     python -m bench.gpu_probe --size tiny --device cpu --repeats 2
 
 It builds `diffusers.Flux2Transformer2DModel` with random weights (klein 9B dims, or the
-project's tiny dims from `flux2_serving.export.checkpoint`) and times, per number of references
+project's tiny dims from `flux2_serving.modeling.checkpoint`) and times, per number of references
 (default 0, 1 and 4 references of 1024x1024, i.e. 4096 tokens each at 9B):
 
 * diffusers' step 0 with references: the plain transformer forward with
   `kv_cache_mode="extract"` over [text, references, image], as `Flux2KleinKVPipeline` calls it;
 * diffusers' later steps: `kv_cache_mode="cached"` with the cache that extract returned
   (with 0 references: the plain forward, the pipeline's text-to-image step);
-* ours: `flux2_serving.export.components.TransformerPrefill` (references alone -> K/V of every layer);
-* ours: `flux2_serving.export.components.TransformerCached` (one step from that K/V; N_ref = 0 for
+* ours: `flux2_serving.modeling.components.TransformerPrefill` (references alone -> K/V of every layer);
+* ours: `flux2_serving.modeling.components.TransformerCached` (one step from that K/V; N_ref = 0 for
   text-to-image), whose output is compared with diffusers' cached step on the same inputs.
 
 Every measurement is the median of `--repeats` timed calls after `--warmup` calls, under
@@ -49,7 +49,7 @@ from pathlib import Path
 
 from bench.report import count_text, probe_markdown, size_text, write_section
 from flux2_serving.contract.cli_help import HelpFormatter
-from flux2_serving.export.checkpoint import random_module
+from flux2_serving.modeling.checkpoint import random_module
 
 torch = None  # imported by _load_torch() once the arguments are parsed: --help answers without it
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
@@ -238,7 +238,7 @@ class Probe:
         self.argv = argv
         self.start = time.perf_counter()
         self.dev = Device(torch.device(args.device))
-        from flux2_serving.export.loading import DTYPES  # imports torch at its top: here, after _load_torch
+        from flux2_serving.modeling.loading import DTYPES  # imports torch at its top: here, after _load_torch
 
         self.dtype = DTYPES[args.dtype]
         self.shape = dict(SHAPES[args.size])
@@ -316,7 +316,7 @@ class Probe:
     # ---------------------------------------------------------------- stages
     def run_refs(self, refs: int) -> None:
         # export.components imports torch and diffusers at its top: here, so --help answers without them
-        from flux2_serving.export.components import TransformerCached, TransformerPrefill
+        from flux2_serving.modeling.components import TransformerCached, TransformerPrefill
 
         t = self.transformer
         x = self.inputs(refs)

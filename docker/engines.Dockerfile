@@ -17,9 +17,9 @@
 #   docker run --rm SERVING_IMAGE sh -c 'find / -name "libnvinfer.so.*" 2>/dev/null'
 # The plan names carry the builder's version (e.g. transformer_cached.trt10.x.y.sm90.plan).
 #
-# Build (the context is the package folder flux2_serving/: the builder needs only the files copied below,
-# standard library and tensorrt; tests/test_build_engines.py imports it from exactly those):
-#   docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines flux2_serving/
+# Build (the context is the repository root; .dockerignore lets in what the images copy. The builder needs only
+# the files copied below, standard library and tensorrt; tests/test_build_engines.py imports it from exactly those):
+#   docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines .
 # Run on the kind of GPU that will serve (plans are per architecture), the bf16 export at /work/onnx:
 #   docker run --rm --gpus '"device=0"' -v $PWD/build/onnx/bf16:/work/onnx:ro \
 #     -v $PWD/build/engines:/work/engines flux2-klein-kv-engines   # -> *.plan and the timing cache
@@ -29,8 +29,8 @@ FROM nvcr.io/nvidia/tensorrt:25.10-py3
 RUN python3 -c 'import tensorrt; print("TensorRT", tensorrt.__version__)'
 
 WORKDIR /opt/flux2
-COPY __init__.py /opt/flux2/flux2_serving/
-COPY contract/__init__.py contract/cli_help.py contract/envelope.py contract/graphs.py contract/manifest.py contract/specs.py contract/tiers.py /opt/flux2/flux2_serving/contract/
+COPY flux2_serving/__init__.py /opt/flux2/flux2_serving/
+COPY flux2_serving/contract/__init__.py flux2_serving/contract/cli_help.py flux2_serving/contract/envelope.py flux2_serving/contract/graphs.py flux2_serving/contract/manifest.py flux2_serving/contract/specs.py flux2_serving/contract/tiers.py /opt/flux2/flux2_serving/contract/
 COPY export/__init__.py export/build_engines.py /opt/flux2/flux2_serving/export/
 
 VOLUME /work

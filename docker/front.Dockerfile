@@ -10,6 +10,8 @@ RUN python3 -m pip install --no-cache-dir -r /opt/flux2/requirements-front.txt
 
 COPY pyproject.toml README.md /opt/flux2/src/
 COPY flux2_serving /opt/flux2/src/flux2_serving
+COPY export /opt/flux2/src/export
+COPY clients /opt/flux2/src/clients
 RUN python3 -m pip install --no-cache-dir --no-deps /opt/flux2/src
 
 # Not root: the front needs no privilege.

@@ -12,7 +12,7 @@
 # or, keeping the key out of `docker inspect`, a mounted file:
 #     -v $PWD/admin-key:/run/secrets/flux2-admin-key:ro -e FLUX2_ADMIN_KEY_FILE=/run/secrets/flux2-admin-key
 # Admin key (flux2_serving/contract/security.py; make one with `openssl rand -hex 32`): Triton's model-repository
-#   (load/unload/overrides: code execution), shared-memory, logging, trace and statistics APIs answer
+#   (load/unload/overrides: code execution), shared-memory, logging and trace APIs answer
 #   only requests with the header flux2-admin-key (gRPC metadata triton-grpc-protocol-flux2-admin-key).
 #   Without FLUX2_ADMIN_KEY or FLUX2_ADMIN_KEY_FILE those APIs are closed to everyone (the server still
 #   serves; the watchdog then cannot reload models). `docker run ... IMAGE python3 -m flux2_serving.server.serve
@@ -50,19 +50,21 @@ COPY docker/requirements-serving.txt /opt/flux2/requirements-serving.txt
 ENV PIP_BREAK_SYSTEM_PACKAGES=1
 RUN python3 -m pip install --no-cache-dir -r /opt/flux2/requirements-serving.txt
 
-# This project's package, installed (its pinned dependencies came above): the models the repository's
-# model.py files import (flux2_serving.models), the entry point (python3 -m flux2_serving.server.serve)
-# and the watchdog that reloads a model whose Python-backend process died, also the Kubernetes liveness
-# probe (python3 -m flux2_serving.server.watchdog).
-COPY pyproject.toml README.md /opt/flux2/src/
-COPY flux2_serving /opt/flux2/src/flux2_serving
-RUN python3 -m pip install --no-cache-dir --no-deps /opt/flux2/src
+# This project's serving side: flux2_serving/ (contract, modeling, models, serving, server), not the top-level
+# export/ and clients/ folders (the exporter and the clients; nothing served imports them, tests/test_structure.py
+# checks). The models the repository's model.py files import (flux2_serving.models), the entry point (python3 -m
+# flux2_serving.server.serve), the watchdog (also the Kubernetes liveness probe). A .pth file in site-packages
+# puts it on the path, as pip's install would: the Python-backend stub embeds this python3 and reads .pth files
+# (it ignores PYTHONPATH). Not pip-installed: the wheel would need export/ and clients/ in the image.
+COPY flux2_serving /opt/flux2/lib/flux2_serving
+RUN python3 -c 'import site; open(site.getsitepackages()[0] + "/flux2_serving.pth", "w").write("/opt/flux2/lib\n")' \
+    && cd / && python3 -c 'import flux2_serving.server.serve, flux2_serving.models.input_checks'
 
 # The model repository is mounted, not baked in: /models (plans of ~50 GB, built per GPU architecture).
 VOLUME /models
 
 # Bytes of Triton's CUDA memory pool on GPU 0 (tensors between models: BLS <-> engines).
-# The default is what `python -m flux2_serving.export.memory_plan` prints for the shipped envelope (what the one
+# The default is what `python -m flux2_serving.serving.memory_plan` prints for the shipped envelope (what the one
 # BLS instance on a GPU holds at once: a request's K/V, twice while a step runs, prompt embeddings,
 # ...); override with -e.
 ENV CUDA_POOL_BYTES=4391200768

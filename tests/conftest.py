@@ -18,8 +18,8 @@ import torch
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.security import INTERNAL_SECRET_ENV
-from flux2_serving.export.checkpoint import write_checkpoint
-from flux2_serving.export.loading import load_pipeline
+from flux2_serving.modeling.checkpoint import write_checkpoint
+from flux2_serving.modeling.loading import load_pipeline
 from flux2_serving.models.local import onnx_sessions
 from flux2_serving.server.launch import running
 from flux2_serving.serving.repository import assemble

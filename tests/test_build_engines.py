@@ -19,7 +19,6 @@ import pytest
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.specs import graph_specs
-from flux2_serving.export import memory_plan
 from flux2_serving.export.build_engines import (
     RECORD,
     TimingCacheRejected,
@@ -30,6 +29,7 @@ from flux2_serving.export.build_engines import (
     update_record,
     write_buffer,
 )
+from flux2_serving.serving import memory_plan
 from tests.support import modules_imported_by
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,10 +124,10 @@ def test_the_engines_image_holds_everything_the_builder_imports(tmp_path):
     text = (DOCKER / "engines.Dockerfile").read_text()
     copies = re.findall(r"^COPY\s+(.+?)\s+/opt/flux2/(\S+)/\s*$", text, flags=re.MULTILINE)
     assert copies
-    for sources, target in copies:  # the build context is the package folder
+    for sources, target in copies:  # the build context is the repository root
         (tmp_path / target).mkdir(parents=True, exist_ok=True)
         for source in sources.split():
-            (tmp_path / target / Path(source).name).write_bytes((ROOT / "flux2_serving" / source).read_bytes())
+            (tmp_path / target / Path(source).name).write_bytes((ROOT / source).read_bytes())
     workdir = re.search(r"^WORKDIR\s+(\S+)", text, flags=re.MULTILINE).group(1)
     assert workdir == "/opt/flux2"  # the image runs `python3 -m flux2_serving.export.build_engines` from there
     # As `python3 -m` from WORKDIR: the working folder first; -S: no site-packages (nor this venv's
@@ -147,6 +147,17 @@ def _manifest_dir(tmp_path) -> Path:
     onnx_dir.mkdir()
     (onnx_dir / "manifest.json").write_text(json.dumps(manifest))
     return onnx_dir
+
+
+def test_make_engines_runs_the_builder_without_the_project_installed(tmp_path):
+    """`make engines` on a GPU host runs ENGINE_PYTHON (NVIDIA's python3: tensorrt, no venv, this project not
+    installed) on the top-level export/ folder: here python -S (no site-packages, so not this venv's editable
+    install either) through the Makefile's own recipe, as a dry run."""
+    onnx_dir = _manifest_dir(tmp_path)
+    result = subprocess.run(["make", "-s", "engines-dry-run", f"ONNX={onnx_dir}", f"ENGINES={tmp_path / 'engines'}",
+                             f"ENGINE_PYTHON={sys.executable} -S"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "transformer_cached" in result.stdout
 
 
 def test_without_tensorrt_exits_2_with_one_line(tmp_path):

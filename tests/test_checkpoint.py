@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from flux2_serving.export.checkpoint import write_checkpoint
-from flux2_serving.export.loading import load_text_encoder, load_tokenizer, load_transformer, load_vae
+from flux2_serving.modeling.checkpoint import write_checkpoint
+from flux2_serving.modeling.loading import load_text_encoder, load_tokenizer, load_transformer, load_vae
 
 
 def test_layout(tiny_checkpoint):

@@ -18,7 +18,6 @@ from PIL import Image
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE, ServingEnvelope, engine_profiles
 from flux2_serving.contract.interface import Limits
 from flux2_serving.contract.specs import GraphSpec, TensorSpec, graph_specs
-from flux2_serving.export import memory_plan
 from flux2_serving.models.request_inputs import (
     GenerationRequest,
     InvalidInput,
@@ -27,6 +26,7 @@ from flux2_serving.models.request_inputs import (
     parse,
     preprocess_reference,
 )
+from flux2_serving.serving import memory_plan
 
 DIMS_9B = {"text_hidden": 4096, "heads": 32, "head_dim": 128, "kv_layers": 32, "in_channels": 128}
 LIMITS = Limits(**DEFAULT_ENVELOPE.request_limits())
@@ -192,7 +192,7 @@ def test_serving_image_pool_is_the_plans(size_9b):
 
 
 def test_memory_plan_cli_prints_the_table_and_todays_engines_fail_on_48_gb():
-    run = [sys.executable, "-m", "flux2_serving.export.memory_plan"]
+    run = [sys.executable, "-m", "flux2_serving.serving.memory_plan"]
     ok = subprocess.run([*run, "--dtype", "bf16", "--gpu-gib", "80"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "| **total** |" in ok.stdout and ": fits" in ok.stdout and "--cuda-memory-pool-byte-size" in ok.stdout

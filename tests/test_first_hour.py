@@ -77,8 +77,8 @@ def test_client_when_no_server_runs(tmp_path):
                    "--out", str(tmp_path / "x.png")), 1, "is tritonserver running", "make serve")
 
 
-@pytest.mark.parametrize("module", ["flux2_serving.export", "flux2_serving.export.checkpoint",
-                                    "flux2_serving.export.build_engines", "flux2_serving.export.memory_plan",
+@pytest.mark.parametrize("module", ["flux2_serving.export", "flux2_serving.modeling.checkpoint",
+                                    "flux2_serving.export.build_engines", "flux2_serving.serving.memory_plan",
                                     "flux2_serving.serving.repository", "flux2_serving.server.launch",
                                     "flux2_serving.clients.cli", "perf.run", "bench.gpu_check", "bench.gpu_probe",
                                     "bench.gpu_bundle"])

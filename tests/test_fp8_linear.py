@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from flux2_serving.export.checkpoint import random_module
+from flux2_serving.modeling.checkpoint import random_module
 from flux2_serving.models.fp8_linear import (
     FP8,
     TRANSFORMER_KEEP,

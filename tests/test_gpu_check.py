@@ -7,8 +7,10 @@ import json
 import math
 import subprocess
 import sys
+import venv
+from pathlib import Path
 
-from bench.gpu_check import STAGES, stage_limit
+from bench.gpu_check import ROOT, STAGES, link_checkout, stage_limit
 
 
 def test_gpu_check_runs_its_cpu_stages(tmp_path):
@@ -73,3 +75,21 @@ def test_stage_time_boxes_fit_the_budget():
         assert abs(sum(boxes) - 480) < 1e-6 and min(boxes) >= 30, (stages, boxes)
     assert "".join(STAGES) == "abcfde"  # f runs after the probe
     assert stage_limit("f", 480) == 60
+
+
+def test_the_bundle_venv_imports_the_top_level_folders_without_an_install(tmp_path):
+    """The GPU machine's venv (bench.gpu_check.enter_bundle_venv) has this checkout linked, not installed: the
+    export/ and clients/ folders still import as flux2_serving.export and .clients, also from the checkout's
+    root, where python -m finds flux2_serving/ (which holds neither) first."""
+    venv.create(tmp_path / "venv", with_pip=False, symlinks=True)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    link_checkout(Path(purelib))
+    code = ("import flux2_serving.export.build_engines as b, flux2_serving.clients as c, bench; "
+            "print(b.__file__); print(c.__path__[0])")
+    for cwd in (ROOT, tmp_path):
+        run = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=cwd)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == [str(ROOT / "export" / "build_engines.py"), str(ROOT / "clients")]
+

@@ -1,4 +1,4 @@
-"""The token layout the served pipeline and the export use (export/latent_layout.py), and the reference
+"""The token layout the served pipeline and the export use (flux2_serving/modeling/latent_layout.py), and the reference
 sizes it computes from image headers (models/request_inputs.py preprocessed_size), equal what
 diffusers' private helpers produce on the pinned diffusers: the day an upgrade changes them, this fails
 and names the helper, instead of the served images drifting."""
@@ -17,7 +17,7 @@ from PIL import Image
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.interface import Limits
-from flux2_serving.export import latent_layout as layout
+from flux2_serving.modeling import latent_layout as layout
 from flux2_serving.models.request_inputs import preprocess_reference, preprocessed_size
 
 LIMITS = Limits(**DEFAULT_ENVELOPE.request_limits())

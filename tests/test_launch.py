@@ -19,7 +19,6 @@ from bench.report import process_tree
 from flux2_serving.clients.api import Flux2Client, Flux2Error
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.manifest import read as read_manifest
-from flux2_serving.export.memory_plan import bls_transfer_bytes
 from flux2_serving.server.launch import (
     START_ATTEMPTS,
     STOP_TIMEOUT_S,
@@ -35,6 +34,7 @@ from flux2_serving.server.launch import (
     start,
     stub_python,
 )
+from flux2_serving.serving.memory_plan import bls_transfer_bytes
 from flux2_serving.serving.repository import assemble
 
 STOP_BOUND_S = STOP_TIMEOUT_S + 10  # stated in README ("Serving with Triton"): the launcher's bound, plus slack

@@ -12,7 +12,7 @@ from tritonclient.grpc import model_config_pb2
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.tiers import BY_NAME, FP8_ENGINES, tier_for
-from flux2_serving.export import memory_plan
+from flux2_serving.serving import memory_plan
 from tests.support import one_line_error, run_module
 
 GIB = 2**30
@@ -65,7 +65,7 @@ def test_the_48_gb_tier_needs_fp8_and_the_cache_in_host_memory(size_9b):
 
 
 def test_the_cli_picks_the_tier_says_what_is_planned_and_states_a_shortfall_in_one_line():
-    run = [sys.executable, "-m", "flux2_serving.export.memory_plan"]
+    run = [sys.executable, "-m", "flux2_serving.serving.memory_plan"]
     for gib, tier in ((48, "48gb-fp8"), (32, "32gb-fp8")):
         result = subprocess.run([*run, "--gpu-gib", str(gib)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr

@@ -12,7 +12,7 @@ import torch
 from diffusers import Flux2KleinKVPipeline as P
 from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 
-from flux2_serving.export.components import TransformerPrefill
+from flux2_serving.modeling.components import TransformerPrefill
 from flux2_serving.models.pipeline import tokenize  # the served tokenization, the one tested here
 from tests.support import rel_l2, run_graph
 

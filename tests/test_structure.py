@@ -11,10 +11,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "flux2_serving"
+# The folders of the one distribution (pyproject.toml's package-dir): flux2_serving/ holds most subpackages; the
+# top-level export/ and clients/ folders (the product's specified layout) are flux2_serving.export and .clients.
+TOP_LEVEL_SUBPACKAGES = {"export": ROOT / "export", "clients": ROOT / "clients"}
 # Lower layers first; a module may import its own layer and the ones before it (flux2_serving/__init__.py
 # says what each holds). contract and devtools depend on nothing of the project.
-LAYERS = [{"(root)", "contract", "devtools"}, {"export"}, {"models"}, {"serving"}, {"server"}, {"clients"},
-          {"front"}]
+LAYERS = [{"(root)", "contract", "devtools"}, {"modeling"}, {"export"}, {"models"}, {"serving"}, {"server"},
+          {"clients"}, {"front"}]
+# What the serving image carries (docker/serving.Dockerfile copies flux2_serving/ alone) and a server runs.
+SERVING_SIDE = {"(root)", "contract", "devtools", "modeling", "models", "serving", "server"}
 MAX_UPWARD_IMPORTS = 0
 
 
@@ -22,9 +27,25 @@ def _layer(name: str) -> int:
     return next(index for index, names in enumerate(LAYERS) if name in names)
 
 
+def _package_modules():
+    """(path, subpackage) of every module of the distribution, wherever its folder is."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).parts
+        yield path, parts[0] if len(parts) > 1 else "(root)"
+    for name, folder in TOP_LEVEL_SUBPACKAGES.items():
+        yield from ((path, name) for path in sorted(folder.rglob("*.py")))
+
+
+def _dotted_package(path: Path) -> list[str]:
+    for name, folder in TOP_LEVEL_SUBPACKAGES.items():
+        if path.is_relative_to(folder):
+            return ["flux2_serving", name, *path.relative_to(folder).parent.parts]
+    return list(path.relative_to(ROOT).parent.parts)
+
+
 def _imports(path: Path):
     """(imported module, line) for every import of `path`, relative ones resolved, function-level ones too."""
-    package = list(path.relative_to(ROOT).parent.parts)
+    package = _dotted_package(path)
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             yield from ((alias.name, node.lineno) for alias in node.names)
@@ -36,24 +57,47 @@ def _imports(path: Path):
                 yield node.module, node.lineno
 
 
-def _subpackage(module_path: Path) -> str:
-    parts = module_path.relative_to(PACKAGE).parts
-    return parts[0] if len(parts) > 1 else "(root)"
+def _target(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1 and ((PACKAGE / parts[1]).is_dir() or parts[1] in TOP_LEVEL_SUBPACKAGES):
+        return parts[1]
+    return "(root)"
 
 
 def test_layers_import_only_downwards():
     upward = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        source = _subpackage(path)
+    for path, source in _package_modules():
         for module, line in _imports(path):
             parts = module.split(".")
-            if parts[0] in ("bench", "perf", "tests"):
+            if parts[0] in ("bench", "perf", "tests", *TOP_LEVEL_SUBPACKAGES):
                 upward.append(f"{path.relative_to(ROOT)}:{line} imports {module} (outside the package)")
-            elif parts[0] == "flux2_serving":
-                target = parts[1] if len(parts) > 1 and (PACKAGE / parts[1]).is_dir() else "(root)"
-                if _layer(target) > _layer(source):
-                    upward.append(f"{path.relative_to(ROOT)}:{line} ({source}) imports {module} ({target})")
+            elif parts[0] == "flux2_serving" and _layer(_target(module)) > _layer(source):
+                upward.append(f"{path.relative_to(ROOT)}:{line} ({source}) imports {module} ({_target(module)})")
     assert len(upward) <= MAX_UPWARD_IMPORTS, "\n".join(upward)
+
+
+def test_the_serving_side_needs_neither_the_exporter_nor_the_clients():
+    """The serving image carries flux2_serving/ only: what it runs imports nothing from export/ or clients/, and
+    those folders sit at the top level only (one copy of each module)."""
+    assert not (PACKAGE / "export").exists() and not (PACKAGE / "clients").exists()
+    reached = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+               for path, source in _package_modules() if source in SERVING_SIDE
+               for module, line in _imports(path) if _target(module) in TOP_LEVEL_SUBPACKAGES
+               and module.startswith("flux2_serving.")]
+    assert not reached, "\n".join(reached)
+    dockerfile = (ROOT / "docker" / "serving.Dockerfile").read_text()
+    copied = re.findall(r"^COPY (\S+) /opt/flux2/lib/", dockerfile, flags=re.MULTILINE)
+    assert copied == ["flux2_serving"], copied
+
+
+def test_the_distribution_maps_the_top_level_folders():
+    text = (ROOT / "pyproject.toml").read_text()
+    for name in TOP_LEVEL_SUBPACKAGES:
+        assert f'"flux2_serving.{name}" = "{name}"' in text
+    listed = set(re.findall(r'"(flux2_serving(?:\.\w+)?)"', text.split("packages = [", 1)[1].split("]", 1)[0]))
+    on_disk = {"flux2_serving", *(f"flux2_serving.{p.name}" for p in PACKAGE.iterdir() if (p / "__init__.py").exists()),
+               *(f"flux2_serving.{name}" for name in TOP_LEVEL_SUBPACKAGES)}
+    assert listed == on_disk
 
 
 def test_the_contract_needs_the_standard_library_only():
@@ -65,7 +109,7 @@ def test_the_contract_needs_the_standard_library_only():
 
 
 def _python_files():
-    for folder in ("flux2_serving", "model_repository", "bench", "perf", "tests"):
+    for folder in ("flux2_serving", "export", "clients", "model_repository", "bench", "perf", "tests"):
         yield from sorted((ROOT / folder).rglob("*.py"))
 
 

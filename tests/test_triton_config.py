@@ -15,8 +15,8 @@ from tritonclient.grpc import model_config_pb2
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.specs import spec_from_manifest
-from flux2_serving.export import memory_plan
-from flux2_serving.export.memory_plan import ModelSize
+from flux2_serving.serving import memory_plan
+from flux2_serving.serving.memory_plan import ModelSize
 from flux2_serving.serving.repository import assemble, bls_config, cache_config
 from flux2_serving.serving.triton_config import COMPONENT_QUEUE, component_config
 

@@ -12,10 +12,11 @@ from onnx import TensorProto, helper
 
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
 from flux2_serving.contract.graphs import COMPONENTS
-from flux2_serving.export import memory_plan, profile_walk
-from flux2_serving.export.loading import read_model_dims
+from flux2_serving.export import profile_walk
 from flux2_serving.export.profile_walk import LIMIT, walk_export
 from flux2_serving.export.trt_compat import Report, check_graph, load_supported_ops, main, summary
+from flux2_serving.modeling.loading import read_model_dims
+from flux2_serving.serving import memory_plan
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -113,9 +114,9 @@ def test_the_walk_finds_an_attention_too_large_for_tensorrt(tmp_path, tiny_check
     """The VAE encoder exported without query slices: at 2048x2048 (the square profile it had before its
     profiles were bounded by area) its attention scores are [1, 1, 65536, 65536], over 2^31 - 1
     elements, and the walk says so."""
-    # export.components and export.onnx_export import diffusers (heavy): only this test of the module needs them
-    from flux2_serving.export import components
+    # modeling.components and export.onnx_export import diffusers (heavy): only this test of the module needs them
     from flux2_serving.export.onnx_export import export_component
+    from flux2_serving.modeling import components
 
     original = components.query_chunked_attention
     components.query_chunked_attention = lambda *a, **k: contextlib.nullcontext()

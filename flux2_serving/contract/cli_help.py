@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -17,10 +19,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+def prog(module: str) -> str:
+    """How the user typed the command: the console script's name (pyproject.toml's [project.scripts], all
+    flux2-*) when run as one, else `python -m <module>`."""
+    typed = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return typed if typed.startswith("flux2-") else f"python -m {module}"
+
+
 def command_parser(module: str, doc: str, epilog_extra: str = "") -> argparse.ArgumentParser:
     """The parser of `python -m <module>`: the first paragraph of its docstring `doc` describes it, the
     rest (and `epilog_extra`) follows the options, line breaks kept."""
     description, _, epilog = doc.partition("\n\n")
     epilog = "\n".join(part for part in (epilog.rstrip(), epilog_extra.rstrip()) if part)
-    return argparse.ArgumentParser(prog=f"python -m {module}", description=description, epilog=epilog or None,
+    return argparse.ArgumentParser(prog=prog(module), description=description, epilog=epilog or None,
                                    formatter_class=HelpFormatter)

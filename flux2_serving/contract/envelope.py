@@ -5,7 +5,7 @@ Pixels map to tokens as the pipeline does: 8x VAE downsampling, then 2x2 patchif
 token per 16x16 pixels; a 1024x1024 image is 64x64 = 4096 tokens. Text is always padded
 to 512 tokens. Standard library only (the engine builder runs without torch).
 
-The defaults fit an 80 GB GPU at 9B in bf16 with >= 15% headroom (`python -m flux2_serving.export.memory_plan`).
+The defaults fit an 80 GB GPU at 9B in bf16 with >= 15% headroom (`python -m flux2_serving.serving.memory_plan`).
 What sizes them: Triton's TensorRT backend allocates every input and output binding at its
 profile maximum when a model loads, and at 9B every reference token carries 512 KiB of K/V
 (prefill output, cached-step input, the cache each hold one; the BLS two while a step runs).
@@ -50,7 +50,7 @@ class ServingEnvelope:
     # Tokens of the whole ordered reference set after preprocessing: one reference of 1024^2, or two
     # of ~724^2, or four of 512^2. At 9B in bf16 the K/V of 4096 tokens is 2 GiB, held by the prefill's
     # outputs, the cached step's inputs, each BLS instance and the cache; twice as many tokens (two
-    # references of 1024^2) did not fit 80 GB with 15% headroom (python -m flux2_serving.export.memory_plan).
+    # references of 1024^2) did not fit 80 GB with 15% headroom (python -m flux2_serving.serving.memory_plan).
     reference_tokens: tuple[int, int, int] = (0, 4096, 4096)
     max_num_images_per_prompt: int = 4
     engine_batch: dict = field(default_factory=_engine_batch)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 class Graph:
     name: str
     module: str  # the checkpoint module it wraps: "text_encoder", "vae" or "transformer"
-    wrapper: str  # its torch wrapper: a class of flux2_serving.export.components, exported as is
+    wrapper: str  # its torch wrapper: a class of flux2_serving.modeling.components, exported as is
     # Largest batch its engine runs. The text encoder batches requests (Triton's dynamic batcher): 512
     # tokens per prompt leave its GEMMs short. The cached step runs up to 2 images of one request at a
     # time (the BLS splits larger requests): at 1024^2 a sample is 4096 + 512 tokens, already

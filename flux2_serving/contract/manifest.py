@@ -16,6 +16,9 @@ from pathlib import Path
 from .specs import GraphSpec, graph_specs, spec_from_manifest
 
 FILE = "manifest.json"
+# ENGINES/build_record.json: what each built engine needs (written by export.build_engines, read by the
+# memory plan).
+BUILD_RECORD = "build_record.json"
 
 
 class MissingManifest(FileNotFoundError):

@@ -1,6 +1,6 @@
 """Memory tiers: which card class takes which engines, envelope and levers (issue 21). Each tier is a
 named serving envelope plus the weight precision of each engine and where the reference K/V cache and
-the rarely-run engines' weights live. `python -m flux2_serving.export.memory_plan --gpu-gib N` picks
+the rarely-run engines' weights live. `python -m flux2_serving.serving.memory_plan --gpu-gib N` picks
 the largest tier made for a card of at most N GiB and prints its plan.
 
 NOT RUN ON A CARD: the FP8 graphs (export --quantize fp8, NVIDIA Model Optimizer) are checked on the

@@ -36,7 +36,7 @@ from ..contract.interface import DEFAULT_OUTPUTS, INPUTS, Limits
 from ..contract.manifest import read as read_manifest
 from ..contract.names import BLS_MODEL, BLS_OVERLOADED, DEAD_PROCESS, PROCESS_REPLACED, QUEUE_FULL, SHUTTING_DOWN
 from ..contract.security import INTERNAL_PARAMETER, internal_secret
-from ..export.loading import DTYPES
+from ..modeling.loading import DTYPES
 from .pipeline import Interrupted, ServedPipeline, StageClock
 from .request_inputs import InvalidInput, parse
 from .triton_io import before_teardown, lasting, model_config, to_torch, to_triton

@@ -3,7 +3,7 @@ TensorRT engine. The parameter `runtime` picks how:
 
 * `onnxruntime`: the exported ONNX graph (`model.onnx` next to this file) on the CPU, since
   Triton's onnxruntime backend is not available on the development machines;
-* `torch`: the very wrapper module the graph is exported from (flux2_serving.export.components),
+* `torch`: the very wrapper module the graph is exported from (flux2_serving.modeling.components),
   loaded from the checkpoint the export recorded, in the export dtype on the parameter `device`.
   It serves on a GPU before any engine is built (a 9B build takes long) and is the baseline the
   engines are checked against. For an FP8 export's components (parameter quantize=fp8) its linear
@@ -80,8 +80,8 @@ class Torch:
         # torch, diffusers (export.components, export.loading): heavy, only this runtime needs them
         import torch
 
-        from ..export.components import build
-        from ..export.loading import DTYPES
+        from ..modeling.components import build
+        from ..modeling.loading import DTYPES
 
         self.torch = torch
         self.device = torch.device(params.get("device", "cpu"))

@@ -15,7 +15,7 @@ does. `FP8Linear.path` says which ran last ("_scaled_mm" or "fallback"; None bef
 
 `to_fp8(module, keep)` swaps a module's `nn.Linear` layers in place, except those whose qualified name
 matches a `keep` pattern; `fp8_wrapper(name, model, device)` builds a served component
-(flux2_serving.export.components.build, bf16) with its transformer or text-encoder linears in FP8 (the
+(flux2_serving.modeling.components.build, bf16) with its transformer or text-encoder linears in FP8 (the
 VAE stays bf16).
 """
 
@@ -29,7 +29,7 @@ import torch
 
 from ..contract.fp8_recipe import KEEP, TRANSFORMER_KEEP, kept
 from ..contract.graphs import GRAPHS
-from ..export.components import build
+from ..modeling.components import build
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448.0
@@ -147,7 +147,7 @@ def fp8_paths(module: torch.nn.Module) -> dict[str, int]:
 
 
 def fp8_wrapper(name: str, model: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """Served component `name` (flux2_serving.export.components.build, in `dtype` on `device`) with its
+    """Served component `name` (flux2_serving.modeling.components.build, in `dtype` on `device`) with its
     transformer or text-encoder linears in FP8 (KEEP says which stay in `dtype`); the VAE graphs come back
     unchanged. `model` as build's: a checkpoint, or "random:9b" / "random:tiny". The torch serving flavor
     builds the components an FP8 export quantized with it (parameter quantize=fp8)."""

@@ -43,7 +43,7 @@ from ..contract.interface import Limits
 from ..contract.names import CACHE_MODEL, cached_name
 from ..contract.reference_key import encoded_reference_key, reference_key
 from ..contract.specs import kv_names
-from ..export.latent_layout import grid_ids, image_ids, pack_latents, text_ids
+from ..modeling.latent_layout import grid_ids, image_ids, pack_latents, text_ids
 from .request_inputs import GenerationRequest, header_sizes, load_rgb, output_size, preprocess_reference
 
 Run = Callable[[str, dict, list], list]

@@ -1,7 +1,7 @@
 """python -m flux2_serving.server.gateway: nginx in front of several flux2 Triton replicas, routing edits by reference.
 
 The configuration is deploy/nginx/flux2-gateway.conf (the shipped reference): requests with the
-`x-flux2-reference-key` header (gRPC metadata or HTTP header; flux2_serving/clients/api.py sets it) are hashed
+`x-flux2-reference-key` header (gRPC metadata or HTTP header; clients/api.py sets it) are hashed
 to one replica, so its reference K/V cache stays hot; requests without it go to the replica with
 the fewest connections. `--policy round-robin` replaces the hash by nginx's round robin (for
 comparisons: bench/scaleout.py).

@@ -39,6 +39,7 @@ from pathlib import Path
 from flux2_serving import CHECKOUT
 from flux2_serving.contract import security
 from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.cli_help import prog as cli_prog
 from flux2_serving.contract.names import BLS_MODEL
 from flux2_serving.server.watchdog import Watchdog
 
@@ -490,7 +491,7 @@ def default_log_file(http_port: int) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux2_serving.server.launch",
+    parser = argparse.ArgumentParser(prog=cli_prog("flux2_serving.server.launch"),
                                      description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--repository", default="build/model_repository", help="model repository to serve")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")

@@ -33,9 +33,9 @@ from flux2_serving.contract.manifest import write as write_manifest
 from flux2_serving.contract.names import BLS_MODEL as BLS
 from flux2_serving.contract.names import CACHE_MODEL as CACHE
 from flux2_serving.contract.tiers import BY_NAME as TIERS
-from flux2_serving.export import memory_plan
-from flux2_serving.export.memory_plan import bls_transfer_bytes
 from flux2_serving.models.trt_runtime import check_budget  # light: tensorrt and torch only in the runtime itself
+from flux2_serving.serving import memory_plan
+from flux2_serving.serving.memory_plan import bls_transfer_bytes
 
 from . import triton_config
 from .triton_config import BACKENDS, component_config, cpu_only

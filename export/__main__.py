@@ -7,12 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from ..contract.cli_help import HelpFormatter
-from ..contract.graphs import COMPONENTS
-from ..contract.manifest import Manifest
-from ..contract.manifest import write as write_manifest
-from ..contract.tiers import FP8_ENGINES
-from .quiet import quiet_frameworks
+from flux2_serving.contract.cli_help import HelpFormatter
+from flux2_serving.contract.cli_help import prog as cli_prog
+from flux2_serving.contract.graphs import COMPONENTS
+from flux2_serving.contract.manifest import Manifest
+from flux2_serving.contract.manifest import write as write_manifest
+from flux2_serving.contract.tiers import FP8_ENGINES
+from flux2_serving.export.quiet import quiet_frameworks
 
 DESCRIPTION = """\
 Export FLUX.2 [klein] KV (diffusers Flux2KleinKVPipeline layout) to ONNX: one graph per
@@ -33,7 +34,7 @@ diffusers: none of them a fault of the export) and their weight-loading progress
 
 EPILOG = """\
 examples:
-  python -m flux2_serving.export.checkpoint --out checkpoints/tiny
+  python -m flux2_serving.modeling.checkpoint --out checkpoints/tiny
   python -m flux2_serving.export --model checkpoints/tiny --onnx-dir build/onnx/fp32
   python -m flux2_serving.export --model black-forest-labs/FLUX.2-klein-9b-kv --onnx-dir build/onnx/bf16 --dtype bf16
   python -m flux2_serving.export --model checkpoints/tiny --onnx-dir build/onnx/fp32-fp8 --quantize fp8 \\
@@ -45,7 +46,7 @@ examples:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m flux2_serving.export", description=DESCRIPTION, epilog=EPILOG,
+        prog=cli_prog("flux2_serving.export"), description=DESCRIPTION, epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", required=True,
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
 
     # torch, diffusers and transformers (through .loading, .onnx_export and .trt_compat's onnx) are
     # imported after the options are read and the frameworks quieted: --help answers without them.
-    from .loading import read_model_dims
+    from flux2_serving.modeling.loading import read_model_dims
 
     out = Path(args.out)
     start = time.perf_counter()
@@ -96,8 +97,8 @@ def main(argv=None) -> int:
         paths = {name: out / name / "model.onnx" for name in args.components}  # where an export would put them
         opset = None
     else:
-        from .fp8 import FP8_OPSET
-        from .onnx_export import OPSET, export_all
+        from flux2_serving.export.fp8 import FP8_OPSET
+        from flux2_serving.export.onnx_export import OPSET, export_all
 
         print(f"exporting {len(args.components)} component(s) of {args.model} ({args.dtype}) to {out}", flush=True)
         calibration = {key: value for key, value in (("size", args.calibration_size), ("side", args.calibration_side),
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
 
     failed = 0
     if not args.skip_check and not args.manifest_only:
-        from .trt_compat import check_graph, summary
+        from flux2_serving.export.trt_compat import check_graph, summary
 
         for name, path in paths.items():
             report = check_graph(path)

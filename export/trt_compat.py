@@ -28,7 +28,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from ..contract.cli_help import command_parser
+from flux2_serving.contract.cli_help import command_parser
 
 SUPPORTED_OPS_FILE = Path(__file__).with_name("trt_supported_ops.tsv")
 FLOAT_TYPES = {

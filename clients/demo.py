@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     # frameworks quieted, so --help and a port in use answer at once.
     import torch
 
-    from flux2_serving.export.loading import DTYPES, load_pipeline
+    from flux2_serving.modeling.loading import DTYPES, load_pipeline
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

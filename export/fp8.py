@@ -30,8 +30,8 @@ import onnx
 from onnx import numpy_helper
 from PIL import Image
 
-from ..contract.fp8_recipe import TEXT_ENCODER_KEEP, TRANSFORMER_KEEP, kept
-from ..devtools.pictures import synthetic_reference
+from flux2_serving.contract.fp8_recipe import TEXT_ENCODER_KEEP, TRANSFORMER_KEEP, kept
+from flux2_serving.devtools.pictures import synthetic_reference
 
 FP8_OPSET = 19  # QuantizeLinear / DequantizeLinear take FLOAT8E4M3FN from opset 19 (TensorRT 10: 9-20)
 E4M3_MAX = 448.0

@@ -26,13 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-from ..contract.cli_help import command_parser
-from ..contract.envelope import DEFAULT_ENVELOPE, ServingEnvelope, engine_profiles
-from ..contract.graphs import COMPONENTS
-from ..contract.manifest import MissingManifest
-from ..contract.manifest import read as read_manifest
-from ..contract.specs import GraphSpec
-from ..contract.tiers import BY_NAME as TIERS
+from flux2_serving.contract.cli_help import command_parser
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE, ServingEnvelope, engine_profiles
+from flux2_serving.contract.graphs import COMPONENTS
+from flux2_serving.contract.manifest import BUILD_RECORD, MissingManifest
+from flux2_serving.contract.manifest import read as read_manifest
+from flux2_serving.contract.specs import GraphSpec
+from flux2_serving.contract.tiers import BY_NAME as TIERS
 
 WHERE = ("run it on a GPU host with the TensorRT of the serving Triton, e.g. docker/engines.Dockerfile: NVIDIA's "
          "TensorRT container of the release of the serving tritonserver container "
@@ -144,7 +144,7 @@ def summary_line(plan: Path, s: dict) -> str:
             f"{s['myelin']} Myelin foreign nodes, {fp32}")
 
 
-RECORD = "build_record.json"  # OUT/build_record.json: what each built engine needs, for the memory plan
+RECORD = BUILD_RECORD  # OUT/build_record.json: what each built engine needs, for the memory plan
 
 
 def engine_record(engine, plan_path: Path, plan_bytes: int, trt_version: str, sm: str) -> dict:

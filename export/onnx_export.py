@@ -15,13 +15,13 @@ import onnx
 import torch
 from torch.export import Dim
 
-from ..contract.graphs import COMPONENTS, GRAPHS
-from ..contract.specs import GraphSpec, graph_specs
-from ..contract.tiers import FP8_ENGINES
-from . import components as C
-from . import fp8
-from .latent_layout import grid_ids, reference_ids, text_ids
-from .loading import DTYPES, load_pipeline, read_model_dims
+from flux2_serving.contract.graphs import COMPONENTS, GRAPHS
+from flux2_serving.contract.specs import GraphSpec, graph_specs
+from flux2_serving.contract.tiers import FP8_ENGINES
+from flux2_serving.export import fp8
+from flux2_serving.modeling import components as C
+from flux2_serving.modeling.latent_layout import grid_ids, reference_ids, text_ids
+from flux2_serving.modeling.loading import DTYPES, load_pipeline, read_model_dims
 
 OPSET = 18  # within TensorRT 10's parser range (opset 9-20), see trt_supported_ops.tsv
 LARGE_GRAPH_BYTES = 1 << 30  # weights go to external data well before protobuf's 2 GB limit

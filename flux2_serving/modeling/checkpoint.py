@@ -14,7 +14,7 @@ on, so the embedded default is a scaled-down, randomly initialised
 
 The same seed always writes the same weights. Usage::
 
-    python -m flux2_serving.export.checkpoint --out checkpoints/tiny [--seed 0]
+    python -m flux2_serving.modeling.checkpoint --out checkpoints/tiny [--seed 0]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..contract.cli_help import HelpFormatter
+from ..contract.cli_help import prog as cli_prog
 
 # torch, diffusers, transformers and tokenizers are imported in the functions that build modules: heavy,
 # and optional for this module's other users (--help; the memory plan reads the 9B dims from here).
@@ -222,9 +223,9 @@ def write_checkpoint(out: str | Path, seed: int = 0, size: str = "tiny") -> Path
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m flux2_serving.export.checkpoint", formatter_class=HelpFormatter,
+        prog=cli_prog("flux2_serving.modeling.checkpoint"), formatter_class=HelpFormatter,
         description="Write a small random Flux2KleinKVPipeline checkpoint (diffusers layout).",
-        epilog="example:\n  python -m flux2_serving.export.checkpoint --out checkpoints/tiny",
+        epilog="example:\n  python -m flux2_serving.modeling.checkpoint --out checkpoints/tiny",
     )
     parser.add_argument("--out", required=True, help="directory to write (model_index.json and subfolders)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")

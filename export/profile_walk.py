@@ -23,9 +23,9 @@ from pathlib import Path
 import onnx
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-from ..contract.cli_help import command_parser
-from ..contract.envelope import DEFAULT_ENVELOPE, engine_profiles
-from ..contract.manifest import read
+from flux2_serving.contract.cli_help import command_parser
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE, engine_profiles
+from flux2_serving.contract.manifest import read
 
 LIMIT = 2**31 - 1
 ASSUMED_FUSED = ("text_encoder", "transformer_prefill", "transformer_cached")  # multi-head attention, head 128

@@ -12,7 +12,7 @@ feed dicts, the DataLoader format: `polygraphy run --load-inputs OUT/<graph>.inp
     the same input values (rounded to the engine's dtype).
   TensorRT half, when `tensorrt` imports, a GPU is visible and --engines-dir has the graph's plan for this
     TensorRT and GPU (build_engines.engine_name): polygraphy's TrtRunner on the plan, compare_accuracy against
-    onnxruntime with the TOLERANCES of flux2_serving/export/engine_check.py, and a layer summary from TensorRT's engine
+    onnxruntime with the TOLERANCES of export/engine_check.py, and a layer summary from TensorRT's engine
     inspector. Without TensorRT or plans only the onnxruntime half runs, and the report says so.
 
 What has run: the onnxruntime half, on the tiny fp32 export (tests/test_engine_check.py). What has not: the
@@ -41,13 +41,19 @@ from polygraphy.comparator import Comparator, IterationResult, RunResults, Simpl
 from polygraphy.json import save_json
 from polygraphy.logger import G_LOGGER
 
-from ..contract.cli_help import command_parser
-from ..contract.envelope import DEFAULT_ENVELOPE, engine_profiles, shape_range
-from ..contract.graphs import COMPONENTS
-from ..contract.manifest import MissingManifest
-from ..contract.manifest import read as read_manifest
-from .build_engines import MissingRequirement, compute_capability, engine_name, layer_summary, summary_line
-from .latent_layout import grid_ids, reference_ids, text_ids
+from flux2_serving.contract.cli_help import command_parser
+from flux2_serving.contract.envelope import DEFAULT_ENVELOPE, engine_profiles, shape_range
+from flux2_serving.contract.graphs import COMPONENTS
+from flux2_serving.contract.manifest import MissingManifest
+from flux2_serving.contract.manifest import read as read_manifest
+from flux2_serving.export.build_engines import (
+    MissingRequirement,
+    compute_capability,
+    engine_name,
+    layer_summary,
+    summary_line,
+)
+from flux2_serving.modeling.latent_layout import grid_ids, reference_ids, text_ids
 
 # (check, atol, rtol) per export dtype, then per graph ("*": the rest). Polygraphy's checks: "elemwise" fails an
 # element off by more than atol AND by more than rtol x |onnxruntime's value|; "mean" checks the mean abs / rel

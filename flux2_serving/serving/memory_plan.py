@@ -1,4 +1,4 @@
-"""python -m flux2_serving.export.memory_plan: does the served model fit one GPU? GPU memory, engine by engine.
+"""python -m flux2_serving.serving.memory_plan: does the served model fit one GPU? GPU memory, engine by engine.
 
 Sums what one server holds on its GPU, from the model's dims and the serving envelope:
 
@@ -37,23 +37,23 @@ from ..contract.envelope import (
     binding_max_shapes,
 )
 from ..contract.graphs import COMPONENTS, GRAPHS
+from ..contract.manifest import BUILD_RECORD as RECORD
 from ..contract.names import CACHE_MODEL
 from ..contract.specs import BYTES_PER_ELEMENT, TEXT_LAYERS, graph_specs, model_dims
 from ..contract.tiers import BY_NAME, TIERS, MemoryTier, tier_for
-from .build_engines import RECORD
-from .checkpoint import KLEIN_9B_TEXT_ENCODER, KLEIN_9B_TRANSFORMER
+from ..modeling.checkpoint import KLEIN_9B_TEXT_ENCODER, KLEIN_9B_TRANSFORMER
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = 0.5  # per process that initialises CUDA (estimate for an H100 with CUDA 12)
 
 EXAMPLES = """\
 examples:
-  python -m flux2_serving.export.memory_plan                           # klein 9B, bf16, 80 GiB, the shipped envelope
-  python -m flux2_serving.export.memory_plan --gpu-gib 48              # the tier made for a 48 GB card, and its plan
-  python -m flux2_serving.export.memory_plan --tier 80gb-bf16 --gpu-gib 48  # today's engines on 48 GB (exit 1)
-  python -m flux2_serving.export.memory_plan --gpu-gib 24              # under 32 GB: no tier; the next step says why
-  python -m flux2_serving.export.memory_plan --reference-tokens 16384  # 4 references of 1024x1024: what it costs
-  python -m flux2_serving.export.memory_plan --model checkpoints/tiny --dtype fp32
+  python -m flux2_serving.serving.memory_plan                           # klein 9B, bf16, 80 GiB, the shipped envelope
+  python -m flux2_serving.serving.memory_plan --gpu-gib 48              # the tier made for a 48 GB card, and its plan
+  python -m flux2_serving.serving.memory_plan --tier 80gb-bf16 --gpu-gib 48  # today's engines on 48 GB (exit 1)
+  python -m flux2_serving.serving.memory_plan --gpu-gib 24              # under 32 GB: no tier; the next step says why
+  python -m flux2_serving.serving.memory_plan --reference-tokens 16384  # 4 references of 1024x1024: what it costs
+  python -m flux2_serving.serving.memory_plan --model checkpoints/tiny --dtype fp32
 """
 
 
@@ -91,7 +91,7 @@ def model_size(model: str | None) -> ModelSize:
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import AutoConfig, Qwen3Config, Qwen3ForCausalLM
 
-    from .components import reference_stream_only
+    from ..modeling.components import reference_stream_only
 
     if model is None:
         text_config, transformer_config, vae_config = Qwen3Config(**KLEIN_9B_TEXT_ENCODER), KLEIN_9B_TRANSFORMER, {}
@@ -340,7 +340,7 @@ def total_bytes(rows) -> int:
 
 
 def main(argv=None) -> int:
-    parser = command_parser("flux2_serving.export.memory_plan", __doc__, EXAMPLES)
+    parser = command_parser("flux2_serving.serving.memory_plan", __doc__, EXAMPLES)
     parser.add_argument("--model", default=None, help="diffusers checkpoint folder or hub id (default: klein 9B dims)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="engine dtype (default %(default)s)")
