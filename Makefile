@@ -157,7 +157,7 @@ docker-engines:
 	docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines:$(RELEASE) .
 	mkdir -p $(ENGINES)
 	docker run --rm --gpus '"device=$(GPU)"' -v $(CURDIR)/$(ONNX):/work/onnx:ro \
-		-v $(CURDIR)/$(ENGINES):/work/engines flux2-klein-kv-engines:$(RELEASE)
+		-v $(CURDIR)/$(ENGINES):/work/engines flux2-klein-kv-engines:$(RELEASE) $(if $(TIER),--tier $(TIER))
 
 docker-serving:
 	docker build -f docker/serving.Dockerfile -t flux2-klein-kv-serving:$(RELEASE) .

@@ -34,4 +34,6 @@ COPY flux2_serving/contract/__init__.py flux2_serving/contract/cli_help.py flux2
 COPY export/__init__.py export/build_engines.py /opt/flux2/flux2_serving/export/
 
 VOLUME /work
-CMD ["/bin/sh", "-c", "exec python3 -m flux2_serving.export.build_engines --onnx-dir /work/onnx --out /work/engines"]
+# Arguments after the image name go to the builder (make docker-engines passes --tier TIER): the ENTRYPOINT
+# holds the fixed part, so they add to it instead of replacing a CMD.
+ENTRYPOINT ["python3", "-m", "flux2_serving.export.build_engines", "--onnx-dir", "/work/onnx", "--out", "/work/engines"]

@@ -48,7 +48,13 @@ RUN python3 -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v >= (3, 11)
 COPY docker/requirements-serving.txt /opt/flux2/requirements-serving.txt
 # Ubuntu 24.04 marks its python3 as externally managed (PEP 668); this image is that Python's only user.
 ENV PIP_BREAK_SYSTEM_PACKAGES=1
-RUN python3 -m pip install --no-cache-dir -r /opt/flux2/requirements-serving.txt
+# torch requires setuptools>=77.0.3; the image's setuptools is Debian's (apt, no RECORD file), which pip cannot
+# uninstall to upgrade ("RECORD file not found ... installed by debian"). --ignore-installed puts the pinned one
+# beside it in /usr/local/lib/python3.X/dist-packages, first on sys.path, without touching Debian's; the
+# requirements then find it satisfied. Chosen over a venv: the Python-backend stub keeps embedding the image's
+# own python3 with no PATH or LD_LIBRARY_PATH arrangement, as NVIDIA's images expect.
+RUN python3 -m pip install --no-cache-dir --ignore-installed "$(grep '^setuptools==' /opt/flux2/requirements-serving.txt)" \
+    && python3 -m pip install --no-cache-dir -r /opt/flux2/requirements-serving.txt
 
 # This project's serving side: flux2_serving/ (contract, modeling, models, serving, server), not the top-level
 # export/ and clients/ folders (the exporter and the clients; nothing served imports them, tests/test_structure.py

@@ -160,6 +160,25 @@ def test_make_engines_runs_the_builder_without_the_project_installed(tmp_path):
     assert "transformer_cached" in result.stdout
 
 
+def test_make_docker_engines_passes_the_tier_to_the_image(tmp_path):
+    """make docker-engines TIER=...: the arguments after the image name reach the builder (the image's ENTRYPOINT
+    holds the fixed part). Run as the container would, with its paths pointed at a manifest here: a dry run."""
+    dry = subprocess.run(["make", "-n", "docker-engines", "TIER=32gb-fp8"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    run_line = next(line for line in dry.replace("\\\n", " ").splitlines() if line.startswith("docker run"))
+    image_args = run_line.split("flux2-klein-kv-engines:", 1)[1].split()[1:]
+    assert image_args == ["--tier", "32gb-fp8"], run_line
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.+)$", (DOCKER / "engines.Dockerfile").read_text(),
+                                      flags=re.MULTILINE).group(1))
+    assert entrypoint[:3] == ["python3", "-m", "flux2_serving.export.build_engines"]
+    onnx_dir = _manifest_dir(tmp_path)
+    argv = [{"/work/onnx": str(onnx_dir), "/work/engines": str(tmp_path / "engines")}.get(a, a)
+            for a in entrypoint[1:]] + image_args + ["--dry-run"]
+    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "serving envelope of tier 32gb-fp8" in result.stdout and "weight streaming (tier 32gb-fp8)" in result.stdout
+
+
 def test_without_tensorrt_exits_2_with_one_line(tmp_path):
     onnx_dir = _manifest_dir(tmp_path)
     # `python -m flux2_serving.export.build_engines` with `import tensorrt` failing, whether or not it is installed.
@@ -206,8 +225,8 @@ def test_dockerfiles_share_the_release_and_serve_with_complete_configs():
         assert flag in cmd[0]
     assert re.search(r"^(ARG|ENV) CUDA_POOL_BYTES=\d+$", text, flags=re.MULTILINE)  # the plan's value: test_envelope
     assert re.search(r"^EXPOSE 8000 8001 8002$", text, flags=re.MULTILINE)
-    build = "python3 -m flux2_serving.export.build_engines --onnx-dir /work/onnx --out /work/engines"
-    assert build in engines.read_text()
+    build = '["python3", "-m", "flux2_serving.export.build_engines", "--onnx-dir", "/work/onnx", "--out", "/work/engines"]'
+    assert f"ENTRYPOINT {build}" in engines.read_text()
     for path in (serving, engines):
         assert "not built or run yet" in path.read_text().lower()
 
@@ -219,6 +238,23 @@ def test_serving_requirements_match_the_toolchain_pins():
         assert serving[name] == toolchain[name], name
     assert serving["numpy"].startswith("==1.")  # numpy < 2: the Python backend's BLS tensors
     assert "--index-url" not in (DOCKER / "requirements-serving.txt").read_text()  # torch with CUDA, not the CPU index
+
+
+def test_the_serving_image_cannot_hit_debian_s_setuptools():
+    """torch requires setuptools newer than the image's Debian package, which pip cannot uninstall: the Dockerfile
+    installs the pinned one --ignore-installed before the requirements, and the pin satisfies torch's metadata."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    dockerfile = (DOCKER / "serving.Dockerfile").read_text()
+    installs = re.findall(r"python3 -m pip install [^\n&]+", dockerfile)
+    assert "--ignore-installed" in installs[0] and "setuptools==" in installs[0], installs
+    assert "-r /opt/flux2/requirements-serving.txt" in installs[1], installs
+    pinned = _pins(DOCKER / "requirements-serving.txt")["setuptools"]
+    assert pinned.startswith("==")
+    needed = [Requirement(r) for r in requires("torch") if r.startswith("setuptools")]
+    assert needed and all(pinned[2:] in r.specifier for r in needed), needed
 
 
 class BuiltEngine:
