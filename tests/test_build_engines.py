@@ -225,8 +225,9 @@ def test_dockerfiles_share_the_release_and_serve_with_complete_configs():
         assert flag in cmd[0]
     assert re.search(r"^(ARG|ENV) CUDA_POOL_BYTES=\d+$", text, flags=re.MULTILINE)  # the plan's value: test_envelope
     assert re.search(r"^EXPOSE 8000 8001 8002$", text, flags=re.MULTILINE)
-    build = '["python3", "-m", "flux2_serving.export.build_engines", "--onnx-dir", "/work/onnx", "--out", "/work/engines"]'
-    assert f"ENTRYPOINT {build}" in engines.read_text()
+    build = ["python3", "-m", "flux2_serving.export.build_engines", "--onnx-dir", "/work/onnx",
+             "--out", "/work/engines"]
+    assert f"ENTRYPOINT {json.dumps(build)}" in engines.read_text()
     for path in (serving, engines):
         assert "not built or run yet" in path.read_text().lower()
 
