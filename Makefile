@@ -143,7 +143,8 @@ engines: $(ENGINE_TOOL)/.linked
 		--engines-dir $(abspath $(ENGINES)) $(if $(TIER),--tier $(TIER))
 
 # After make engines, with the venv's python (polygraphy, onnxruntime, numpy; torch for bf16 engines) plus the
-# tensorrt that built the plans: without tensorrt, a GPU or plans it runs the onnxruntime half only and says so.
+# tensorrt that built the plans: without tensorrt, a GPU or the plans it exits 2 in one line (a check that cannot
+# see the engines does not pass; python -m flux2_serving.export.engine_check --onnxruntime-only runs that half).
 .PHONY: engine-check
 engine-check: setup
 	$(BIN)/python -m flux2_serving.export.engine_check --onnx-dir $(ONNX) --engines-dir $(ENGINES) \

@@ -13,10 +13,13 @@ feed dicts, the DataLoader format: `polygraphy run --load-inputs OUT/<graph>.inp
   TensorRT half, when `tensorrt` imports, a GPU is visible and --engines-dir has the graph's plan for this
     TensorRT and GPU (build_engines.engine_name): polygraphy's TrtRunner on the plan, compare_accuracy against
     onnxruntime with the TOLERANCES of export/engine_check.py, and a layer summary from TensorRT's engine
-    inspector. Without TensorRT or plans only the onnxruntime half runs, and the report says so.
+    inspector. Without TensorRT, a GPU or the plans it exits 2 with one line saying what is missing: a check of
+    engines that cannot see them does not pass. --onnxruntime-only runs the onnxruntime half alone (the
+    recorded inputs and the reference outputs, e.g. on the CPU host before copying them to the GPU host).
 
-What has run: the onnxruntime half, on the tiny fp32 export (tests/test_engine_check.py). What has not: the
-TensorRT half, written to Polygraphy 0.53.6's source; no TensorRT or GPU on the development machines.
+What has run: the onnxruntime half (--onnxruntime-only), on the tiny fp32 export (tests/test_engine_check.py).
+What has not: the TensorRT half, written to Polygraphy 0.53.6's source; no TensorRT or GPU on the development
+machines.
 
 Writes OUT/report.json; exit 1 when a graph fails either half, 2 on a usage error. Needs polygraphy,
 onnxruntime and numpy (requirements.txt), plus tensorrt and a GPU for the TensorRT half, plus torch for bf16
@@ -236,6 +239,9 @@ def main(argv=None) -> int:
                         help="subset to check (default: every graph in the manifest)")
     parser.add_argument("--shapes", choices=tuple(SHAPE_INDEX), default="opt", help="envelope shapes of the inputs")
     parser.add_argument("--out", default="build/engine_check", help="folder for report.json and the recorded inputs")
+    parser.add_argument("--onnxruntime-only", action="store_true",
+                        help="run the onnxruntime half alone (no TensorRT needed); without it, a missing TensorRT, "
+                             "GPU or plan is an error")
     parser.add_argument("--verbose", action="store_true", help="keep Polygraphy's own log")
     args = parser.parse_args(argv)
 
@@ -252,12 +258,19 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     names = args.components or list(manifest.paths)
+    if args.onnxruntime_only:
+        trt, sm, why_not = None, None, "--onnxruntime-only"
+        print("onnxruntime half only (--onnxruntime-only)")
+    else:
+        trt, sm, why_not = tensorrt_status(engines_dir)
+        if why_not:
+            print(f"error: cannot check the engines: {why_not}; run it where TensorRT and the GPU that built the "
+                  "plans are (docs/runbook.md, 'Checking the engines'), or pass --onnxruntime-only for the onnxruntime "
+                  "half alone", file=sys.stderr)
+            return 2
     if not args.verbose:
         G_LOGGER.module_severity = G_LOGGER.ERROR
     out.mkdir(parents=True, exist_ok=True)
-    trt, sm, why_not = tensorrt_status(engines_dir)
-    if why_not:
-        print(f"onnxruntime half only: {why_not}")
     report = {"onnx_dir": str(onnx_dir), "reference_onnx_dir": str(reference_dir), "dtype": manifest.dtype,
               "shapes": args.shapes, "engines_dir": str(engines_dir),
               "tensorrt": {"ran": trt is not None, "reason": why_not}, "components": {}}

@@ -31,10 +31,20 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def test_onnxruntime_half_runs_every_graph_and_tensorrt_half_is_reported_not_run(onnx_fp32, tmp_path):
+def test_without_tensorrt_the_check_of_engines_fails_in_one_line(onnx_fp32, tmp_path):
+    """A check of engines that cannot run them must not pass (make engine-check on a host without TensorRT)."""
     result = _run("--onnx-dir", str(onnx_fp32), "--out", str(tmp_path), "--engines-dir", str(tmp_path / "none"))
+    assert result.returncode == 2 and result.stdout == "", result.stdout[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "TensorRT not installed here" in lines[0] and "--onnxruntime-only" in lines[0], lines
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_onnxruntime_half_runs_every_graph_and_tensorrt_half_is_reported_not_run(onnx_fp32, tmp_path):
+    result = _run("--onnx-dir", str(onnx_fp32), "--out", str(tmp_path), "--engines-dir", str(tmp_path / "none"),
+                  "--onnxruntime-only")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.splitlines()[0] == "onnxruntime half only: TensorRT not installed here"
+    assert result.stdout.splitlines()[0] == "onnxruntime half only (--onnxruntime-only)"
 
     dims = read_manifest(onnx_fp32).dims
     kv = [2, 4096, dims["heads"], dims["head_dim"]]  # opt: one 1024^2 reference, 64x64 latents, 512 text tokens
@@ -47,12 +57,12 @@ def test_onnxruntime_half_runs_every_graph_and_tensorrt_half_is_reported_not_run
     }
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] and report["shapes"] == "opt"
-    assert report["tensorrt"] == {"ran": False, "reason": "TensorRT not installed here"}
+    assert report["tensorrt"] == {"ran": False, "reason": "--onnxruntime-only"}
     assert set(report["components"]) == set(expected)
     for name, outputs in expected.items():
         entry = report["components"][name]
         assert entry["passed"] and entry["runners"] == ["onnxruntime"], (name, entry)
-        assert entry["tensorrt"] == {"ran": False, "reason": "TensorRT not installed here"}
+        assert entry["tensorrt"] == {"ran": False, "reason": "--onnxruntime-only"}
         got = entry["onnxruntime"]["outputs"]
         assert {k: o["shape"] for k, o in got.items()} == outputs, name
         assert all(o["finite"] and o["dtype"] == "float32" for o in got.values()), name
@@ -105,7 +115,7 @@ def test_bf16_export_needs_an_fp32_reference_and_rounds_the_inputs(onnx_fp32, tm
     assert "--reference-onnx-dir" in alone.stderr
 
     result = _run("--onnx-dir", str(bf16), "--reference-onnx-dir", str(onnx_fp32), "--out", str(tmp_path / "b"),
-                  "--components", "vae_decoder", "--shapes", "min")
+                  "--components", "vae_decoder", "--shapes", "min", "--onnxruntime-only")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["dtype"] == "bf16" and list(report["components"]) == ["vae_decoder"]
