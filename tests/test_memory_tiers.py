@@ -89,8 +89,8 @@ def test_the_cli_picks_the_tier_says_what_is_planned_and_states_a_shortfall_in_o
      "Blackwell)): 38.98 GiB; make memory-plan GPU_GIB=48 without TIER= plans it, and TIER=48gb-fp8 builds it "
      "(make engines, make repository, after make export DTYPE=bf16 QUANTIZE=fp8)"),
     (["--reference-tokens", "8192"],
-     "next step: 80gb-bf16's own settings fit (62.46 GiB); with --reference-tokens 8192 the plan needs a card of at "
-     "least 83.5 GiB"),
+     "next step: 80gb-bf16's own settings fit (64.46 GiB); with --reference-tokens 8192 the plan needs a card of at "
+     "least 88.2 GiB"),
     (["--tier", "80gb-bf16", "--gpu-gib", "16"], "next step: a card of 32 GB or more. No tier is made for a 16 GiB"),
     (["--dtype", "fp16", "--gpu-gib", "48"], "next step: a card of at least "),
 ])

@@ -43,3 +43,20 @@ def test_entry_larger_than_budget_is_not_stored():
     cache = ReferenceKVCache(budget_bytes=100)
     assert not cache.put("big", [torch.zeros(20), torch.zeros(20)])  # 160 B in two blocks
     assert cache.bytes_held == 0 and cache.get("big") is None
+
+
+def test_room_is_made_before_a_new_set_is_copied():
+    """The cache model evicts (make_room) before it copies a new set in, so the old entries and the copy never
+    exceed the budget together; what torch's allocator keeps of evicted blocks the memory plan adds as one set."""
+    from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+    from flux2_serving.serving.memory_plan import cache_peak_bytes, kv_set_bytes
+
+    entry = torch.zeros(2, 128)  # 1 KiB
+    cache = ReferenceKVCache(budget_bytes=2 * 1024)
+    for key in "ab":
+        assert cache.put(key, list(entry.clone()))
+    assert cache.make_room(1024) and list(cache.entries) == ["b"] and cache.bytes_held == 1024
+    assert not cache.make_room(3 * 1024) and list(cache.entries) == ["b"]  # too big: nothing evicted
+    dims = {"kv_layers": 32, "heads": 32, "head_dim": 128}
+    assert kv_set_bytes(dims, "bf16", DEFAULT_ENVELOPE) == 2 * 2**30  # 4096 tokens at 9B
+    assert cache_peak_bytes(dims, "bf16", DEFAULT_ENVELOPE) == DEFAULT_ENVELOPE.reference_cache_bytes + 2 * 2**30

@@ -30,16 +30,24 @@ class ReferenceKVCache:
         self.hits += 1
         return tensor
 
-    def put(self, key: str, tensor: list[torch.Tensor]) -> bool:
-        """Store `tensor` (per-block K/V), evicting the least recently used entries; False if it alone
-        exceeds the budget."""
-        size = self.nbytes(tensor)
-        if size > self.budget_bytes or key in self.entries:
+    def make_room(self, size: int) -> bool:
+        """Evict least recently used entries until `size` more bytes fit; False (nothing evicted) if `size`
+        alone exceeds the budget. Called before a new entry is copied, so that the old entries and the copy
+        never exceed the budget together."""
+        if size > self.budget_bytes:
             return False
         while self.bytes_held + size > self.budget_bytes:
             _, evicted = self.entries.popitem(last=False)
             self.bytes_held -= self.nbytes(evicted)
             self.evictions += 1
+        return True
+
+    def put(self, key: str, tensor: list[torch.Tensor]) -> bool:
+        """Store `tensor` (per-block K/V), evicting the least recently used entries; False if it alone
+        exceeds the budget or `key` is held already."""
+        size = self.nbytes(tensor)
+        if key in self.entries or not self.make_room(size):
+            return False
         self.entries[key] = tensor
         self.bytes_held += size
         return True

@@ -12,7 +12,7 @@ Sums what one server holds on its GPU, from the model's dims and the serving env
                 live tensors (fused attention assumed)
   BLS transfers what the BLS instances hold at once (a request's K/V, prompt embeddings, ...):
                 Triton's CUDA memory pool; the size printed is the --cuda-memory-pool-byte-size
-  cache         the reference K/V cache's byte budget
+  cache         the reference K/V cache's byte budget, plus one K/V set (torch's caching allocator)
   runtime       CUDA contexts of tritonserver and of every Python-backend process on the GPU
 
 and exits 1 when the total leaves less than --headroom of the GPU free, with a next step instead of the pool
@@ -174,6 +174,20 @@ def activation_bytes(name: str, size: ModelSize, dtype: str, envelope: ServingEn
     return max(pixels * size.vae_channels * 3 * b, scores)
 
 
+def kv_set_bytes(dims: dict, dtype: str, envelope: ServingEnvelope) -> int:
+    """One reference set's K/V at the envelope's most reference tokens (2 GiB at 9B in bf16, 4096 tokens)."""
+    return (dims["kv_layers"] * 2 * envelope.reference_tokens[2] * dims["heads"] * dims["head_dim"]
+            * BYTES_PER_ELEMENT[dtype])
+
+
+def cache_peak_bytes(dims: dict, dtype: str, envelope: ServingEnvelope) -> int:
+    """The reference cache's device memory at its peak: the budget's entries plus one more set. The cache
+    evicts before it copies a new set in (flux2_serving/models/lru.py make_room), but the blocks an eviction
+    frees stay with torch's caching allocator, which reuses them only for tensors that fit: a set of another
+    size (another number of references) is allocated beside them, up to one more set (issue 29)."""
+    return envelope.reference_cache_bytes + min(kv_set_bytes(dims, dtype, envelope), envelope.reference_cache_bytes)
+
+
 def bls_transfer_bytes(dims: dict, dtype: str, envelope: ServingEnvelope) -> int:
     """What one BLS instance holds in the pool at once for the largest request: the reference set's
     K/V (received from the prefill or the cache), the prompt embeddings, one cached-step call's noise
@@ -181,7 +195,7 @@ def bls_transfer_bytes(dims: dict, dtype: str, envelope: ServingEnvelope) -> int
     Python backend copies every GPU input of a BLS request into a fresh pool buffer on each exec()
     (python_backend src/python_be.cc ExecuteBLSRequest), so the K/V is there twice, every step."""
     d, b = dims, BYTES_PER_ELEMENT[dtype]
-    kv = d["kv_layers"] * 2 * envelope.reference_tokens[2] * d["heads"] * d["head_dim"] * b
+    kv = kv_set_bytes(dims, dtype, envelope)
     side = envelope.output_side[2]
     embeds = envelope.max_num_images_per_prompt * envelope.text_len * 3 * d["text_hidden"] * b
     noise = envelope.engine_batch["transformer_cached"] * (side // 16) ** 2 * d["in_channels"] * b
@@ -238,7 +252,8 @@ def plan(size: ModelSize, dtype: str, envelope: ServingEnvelope, bls_instances: 
     if tier and tier.cache_on_host:
         rows.append(("reference K/V cache (in host memory)", CACHE_MODEL, 0))
     else:
-        rows.append(("reference K/V cache budget", CACHE_MODEL, envelope.reference_cache_bytes))
+        peak = cache_peak_bytes(size.dims, dtype, envelope)
+        rows.append(("reference K/V cache: budget + one set", CACHE_MODEL, peak))
     processes = 1 + bls_instances + 1  # tritonserver, the BLS instances, the cache
     rows.append(("CUDA contexts (estimate)", f"{processes} processes", int(processes * CUDA_CONTEXT_GIB * GIB)))
     return rows
