@@ -147,6 +147,28 @@ def summary_line(plan: Path, s: dict) -> str:
 RECORD = BUILD_RECORD  # OUT/build_record.json: what each built engine needs, for the memory plan
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak of this process's resident memory (Linux: writing 5 to /proc/self/clear_refs resets
+    VmHWM); elsewhere the peak stays the process's own since it started."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """The builder process's peak resident memory since reset_peak_rss (VmHWM), else since it started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def engine_record(engine, plan_path: Path, plan_bytes: int, trt_version: str, sm: str) -> dict:
     """What a deserialized engine reports about itself: the execution context's device memory at the
     largest profile maximum (device_memory_size_v2 from TensorRT 10.1, else device_memory_size; each
@@ -174,6 +196,7 @@ def build_engine(trt, onnx_path: Path, plan_path: Path, profiles: list[dict], ti
     """Build one plan with `profiles` (envelope.engine_profiles, in profile order) and return its record.
     `weight_streaming`: build it so that its weights can stream from host memory at run time (the
     component runner's tensorrt_streamed runtime sets the budget)."""
+    reset_peak_rss()  # this engine's own peak, not the largest of the engines built before it in this process
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -205,14 +228,20 @@ def build_engine(trt, onnx_path: Path, plan_path: Path, profiles: list[dict], ti
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {plan_path.name} (see the log above)")
     size = write_buffer(plan_path, serialized)
+    write_buffer(timing_cache, config.get_timing_cache().serialize())
+    # Release what the build needed before deserializing: the parser holds the ONNX weights and the network
+    # refers to them (~18 GB each at 9B in bf16); kept, they and the plan and the engine would all be alive at
+    # once (~55 GB of host RAM against the runbook's 64 GB).
+    del parser, network, config, builder
     # Deserialize once to read what the engine needs at run time (the memory plan's measured rows).
     engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
     del serialized
-    write_buffer(timing_cache, config.get_timing_cache().serialize())
     record = engine_record(engine, plan_path, size, trt.__version__, sm)
     record["layers"] = layer_summary(trt, engine)  # which attention fused (the memory plan assumes it)
     del engine
-    log(f"  wrote {plan_path} ({size / 2**20:.1f} MiB; context memory {record['device_memory_bytes'] / 2**30:.2f} GiB)")
+    record["builder_peak_rss_bytes"] = peak_rss_bytes()
+    log(f"  wrote {plan_path} ({size / 2**20:.1f} MiB; context memory {record['device_memory_bytes'] / 2**30:.2f} GiB; "
+        f"builder peak RSS {record['builder_peak_rss_bytes'] / 2**30:.1f} GiB)")
     if weight_streaming:
         streamable = record["streamable_weights_bytes"]
         log(f"  weight streaming: {streamable / 2**30:.2f} GiB of streamable weights"

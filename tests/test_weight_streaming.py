@@ -287,8 +287,15 @@ class FakeTensorRT:
     __version__ = "10.13.3"
 
     def __init__(self, streamable: int):
-        self.network_flags, self.builder_flags, self.streamable = [], [], streamable
+        self.network_flags, self.builder_flags, self.streamable, self.events = [], [], streamable, []
         fake = self
+
+        class Freed:  # what the build holds (parser, network): says when it is released
+            def __init__(self, what):
+                self.what = what
+
+            def __del__(self):
+                fake.events.append(f"{self.what} released")
 
         class Enum:
             def __init__(self, **members):
@@ -328,6 +335,7 @@ class FakeTensorRT:
 
             def create_network(self, flags):
                 fake.network_flags.append(flags)
+                return Freed("network")
 
             def create_builder_config(self):
                 return Config()
@@ -351,8 +359,16 @@ class FakeTensorRT:
                 return Inspector()
 
         self.Builder = Builder
-        self.OnnxParser = lambda network, logger: type("Parser", (), {"parse_from_file": lambda self, path: True})()
-        self.Runtime = lambda logger: type("Runtime", (), {"deserialize_cuda_engine": lambda self, data: Engine()})()
+        class Parser(Freed):
+            def parse_from_file(self, path):
+                return True
+
+        def deserialize(runtime, data):
+            fake.events.append("deserialize")
+            return Engine()
+
+        self.OnnxParser = lambda network, logger: Parser("parser")
+        self.Runtime = lambda logger: type("Runtime", (), {"deserialize_cuda_engine": deserialize})()
 
 
 @pytest.mark.parametrize("streaming", [True, False])
@@ -364,6 +380,16 @@ def test_the_builder_sets_weight_streaming_on_a_strongly_typed_network(tmp_path,
     assert trt.builder_flags == (["WEIGHT_STREAMING"] if streaming else [])
     assert record["streamable_weights_bytes"] == (3 * 2**30 if streaming else 0)
     assert any("weight streaming: 3.00 GiB of streamable weights" in line for line in lines) == streaming
+
+
+def test_the_builder_releases_the_parsed_network_before_deserializing_and_records_its_peak(tmp_path):
+    """At 9B the parser's weights, the network, the plan and the engine are ~18 GB each: the parser and network go
+    before the engine is deserialized, and the build record says the builder's peak resident memory."""
+    trt = FakeTensorRT(streamable=0)
+    record = build_engine(trt, tmp_path / "model.onnx", tmp_path / "vae_decoder.plan", [{}], tmp_path / "timing.cache",
+                          "90", lambda line: None)
+    assert trt.events == ["parser released", "network released", "deserialize"], trt.events
+    assert 2**20 < record["builder_peak_rss_bytes"] < 2**40  # this process's VmHWM: at least a MiB, under a TiB
 
 
 def test_the_builder_warns_when_a_streaming_build_has_nothing_to_stream(tmp_path):
