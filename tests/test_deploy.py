@@ -340,3 +340,23 @@ def test_the_front_image_pins_what_the_tests_run_with_and_imports_no_torch():
     dockerfile = FRONT_DOCKERFILE.read_text()
     assert re.search(r'^ENTRYPOINT \["python3", "-m", "flux2_serving.front"', dockerfile, re.M)
     assert modules_imported_by("flux2_serving.front.app", ("torch", "diffusers", "transformers", "onnx")) == []
+
+
+def test_the_image_refuses_a_streamed_tier_without_tensorrt_in_one_line(tmp_path, monkeypatch, capsys):
+    """The 32gb-fp8 tier runs TensorRT inside the Python-backend stub (runtime tensorrt_streamed); the serving image
+    has no tensorrt Python package, so its entry point refuses such a repository before starting anything."""
+    from flux2_serving.server import serve
+
+    repository = tmp_path / "models"
+    for name, runtime in (("text_encoder", "tensorrt_streamed"), ("vae_decoder", "onnxruntime")):
+        (repository / name).mkdir(parents=True)
+        (repository / name / "config.pbtxt").write_text(f'parameters {{ key: "runtime" value: {{ string_value: '
+                                                         f'"{runtime}" }} }}\n')
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` fails, whether or not it is installed
+    monkeypatch.setattr(serve.subprocess, "Popen", lambda *a, **k: pytest.fail("started something"))
+    monkeypatch.setattr(serve.os, "execvpe", lambda *a, **k: pytest.fail("exec'd tritonserver"))
+    assert serve.main([f"--model-repository={repository}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("flux2_serving.server.serve: text_encoder stream their weights") and len(lines) <= 2
+    assert serve.streamed_without_tensorrt([f"--model-repository={tmp_path / 'none'}"]) is None
+

@@ -129,6 +129,35 @@ def _reap(exclude=()) -> None:
                 os.waitpid(int(entry), os.WNOHANG)
 
 
+def streamed_without_tensorrt(args: list[str]) -> str | None:
+    """One line when the repository has components on the tensorrt_streamed runtime (the 32gb-fp8 tier's weight
+    streaming, run inside the Python-backend stub) and this Python has no `tensorrt` package: the serving image
+    installs none (its version would have to match the image's TensorRT libraries exactly), so it refuses the
+    tier at start instead of failing each model's load with a traceback."""
+    repository = next((arg.partition("=")[2] for arg in args if arg.startswith("--model-repository=")), None)
+    if not repository or not os.path.isdir(repository):
+        return None
+    streamed = sorted(name for name in os.listdir(repository)
+                      if "tensorrt_streamed" in _read(os.path.join(repository, name, "config.pbtxt")))
+    if not streamed:
+        return None
+    try:
+        import tensorrt  # noqa: F401 - only whether it imports
+    except ImportError:
+        return (f"flux2_serving.server.serve: {', '.join(streamed)} stream their weights with TensorRT (runtime "
+                "tensorrt_streamed, tier 32gb-fp8), which needs TensorRT's Python package in this image, and it has "
+                "none: serve this tier from an image that adds the tensorrt wheel of the image's own TensorRT version")
+    return None
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
@@ -145,6 +174,10 @@ def main(argv=None) -> int:
         if gated:
             print(" ".join(gate_command(argv)))
         return 0
+    refused = streamed_without_tensorrt(argv)
+    if refused:
+        print(refused, file=sys.stderr, flush=True)
+        return 2
     environment = security.server_environment(dict(os.environ))
     if not gated:
         os.execvpe(cmd[0], cmd, environment)
