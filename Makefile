@@ -32,7 +32,9 @@ GPU ?= 0
 GPU_GIB ?= 80
 TIER ?=
 CUDA_POOL_BYTES ?=
-RELEASE := 25.10
+# NVIDIA's release of both images (docker/serving.Dockerfile says why this one): the one place; the
+# Dockerfiles' ARG RELEASE defaults and the Kubernetes image tags must equal it (tests/test_build_engines.py).
+RELEASE := 26.07
 # Changing these re-exports (graph layouts are part of the serving contract).
 EXPORT_SOURCES := $(filter-out export/build_engines.py export/engine_check.py export/profile_walk.py,$(wildcard export/*.py)) \
 	$(wildcard flux2_serving/modeling/*.py) flux2_serving/contract/specs.py flux2_serving/contract/envelope.py
@@ -155,13 +157,13 @@ engines-dry-run: $(ENGINE_TOOL)/.linked
 		--engines-dir $(abspath $(ENGINES)) --dry-run $(if $(TIER),--tier $(TIER))
 
 docker-engines:
-	docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines:$(RELEASE) .
+	docker build -f docker/engines.Dockerfile --build-arg RELEASE=$(RELEASE) -t flux2-klein-kv-engines:$(RELEASE) .
 	mkdir -p $(ENGINES)
 	docker run --rm --gpus '"device=$(GPU)"' -v $(CURDIR)/$(ONNX):/work/onnx:ro \
 		-v $(CURDIR)/$(ENGINES):/work/engines flux2-klein-kv-engines:$(RELEASE) $(if $(TIER),--tier $(TIER))
 
 docker-serving:
-	docker build -f docker/serving.Dockerfile -t flux2-klein-kv-serving:$(RELEASE) .
+	docker build -f docker/serving.Dockerfile --build-arg RELEASE=$(RELEASE) -t flux2-klein-kv-serving:$(RELEASE) .
 	docker run --rm --gpus '"device=$(GPU)"' --shm-size=8g -p $(HTTP_PORT):8000 -p $(GRPC_PORT):8001 \
 		-p $(METRICS_PORT):8002 \
 		-v $(CURDIR)/$(REPO):/models $(if $(CUDA_POOL_BYTES),-e CUDA_POOL_BYTES=$(CUDA_POOL_BYTES)) \

@@ -4,26 +4,27 @@
 #
 # A plan only loads on the TensorRT version (and GPU architecture) that built it, so this image must
 # carry exactly the TensorRT of the Triton image that serves the plans (docker/serving.Dockerfile,
-# tritonserver:25.10-py3): both are NVIDIA release 25.10 (chosen for the Triton security fixes listed
-# there; CUDA 13.0.2, so an R580+ host driver). Not confirmed from any source here: which TensorRT
-# version release 25.10 carries, that the tensorrt and tritonserver -py3 images of 25.10 carry the same
-# one (variants of one release can differ: NVIDIA's matrix lists TensorRT 10.4.0 and CUDA 12.5.1 for
-# tritonserver:24.10-trtllm-python-py3, while release 24.10 is based on CUDA 12.6.2), and whether the
-# tritonserver -py3 image has TensorRT's *Python* package (hence this TensorRT image, not the
-# tritonserver one plus a PyPI `tensorrt` of an unconfirmed version). Before building 50 GB of plans,
-# compare
+# tritonserver:${RELEASE}-py3): both are NVIDIA release RELEASE (the Makefile's RELEASE, the one place;
+# docker/serving.Dockerfile says why 26.07). TensorRT 11 from 26.06 on (server commit d898a0fe6 prepared
+# 26.06 for it); not confirmed from any source here: the exact TensorRT version release 26.07 carries, that
+# the tensorrt and tritonserver -py3 images of 26.07 carry the same one (variants of one release can differ:
+# NVIDIA's matrix lists TensorRT 10.4.0 and CUDA 12.5.1 for tritonserver:24.10-trtllm-python-py3, while
+# release 24.10 is based on CUDA 12.6.2), and whether the tritonserver -py3 image has TensorRT's *Python*
+# package (hence this TensorRT image, not the tritonserver one plus a PyPI `tensorrt` of an unconfirmed
+# version). The build prints this image's version (below). Before building 50 GB of plans, compare
 #   docker run --rm IMAGE python3 -c 'import tensorrt; print(tensorrt.__version__)'
 # with the libnvinfer.so.X.Y.Z of the serving image:
 #   docker run --rm SERVING_IMAGE sh -c 'find / -name "libnvinfer.so.*" 2>/dev/null'
-# The plan names carry the builder's version (e.g. transformer_cached.trt10.x.y.sm90.plan).
+# The plan names carry the builder's version (e.g. transformer_cached.trt11.x.y.sm90.plan).
 #
 # Build (the context is the repository root; .dockerignore lets in what the images copy. The builder needs only
 # the files copied below, standard library and tensorrt; tests/test_build_engines.py imports it from exactly those):
-#   docker build -f docker/engines.Dockerfile -t flux2-klein-kv-engines .
+#   docker build -f docker/engines.Dockerfile --build-arg RELEASE=26.07 -t flux2-klein-kv-engines .
 # Run on the kind of GPU that will serve (plans are per architecture), the bf16 export at /work/onnx:
 #   docker run --rm --gpus '"device=0"' -v $PWD/build/onnx/bf16:/work/onnx:ro \
 #     -v $PWD/build/engines:/work/engines flux2-klein-kv-engines   # -> *.plan and the timing cache
-FROM nvcr.io/nvidia/tensorrt:25.10-py3
+ARG RELEASE=26.07
+FROM nvcr.io/nvidia/tensorrt:${RELEASE}-py3
 
 # Fail the build, not the run, if this image has no TensorRT Python package.
 RUN python3 -c 'import tensorrt; print("TensorRT", tensorrt.__version__)'

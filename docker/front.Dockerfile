@@ -1,6 +1,6 @@
 # The OpenAI Images API front (python -m flux2_serving.front): CPU only, no Triton, no torch. It
 # scales apart from the GPU replicas (deploy/kubernetes/front-deployment.yaml).
-#   docker build -f docker/front.Dockerfile -t flux2-klein-kv-front:25.10 .
+#   docker build -f docker/front.Dockerfile -t flux2-klein-kv-front:26.07 .
 # Not built on the development machines (no Docker engine there): written to Docker's documented
 # syntax; tests/test_deploy.py checks that the context lets in what it copies.
 FROM python:3.11-slim

@@ -1,9 +1,9 @@
-# Triton serving image for FLUX.2 [klein] 9B-KV: NVIDIA's Triton 25.10 (server 2.62.0) plus the BLS's
+# Triton serving image for FLUX.2 [klein] 9B-KV: NVIDIA's Triton 26.07 (server 2.71.0) plus the BLS's
 # Python packages and the hardened entry point (python3 -m flux2_serving.server.serve, flux2_serving/server/serve.py).
 # Not built or run yet: the development machines have neither docker nor a GPU.
 #
 # Build (the context is the repository root; .dockerignore lets only what is copied below in):
-#   docker build -f docker/serving.Dockerfile -t flux2-klein-kv-serving .
+#   docker build -f docker/serving.Dockerfile --build-arg RELEASE=26.07 -t flux2-klein-kv-serving .
 # Run, on the model repository assembled for TensorRT (make repository BACKEND=tensorrt, BLS on cuda:0),
 # with plans built by docker/engines.Dockerfile of the same release:
 #   docker run --gpus '"device=0"' --shm-size=8g -p 8000:8000 -p 8001:8001 -p 8002:8002 \
@@ -27,21 +27,29 @@
 #   container's network is its boundary) and an
 #   internal secret for the internal models; then it execs tritonserver (PID 1 gets the signals).
 #
-# Why release 25.10: NVIDIA's security bulletins for Triton fix Python-backend flaws that 24.12 has:
+# Why release 26.07: the newest release whose sources could be read here at its tag (server v2.71.0 and its
+# build.py version map: "release_version": "2.71.0", "triton_container_version": "26.07"; python_backend and
+# tensorrt_backend r26.07). It has what older ones lack: a Python-backend instance whose stub died or hangs
+# reports not ready (python_backend PR #423, 26.01), a model's own is_ready() (PR #430, 26.03; the BLS has
+# one), a bound on the decompressed HTTP body (server PR #8570, 26.01) and rapidjson's iterative parse
+# (common PR #156, 26.05). Newer releases exist (26.08 is branch r26.08, Triton 2.72.0, not tagged in the
+# sources read; NVIDIA's release notes for 26.09 and 26.10 exist, CUDA 13.4.x), but their backends' sources
+# were not readable here. And the 2025 bulletins' fixes, which 24.12 lacks:
 # out-of-bounds read/write and information disclosure through shared memory (bulletin 5687, August
 # 2025: CVE-2025-23319, -23320, -23334, -23318, -23333; fixed in 25.07), remote code execution through
 # the model name of the model-control APIs and memory corruption through the Python backend's
 # shared-memory region (5691, September 2025: CVE-2025-23316, -23329; fixed in 25.08), and later ones
 # (5723: CVE-2025-33202, fixed in 25.09; 5734: CVE-2025-33211, -33201, fixed in 25.10).
-# Release 25.10: Triton server 2.62.0 on CUDA 13.0.2 (NVIDIA's release notes). CUDA 13.0 needs an R580
-# or newer driver on the host; torch 2.13.0 from PyPI is its CUDA 13.0 build and needs that anyway.
-# Not confirmed from any source here: its Ubuntu and Python versions (expected Ubuntu 24.04 with
-# Python 3.12, as in 24.12) and its TensorRT version (see docker/engines.Dockerfile). The Python
+# Release 26.07: Triton server 2.71.0 on CUDA 13.3 (NVIDIA's release notes), Ubuntu 24.04 (r26.07 build.py),
+# Python 3.12 (3.12.3 in build.py's table), TensorRT 11 (exact version unconfirmed: docker/engines.Dockerfile).
+# The release notes of 26.0x name no minimum driver; CUDA 13's minor-version compatibility starts at R580, and
+# torch 2.13.0 from PyPI is a CUDA 13.0 build that needs R580 anyway (not checked for CUDA 13.3 here). The Python
 # backend's stub runs the container's python3; diffusers 0.42.1 and transformers 5.24.0 need Python
 # >= 3.11: the check below stops the build with a clear message if the image's python3 is older.
 # The CPU tests run the tritonserver 2.51 of the nvidia-pytriton wheel: flux2_serving.server.serve's options and
-# the Python backend were tested on 2.51 only, not on 2.62.0.
-FROM nvcr.io/nvidia/tritonserver:25.10-py3
+# the Python backend were tested on 2.51 only, not on 2.71.0.
+ARG RELEASE=26.07
+FROM nvcr.io/nvidia/tritonserver:${RELEASE}-py3
 
 RUN python3 -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v >= (3, 11) else "python3 of this image is %d.%d; the BLS pins (diffusers 0.42.1, transformers 5.24.0) need >= 3.11" % v)'
 

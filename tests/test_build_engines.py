@@ -213,10 +213,21 @@ def _from_tag(dockerfile: Path) -> str:
 
 def test_dockerfiles_share_the_release_and_serve_with_complete_configs():
     serving, engines = DOCKER / "serving.Dockerfile", DOCKER / "engines.Dockerfile"
-    # Engines only load on the TensorRT that built them: both images come from one NVIDIA release.
-    assert _from_tag(serving) == _from_tag(engines) == "25.10-py3"
+    # Engines only load on the TensorRT that built them: both images come from one NVIDIA release, the Makefile's
+    # RELEASE (the one place): the Dockerfiles' ARG defaults (a plain docker build), the images make docker-* tags
+    # and passes --build-arg to, and the Kubernetes images all say it.
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(r"^RELEASE := 25\.10$", makefile, flags=re.MULTILINE)  # the tag make docker-* gives the images
+    release = re.search(r"^RELEASE := (\d\d\.\d\d)$", makefile, flags=re.MULTILINE).group(1)
+    for dockerfile in (serving, engines):
+        assert _from_tag(dockerfile) == "${RELEASE}-py3"
+        assert re.search(rf"^ARG RELEASE={re.escape(release)}$", dockerfile.read_text(), flags=re.MULTILINE)
+    assert makefile.count("--build-arg RELEASE=$(RELEASE)") == 2
+    images = re.findall(r"image: (flux2-klein-kv-\S+)", "".join(
+        (ROOT / "deploy" / "kubernetes" / name).read_text() for name in ("deployment.yaml", "front-deployment.yaml")))
+    assert images and all(image.endswith(f":{release}") for image in images), images
+    for doc in ("docs/runbook.md", "docs/security.md"):
+        text = (ROOT / doc).read_text()
+        assert f"tritonserver:{release}-py3" in text or f"Triton {release}" in text, doc
     text = serving.read_text()
     cmd = [line for line in text.splitlines() if line.startswith("CMD")]
     assert len(cmd) == 1

@@ -72,8 +72,14 @@ def test_onnxruntime_half_runs_every_graph_and_tensorrt_half_is_reported_not_run
     assert isinstance(feeds, list) and len(feeds) == 1
     ids = feeds[0]["input_ids"]
     assert ids.dtype == np.int64 and ids.shape == (1, 512) and 0 <= ids.min() and ids.max() < dims["vocab_size"]
-    cached = load_json(str(tmp_path / "transformer_cached.inputs.json"))[0]
+    empty, cached = load_json(str(tmp_path / "transformer_cached.inputs.json"))
     assert cached["img_ids"][5, 7].tolist() == [0, 5, 7, 0] and cached["txt_ids"][9].tolist() == [0, 0, 0, 9]
+    # The cached step runs first with zero reference tokens, as every text-to-image request does (its profile's
+    # minimum on that axis is 0); onnxruntime ran it, and a TensorRT check runs it before anything else.
+    assert empty["ref_kv_00"].shape == (2, 0, dims["heads"], dims["head_dim"])
+    assert empty["latents"].shape == cached["latents"].shape
+    assert report["components"]["transformer_cached"]["empty_axes_first"]["ref_kv_00"] == list(empty["ref_kv_00"].shape)
+    assert "empty_axes_first" not in report["components"]["vae_decoder"]
 
 
 def test_comparison_fails_on_a_perturbed_output(onnx_fp32):

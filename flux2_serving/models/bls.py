@@ -38,6 +38,7 @@ from ..contract.names import BLS_MODEL, BLS_OVERLOADED, DEAD_PROCESS, PROCESS_RE
 from ..contract.security import INTERNAL_PARAMETER, internal_secret
 from ..modeling.loading import DTYPES
 from .pipeline import Interrupted, ServedPipeline, StageClock
+from .readiness import Readiness
 from .request_inputs import InvalidInput, parse
 from .triton_io import before_teardown, lasting, model_config, to_torch, to_triton
 
@@ -81,6 +82,7 @@ class TritonPythonModel:
             self.limits, self.device, int(params["max_sequence_length"]), identity,
             cache_entries=int(params["request_cache_entries"]), use_reference_cache=self.secret is not None)
         self.encode_png = png_encoder(params["png_encoder"])
+        self.readiness = Readiness()
         # Outputs of every model we call arrive in our memory: TensorRT would otherwise hand GPU
         # tensors to a CPU BLS (and the scheduler step would mix devices).
         if self.device.type == "cuda":
@@ -116,6 +118,12 @@ class TritonPythonModel:
         (self.infer), so both would otherwise wait for Python's teardown."""
         self.pipeline = None
         before_teardown()
+
+    def is_ready(self) -> bool:
+        """Asked by Triton 26.03 and later on every readiness request of this model (python_backend PR #430; 2.51
+        never asks): False once finalized, and for a while after a component it calls was found dead
+        (readiness.py), so that a readiness probe drains the replica while the component is reloaded."""
+        return getattr(self, "pipeline", None) is not None and self.readiness.ready()
 
     # ------------------------------------------------------------------ Triton entry point
 
@@ -216,7 +224,11 @@ class TritonPythonModel:
         )
         response = request.exec()
         if response.has_error():
-            raise ComponentError(model, response.error().message())
+            error = ComponentError(model, response.error().message())
+            if error.dead:
+                self.readiness.component_died(model)
+            raise error
+        self.readiness.call_succeeded()
         results = [to_torch(pb_utils.get_output_tensor_by_name(response, name)) for name in outputs]
         for name, tensor in zip(outputs, results, strict=True):  # None: an output the model left out (a cache miss)
             if tensor is None:
