@@ -124,7 +124,10 @@ def layer_summary(trt, engine) -> dict:
     """Counts from TensorRT's engine inspector (`polygraphy inspect model PLAN --show layers`). Per-layer types
     and precisions are there only when the engine was built with ProfilingVerbosity.DETAILED; else names."""
     info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
-    layers = info.get("Layers", [])
+    # TensorRT 10 wraps the layers in {"Layers": [...]}; TensorRT 11 changed the inspector's JSON and its
+    # top-level key is not confirmed by any source read (Polygraphy reads per-layer keys only): take a bare
+    # list too.
+    layers = info.get("Layers", []) if isinstance(info, dict) else info
     detailed = bool(layers) and isinstance(layers[0], dict)
     texts = [json.dumps(layer).lower() if detailed else str(layer).lower() for layer in layers]
 
