@@ -1,28 +1,33 @@
 """python -m bench.gpu_check (make gpu-check): the one prepared check for a machine with a GPU.
 
-Stages, each in its own process under its own time limit, each result written as soon as it
-exists (OUT/gpu_check.json; with --benchmarks also the GPU section of BENCHMARKS.md); a failed
-stage is reported in one line and the next stage runs:
+Made for the GPU machines the team borrows: about 15 minutes each, start-up included, PyTorch + CUDA only. The
+whole run, the bundle's venv included, fits --budget-s (480 s by default); `--plan` prints each stage's time box
+with the estimate it comes from. Stages run in the order of their value, each in its own process under its own
+box, each writing what it measured the moment it has it (OUT/stage_X.json; a box that runs out keeps its
+partial figures), and the report goes to OUT/report.md, and with --benchmarks on a GPU also to the GPU section
+of BENCHMARKS.md (a CPU run never rewrites it); a failed stage is reported in one line and the next one runs:
 
   a environment   GPU, memory, driver, torch and CUDA versions; whether tritonserver and the
                   Python-backend stub of this Python load here (the stub needs libpython3.X.so)
+  d served        the headline: the served stack with random weights built on the device (klein 9B dims on a
+                  GPU, tiny dims on the CPU; nothing downloaded), text-to-image and 1 reference at 1024x1024
+                  (256x256 on the CPU), 4 steps, against Flux2KleinKVPipeline and the non-KV Flux2KleinPipeline
+                  on the same weights in the same run; time outside the component models; peak memory
   b served_tiny   the served stack at the tiny size in the torch flavor, BLS on the device (bf16 on a
                   GPU, fp32 on the CPU): text-to-image, 1 and 3 references, 2 images per prompt, each
                   against Flux2KleinKVPipeline on the same device; a reference-cache hit equals the
                   miss; every component output arrived on the device (the BLS's metric)
-  c probe_9b      bench.gpu_probe: the transformer steps at 9B (GPU only)
   f fp8           FP8 against bf16 (flux2_serving.models.fp8_linear): the cached transformer step at klein 9B
                   dims, random weights, 1 reference and a 1024x1024 output, in bf16, then with its linear
                   layers swapped to FP8 in place (torch._scaled_mm on a GPU of compute capability >= 8.9):
                   step time, peak memory, the difference of the step output, of the latents after 4 steps
                   and of their decoded image (random-weight VAE of the same dims). On the CPU: a rehearsal
                   at the tiny dims, on the FP8 layer's fallback path (same code otherwise)
-  d served        the served stack with random weights built on the device (klein 9B dims on a GPU,
-                  tiny dims on the CPU; nothing downloaded): end-to-end latency of text-to-image, 1 and
-                  4 references against Flux2KleinKVPipeline and the non-KV Flux2KleinPipeline in the same
-                  run; time outside the component models (BLS overhead); peak memory
-  e export        bf16 ONNX export of transformer_cached at those dims (time, peak host RAM, size) and
-                  the TensorRT compatibility check, if time remains
+  c probe_9b      bench.gpu_probe: the transformer steps at 9B (GPU only)
+  e export        not in the default run (--stages ...e): bf16 ONNX export of transformer_cached at those dims
+                  (time, peak host RAM, size) and the TensorRT compatibility check. At 9B it builds the
+                  transformer on the CPU and writes ~18 GB: it cannot fit the budget; at the tiny size (CPU) it
+                  takes seconds
 
 On a machine with only PyTorch and no network: `python -m bench.gpu_bundle` (where packages
 install) writes build/gpu_bundle (tritonserver and the missing packages, < 60 MiB); this script
@@ -66,13 +71,41 @@ from flux2_serving.server.launch import LaunchError, bundled_server, prepare_bac
 # each stage imports its own, so a missing one fails only that stage, and --help needs none.
 
 ROOT = Path(__file__).resolve().parents[1]
-# In the order they run (f, the FP8 stage, after the transformer probe: the GPU is empty between stages).
-STAGES = {"a": "environment", "b": "served_tiny", "c": "probe_9b", "f": "fp8", "d": "served", "e": "export"}
-# Each stage's time box, in seconds of the default 480 s budget; SHARES are their shares of --budget-s and sum
-# to 1, so every stage gets its box within the budget whichever stages run. f (< 60 s expected on an H200:
-# imports, a 9B random build on the device, 2 x 11 steps and 2 decodes) took its 60 s from b (tiny) and e.
-BOX_S = {"a": 30, "b": 80, "c": 90, "f": 60, "d": 130, "e": 90}
-SHARES = {letter: seconds / sum(BOX_S.values()) for letter, seconds in BOX_S.items()}
+# In the order they run: the served 9B latency first, then the rest by value (issue 29). e only when asked.
+STAGES = {"a": "environment", "d": "served", "b": "served_tiny", "f": "fp8", "c": "probe_9b", "e": "export"}
+DEFAULT_STAGES = "adbfc"
+# Where each stage's time goes on an H100 (ESTIMATES, seconds: arithmetic and guesses, no GPU run yet; `--plan`
+# prints them). Its box is the sum times MARGIN; the boxes of the stages run share the budget left after the
+# machine-side set-up in proportion to them, so they never add up to more than the budget.
+SETUP = [("bundle venv: unpack site.tar.xz (~60 MiB) and tritonserver.tar.xz, re-exec", 20),
+         ("this process: start, torch import, CUDA init", 10)]
+ESTIMATES = {
+    "a": [("torch import and CUDA init", 8), ("nvidia-smi, ldd of tritonserver and the stub", 4),
+          ("imports of numpy, diffusers, transformers, tritonclient", 8)],
+    "d": [("imports: torch, diffusers, transformers, tritonclient", 15),
+          ("tritonserver and 7 Python-backend stubs start; text encoder (8.2 B), prefill (7.2 B) and cached step "
+           "(9.1 B parameters) built from random bf16 weights on the GPU", 90),
+          ("served: 2 cases x (1 warm-up + 2 timed) requests x ~2 s (9B, 4 steps, 1024^2)", 12),
+          ("the same random weights rebuilt in this process for diffusers", 20),
+          ("Flux2KleinKVPipeline: 2 cases x (1 + 2) x ~1.5 s", 9),
+          ("Flux2KleinPipeline (no KV): 2 cases x (1 + 2) x ~2 s", 12)],
+    "b": [("imports", 10), ("tritonserver and 7 stubs start, tiny modules on the GPU", 25),
+          ("4 cases served and in diffusers, a cache hit", 15)],
+    "f": [("imports", 10), ("a 9B transformer built on the GPU in bf16", 12),
+          ("2 x (1 warm-up + 5) cached steps at 1024^2 with 1 reference, ~0.3 s each", 4),
+          ("2 x 4 steps and 2 decodes with a random 9B-dims VAE", 11)],
+    "c": [("imports and a 9B transformer on the GPU", 20), ("bench.gpu_probe's step timings", 20)],
+    "e": [("a 9B transformer built on the CPU in bf16", 60),
+          ("the dynamo exporter at 9B dims (~150 s on 2 cores with meta weights; more with real ones)", 240),
+          ("~18 GB written", 60), ("the TensorRT compatibility check", 30)],
+}
+MARGIN = 1.4
+GPU_BUDGET_S = 480.0  # 8 of the GPU machine's 15 minutes: its start-up and a rerun fit the rest
+CPU_BUDGET_S = 1200.0  # the CPU rehearsal (tiny dims, 2 cores): the same boxes, scaled to this
+BOX_S = {letter: math.ceil(sum(s for _, s in items) * MARGIN) for letter, items in ESTIMATES.items()}
+SETUP_S = math.ceil(sum(s for _, s in SETUP) * MARGIN)
+# The CPU rehearsal's boxes: the same, but e exports the tiny transformer (seconds), not the 9B one.
+CPU_BOX_S = {**BOX_S, "e": 120}
 GPU_ONLY = {"c"}
 GIB = 2**30
 
@@ -272,9 +305,32 @@ def _sync(device: str) -> None:
 # ---------------------------------------------------------------------------------- stages
 
 
-def stage_limit(letter: str, budget_s: float, stages: str = "".join(STAGES)) -> float:
-    """Stage `letter`'s time box: its share of the budget among the stages run (sums to the budget)."""
-    return budget_s * SHARES[letter] / sum(SHARES[s] for s in stages)
+def stage_limit(letter: str, budget_s: float, stages: str = DEFAULT_STAGES, boxes: dict = BOX_S) -> float:
+    """Stage `letter`'s time box: its box's share of `budget_s` among the stages run (sums to `budget_s`)."""
+    return budget_s * boxes[letter] / sum(boxes[s] for s in stages)
+
+
+def plan(budget_s: float, stages: str = DEFAULT_STAGES) -> tuple[str, bool]:
+    """The time plan `--plan` prints: every estimate with its arithmetic, the boxes, and whether the set-up and the
+    boxes fit `budget_s` (the boxes actually given are the estimated ones scaled to the budget left)."""
+    lines = [f"gpu_check plan: budget {budget_s:.0f} s, set-up included; box = estimate x {MARGIN} (margin)", "",
+             f"set-up: {' + '.join(str(s) for _, s in SETUP)} = {sum(s for _, s in SETUP)} s "
+             f"-> {SETUP_S} s"]
+    lines += [f"    {s:>4} s  {what}" for what, s in SETUP]
+    for letter in stages:
+        items = ESTIMATES[letter]
+        total = sum(s for _, s in items)
+        lines.append(f"{letter} {STAGES[letter]}: {' + '.join(str(s) for _, s in items)} = {total} s -> box "
+                     f"{BOX_S[letter]} s, given {stage_limit(letter, budget_s - SETUP_S, stages):.0f} s")
+        lines += [f"    {s:>4} s  {what}" for what, s in items]
+    needed = SETUP_S + sum(BOX_S[s] for s in stages)
+    fits = needed <= budget_s
+    lines += ["", f"total: set-up {SETUP_S} s + boxes {' + '.join(str(BOX_S[s]) for s in stages)} = {needed} s "
+                  f"{'<=' if fits else '>'} {budget_s:.0f} s: {'fits' if fits else 'DOES NOT FIT'}"]
+    if "e" not in stages:
+        lines.append(f"not in this run: e export (box {BOX_S['e']} s: a 9B transformer on the CPU and ~18 GB "
+                     "written do not fit; --stages ...e asks for it)")
+    return "\n".join(lines), fits
 
 
 def stage_environment(args) -> dict:
@@ -518,10 +574,14 @@ def stage_served(args) -> dict:
     def image(s):
         return Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8))
 
-    cases = {"text_to_image": [], "one_reference": [image(side)],
-             "four_references": [image(side // 2) for _ in range(4)]}
+    cases = {"text_to_image": [], "one_reference": [image(side)]}  # the headline: 4 references are not worth a box
     repeats = args.repeats
     result = {"size": size, "dtype": dtype, "side": side, "steps": 4, "repeats": repeats, "rows": []}
+
+    def keep(note: str) -> None:  # what exists so far, in case the box runs out before the next figure
+        (out / "stage_d.json").write_text(json.dumps({**result, "ok": False, "partial": True, "error": note},
+                                                     indent=2, default=str) + "\n")
+
     stop_sampler = _device_memory_sampler(device)
     served_images = {}
     try:
@@ -535,11 +595,12 @@ def stage_served(args) -> dict:
                 result["rows"].append({"case": name, "refs": len(refs), "served_s": statistics.median(e2e),
                                        "outside_components_s": statistics.median(outside),
                                        "bls_stages_ms": {k: round(v, 2) for k, v in stages.items() if v > 0}})
+                row = result["rows"][-1]
+                row["outside_share"] = row["outside_components_s"] / row["served_s"]
+                keep(f"stopped after serving {name}")
     finally:
         result["served_peak_memory_gib"] = stop_sampler()
-    # Keep what exists if the diffusers half runs out of time.
-    (out / "stage_d.json").write_text(json.dumps({**result, "ok": False, "error": "stopped before the diffusers "
-                                                  "pipelines were timed"}, indent=2, default=str) + "\n")
+    keep("stopped before the diffusers pipelines were timed")
     # diffusers on the very same random weights, in this process, after the server has gone.
     stop_sampler = _device_memory_sampler(device)
     modules = {"text_encoder": random_module("text_encoder", size, DTYPES[dtype], device),
@@ -562,9 +623,8 @@ def stage_served(args) -> dict:
                 _sync(device)
                 times.append(time.perf_counter() - start)
             row[key] = statistics.median(times)
-        row["served_vs_kv"] = row["diffusers_kv_s"] / row["served_s"]
-        row["served_vs_no_kv"] = row["diffusers_no_kv_s"] / row["served_s"]
-        row["outside_share"] = row["outside_components_s"] / row["served_s"]
+            row["served_vs_kv" if key == "diffusers_kv_s" else "served_vs_no_kv"] = row[key] / row["served_s"]
+            keep(f"stopped after timing {key} on {row['case']}")
     result["diffusers_peak_memory_gib"] = stop_sampler()
     result["ok"] = True
     return result  # the stage's process ends here: its GPU memory goes with it
@@ -621,18 +681,21 @@ def markdown(results: dict) -> str:
         lines.append(f"| {letter} {name} | {status} | {_summary(letter, stage)} |")
     lines += _fp8_markdown(results["stages"].get("f", {}))
     served = results["stages"].get("d", {})
-    if served.get("ok"):
+    if served.get("rows"):  # partial figures too (a box that ran out keeps what it measured)
         lines += ["", f"Served stack (torch flavor, {served['size']} dims, random weights, {served['dtype']}, "
                       f"{served['side']}x{served['side']}, 4 steps, medians of {served['repeats']}; "
                       "references recomputed every request):", "",
                   "| case | served e2e (s) | outside components | diffusers KV (s) | no-KV (s) | served vs KV | "
                   "served vs no-KV | served vs KV image |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        def cell(row, key, fmt, suffix=""):
+            return format(row[key], fmt) + suffix if key in row else "- (not reached)"
+
         for row in served["rows"]:
             vs = row.get("vs_served", {})
             lines.append(f"| {row['case']} | {row['served_s']:.3f} | {row['outside_components_s'] * 1e3:.0f} ms "
-                         f"({row['outside_share']:.0%}) | {row['diffusers_kv_s']:.3f} | "
-                         f"{row['diffusers_no_kv_s']:.3f} | {row['served_vs_kv']:.2f}x | "
-                         f"{row['served_vs_no_kv']:.2f}x | mean diff {vs.get('mean_diff')} |")
+                         f"({row['outside_share']:.0%}) | {cell(row, 'diffusers_kv_s', '.3f')} | "
+                         f"{cell(row, 'diffusers_no_kv_s', '.3f')} | {cell(row, 'served_vs_kv', '.2f', 'x')} | "
+                         f"{cell(row, 'served_vs_no_kv', '.2f', 'x')} | mean diff {vs.get('mean_diff', '-')} |")
         lines += ["", "BLS stages outside the component calls (ms per request, flux2_bls_stage_seconds_total; "
                   "reference decoding and the cache key included, since these requests bypass the cache):", ""]
         for row in served["rows"]:
@@ -640,8 +703,8 @@ def markdown(results: dict) -> str:
             lines.append(f"- {row['case']}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(own.items())))
         lines.append("")
         measured = "whole GPU, nvidia-smi" if results["device"] != "cpu" else "process tree RSS"
-        lines.append(f"Peak memory: served {served['served_peak_memory_gib']} GiB, diffusers "
-                     f"{served['diffusers_peak_memory_gib']} GiB ({measured}).")
+        lines.append(f"Peak memory: served {served.get('served_peak_memory_gib', '-')} GiB, diffusers "
+                     f"{served.get('diffusers_peak_memory_gib', '- (not reached)')} GiB ({measured}).")
     return "\n".join(lines)
 
 
@@ -687,7 +750,8 @@ def _summary(letter: str, stage: dict) -> str:
     if stage.get("skipped"):
         return stage["skipped"]
     if not stage.get("ok"):
-        return str(stage.get("error", "failed"))[:300]
+        partial = f" (partial: {_summary(letter, {**stage, 'ok': True})})" if stage.get("partial") else ""
+        return str(stage.get("error", "failed"))[:300] + partial
     if letter == "a":
         return f"{stage.get('gpu', 'CPU')}, {stage.get('gpu_memory_gib', '-')} GiB; tritonserver and stub load"
     if letter == "b":
@@ -703,7 +767,9 @@ def _summary(letter: str, stage: dict) -> str:
                 f"{stage['bf16']['peak_gib']:.2f} GiB, step PSNR "
                 f"{'inf' if step is None else f'{step:.1f}'} dB; paths {stage['fp8']['paths']}")
     if letter == "d":
-        return "; ".join(f"{r['case']} {r['served_s']:.2f} s" for r in stage["rows"])
+        return "; ".join(f"{r['case']} {r['served_s']:.2f} s"
+                         + (f" (diffusers KV {r['diffusers_kv_s']:.2f} s)" if "diffusers_kv_s" in r else "")
+                         for r in stage["rows"])
     if letter == "e":
         return (f"{stage['size']} transformer_cached: {stage['export_s']} s, {stage['file_gib']} GiB, peak RSS "
                 f"{stage['peak_host_rss_gib']} GiB, TensorRT compatibility (no TensorRT run) "
@@ -733,15 +799,20 @@ def parse_args(argv):
     parser = command_parser("bench.gpu_check", __doc__)
     parser.add_argument("--device", default=None, help="cuda:N or cpu (default: cuda:0 when a GPU is visible)")
     parser.add_argument("--stages", default=None,
-                        help="letters to run, in order (default abcfde; on the CPU c is skipped and b, f, d, e run at "
-                             "the tiny size)")
+                        help=f"letters to run, in order (default {DEFAULT_STAGES}; e, the 9B export, only when named; "
+                             "on the CPU c is skipped and d, b, f, e run at the tiny size)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print each stage's time box with the estimate it comes from, and whether they fit "
+                             "--budget-s; run nothing")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "gpu_check", help="results folder")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="all stages together (default %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed requests per case in stage d (default 3)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help=f"the whole run, the bundle's venv included (default {GPU_BUDGET_S:.0f} on a GPU; "
+                             f"{CPU_BUDGET_S:.0f} for the CPU rehearsal, whose tiny stages the GPU boxes do not fit)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed requests per case in stage d (default 2)")
     parser.add_argument("--bundle", type=Path, default=ROOT / "build" / "gpu_bundle",
                         help="what python -m bench.gpu_bundle wrote, used where packages are missing")
     parser.add_argument("--benchmarks", type=Path, default=None,
-                        help="also write the GPU section of this BENCHMARKS.md")
+                        help="also write the GPU section of this BENCHMARKS.md (on a GPU only: a CPU run never does)")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)  # child process: one stage
     parser.add_argument("--limit-s", type=float, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -751,6 +822,12 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.plan:
+        text, fits = plan(args.budget_s or GPU_BUDGET_S, args.stages or DEFAULT_STAGES)
+        print(text)
+        return 0 if fits else 1
+    # The budget counts from the first start, before the bundle's venv (the re-exec'd process inherits it).
+    os.environ.setdefault("FLUX2_GPU_CHECK_T0", str(time.time()))
     if args.stage:  # child: run one stage, write its result
         try:
             result = run_stage(args)
@@ -770,18 +847,26 @@ def main(argv=None) -> int:
     import torch  # only now: this Python may lack it until the bundle's venv is entered above
 
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-    stages = args.stages or "".join(STAGES)  # on the CPU, c reports itself skipped
+    stages = args.stages or DEFAULT_STAGES  # on the CPU, c reports itself skipped
     results = {"device": device, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "stages": {},
                "seconds": 0.0}
+    t0 = float(os.environ["FLUX2_GPU_CHECK_T0"])
+    budget_s = args.budget_s or (GPU_BUDGET_S if device.startswith("cuda") else CPU_BUDGET_S)
+    runnable = "".join(s for s in stages if device.startswith("cuda") or s not in GPU_ONLY)
+    stage_budget = budget_s - (time.time() - t0)  # what the set-up left
     start = time.monotonic()
+    on_gpu = device.startswith("cuda")
+    if args.benchmarks and not on_gpu:
+        _log(f"CPU run: {args.benchmarks}'s GPU section is left as it is (the report is {args.out / 'report.md'})")
     for letter in stages:
-        left = args.budget_s - (time.monotonic() - start)
-        runnable = "".join(s for s in stages if device.startswith("cuda") or s not in GPU_ONLY)
-        limit = min(stage_limit(letter, args.budget_s, runnable), left) if letter in runnable else 0
+        left = stage_budget - (time.monotonic() - start)
+        boxes = BOX_S if on_gpu else CPU_BOX_S
+        planned = stage_limit(letter, stage_budget, runnable, boxes) if letter in runnable else 0
+        limit = min(planned, left)
         if letter in GPU_ONLY and not device.startswith("cuda"):
             results["stages"][letter] = {"skipped": "needs a GPU"}
-        elif limit < 30:
-            results["stages"][letter] = {"skipped": f"{left:.0f} s of the {args.budget_s:.0f} s budget left"}
+        elif limit < planned / 2:  # an earlier stage overran: less than half its box is no measurement
+            results["stages"][letter] = {"skipped": f"{left:.0f} s of the {budget_s:.0f} s budget left"}
         else:
             _log(f"stage {letter} ({STAGES[letter]}), up to {limit:.0f} s ...")
             result_path = args.out / f"stage_{letter}.json"
@@ -789,18 +874,23 @@ def main(argv=None) -> int:
             cmd = [sys.executable, "-m", "bench.gpu_check", "--stage", letter, "--device", device,
                    "--out", str(args.out), "--limit-s", str(limit), "--repeats", str(args.repeats)]
             with open(args.out / f"stage_{letter}.log", "w") as log:
+                ran_out = False
                 try:
                     subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=limit, check=False)
                 except subprocess.TimeoutExpired:
-                    pass
-            results["stages"][letter] = (json.loads(result_path.read_text()) if result_path.exists() else
-                                         {"ok": False, "error": f"no result within {limit:.0f} s (see {log.name})"})
+                    ran_out = True
+            stage = (json.loads(result_path.read_text()) if result_path.exists() else
+                     {"ok": False, "error": f"no result within {limit:.0f} s (see {log.name})"})
+            if ran_out and result_path.exists():  # what it wrote before its box ran out: partial figures, kept
+                stage.update(ok=False, error=f"its {limit:.0f} s box ran out ({stage.get('error', 'no note')})")
+            results["stages"][letter] = stage
         stage = results["stages"][letter]
         _log(f"stage {letter}: " + ("skipped: " if stage.get("skipped") else "ok: " if stage.get("ok") else "FAILED: ")
              + _summary(letter, stage))
-        results["seconds"] = time.monotonic() - start
+        results["seconds"] = time.time() - t0
         (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        if args.benchmarks:
+        (args.out / "report.md").write_text(markdown(results) + "\n")
+        if args.benchmarks and on_gpu:
             write_section("gpu_check", markdown(results), args.benchmarks)
     print(markdown(results))
     failed = [k for k, v in results["stages"].items() if not v.get("ok") and not v.get("skipped")]
