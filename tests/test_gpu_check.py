@@ -10,20 +10,31 @@ import sys
 import venv
 from pathlib import Path
 
+import pytest
+
 from bench.gpu_check import BOX_S, DEFAULT_STAGES, ROOT, SETUP_S, STAGES, link_checkout, stage_limit
 
+NO_GPU_RUN = "<!-- gpu_check:begin -->\nNo GPU run yet.\n<!-- gpu_check:end -->\n"
 
-def test_gpu_check_runs_its_cpu_stages(tmp_path):
-    """Every stage, the 9B export's too (not in the default run), at the tiny size; a CPU run reports in
-    OUT/report.md and leaves BENCHMARKS.md's GPU section as it is."""
-    out = tmp_path / "gpu_check"
-    benchmarks = tmp_path / "BENCHMARKS.md"
-    benchmarks.write_text("<!-- gpu_check:begin -->\nNo GPU run yet.\n<!-- gpu_check:end -->\n")
-    before = benchmarks.read_text()
+
+@pytest.fixture(scope="module")
+def cpu_check(tmp_path_factory):
+    """One CPU rehearsal of every stage, the 9B export's too (not in the default run), at the tiny size (minutes),
+    for the tests below: (the process, its OUT, its BENCHMARKS.md)."""
+    tmp_path = tmp_path_factory.mktemp("gpu_check")
+    out, benchmarks = tmp_path / "gpu_check", tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text(NO_GPU_RUN)
     run = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--out", str(out),
                           "--stages", "adbfce", "--benchmarks", str(benchmarks), "--repeats", "1"],
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=1300)
     print(run.stdout[-3000:], run.stderr[-3000:])
+    return run, out, benchmarks
+
+
+def test_gpu_check_runs_its_cpu_stages(cpu_check):
+    """Every stage runs at the tiny size; a CPU run reports in OUT/report.md and leaves BENCHMARKS.md's GPU
+    section as it is."""
+    run, out, benchmarks = cpu_check
     results = json.loads((out / "gpu_check.json").read_text())
     stages = results["stages"]
     assert list(stages) == list("adbfce")  # the headline (d) right after the environment
@@ -40,7 +51,7 @@ def test_gpu_check_runs_its_cpu_stages(tmp_path):
         assert row["served_vs_kv"] > 0 and row["served_vs_no_kv"] > 0
     assert export["ok"] and export["trt_check_ok"], export
     assert run.returncode == 0
-    assert benchmarks.read_text() == before and "left as it is" in run.stdout
+    assert benchmarks.read_text() == NO_GPU_RUN and "left as it is" in run.stdout
     report = (out / "report.md").read_text()
     assert "| d served | ok |" in report and "| e export | ok |" in report
 
@@ -64,15 +75,11 @@ def test_a_stage_whose_box_runs_out_keeps_its_partial_figures(tmp_path):
     assert "served 61.2 GiB, diffusers - (not reached) GiB" in text
 
 
-def test_fp8_stage_cpu_rehearsal(tmp_path):
-    """Stage f alone on the CPU: the tiny transformer step in bf16, then with its linears in FP8 on the fallback
-    path (no FP8 matmul on a CPU), compared; the figures and the BENCHMARKS table it writes."""
-    out, benchmarks = tmp_path / "gpu_check", tmp_path / "BENCHMARKS.md"
-    run = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--stages", "f",
-                          "--out", str(out), "--benchmarks", str(benchmarks)],
-                         capture_output=True, text=True, timeout=600)
-    print(run.stdout[-3000:], run.stderr[-3000:], (out / "stage_f.log").read_text()[-3000:])
-    assert run.returncode == 0
+def test_fp8_stage_cpu_rehearsal(cpu_check):
+    """Stage f on the CPU (the same run): the tiny transformer step in bf16, then with its linears in FP8 on the
+    fallback path (no FP8 matmul on a CPU), compared; the figures and the table of the report."""
+    _, out, benchmarks = cpu_check
+    print((out / "stage_f.log").read_text()[-3000:])
     fp8 = json.loads((out / "gpu_check.json").read_text())["stages"]["f"]
     assert fp8["ok"], fp8
     assert fp8["size"] == "tiny" and fp8["dtype"] == "bf16" and not fp8["fp8_matmul_device"]
@@ -87,7 +94,7 @@ def test_fp8_stage_cpu_rehearsal(tmp_path):
     # range per value), the decoded 64x64 image within a few levels.
     assert fp8["step_output"]["psnr_db"] > 40 and fp8["step_output"]["rel_l2"] < 0.05
     assert fp8["image"]["shape"] == [1, 3, 64, 64] and fp8["image"]["mean_abs"] < 4
-    assert not benchmarks.exists()  # a CPU run never writes BENCHMARKS.md's GPU section
+    assert benchmarks.read_text() == NO_GPU_RUN  # a CPU run never writes BENCHMARKS.md's GPU section
     section = (out / "report.md").read_text()
     assert "| f fp8 | ok |" in section
     assert "| precision | step (ms) | peak memory (GiB) | weights (GiB) | matmul path (layers) |" in section
