@@ -4,7 +4,8 @@ Layers, each importing only the ones before it:
 
   contract   standard library only: the serving envelope, the graphs' I/O specs, the public
              interface and its limits, model and tensor names, the export manifest, the reference
-             key, the security settings, the CLI help format. Clients need nothing else.
+             key, the security settings, the CLI help format, the serving processes' malloc
+             thresholds. Clients need nothing else.
   export     checkpoint -> ONNX graphs (torch, diffusers), TensorRT engines, memory plan, checks
   models     the Triton Python-backend models (BLS, component runner, reference K/V cache); the
              model folders of model_repository/ import them by name

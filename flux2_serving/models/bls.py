@@ -32,6 +32,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from transformers import AutoTokenizer
 
+from ..contract.heap import keep_freed_memory
 from ..contract.interface import DEFAULT_OUTPUTS, INPUTS, Limits
 from ..contract.manifest import read as read_manifest
 from ..contract.names import BLS_MODEL, BLS_OVERLOADED, DEAD_PROCESS, PROCESS_REPLACED, QUEUE_FULL, SHUTTING_DOWN
@@ -58,6 +59,7 @@ class ComponentError(RuntimeError):
 class TritonPythonModel:
     def initialize(self, args):
         _, params = model_config(args)
+        keep_freed_memory()  # MiB-sized tensors every request: no page faults for each (contract/heap.py)
         here = Path(args["model_repository"]) / args["model_version"]
         self.limits = Limits.from_parameters(params)
         self.device = torch.device(params.get("device", "cpu"))
