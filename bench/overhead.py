@@ -13,6 +13,9 @@ so nothing queues behind another request. The stage table is the BLS's metric
 Default: the tiny checkpoint at 1024x1024, CPU, onnxruntime components, twice: with the BLS's
 switchable cuts off ("before": no request caches, Pillow's default PNG level) and on ("after",
 the shipped defaults); `make bench` runs it after bench.bench and writes both to BENCHMARKS.md.
+Served as `make serve` serves: behind the gate, with self-repair on. Text-to-image is also sent
+straight to tritonserver's own gRPC port behind the gate, which gives the gate's share; --no-gate
+and --no-repair serve without them (to attribute a change; not written to BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -46,18 +49,28 @@ except ImportError:
 SIDE = 1024
 CASES = {  # name -> (references, outputs requested)
     "text_to_image": (0, ("images",)),
+    "text_to_image_direct": (0, ("images",)),  # the same, straight to tritonserver (not through the gate)
     "text_to_image_png": (0, ("images", "png")),
     "reference_hit": (1, ("images",)),
 }
+DIRECT = {"text_to_image_direct"}
 CALLED = (*COMPONENTS, CACHE_MODEL)
 LABELS = {"text_to_image": "text-to-image", "text_to_image_png": "text-to-image, `png` requested",
+          "text_to_image_direct": "text-to-image, straight to tritonserver (not through the gate)",
           "reference_hit": "1 reference (1024^2 PNG), reference K/V cache hit"}
+
+
+@functools.cache
+def statistics_client(address: str) -> grpc.InferenceServerClient:
+    """One client per server for the statistics: a new one per read opened (and later closed) a
+    connection next to every timed request."""
+    return grpc.InferenceServerClient(address)
 
 
 def model_seconds(server, models) -> dict[str, float]:
     """{model: queue + compute seconds so far} from Triton's statistics (an admin API: `server`, a
     flux2_serving.server.launch.Running, holds the key)."""
-    client = grpc.InferenceServerClient(server.grpc)
+    client = statistics_client(server.grpc)
     seconds = {}
     for model in models:
         stats = client.get_inference_statistics(model, headers=server.admin_headers("grpc")).model_stats[0]
@@ -99,8 +112,12 @@ def measure(server, repeats: int = 5, side: int = SIDE, log=print) -> list[dict]
     warm-up, and the mean per-request BLS stages (ms). `server`: flux2_serving.server.launch.Running."""
     reference = synthetic_reference((side, side), 90)
     rows = []
-    with Flux2Client(server.grpc) as client:
+    direct = f"127.0.0.1:{server.upstream['grpc']}" if server.upstream else None  # tritonserver's own port
+    with Flux2Client(server.grpc) as gated, Flux2Client(direct or server.grpc) as straight:
         for case, (refs, outputs) in CASES.items():
+            if case in DIRECT and direct is None:
+                continue  # no gate in front: nothing to go around
+            client = straight if case in DIRECT else gated
             tensors = request_tensors("a lighthouse on a cliff at dusk", [reference] * refs, height=side, width=side,
                                       seed=3, num_inference_steps=4)
             client.infer(tensors, outputs)  # warm-up; with a reference, it also fills the cache
@@ -120,12 +137,13 @@ def measure(server, repeats: int = 5, side: int = SIDE, log=print) -> list[dict]
 
 
 @contextlib.contextmanager
-def tiny_server(onnx_dir, checkpoint, workdir: Path, **options):
+def tiny_server(onnx_dir, checkpoint, workdir: Path, gate: bool = True, repair: bool = True, **options):
     """tritonserver on an onnxruntime repository of the tiny checkpoint (assemble's defaults, 1 BLS
-    instance so the stage metrics are one process's); `options` go to flux2_serving.serving.repository.assemble."""
+    instance so the stage metrics are one process's), behind the gate and self-repaired unless told
+    otherwise (flux2_serving.server.launch.running); `options` go to flux2_serving.serving.repository.assemble."""
     repository = assemble(onnx_dir, checkpoint, workdir / "model_repository", backend="onnxruntime",
                           bls_instances=1, **options)
-    with running(repository, log_file=workdir / "server.log") as server:
+    with running(repository, log_file=workdir / "server.log", gate=gate, repair=repair) as server:
         yield server
 
 
@@ -136,6 +154,8 @@ def stage_table(columns: dict[str, list[dict]]) -> str:
         if label not in ("before", "after", ""):
             continue
         for row in rows:
+            if row["case"] in DIRECT:  # the BLS's stages do not depend on the way in
+                continue
             heads.append(f"{label}: {row['case']}")
             cells.append(row["stages_ms"])
     stages = sorted({stage for column in cells for stage in column},
@@ -179,7 +199,12 @@ def png_tradeoff(served, repeats: int = 5) -> list[dict]:
 
 BEFORE = {"request_cache_entries": 0, "png_encoder": "pillow:6"}  # the switchable cuts off
 TARGETS_MS = {"text_to_image": "<= 15", "text_to_image_png": "<= 60 more than text-to-image",
-              "reference_hit": "<= 30"}
+              "reference_hit": "<= 30", "text_to_image_direct": "-"}
+
+
+def share(row: dict) -> str:
+    """Outside the components as a share of end to end."""
+    return f"{100 * row['overhead_ms'] / row['e2e_ms']:.1f}%"
 
 
 def markdown(args, runs: dict[str, list[dict]], seconds: float) -> str:
@@ -193,19 +218,28 @@ def markdown(args, runs: dict[str, list[dict]], seconds: float) -> str:
         f"onnxruntime components, one BLS instance, {SIDE}x{SIDE} output, 4 steps, sequential requests; medians "
         f"of {args.repeats} after a warm-up. Outside the components = client end-to-end latency minus the queue + "
         "compute time of text_encoder, vae_encoder, transformer_prefill, transformer_cached and vae_decoder in "
-        "Triton's statistics for the same requests.",
+        "Triton's statistics for the same requests (in brackets: as a share of end to end). Served as `make serve` "
+        "serves it: behind the gate (flux2_serving/server/gate.py), with self-repair on.",
         "",
         "*before*: the same code with its switchable cuts off (BLS parameters `request_cache_entries: 0`: no "
         "tokenizer cache, no first-level reference key; `png_encoder: pillow:6`, Pillow's default). Cuts without "
         "a switch are in both columns (uint8 postprocessing in tensor ops, a C-contiguous `images` output, one "
         "scheduler per instance); the measurement before any cut is in the note below this section.",
         "",
-        "| request | e2e before (ms) | e2e after (ms) | outside the components, before (ms) | after (ms) | target |",
+        "| request | e2e before (ms) | e2e after (ms) | outside the components, before (ms, share) | after (ms, share) "
+        "| target |",
         "|---|---|---|---|---|---|",
     ]
     for case in CASES:
-        lines.append(f"| {LABELS[case]} | {before[case]['e2e_ms']:.0f} | {after[case]['e2e_ms']:.0f} | "
-                     f"{before[case]['overhead_ms']:.1f} | {after[case]['overhead_ms']:.1f} | {TARGETS_MS[case]} |")
+        if case in before and case in after:
+            lines.append(f"| {LABELS[case]} | {before[case]['e2e_ms']:.0f} | {after[case]['e2e_ms']:.0f} | "
+                         f"{before[case]['overhead_ms']:.1f} ({share(before[case])}) | "
+                         f"{after[case]['overhead_ms']:.1f} ({share(after[case])}) | {TARGETS_MS[case]} |")
+    if all("text_to_image_direct" in rows for rows in (before, after)):
+        gate = {label: rows["text_to_image"]["overhead_ms"] - rows["text_to_image_direct"]["overhead_ms"]
+                for label, rows in (("before", before), ("after", after))}
+        lines += ["", f"The gate's share of text-to-image (through it minus straight to tritonserver, same server): "
+                  f"{gate['before']:.1f} ms before and {gate['after']:.1f} ms after."]
     lines += ["", f"`png` requested costs {png_extra['before']:.1f} ms before and {png_extra['after']:.1f} ms after "
               "(difference of the two rows above).", "",
               "Where the time goes: the BLS's own stages (`flux2_bls_stage_seconds_total`), ms per request; "
@@ -223,12 +257,16 @@ def main(argv=None) -> int:
     parser = benchmark_parser("python -m bench.overhead", __doc__, "checkpoints/tiny", "build/onnx/tiny-fp32",
                               "the exported model (tokenizer, scheduler)")
     parser.add_argument("--repeats", type=int, default=5, help="timed requests per case")
+    parser.add_argument("--no-gate", action="store_true", help="serve without the gate (implies --no-write)")
+    parser.add_argument("--no-repair", action="store_true", help="serve without self-repair (implies --no-write)")
     args = parse_benchmark_args(parser, argv)
+    serving = {"gate": not args.no_gate, "repair": not args.no_repair}
 
     started, runs = time.perf_counter(), {}
     for label, parameters in (("before", BEFORE), ("after", {})):
         with tempfile.TemporaryDirectory(prefix="flux2-overhead-") as tmp, \
-                tiny_server(args.onnx_dir, args.checkpoint, Path(tmp), bls_parameters=parameters) as server:
+                tiny_server(args.onnx_dir, args.checkpoint, Path(tmp), bls_parameters=parameters,
+                           **serving) as server:
             print(f"[overhead] {label}: {parameters or 'defaults'}", flush=True)
             runs[label] = measure(server, args.repeats, log=lambda m: print(f"[overhead] {m}", flush=True))
             if label == "after":
@@ -237,7 +275,7 @@ def main(argv=None) -> int:
                                                         seed=3)[0])
     runs["png"] = png_tradeoff(served)
     text = markdown(args, runs, time.perf_counter() - started)
-    publish('overhead', text, write=not args.no_write)
+    publish('overhead', text, write=not args.no_write and all(serving.values()))
     return 0
 
 

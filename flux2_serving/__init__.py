@@ -4,7 +4,8 @@ Layers, each importing only the ones before it:
 
   contract   standard library only: the serving envelope, the graphs' I/O specs, the public
              interface and its limits, model and tensor names, the export manifest, the reference
-             key, the security settings, the CLI help format. Clients need nothing else.
+             key, the security settings, the CLI help format, the serving processes' malloc
+             thresholds. Clients need nothing else.
   modeling   what the exporter and the server both build from a checkpoint: loaders, one torch wrapper
              per graph, the latent layout, random weights (torch, diffusers)
   export     checkpoint -> ONNX graphs, FP8, TensorRT engines, checks; the top-level export/ folder

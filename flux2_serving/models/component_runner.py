@@ -39,6 +39,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from ..contract.heap import keep_freed_memory
 from ..contract.security import INTERNAL_ONLY, INTERNAL_SECRET_ENV, internal_secret, is_internal
 from .input_checks import BadInput, InputRules
 from .triton_io import model_config, request_parameters, to_torch, to_triton
@@ -115,6 +116,7 @@ RUNTIMES = {"onnxruntime": OnnxRuntime, "torch": Torch, "tensorrt_streamed": Ten
 class TritonPythonModel:
     def initialize(self, args):
         config, params = model_config(args)
+        keep_freed_memory()  # MiB-sized tensors every request: no page faults for each (contract/heap.py)
         self.name = args["model_name"]
         self.secret = internal_secret()
         if self.secret is None:  # refusing every request would hide the cause: fail the load, saying why

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from ..contract.heap import keep_freed_memory
 from ..contract.names import cached_name
 from ..contract.security import INTERNAL_ONLY, internal_secret, is_internal
 from .lru import ReferenceKVCache
@@ -51,6 +52,7 @@ class Refused(ValueError):
 class TritonPythonModel:
     def initialize(self, args):
         config, params = model_config(args)
+        keep_freed_memory()  # MiB-sized tensors every request: no page faults for each (contract/heap.py)
         self.device = torch.device(params.get("device", "cpu"))
         self.cache = ReferenceKVCache(int(params["reference_cache_bytes"]))
         self.kv_names = [tensor["name"] for tensor in config["input"] if tensor["name"].startswith("ref_kv_")]

@@ -42,6 +42,7 @@ from aiohttp import web
 
 from flux2_serving.contract.cli_help import command_parser
 from flux2_serving.contract.envelope import DEFAULT_ENVELOPE
+from flux2_serving.contract.heap import keep_freed_memory
 from flux2_serving.contract.names import DEAD_PROCESS, PROCESS_REPLACED
 from flux2_serving.server import kserve_json
 
@@ -297,6 +298,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-grpc-calls", type=int, default=MAX_GRPC_CALLS,
                         help="gRPC calls in flight at once (default %(default)s)")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # every image response passes through here: no page faults per response (contract/heap.py)
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -342,17 +342,27 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def process_state(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, process group) of process `pid` from /proc/<pid>/stat; None if there is none."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        state, ppid, pgid = os.read(fd, 4096).rsplit(b")", 1)[1].split()[:3]
+        return state.decode(), int(ppid), int(pgid)
+    except (OSError, ValueError):  # gone meanwhile
+        return None
+    finally:
+        os.close(fd)
+
+
 def process_table() -> dict[int, tuple[str, int, int]]:
     """{pid: (state, parent pid, process group)} of every process now, from /proc/<pid>/stat."""
     table = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            state, ppid, pgid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):  # gone meanwhile
-            continue
-        table[int(proc.name)] = (state, int(ppid), int(pgid))
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (state := process_state(int(name))) is not None:
+            table[int(name)] = state
     return table
 
 
