@@ -28,7 +28,6 @@ from flux2_serving.clients.api import (
     requested_outputs,
 )
 from flux2_serving.server.launch import STOP_TIMEOUT_S, free_port, free_ports
-from flux2_serving.serving.repository import assemble
 from tests.support import ROOT, one_line_error, run_module
 
 PROTOCOLS = ["grpc", "http"]
@@ -220,12 +219,6 @@ def test_a_port_in_use_is_one_line_before_anything_starts(tmp_path):
 
 
 # ------------------------------------------------------------------ quiet by default
-
-
-@pytest.fixture(scope="module")
-def small_repository(tmp_path_factory, onnx_fp32, tiny_checkpoint):
-    return assemble(onnx_fp32, tiny_checkpoint, tmp_path_factory.mktemp("quiet") / "model_repository",
-                    backend="onnxruntime", bls_instances=1)
 
 
 def launch_until_ready(repository, *extra) -> tuple[str, int]:
