@@ -8,16 +8,25 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from bench.gpu_check import STAGES, stage_limit
 
 
-def test_gpu_check_runs_its_cpu_stages(tmp_path):
-    out = tmp_path / "gpu_check"
-    benchmarks = tmp_path / "BENCHMARKS.md"
+@pytest.fixture(scope="module")
+def cpu_check(tmp_path_factory):
+    """One run of every stage on the CPU (minutes), for the tests below: (the process, its OUT, its BENCHMARKS)."""
+    tmp_path = tmp_path_factory.mktemp("gpu_check")
+    out, benchmarks = tmp_path / "gpu_check", tmp_path / "BENCHMARKS.md"
     run = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--out", str(out),
                           "--benchmarks", str(benchmarks), "--repeats", "1"],
                          capture_output=True, text=True, timeout=900)
     print(run.stdout[-3000:], run.stderr[-3000:])
+    return run, out, benchmarks
+
+
+def test_gpu_check_runs_its_cpu_stages(cpu_check):
+    run, out, benchmarks = cpu_check
     results = json.loads((out / "gpu_check.json").read_text())
     stages = results["stages"]
     assert stages["c"] == {"skipped": "needs a GPU"}
@@ -36,15 +45,11 @@ def test_gpu_check_runs_its_cpu_stages(tmp_path):
     assert "<!-- gpu_check:begin -->" in section and "| d served | ok |" in section
 
 
-def test_fp8_stage_cpu_rehearsal(tmp_path):
-    """Stage f alone on the CPU: the tiny transformer step in bf16, then with its linears in FP8 on the fallback
-    path (no FP8 matmul on a CPU), compared; the figures and the BENCHMARKS table it writes."""
-    out, benchmarks = tmp_path / "gpu_check", tmp_path / "BENCHMARKS.md"
-    run = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--stages", "f",
-                          "--out", str(out), "--benchmarks", str(benchmarks)],
-                         capture_output=True, text=True, timeout=600)
-    print(run.stdout[-3000:], run.stderr[-3000:], (out / "stage_f.log").read_text()[-3000:])
-    assert run.returncode == 0
+def test_fp8_stage_cpu_rehearsal(cpu_check):
+    """Stage f on the CPU (the same run): the tiny transformer step in bf16, then with its linears in FP8 on the
+    fallback path (no FP8 matmul on a CPU), compared; the figures and the BENCHMARKS table it writes."""
+    _, out, benchmarks = cpu_check
+    print((out / "stage_f.log").read_text()[-3000:])
     fp8 = json.loads((out / "gpu_check.json").read_text())["stages"]["f"]
     assert fp8["ok"], fp8
     assert fp8["size"] == "tiny" and fp8["dtype"] == "bf16" and not fp8["fp8_matmul_device"]
@@ -64,6 +69,16 @@ def test_fp8_stage_cpu_rehearsal(tmp_path):
     assert "| precision | step (ms) | peak memory (GiB) | weights (GiB) | matmul path (layers) |" in section
     assert "| FP8 E4M3, per-tensor scales |" in section and "`fallback` x 28" in section
     assert "No FP8 matmul ran here" in section
+
+
+def test_stages_runs_only_the_stages_named(tmp_path):
+    """--stages picks the stages to run: c alone on the CPU is reported skipped, and nothing else runs."""
+    out = tmp_path / "gpu_check"
+    run = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--stages", "c",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert json.loads((out / "gpu_check.json").read_text())["stages"] == {"c": {"skipped": "needs a GPU"}}
+    assert sorted(path.name for path in out.iterdir()) == ["gpu_check.json"]
 
 
 def test_stage_time_boxes_fit_the_budget():
