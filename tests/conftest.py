@@ -1,6 +1,8 @@
-"""Session fixtures: the tiny checkpoint and its fp32/bf16 exports are made once per run.
+"""Session fixtures: the tiny checkpoint and its fp32/bf16/FP8 exports are made once per run.
 
-Export is slow on 2 cores (~1.5 min for all five fp32 graphs), so every test shares them.
+Export is slow on 2 cores (~2 min for the five fp32 graphs, most of it the text encoder's), and each export
+is one busy Python process: so the exports the collected tests need start in the background before the
+first test (`Exports`), as many at a time as there are cores, and each export fixture waits for its own.
 Set FLUX2_TEST_CACHE=DIR to keep them between runs while developing.
 """
 
@@ -10,6 +12,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,34 +54,99 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return str(path)
 
 
-def _export(tmp_path_factory, checkpoint: str, dtype: str, name: str | None = None, extra=()) -> Path:
-    """Export through the user-facing CLI, so its progress lines and manifest are exercised."""
-    out = _workdir(tmp_path_factory, name or f"onnx_{dtype}")
-    if not (out / "manifest.json").exists():
+# The session's exports: fixture -> (folder, options of `python -m flux2_serving.export`), in the order they
+# start (the fp32 one first: the first tests that need an export need it; then the longest).
+EXPORTS = {
+    "onnx_fp32": ("onnx_fp32", ("--dtype", "fp32")),
+    # fp32 graphs with FP8 linear layers, calibrated on 3 prompts (0, 1 and 2 references: each kind the
+    # calibration set has) at 64x64 and 2 steps: the CPU's budget; the real model's default is 128 prompts
+    # at 1024^2 and 4 steps.
+    "onnx_fp8": ("onnx_fp32_fp8", ("--dtype", "fp32", "--quantize", "fp8", "--calibration-size", "3",
+                                   "--calibration-side", "64", "--calibration-steps", "2")),
+    "onnx_bf16": ("onnx_bf16", ("--dtype", "bf16")),
+}
+
+
+class Exports:
+    """Runs the exports through the user-facing CLI (so its progress lines and manifest are exercised), in
+    the background, at most `slots` at a time; `result(fixture)` waits for one (starting it if nobody has)."""
+
+    def __init__(self, tmp_path_factory, slots: int):
+        self.tmp_path_factory = tmp_path_factory
+        self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="export")
+        self.futures: dict[str, Future] = {}
+        self.processes: list[subprocess.Popen] = []
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def start(self, fixture: str, checkpoint: str) -> Future:
+        with self.lock:
+            if fixture not in self.futures:
+                name, options = EXPORTS[fixture]
+                out = _workdir(self.tmp_path_factory, name)
+                self.futures[fixture] = self.pool.submit(self._export, checkpoint, out, options)
+            return self.futures[fixture]
+
+    def result(self, fixture: str, checkpoint: str) -> Path:
+        out, stdout, stderr, status = self.start(fixture, checkpoint).result()
+        assert status == 0, stdout[-3000:] + stderr[-3000:]
+        return out
+
+    def _export(self, checkpoint: str, out: Path, options) -> tuple[Path, str, str, int]:
+        if (out / "manifest.json").exists() and (out / "export.stderr").exists():  # an earlier run's, in the cache
+            return out, "", "", 0
         cmd = [sys.executable, "-m", "flux2_serving.export", "--model", checkpoint, "--onnx-dir", str(out),
-               "--dtype", dtype, *extra]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        (out / "export.log").write_text(result.stdout + result.stderr)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out
+               *options]
+        with self.lock:
+            if self.closed:
+                return out, "", "the session ended before this export started", 1
+            process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.processes.append(process)
+        stdout, stderr = process.communicate()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "export.log").write_text(stdout + stderr)
+        (out / "export.stderr").write_text(stderr)  # its warnings, if any: tests/test_second_hour.py
+        return out, stdout, stderr, process.returncode
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            for process in self.processes:
+                if process.poll() is None:
+                    process.kill()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def exports(request, tmp_path_factory):
+    """Starts, before the first test, every export that a collected test asks for by fixture (one asked for
+    only through request.getfixturevalue starts when it is asked for)."""
+    runner = Exports(tmp_path_factory, slots=os.cpu_count() or 1)
+    try:
+        wanted = [name for name in EXPORTS if any(name in item.fixturenames for item in request.session.items)]
+        if wanted:
+            checkpoint = request.getfixturevalue("tiny_checkpoint")
+            for name in wanted:
+                runner.start(name, checkpoint)
+        yield runner
+    finally:
+        runner.close()
 
 
 @pytest.fixture(scope="session")
-def onnx_fp32(tmp_path_factory, tiny_checkpoint) -> Path:
-    return _export(tmp_path_factory, tiny_checkpoint, "fp32")
+def onnx_fp32(exports, tiny_checkpoint) -> Path:
+    return exports.result("onnx_fp32", tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")
-def onnx_bf16(tmp_path_factory, tiny_checkpoint) -> Path:
-    return _export(tmp_path_factory, tiny_checkpoint, "bf16")
+def onnx_bf16(exports, tiny_checkpoint) -> Path:
+    return exports.result("onnx_bf16", tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")
-def onnx_fp8(tmp_path_factory, tiny_checkpoint) -> Path:
-    """fp32 graphs with FP8 linear layers (text encoder, prefill, cached step), calibrated on 6 prompts
-    at 64x64 (the CPU's budget; the real model's default is 128 prompts at 1024^2)."""
-    return _export(tmp_path_factory, tiny_checkpoint, "fp32", "onnx_fp32_fp8",
-                   ("--quantize", "fp8", "--calibration-size", "6", "--calibration-side", "64"))
+def onnx_fp8(exports, tiny_checkpoint) -> Path:
+    """fp32 graphs with FP8 linear layers (text encoder, prefill, cached step); EXPORTS says how calibrated."""
+    return exports.result("onnx_fp8", tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +183,15 @@ def triton_server(tmp_path_factory, onnx_fp32, tiny_checkpoint):
     repository, context = _serve(tmp_path_factory, onnx_fp32, tiny_checkpoint, "onnxruntime")
     with context as server:
         yield _as_dict(repository, server)
+
+
+@pytest.fixture(scope="session")
+def small_repository(tmp_path_factory, onnx_fp32, tiny_checkpoint):
+    """The same model in an onnxruntime repository with one BLS instance, for the tests that start a launcher
+    or server of their own on it and send one request at a time: each BLS instance imports the serving stack
+    when it loads, so a start takes ~13 s here against ~28 s with BLS_INSTANCES."""
+    return assemble(onnx_fp32, tiny_checkpoint, tmp_path_factory.mktemp("small") / "model_repository",
+                    backend="onnxruntime", bls_instances=1)
 
 
 @pytest.fixture(scope="session")

@@ -91,11 +91,12 @@ def test_help_answers_without_importing_torch(module):
     assert "default" in result.stdout  # defaults are shown
 
 
-def test_demo_shows_served_next_to_diffusers(tmp_path, triton_server):
-
+def test_demo_shows_served_next_to_diffusers(tmp_path, small_repository):
+    """make demo on an assembled repository: it starts its own server (one BLS instance: the demo sends one
+    request at a time) and stops it."""
     out = tmp_path / "demo"
     ports = [arg for name, port in free_ports().items() for arg in (f"--{name}-port", str(port))]
-    result = run_module("flux2_serving.clients.demo", "--repository", str(triton_server["repository"]),
+    result = run_module("flux2_serving.clients.demo", "--repository", str(small_repository),
                         "--out", str(out), *ports, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for name in ("text_to_image", "edit_2_references"):

@@ -102,6 +102,16 @@ def test_fp8_stage_cpu_rehearsal(cpu_check):
     assert "No FP8 matmul ran here" in section
 
 
+def test_stages_runs_only_the_stages_named(tmp_path):
+    """--stages picks the stages to run: c alone on the CPU is reported skipped, and nothing else runs."""
+    out = tmp_path / "gpu_check"
+    run = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--stages", "c",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert json.loads((out / "gpu_check.json").read_text())["stages"] == {"c": {"skipped": "needs a GPU"}}
+    assert sorted(path.name for path in out.iterdir()) == ["gpu_check.json", "report.md"]
+
+
 def test_the_plan_fits_the_budget_headline_first_and_the_boxes_share_it():
     """--plan: every box from its written estimate, the set-up included, within 480 s; the served 9B latency (d)
     right after the environment; the 9B export outside the default run. The boxes given share whatever budget

@@ -61,22 +61,12 @@ def server_pid(launcher) -> int:
     return pid
 
 
-def test_sigterm_to_the_launcher_stops_tritonserver_too(triton_server):
-    """systemd, Kubernetes or a shell send SIGTERM to the launcher: tritonserver must not be orphaned."""
-    launcher, _ = start_launcher(triton_server["repository"])
-    try:
-        tree = [pid for pid in process_tree(launcher.pid) if pid != launcher.pid]
-        assert tree, "tritonserver is not a child of the launcher"
-        launcher.send_signal(signal.SIGTERM)
-        launcher.wait(STOP_BOUND_S)
-        assert live_processes(tree) == [], f"left running after SIGTERM: {live_processes(tree)}"
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-
-
-def test_the_launcher_listens_on_loopback_and_keeps_the_admin_apis_closed(triton_server):
-    launcher, ports = start_launcher(triton_server["repository"])
+def test_the_launcher_listens_on_loopback_keeps_the_admin_apis_closed_and_leaves_nothing_on_sigterm(
+        small_repository):
+    """One launcher (a start costs ~13 s here) for both: its tritonserver listens on loopback only, with the
+    admin APIs closed; then systemd, Kubernetes or a shell send SIGTERM to the launcher: tritonserver (its
+    stubs and the gate) must not be orphaned."""
+    launcher, ports = start_launcher(small_repository)
     try:
         pid = server_pid(launcher)
         listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
@@ -85,15 +75,16 @@ def test_the_launcher_listens_on_loopback_and_keeps_the_admin_apis_closed(triton
         assert len(mine) == 3 and all(re.search(r"[ \[:]127\.0\.0\.1\]?:\d+ ", line) for line in mine), mine
         with pytest.raises(Exception, match="restricted"):  # no key configured: nobody may unload
             http.InferenceServerClient(f"127.0.0.1:{ports['http']}").unload_model("flux2_klein_kv")
-    finally:
-        os.killpg(launcher.pid, signal.SIGINT)
+
+        tree = [pid for pid in process_tree(launcher.pid) if pid != launcher.pid]
+        assert tree, "tritonserver is not a child of the launcher"
+        launcher.send_signal(signal.SIGTERM)
         launcher.wait(STOP_BOUND_S)
-
-
-@pytest.fixture(scope="module")
-def small_repository(tmp_path_factory, onnx_fp32, tiny_checkpoint):
-    return assemble(onnx_fp32, tiny_checkpoint, tmp_path_factory.mktemp("launch") / "model_repository",
-                    backend="onnxruntime", bls_instances=1)
+        assert live_processes(tree) == [], f"left running after SIGTERM: {live_processes(tree)}"
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
 
 
 @pytest.mark.parametrize("attempt", range(5))

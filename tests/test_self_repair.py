@@ -93,13 +93,14 @@ def test_a_killed_process_is_replaced_without_a_gap(served, instance):
     assert np.array_equal(_image(launcher), before)  # nothing else lost
 
 
-def test_a_server_that_died_without_its_launcher_is_swept_at_the_next_start(served, repository):
+def test_a_server_that_died_without_its_launcher_is_swept_at_the_next_start(served, small_repository):
     """The launcher killed -9 (nothing can handle that), then its tritonserver crashed: its stubs and
     /dev/shm regions are left; the next start of any launcher (sweep_dead_servers, which running()
     and main() call first) kills those stubs and removes those regions, and touches no other server's
-    (the module's server runs meanwhile)."""
+    (the module's server runs meanwhile). The crashed one serves the one-BLS repository: it starts in
+    half the time, and what is swept does not depend on what was served."""
     running = stubs_of(served[0].server_pid())
-    launcher = Launcher(repository, repository.parent / "server-2.log")
+    launcher = Launcher(small_repository, small_repository.parent / "server-swept.log")
     server = launcher.server_pid()
     stubs = stubs_of(server)
     others = [pid for pid in launcher.children() if pid != server]  # the gate
