@@ -40,7 +40,7 @@ EXPORT_SOURCES := $(filter-out export/build_engines.py export/engine_check.py ex
 	$(wildcard flux2_serving/modeling/*.py) flux2_serving/contract/specs.py flux2_serving/contract/envelope.py
 
 .PHONY: help setup checkpoint export repository serve check engines engines-dry-run memory-plan docker-engines \
-	docker-serving demo perf bench front gpu-bundle gpu-check test clean
+	docker-serving docker-engine-check demo perf bench front gpu-bundle gpu-check test clean
 
 help:
 	@echo "make setup            create $(VENV) with the pinned CPU toolchain (idempotent)"
@@ -57,6 +57,8 @@ help:
 	@echo "make engines          build TensorRT engines from ONNX (GPU host with TensorRT only; ENGINE_PYTHON=python3)"
 	@echo "make engine-check     after engines: each plan vs onnxruntime, same inputs (Polygraphy; REFERENCE_ONNX=fp32 export for bf16)"
 	@echo "make docker-engines   the same inside NVIDIA's TensorRT $(RELEASE) container (docker/engines.Dockerfile), GPU=$(GPU)"
+	@echo "make docker-engine-check  make engine-check inside the engines image (TensorRT $(RELEASE), GPU=$(GPU);"
+	@echo "                      REFERENCE_ONNX=fp32 export for bf16)"
 	@echo "make docker-serving   tritonserver $(RELEASE) on REPO (docker/serving.Dockerfile), GPU=$(GPU), on the host's"
 	@echo "                      HTTP_PORT, GRPC_PORT, METRICS_PORT; the admin"
 	@echo "                      APIs need \$$FLUX2_ADMIN_KEY (passed through when set; else closed)"
@@ -162,6 +164,15 @@ docker-engines:
 	mkdir -p $(ENGINES)
 	docker run --rm --gpus '"device=$(GPU)"' -v $(CURDIR)/$(ONNX):/work/onnx:ro \
 		-v $(CURDIR)/$(ENGINES):/work/engines flux2-klein-kv-engines:$(RELEASE) $(if $(TIER),--tier $(TIER))
+
+# The engine check where TensorRT and the GPU are: the engines image's engine-check target (make engine-check's
+# code); REFERENCE_ONNX: an fp32 export of the same model, for a bf16 ONNX (onnxruntime has no CPU bf16 kernels).
+docker-engine-check:
+	docker build -f docker/engines.Dockerfile --target engine-check --build-arg RELEASE=$(RELEASE) \
+		-t flux2-klein-kv-engine-check:$(RELEASE) .
+	docker run --rm --gpus '"device=$(GPU)"' -v $(CURDIR)/$(ONNX):/work/onnx:ro -v $(CURDIR)/$(ENGINES):/work/engines \
+		$(if $(REFERENCE_ONNX),-v $(CURDIR)/$(REFERENCE_ONNX):/work/reference:ro) flux2-klein-kv-engine-check:$(RELEASE) \
+		$(if $(REFERENCE_ONNX),--reference-onnx-dir /work/reference)
 
 docker-serving:
 	docker build -f docker/serving.Dockerfile --build-arg RELEASE=$(RELEASE) -t flux2-klein-kv-serving:$(RELEASE) .

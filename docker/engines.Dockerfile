@@ -24,7 +24,7 @@
 #   docker run --rm --gpus '"device=0"' -v $PWD/build/onnx/bf16:/work/onnx:ro \
 #     -v $PWD/build/engines:/work/engines flux2-klein-kv-engines   # -> *.plan and the timing cache
 ARG RELEASE=26.07
-FROM nvcr.io/nvidia/tensorrt:${RELEASE}-py3
+FROM nvcr.io/nvidia/tensorrt:${RELEASE}-py3 AS engines
 
 # Fail the build, not the run, if this image has no TensorRT Python package.
 RUN python3 -c 'import tensorrt; print("TensorRT", tensorrt.__version__)'
@@ -38,3 +38,15 @@ VOLUME /work
 # Arguments after the image name go to the builder (make docker-engines passes --tier TIER): the ENTRYPOINT
 # holds the fixed part, so they add to it instead of replacing a CMD.
 ENTRYPOINT ["python3", "-m", "flux2_serving.export.build_engines", "--onnx-dir", "/work/onnx", "--out", "/work/engines"]
+
+# The engine check (make docker-engine-check): each plan against onnxruntime where the TensorRT that built it and
+# the GPU are, this image plus what the check imports (polygraphy, onnxruntime, numpy < 2, and torch for bf16
+# engines, whose inputs Polygraphy feeds as torch tensors: the CPU build is enough). Its own target, so the
+# builder image stays standard library + tensorrt:
+#   docker build -f docker/engines.Dockerfile --target engine-check -t flux2-klein-kv-engine-check .
+FROM engines AS engine-check
+COPY docker/requirements-engine-check.txt /opt/flux2/requirements-engine-check.txt
+RUN python3 -m pip install --no-cache-dir -r /opt/flux2/requirements-engine-check.txt
+COPY flux2_serving/modeling/__init__.py flux2_serving/modeling/latent_layout.py /opt/flux2/flux2_serving/modeling/
+COPY export/engine_check.py /opt/flux2/flux2_serving/export/
+ENTRYPOINT ["python3", "-m", "flux2_serving.export.engine_check", "--onnx-dir", "/work/onnx", "--engines-dir", "/work/engines", "--out", "/work/engines/engine_check"]

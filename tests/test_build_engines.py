@@ -121,7 +121,7 @@ def test_the_engines_image_holds_everything_the_builder_imports(tmp_path):
     """The builder run from a folder holding exactly what docker/engines.Dockerfile copies (the list
     read from the Dockerfile), with only the standard library on the path: it imports and answers
     --help (a missing module would kill the container's CMD at import; the image build would not see it)."""
-    text = (DOCKER / "engines.Dockerfile").read_text()
+    text = (DOCKER / "engines.Dockerfile").read_text().split("\nFROM engines AS engine-check", 1)[0]  # the builder
     copies = re.findall(r"^COPY\s+(.+?)\s+/opt/flux2/(\S+)/\s*$", text, flags=re.MULTILINE)
     assert copies
     for sources, target in copies:  # the build context is the repository root
@@ -206,9 +206,48 @@ def _pins(path: Path) -> dict[str, str]:
 
 
 def _from_tag(dockerfile: Path) -> str:
-    images = re.findall(r"^FROM\s+(\S+)", dockerfile.read_text(), flags=re.MULTILINE)
+    images = [image for image in re.findall(r"^FROM\s+(\S+)", dockerfile.read_text(), flags=re.MULTILINE)
+              if ":" in image]  # NVIDIA's image; a later stage may build FROM an earlier one (engines.Dockerfile)
     assert len(images) == 1, images
     return images[0].rsplit(":", 1)[1]
+
+
+def _project_modules(module: str, seen: set) -> set:
+    """The project's modules `module` imports, transitively (module-level and function-level imports)."""
+    import ast
+    import importlib.util
+
+    if module in seen:
+        return seen
+    seen.add(module)
+    path = Path(importlib.util.find_spec(module).origin)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flux2_serving"):
+            _project_modules(node.module, seen)
+    return seen
+
+
+def test_the_engine_check_image_holds_what_the_check_imports_and_pins_the_toolchain():
+    """make docker-engine-check runs engine_check in the engines image's engine-check stage: every project module
+    it reaches is copied there (the builder stage's files included), and its packages carry the tests' pins."""
+    text = (DOCKER / "engines.Dockerfile").read_text()
+    assert "\nFROM engines AS engine-check\n" in text
+    copies = re.findall(r"^COPY\s+(.+?)\s+/opt/flux2/(\S+)/\s*$", text, flags=re.MULTILINE)
+    copied = {f"{target}/{Path(source).name}" for sources, target in copies for source in sources.split()}
+    needed = _project_modules("flux2_serving.export.engine_check", set())
+    files = {f"{module.replace('.', '/')}.py" for module in needed}
+    files |= {f"{'/'.join(module.split('.')[:i])}/__init__.py" for module in needed
+              for i in range(1, module.count(".") + 1)}
+    assert files <= copied, sorted(files - copied)
+    entrypoint = json.loads(text.rsplit("ENTRYPOINT ", 1)[1].splitlines()[0])
+    assert entrypoint[:3] == ["python3", "-m", "flux2_serving.export.engine_check"]
+    check, toolchain = _pins(DOCKER / "requirements-engine-check.txt"), _pins(ROOT / "requirements.txt")
+    for name in ("polygraphy", "onnxruntime", "numpy"):
+        assert check[name] == toolchain[name], name
+    assert check["torch"] == toolchain["torch"] + "+cpu"
+    dry = subprocess.run(["make", "-n", "docker-engine-check", "REFERENCE_ONNX=build/onnx/fp32"], capture_output=True,
+                         text=True, cwd=ROOT, check=True).stdout
+    assert "--target engine-check" in dry and "--gpus" in dry and "--reference-onnx-dir /work/reference" in dry
 
 
 def test_dockerfiles_share_the_release_and_serve_with_complete_configs():
@@ -221,7 +260,7 @@ def test_dockerfiles_share_the_release_and_serve_with_complete_configs():
     for dockerfile in (serving, engines):
         assert _from_tag(dockerfile) == "${RELEASE}-py3"
         assert re.search(rf"^ARG RELEASE={re.escape(release)}$", dockerfile.read_text(), flags=re.MULTILINE)
-    assert makefile.count("--build-arg RELEASE=$(RELEASE)") == 2
+    assert makefile.count("--build-arg RELEASE=$(RELEASE)") == 3  # engines, its engine-check target, serving
     images = re.findall(r"image: (flux2-klein-kv-\S+)", "".join(
         (ROOT / "deploy" / "kubernetes" / name).read_text() for name in ("deployment.yaml", "front-deployment.yaml")))
     assert images and all(image.endswith(f":{release}") for image in images), images

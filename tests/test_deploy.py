@@ -139,8 +139,12 @@ def test_the_image_runs_server_serve_from_the_files_the_context_lets_in():
     assert re.search(r'^RUN python3 -c .*site\.getsitepackages\(\)\[0\].*"/opt/flux2/lib\\n"', dockerfile, re.M)
     front = {source for sources, _ in re.findall(r"^COPY (.+) (\S+)$", FRONT_DOCKERFILE.read_text(), re.M)
              for source in sources.split()}
+    engines = {source.split("/")[0] if source.startswith(("flux2_serving/", "export/")) else source
+               for sources, _ in re.findall(r"^COPY (.+) (\S+)$", (ROOT / "docker" / "engines.Dockerfile").read_text(),
+                                            re.M) for source in sources.split()}
     allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
-    assert allowed == sources | front and all((ROOT / source).exists() for source in sources | front)
+    every = sources | front | engines
+    assert allowed == every and all((ROOT / source).exists() for source in every), allowed ^ every
     # The CMD as /bin/sh runs it (${CUDA_POOL_BYTES} expanded, '*' not globbed), through
     # flux2_serving.server.serve --print.
     cmd = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1))
