@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flux2_serving.contract.reference_key import reference_key
@@ -57,6 +58,11 @@ def test_room_is_made_before_a_new_set_is_copied():
         assert cache.put(key, list(entry.clone()))
     assert cache.make_room(1024) and list(cache.entries) == ["b"] and cache.bytes_held == 1024
     assert not cache.make_room(3 * 1024) and list(cache.entries) == ["b"]  # too big: nothing evicted
+    held_when_copied = []
+    whole = torch.zeros(2, 256)  # 2 KiB: the whole budget
+    assert cache.put("c", list(whole), copy=lambda t: held_when_copied.append(cache.bytes_held) or t.clone())
+    assert held_when_copied == [0, 0] and list(cache.entries) == ["c"]  # b evicted before the first copy
+    assert not cache.put("c", list(whole), copy=lambda t: pytest.fail("copied a key held already"))
     dims = {"kv_layers": 32, "heads": 32, "head_dim": 128}
     assert kv_set_bytes(dims, "bf16", DEFAULT_ENVELOPE) == 2 * 2**30  # 4096 tokens at 9B
     assert cache_peak_bytes(dims, "bf16", DEFAULT_ENVELOPE) == DEFAULT_ENVELOPE.reference_cache_bytes + 2 * 2**30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -42,12 +43,15 @@ class ReferenceKVCache:
             self.evictions += 1
         return True
 
-    def put(self, key: str, tensor: list[torch.Tensor]) -> bool:
-        """Store `tensor` (per-block K/V), evicting the least recently used entries; False if it alone
-        exceeds the budget or `key` is held already."""
+    def put(self, key: str, tensor: list[torch.Tensor], copy: Callable[[torch.Tensor], torch.Tensor] | None = None
+            ) -> bool:
+        """Store `tensor` (per-block K/V), evicting the least recently used entries first; False if it alone
+        exceeds the budget or `key` is held already. `copy`: what is stored of each tensor (e.g. a copy on the
+        serving device), made only after the room, so that the old entries and the copy never exceed the
+        budget together, and not at all for a key held already."""
         size = self.nbytes(tensor)
         if key in self.entries or not self.make_room(size):
             return False
-        self.entries[key] = tensor
+        self.entries[key] = [copy(t) for t in tensor] if copy else tensor
         self.bytes_held += size
         return True

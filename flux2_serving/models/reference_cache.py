@@ -126,13 +126,9 @@ class TritonPythonModel:
         if len(tokens) != 1 or not 1 <= next(iter(tokens)) <= self.max_tokens:
             raise Refused(f"every ref_kv_NN must hold the same number of reference tokens, in "
                           f"[1, {self.max_tokens}]; got {sorted(tokens)[:4]}")
-        # Room first, then the copies (on the serving device), so that the old entries and the new copy never
-        # exceed the budget together; a key held already is not copied again. Wait for the copies before
-        # answering (they run on the current CUDA stream).
-        views = [to_torch(value) for value in values]
-        if key in self.cache.entries or not self.cache.make_room(ReferenceKVCache.nbytes(views)):
-            return
-        self.cache.put(key, [view.to(self.device, copy=True) for view in views])
+        # Copies on the serving device, made by the cache after it made room (and not for a key it holds); wait
+        # for them before answering (they run on the current CUDA stream).
+        self.cache.put(key, [to_torch(value) for value in values], copy=lambda t: t.to(self.device, copy=True))
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
